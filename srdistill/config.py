@@ -1,0 +1,239 @@
+"""Typed, frozen configuration for every pipeline stage.
+
+Each stage has its own pydantic model; ``RunConfig`` nests them. Unknown keys are an error
+(``extra="forbid"``), string options are ``Literal`` and validated at construction, so a typo
+in a YAML file fails at load time with the bad key or value named.
+
+Presets (``tiny``, ``demo``, ``srdd``) are YAML files in ``srdistill/presets/``; a user config
+file and ``--set key.sub=value`` overrides are deep-merged on top of the chosen preset.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+PRESET_DIR = Path(__file__).parent / "presets"
+
+#: Patch geometry presets: name -> (patch size, stride) in HR pixels.
+PATCH_PRESETS: dict[str, tuple[int, int]] = {
+    "srdd": (512, 256),  # SRDD's released code (sliding window 512, stride 256)
+    "div2k": (192, 96),  # DIV2K-style 192x192 HR crops (48x48 LR at x4), half overlap
+}
+
+Score = Literal["psnr_bic", "grad"]
+#: For each patch score, whether a lower value means a harder (more valuable) patch.
+LOWER_IS_HARDER: dict[str, bool] = {"psnr_bic": True, "grad": False}
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class MineConfig(_Strict):
+    """Sliding-window patch mining and scoring (SRDD §3.1).
+
+    ``patch_preset`` expands to ``patch_size``/``stride`` (see ``PATCH_PRESETS``).
+    Keep rules: ``threshold`` keeps patches harder than ``threshold`` (``psnr_bic < t`` dB or
+    ``grad > t``); ``top_fraction`` keeps the hardest ``top_fraction`` of all patches; ``all``
+    keeps every patch.
+    """
+
+    patch_preset: Literal["srdd", "div2k"] | None = None
+    patch_size: int = Field(192, ge=8)
+    stride: int = Field(96, ge=1)
+    bic_scale: int = Field(4, ge=2, description="down/up factor of the psnr_bic score")
+    keep_score: Score = "psnr_bic"
+    keep_rule: Literal["threshold", "top_fraction", "all"] = "threshold"
+    threshold: float = 23.0
+    top_fraction: float = Field(0.5, gt=0.0, le=1.0)
+    max_side: int = Field(10_000, ge=1, description="images with a longer side are skipped")
+    extensions: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+    images_per_task: int = Field(4, ge=1, description="images per Ray Data batch")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _expand_preset(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("patch_preset"):
+            name = data["patch_preset"]
+            if name not in PATCH_PRESETS:
+                raise ValueError(f"patch_preset {name!r} is not one of {sorted(PATCH_PRESETS)}")
+            size, stride = PATCH_PRESETS[name]
+            data = {**data, "patch_size": size, "stride": stride}
+        return data
+
+    @model_validator(mode="after")
+    def _check(self) -> "MineConfig":
+        if self.patch_size % self.bic_scale:
+            raise ValueError(
+                f"patch_size {self.patch_size} must be divisible by bic_scale {self.bic_scale}"
+            )
+        return self
+
+
+class EmbedConfig(_Strict):
+    """CLIP image embeddings of the kept patches.
+
+    ``model`` is a local directory or a Hugging Face id resolved offline from the HF cache
+    (transformers backend), or an open_clip architecture name with ``pretrained`` a local
+    weights file (open_clip backend). Without weights the stage stops unless
+    ``allow_random_init`` is set; ``random_init`` then picks the architecture size.
+    """
+
+    backend: Literal["transformers", "open_clip"] = "transformers"
+    model: str = "openai/clip-vit-base-patch32"
+    pretrained: str | None = None
+    allow_random_init: bool = False
+    random_init: Literal["vit-b-32", "tiny"] = "vit-b-32"
+    batch_size: int = Field(32, ge=1)
+    num_actors: int = Field(1, ge=1)
+    actor_num_cpus: float = Field(0.5, gt=0.0, description="fractional CPUs per actor")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    seed: int = 0
+
+
+class ClusterConfig(_Strict):
+    """faiss spherical k-means on L2-normalised embeddings (trained on a sample, all assigned)."""
+
+    k: int = Field(7, ge=1)
+    niter: int = Field(20, ge=1)
+    seed: int = 0
+    max_train_points: int = Field(100_000, ge=1)
+
+
+class SelectConfig(_Strict):
+    """Budgeted selection of the distilled real set (coreset).
+
+    Exactly one budget: ``ipc`` patches per cluster, or ``pixel_fraction`` of the corpus'
+    HR pixels (all readable source images). ``method`` ``clip-kmeans`` ranks by ``score``
+    inside each cluster; ``random`` and ``score-topk`` are the same-budget baselines.
+    """
+
+    method: Literal["clip-kmeans", "random", "score-topk"] = "clip-kmeans"
+    ipc: int | None = Field(None, ge=1)
+    pixel_fraction: float | None = Field(None, gt=0.0, le=1.0)
+    score: Score = "psnr_bic"
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _one_budget(self) -> "SelectConfig":
+        if (self.ipc is None) == (self.pixel_fraction is None):
+            raise ValueError("give exactly one budget: select.ipc or select.pixel_fraction")
+        return self
+
+
+class TrainConfig(_Strict):
+    """SR training: L1 loss, Adam, random crops + flips/rot90, LR made by MATLAB bicubic."""
+
+    model: Literal["edsr-baseline", "espcn"] = "espcn"
+    iterations: int = Field(2000, ge=1)
+    batch_size: int = Field(16, ge=1)
+    lr_patch: int = Field(48, ge=4, description="LR crop side in pixels; HR crop = lr_patch*scale")
+    lr: float = Field(2e-4, gt=0.0)
+    lr_decay_every: int | None = Field(None, ge=1, description="halve lr every N iterations")
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    log_every: int = Field(100, ge=1)
+    checkpoint_every: int = Field(500, ge=1)
+
+
+class EvalConfig(_Strict):
+    """Evaluation datasets: HR folders or benchmark names (Set5, Set14, B100, ...).
+
+    Names are looked up as ``<root>/<name>/HR`` under ``$SRDISTILL_DATA`` (``:``-separated),
+    the repository's ``data/`` and ``../shared/data``.
+    """
+
+    datasets: tuple[str, ...] = ("Set5", "Set14", "B100")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
+class RayConfig(_Strict):
+    """Embedded default: a local Ray started in-process. ``address`` joins a running cluster."""
+
+    address: str | None = None
+    num_cpus: int | None = Field(None, ge=1)
+
+
+class RunConfig(_Strict):
+    """The whole main job: mine -> embed -> cluster -> select -> train -> evaluate -> report."""
+
+    scale: int = Field(2, ge=2, le=8, description="SR scale of train/evaluate")
+    mine: MineConfig = MineConfig()
+    embed: EmbedConfig = EmbedConfig()
+    cluster: ClusterConfig = ClusterConfig()
+    select: SelectConfig = SelectConfig(ipc=10)
+    train: TrainConfig = TrainConfig()
+    evaluate: EvalConfig = EvalConfig()
+    ray: RayConfig = RayConfig()
+
+    def stage_json(self, stage: str) -> str:
+        """Canonical JSON of the config a stage depends on (used in its fingerprint)."""
+        part = getattr(self, stage).model_dump(mode="json")
+        if stage in ("train", "evaluate"):
+            part = {"scale": self.scale, **part}
+        return json.dumps(part, sort_keys=True)
+
+
+def preset_names() -> list[str]:
+    """Names of the bundled presets (``srdistill/presets/*.yaml``)."""
+    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+
+
+def _deep_merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def parse_override(item: str) -> dict:
+    """``"train.iterations=500"`` -> ``{"train": {"iterations": 500}}`` (value parsed as YAML).
+
+    Raises:
+        ValueError: if ``item`` has no ``=``.
+    """
+    if "=" not in item:
+        raise ValueError(f"override {item!r} is not of the form key.sub=value")
+    key, raw = item.split("=", 1)
+    value: Any = yaml.safe_load(raw)
+    for part in reversed(key.strip().split(".")):
+        value = {part: value}
+    return value
+
+
+def load_config(
+    preset: str | None = None,
+    config_file: str | Path | None = None,
+    overrides: list[str] | tuple[str, ...] = (),
+) -> RunConfig:
+    """Build a ``RunConfig`` from a preset, a YAML file and ``key=value`` overrides, in that order.
+
+    Raises:
+        ValueError: unknown preset name, unreadable/invalid YAML, or a pydantic validation
+            error naming the offending key.
+    """
+    data: dict = {}
+    if preset is not None:
+        path = PRESET_DIR / f"{preset}.yaml"
+        if not path.is_file():
+            raise ValueError(f"preset {preset!r} is not one of {preset_names()}")
+        data = yaml.safe_load(path.read_text()) or {}
+    if config_file is not None:
+        path = Path(config_file)
+        if not path.is_file():
+            raise ValueError(f"config file {str(path)!r} does not exist")
+        loaded = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ValueError(f"config file {str(path)!r} must hold a YAML mapping")
+        data = _deep_merge(data, loaded)
+    for item in overrides:
+        data = _deep_merge(data, parse_override(item))
+    return RunConfig.model_validate(data)
