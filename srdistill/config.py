@@ -47,6 +47,7 @@ class MineConfig(_Strict):
     patch_size: int = Field(192, ge=8)
     stride: int = Field(96, ge=1)
     bic_scale: int = Field(4, ge=2, description="down/up factor of the psnr_bic score")
+    psnr_bic_window: Literal["patch", "image"] = "image"
     keep_score: Score = "psnr_bic"
     keep_rule: Literal["threshold", "top_fraction", "all"] = "threshold"
     threshold: float = 23.0

@@ -73,13 +73,13 @@ class Upsampler(nn.Sequential):
 
     def __init__(self, scale: int, n_feats: int):
         layers: list[nn.Module] = []
-        if scale & (scale - 1) == 0:  # power of two
+        if scale >= 2 and scale & (scale - 1) == 0:  # power of two
             for _ in range(int(math.log2(scale))):
                 layers += [_conv3x3(n_feats, 4 * n_feats), nn.PixelShuffle(2)]
         elif scale == 3:
             layers += [_conv3x3(n_feats, 9 * n_feats), nn.PixelShuffle(3)]
         else:
-            raise ValueError(f"EDSR upsampler supports scale 2, 3, 4, 8 (powers of 2 or 3), got {scale}")
+            raise ValueError(f"EDSR upsampler supports scale 3 or a power of 2, got {scale}")
         super().__init__(*layers)
 
 
@@ -107,8 +107,6 @@ class EDSR(nn.Module):
         rgb_range: float = 255.0,
     ):
         super().__init__()
-        if scale < 1:
-            raise ValueError(f"scale must be >= 1, got {scale}")
         self.scale = scale
         self.rgb_range = rgb_range
         #: constructor kwargs, saved in checkpoints to rebuild the model

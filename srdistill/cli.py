@@ -1,0 +1,136 @@
+"""``srdistill`` command line: run the main job, train and evaluate SR networks.
+
+    srdistill run --input data/T91 --out runs/demo --preset demo --allow-random-init
+    srdistill eval --model bicubic --dataset Set5 --scale 2 --json
+    srdistill train --data runs/demo/distilled --out runs/espcn --preset demo
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from .config import load_config, preset_names
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.split("\n")[0])
+
+_PRESET_HELP = "bundled preset: " + ", ".join(preset_names())
+_SET_HELP = "override a config value, e.g. --set train.iterations=500 (repeatable)"
+
+
+def _fail(message: str) -> None:
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(2)
+
+
+def _config(preset, config, overrides):
+    try:
+        return load_config(preset, config, overrides)
+    except ValueError as exc:  # pydantic's ValidationError is a ValueError
+        _fail(str(exc))
+
+
+@app.command()
+def run(
+    input: Path = typer.Option(..., "--input", help="folder of HR images (searched recursively)"),
+    out: Path = typer.Option(..., "--out", help="run directory (an existing one is resumed)"),
+    config: Optional[Path] = typer.Option(None, "--config", help="YAML config file"),
+    preset: Optional[str] = typer.Option(None, "--preset", help=_PRESET_HELP),
+    overrides: list[str] = typer.Option([], "--set", help=_SET_HELP),
+    allow_random_init: bool = typer.Option(
+        False, "--allow-random-init",
+        help="run with randomly initialised CLIP when no weights are found (clusters are then "
+        "NOT semantic)",
+    ),  # fmt: skip
+    until: Optional[str] = typer.Option(None, "--until", help="stop after this stage"),
+) -> None:
+    """Run mine -> embed -> cluster -> select -> train -> evaluate -> report."""
+    from .embedding import MissingWeightsError
+    from .pipeline import run_pipeline
+
+    if allow_random_init:
+        overrides = [*overrides, "embed.allow_random_init=true"]
+    cfg = _config(preset, config, overrides)
+    try:
+        run_pipeline(input, out, cfg, preset=preset, until=until)
+    except (MissingWeightsError, FileNotFoundError, ValueError, RuntimeError) as exc:
+        _fail(str(exc))
+
+
+@app.command()
+def train(
+    data: Path = typer.Option(..., "--data", help="folder of HR training images"),
+    out: Path = typer.Option(..., "--out", help="output folder (resumes from last.safetensors)"),
+    config: Optional[Path] = typer.Option(None, "--config", help="YAML config file"),
+    preset: Optional[str] = typer.Option(None, "--preset", help=_PRESET_HELP),
+    overrides: list[str] = typer.Option([], "--set", help=_SET_HELP),
+    model: Optional[str] = typer.Option(None, "--model", help="edsr-baseline | espcn"),
+    scale: Optional[int] = typer.Option(None, "--scale", help="SR scale"),
+    iterations: Optional[int] = typer.Option(None, "--iterations"),
+) -> None:
+    """Train an SR network on a folder of HR images; writes OUT/model.safetensors."""
+    from .evaluation import list_images
+    from .training import train_sr
+
+    extra = [f"train.model={model}"] * bool(model) + [f"scale={scale}"] * bool(scale)
+    extra += [f"train.iterations={iterations}"] * bool(iterations)
+    cfg = _config(preset, config, [*overrides, *extra])
+    if not data.is_dir():
+        _fail(f"--data {str(data)!r} is not a directory")
+    images = list_images(data)
+    try:
+        path = train_sr(cfg.train, cfg.scale, images, out)
+    except ValueError as exc:
+        _fail(str(exc))
+    typer.echo(f"model: {path}")
+
+
+@app.command("eval")
+def eval_(
+    model: str = typer.Option("bicubic", "--model", help="'bicubic' or a .safetensors checkpoint"),
+    datasets: list[str] = typer.Option(
+        ..., "--dataset", help="HR folder or benchmark name (Set5, Set14, B100); repeatable"
+    ),
+    scale: int = typer.Option(..., "--scale", help="SR scale"),
+    as_json: bool = typer.Option(False, "--json", help="one JSON object per dataset on stdout"),
+    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda"),
+) -> None:
+    """PSNR/SSIM on Y (border = scale) of bicubic or a trained checkpoint."""
+    from .evaluation import evaluate, format_table
+    from .training import load_checkpoint
+
+    label = "bicubic"
+    net = "bicubic"
+    if model != "bicubic":
+        try:
+            net, meta = load_checkpoint(model)
+        except (FileNotFoundError, ValueError) as exc:
+            _fail(str(exc))
+        label = f"{meta.get('arch', 'model')} ({Path(model).name})"
+        if int(meta.get("scale", scale)) != scale:
+            _fail(f"checkpoint {model!r} is for x{meta['scale']}, not --scale {scale}")
+    rows = []
+    for ds in datasets:
+        try:
+            rows.append(evaluate(net, ds, scale, device=device))
+        except (FileNotFoundError, ValueError) as exc:
+            _fail(str(exc))
+    if as_json:
+        for r in rows:
+            summary = {k: v for k, v in r.items() if k != "per_image"}
+            print(json.dumps({"model": label, **summary, "per_image": r.get("per_image", [])}))
+    else:
+        typer.echo(f"PSNR / SSIM on Y, x{scale}, border = scale")
+        typer.echo(format_table({label: rows}))
+
+
+def main() -> None:  # pragma: no cover - console entry
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(app())

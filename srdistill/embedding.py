@@ -1,0 +1,417 @@
+"""CLIP image embeddings of patches (SRDD's class-agnostic grouping, step 2).
+
+SRDD (Cho, Jung, Cho, Soh; arXiv 2509.14777) embeds its mined patches with CLIP ViT-B/32
+(``openai/clip-vit-base-patch32``) and clusters the embeddings with k-means. This module holds
+that embedding step, with two backends:
+
+* ``transformers`` (default): ``CLIPVisionModelWithProjection``, the exact model SRDD uses;
+  ``image_embeds`` is the 512-d projection output.
+* ``open_clip``: an open_clip architecture (``ViT-B-32``) with a local weights file; used only
+  where ``open_clip`` imports (it needs torchvision, which has no CPU build here).
+
+Weights are never downloaded: ``resolve_clip`` finds them in a local directory or in the
+Hugging Face cache (offline) and otherwise raises ``MissingWeightsError``, unless random
+initialisation is explicitly allowed, in which case the resulting clusters are NOT semantic
+and ``ClipSource.note`` says so.
+
+Differences from SRDD's code: patches are cropped from their source image and resized to the
+model's input size with antialiased bicubic in torch (not PIL), which for square patches is
+CLIP's "resize shortest side + centre crop"; embeddings are L2-normalised here.
+
+No Ray import: ``ClipEmbedder`` is a plain callable that ``runner.py`` hands to Ray Data.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from srdistill import imaging
+from srdistill.config import EmbedConfig
+
+__all__ = [
+    "CLIP_MEAN",
+    "CLIP_STD",
+    "ClipEmbedder",
+    "ClipSource",
+    "MissingWeightsError",
+    "embed_patches",
+    "load_clip",
+    "resolve_clip",
+]
+
+#: CLIP's normalisation (OpenAI's preprocessing), per RGB channel on [0, 1] input.
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+#: ``EmbedConfig.random_init`` -> ``CLIPVisionConfig`` kwargs of the random-init architecture.
+RANDOM_INIT_CONFIGS: dict[str, dict[str, int]] = {
+    # the real openai/clip-vit-base-patch32 vision tower
+    "vit-b-32": dict(
+        hidden_size=768,
+        num_hidden_layers=12,
+        num_attention_heads=12,
+        patch_size=32,
+        image_size=224,
+        projection_dim=512,
+        intermediate_size=3072,
+    ),
+    # for tests and smoke runs
+    "tiny": dict(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        patch_size=16,
+        image_size=64,
+        projection_dim=16,
+        intermediate_size=64,
+    ),
+}
+
+_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                 "pytorch_model.bin.index.json")
+_RANDOM_NOTE = "random-init CLIP: clusters are NOT semantic"
+
+
+class MissingWeightsError(RuntimeError):
+    """CLIP weights were not found locally and random initialisation was not allowed."""
+
+
+@dataclass(frozen=True)
+class ClipSource:
+    """Where the CLIP weights come from; recorded in the run manifest.
+
+    Attributes:
+        backend: ``"transformers"`` or ``"open_clip"``.
+        model: ``EmbedConfig.model`` as given (directory, HF id or open_clip arch name).
+        path: resolved local directory (transformers) or weights file (open_clip); ``None``
+            for random init.
+        pretrained: whether real weights are loaded.
+        semantic: whether the embeddings (and thus clusters) carry semantic meaning; false for
+            random init.
+        note: one human-readable line for logs and the manifest.
+    """
+
+    backend: str
+    model: str
+    path: str | None
+    pretrained: bool
+    semantic: bool
+    note: str
+
+
+# --------------------------------------------------------------------------- resolution
+
+
+def _has_weights(directory: Path) -> bool:
+    return (directory / "config.json").is_file() and any(
+        (directory / name).is_file() for name in _WEIGHT_FILES
+    )
+
+
+def _missing(cfg: EmbedConfig, looked: list[str], how: str) -> MissingWeightsError:
+    places = "\n".join(f"  - {p}" for p in looked)
+    return MissingWeightsError(
+        f"CLIP weights for {cfg.model!r} (backend {cfg.backend}) were not found; looked in:\n"
+        f"{places}\n"
+        f"Provide them: {how}. Weights are never downloaded (offline).\n"
+        "Or pass --allow-random-init (embed.allow_random_init=true) to run with a randomly "
+        "initialised CLIP, whose clusters are NOT semantic."
+    )
+
+
+def _random_source(cfg: EmbedConfig) -> ClipSource:
+    return ClipSource(cfg.backend, cfg.model, None, pretrained=False, semantic=False,
+                      note=_RANDOM_NOTE)
+
+
+def _resolve_transformers(cfg: EmbedConfig) -> ClipSource:
+    local = Path(cfg.model).expanduser()
+    looked = [f"local directory {str(local.resolve())!r}"
+              + (" (exists but lacks config.json or model weights)" if local.is_dir()
+                 else " (does not exist)")]
+    if _has_weights(local):
+        path = str(local.resolve())
+        return ClipSource("transformers", cfg.model, path, True, True,
+                          f"pretrained CLIP from {path}")
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
+
+    looked.append(f"Hugging Face cache {constants.HF_HUB_CACHE!r} (repo id {cfg.model!r})")
+    if not local.exists():
+        try:
+            snap = Path(snapshot_download(cfg.model, local_files_only=True))
+        except (HFValidationError, LocalEntryNotFoundError, FileNotFoundError, OSError):
+            snap = None
+        if snap is not None and _has_weights(snap):
+            return ClipSource("transformers", cfg.model, str(snap), True, True,
+                              f"pretrained CLIP {cfg.model} from the HF cache ({snap})")
+    if cfg.allow_random_init:
+        return _random_source(cfg)
+    how = (
+        "set embed.model to a local directory holding config.json and model.safetensors "
+        "(e.g. a copy of openai/clip-vit-base-patch32, or model.save_pretrained(dir)), or "
+        "populate the Hugging Face cache on a machine with network "
+        f"(huggingface-cli download {cfg.model}) and copy it to $HF_HOME"
+    )
+    raise _missing(cfg, looked, how)
+
+
+def _import_open_clip() -> Any:
+    try:
+        import open_clip
+    except Exception as exc:  # torchvision failures surface as RuntimeError/OSError, not only ImportError
+        raise RuntimeError(
+            "embed.backend='open_clip' needs the open_clip package, which does not import "
+            f"here ({exc.__class__.__name__}: {exc}). open_clip imports torchvision, which has "
+            "no CPU build for this torch; use embed.backend='transformers' instead."
+        ) from exc
+    return open_clip
+
+
+def _resolve_open_clip(cfg: EmbedConfig) -> ClipSource:
+    open_clip = _import_open_clip()
+    if cfg.model not in open_clip.list_models():
+        raise ValueError(
+            f"embed.model {cfg.model!r} is not an open_clip architecture; e.g. 'ViT-B-32' "
+            f"(see open_clip.list_models())"
+        )
+    looked = []
+    if cfg.pretrained is not None:
+        weights = Path(cfg.pretrained).expanduser()
+        looked.append(f"weights file {str(weights.resolve())!r} (embed.pretrained)")
+        if weights.is_file():
+            path = str(weights.resolve())
+            return ClipSource("open_clip", cfg.model, path, True, True,
+                              f"pretrained open_clip {cfg.model} from {path}")
+    else:
+        looked.append("embed.pretrained is not set")
+    if cfg.allow_random_init:
+        return _random_source(cfg)
+    how = ("set embed.pretrained to a local open_clip weights file (.bin/.pt/.safetensors) "
+           f"for architecture {cfg.model!r}")
+    raise _missing(cfg, looked, how)
+
+
+def resolve_clip(cfg: EmbedConfig) -> ClipSource:
+    """Find the CLIP weights for ``cfg`` without network access.
+
+    transformers backend: ``cfg.model`` is a local directory holding ``config.json`` and the
+    weights, or a Hugging Face id looked up in the HF cache with ``local_files_only=True``.
+    open_clip backend: ``cfg.model`` is an open_clip architecture name and ``cfg.pretrained``
+    a local weights file.
+
+    Returns:
+        ``ClipSource`` with ``pretrained=semantic=True`` when weights were found, or, if they
+        were not and ``cfg.allow_random_init`` is set, ``pretrained=semantic=False`` with the
+        note ``"random-init CLIP: clusters are NOT semantic"``.
+
+    Raises:
+        MissingWeightsError: weights not found and random init not allowed; the message names
+            the model, the places searched, how to provide weights and ``--allow-random-init``.
+        RuntimeError: open_clip backend requested but ``open_clip`` does not import.
+        ValueError: unknown open_clip architecture name.
+    """
+    if cfg.backend == "transformers":
+        return _resolve_transformers(cfg)
+    if cfg.backend == "open_clip":
+        return _resolve_open_clip(cfg)
+    raise ValueError(f"embed.backend {cfg.backend!r} is not one of ['open_clip', 'transformers']")
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _norm_from_preprocessor(directory: Path) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    file = directory / "preprocessor_config.json"
+    if file.is_file():
+        conf = json.loads(file.read_text())
+        mean, std = conf.get("image_mean"), conf.get("image_std")
+        if mean is not None and std is not None and len(mean) == len(std) == 3:
+            return tuple(float(v) for v in mean), tuple(float(v) for v in std)
+    return CLIP_MEAN, CLIP_STD
+
+
+def _vision_config(directory: Path) -> Any:
+    """The vision config of a checkpoint directory; for a full CLIP checkpoint (text + vision,
+    ``model_type == "clip"``) its ``vision_config`` with the top-level ``projection_dim``."""
+    from transformers import CLIPConfig, CLIPVisionConfig
+
+    raw = json.loads((directory / "config.json").read_text())
+    if raw.get("model_type") != "clip":
+        return CLIPVisionConfig.from_pretrained(directory, local_files_only=True)
+    full = CLIPConfig.from_pretrained(directory, local_files_only=True)
+    vision = full.vision_config
+    vision.projection_dim = full.projection_dim
+    return vision
+
+
+def load_clip(
+    source: ClipSource, cfg: EmbedConfig
+) -> tuple[torch.nn.Module, int, tuple[float, ...], tuple[float, ...]]:
+    """Build the CLIP image tower described by ``source`` (on CPU, eval mode).
+
+    Pretrained weights load with ``local_files_only=True``. Random init builds the
+    ``cfg.random_init`` architecture (``RANDOM_INIT_CONFIGS``; open_clip: the ``cfg.model``
+    architecture) under ``torch.manual_seed(cfg.seed)`` in a forked RNG, so random-init
+    embeddings are deterministic and the caller's RNG state is untouched.
+
+    Returns:
+        ``(model, image_size, mean, std)``: the module, its square input side in pixels, and
+        the per-channel RGB normalisation for ``[0, 1]`` input (from
+        ``preprocessor_config.json`` when the weights directory has one, else CLIP's).
+    """
+    mean, std = CLIP_MEAN, CLIP_STD
+    if source.backend == "transformers":
+        from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+        if source.pretrained:
+            from transformers.utils import logging as hf_logging
+
+            # The load report lists every text-tower key of a full CLIP checkpoint as
+            # "unexpected"; silence it and check the keys that matter (missing ones) here.
+            verbosity = hf_logging.get_verbosity()
+            hf_logging.set_verbosity_error()
+            try:
+                model, info = CLIPVisionModelWithProjection.from_pretrained(
+                    source.path, config=_vision_config(Path(source.path)),
+                    local_files_only=True, dtype=torch.float32, output_loading_info=True,
+                )
+            finally:
+                hf_logging.set_verbosity(verbosity)
+            if info["missing_keys"]:
+                missing = sorted(info["missing_keys"])
+                raise MissingWeightsError(
+                    f"CLIP checkpoint {source.path} lacks {len(missing)} vision weights "
+                    f"(e.g. {missing[:3]}); it is not a CLIP vision checkpoint"
+                )
+            mean, std = _norm_from_preprocessor(Path(source.path))
+        else:
+            config = CLIPVisionConfig(**RANDOM_INIT_CONFIGS[cfg.random_init])
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(cfg.seed)
+                model = CLIPVisionModelWithProjection(config)
+        image_size = int(model.config.image_size)
+    elif source.backend == "open_clip":
+        open_clip = _import_open_clip()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.seed)
+            model = open_clip.create_model(source.model, pretrained=source.path, device="cpu")
+        size = model.visual.image_size
+        image_size = int(size[0] if isinstance(size, (tuple, list)) else size)
+        pre = getattr(model.visual, "preprocess_cfg", None) or {}
+        mean = tuple(pre.get("mean", CLIP_MEAN))
+        std = tuple(pre.get("std", CLIP_STD))
+    else:
+        raise ValueError(f"unknown CLIP backend {source.backend!r}")
+    return model.eval(), image_size, mean, std
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("embed.device='cuda' but torch sees no CUDA device; use 'auto' or 'cpu'")
+    return torch.device(name)
+
+
+# --------------------------------------------------------------------------- embedding
+
+
+class ClipEmbedder:
+    """Batch embedder of patches: one model per instance (one per Ray Data actor).
+
+    Args:
+        cfg: embedding config (``device``, ``seed``, ``random_init``, ...).
+        source: the resolved weights (``resolve_clip(cfg)``), resolved once on the driver so
+            every actor loads the same thing.
+
+    Call with a numpy batch (Ray Data ``batch_format="numpy"``) with columns ``patch_id``
+    (str), ``source`` (str, image path), ``x``, ``y``, ``size`` (int, HR pixels; x = column);
+    returns ``{"patch_id": (N,), "embedding": (N, D) float32}`` with unit-L2 rows in input
+    order (D = 512 for ViT-B/32). Each distinct source image is read once per batch.
+
+    Raises (from ``__call__``):
+        imaging.ImageReadError: a source image cannot be read.
+        ValueError: a patch lies outside its source image.
+    """
+
+    def __init__(self, cfg: EmbedConfig, source: ClipSource):
+        self.cfg = cfg
+        self.source = source
+        self.device = _device(cfg.device)
+        model, self.image_size, mean, std = load_clip(source, cfg)
+        self.model = model.to(self.device)
+        self.mean = torch.tensor(mean, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
+        if source.backend == "transformers":
+            self.dim = int(model.config.projection_dim)
+        else:
+            self.dim = int(model.visual.output_dim)
+
+    def _preprocess(self, crops: list[np.ndarray]) -> torch.Tensor:
+        """``crops``: same-size ``(s, s, 3) uint8`` -> ``(n, 3, S, S) float32`` normalised."""
+        x = torch.from_numpy(np.stack(crops)).to(self.device)  # (n, s, s, 3) uint8
+        x = x.permute(0, 3, 1, 2).float().div_(255.0)  # (n, 3, s, s) in [0, 1]
+        if x.shape[-1] != self.image_size:
+            x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bicubic",
+                              align_corners=False, antialias=True).clamp_(0.0, 1.0)
+        return (x - self.mean) / self.std
+
+    def _forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        if self.source.backend == "transformers":
+            return self.model(pixel_values=pixels).image_embeds  # (n, D)
+        return self.model.encode_image(pixels)  # (n, D)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        pids = np.asarray(batch["patch_id"])
+        sources = np.asarray(batch["source"])
+        xs, ys, sizes = (np.asarray(batch[c]).astype(np.int64) for c in ("x", "y", "size"))
+        n = len(pids)
+        out = np.empty((n, self.dim), dtype=np.float32)
+        rows_by_source: dict[str, list[int]] = {}
+        for i, src in enumerate(sources):
+            rows_by_source.setdefault(str(src), []).append(i)
+        with torch.inference_mode():
+            for src, rows in rows_by_source.items():
+                img = imaging.read_image(src)  # (H, W, 3) uint8
+                by_size: dict[int, list[int]] = {}
+                for i in rows:
+                    by_size.setdefault(int(sizes[i]), []).append(i)
+                for size, idx in by_size.items():
+                    try:
+                        crops = [imaging.crop(img, int(xs[i]), int(ys[i]), size) for i in idx]
+                    except ValueError as exc:
+                        raise ValueError(f"{src}: {exc}") from None
+                    emb = self._forward(self._preprocess(crops))
+                    emb = F.normalize(emb.float(), dim=-1)
+                    out[idx] = emb.cpu().numpy()
+        return {"patch_id": pids, "embedding": out}
+
+
+def embed_patches(table: Any, cfg: EmbedConfig, source: ClipSource) -> np.ndarray:
+    """Embed every row of a patch table in one process (tests, benchmarks, small runs).
+
+    Args:
+        table: ``pyarrow.Table`` with columns ``patch_id``, ``source``, ``x``, ``y``, ``size``.
+        cfg: embedding config; batches of ``cfg.batch_size`` rows.
+        source: resolved weights (``resolve_clip(cfg)``).
+
+    Returns:
+        ``(N, D)`` float32, unit-L2 rows, in table row order.
+    """
+    embedder = ClipEmbedder(cfg, source)
+    cols = {c: table.column(c).to_numpy(zero_copy_only=False)
+            for c in ("patch_id", "source", "x", "y", "size")}
+    n = table.num_rows
+    parts = [np.empty((0, embedder.dim), dtype=np.float32)]
+    for start in range(0, n, cfg.batch_size):
+        batch = {c: v[start : start + cfg.batch_size] for c, v in cols.items()}
+        parts.append(embedder(batch)["embedding"])
+    return np.concatenate(parts, axis=0)

@@ -1,0 +1,179 @@
+"""PSNR/SSIM of bicubic or a trained network on benchmark sets (DESIGN §3 protocol).
+
+For every HR image: ``hr = modcrop(hr, s)``; ``lr = imresize(hr, 1/s)`` (MATLAB bicubic, uint8);
+``sr`` = bicubic ``imresize(lr, s)`` or the network's output rounded to uint8; PSNR and SSIM
+on Y (BT.601) with ``border = s`` (``srdistill.metrics``). Bicubic reproduces the published
+figures (Set5 x2 33.67 dB on ``../shared/data``)::
+
+    from srdistill.evaluation import evaluate_many, format_table
+    rows = {"bicubic": evaluate_many("bicubic", ["Set5", "Set14"], 2)}
+    print(format_table(rows))
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+from torch import nn
+
+from srdistill import imaging, metrics
+from srdistill.training import resolve_device, to_tensor
+
+__all__ = ["resolve_dataset", "list_images", "upscale_bicubic", "evaluate", "evaluate_many", "format_table"]
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+_REPO = Path(__file__).resolve().parents[1]
+
+
+def _data_roots() -> list[Path]:
+    """Benchmark roots in lookup order: ``$SRDISTILL_DATA`` entries, ``<repo>/data``, ``<repo>/../shared/data``."""
+    env = [Path(p) for p in os.environ.get("SRDISTILL_DATA", "").split(os.pathsep) if p]
+    return [*env, _REPO / "data", _REPO.parent / "shared" / "data"]
+
+
+def resolve_dataset(name_or_path: str | Path) -> Path:
+    """The folder of HR images of a benchmark name (``"Set5"``) or a directory.
+
+    An existing directory is used as is, or its ``HR`` subfolder if it has one. Otherwise the
+    name is looked up as ``<root>/<name>/HR`` for each root of ``$SRDISTILL_DATA``
+    (``os.pathsep``-separated), ``<repo>/data`` and ``<repo>/../shared/data``, first hit wins.
+
+    Raises:
+        FileNotFoundError: nothing found; the message lists every place tried.
+    """
+    path = Path(name_or_path)
+    if path.is_dir():
+        return path / "HR" if (path / "HR").is_dir() else path
+    tried = [str(path)]
+    for root in _data_roots():
+        candidate = root / str(name_or_path) / "HR"
+        if candidate.is_dir():
+            return candidate
+        tried.append(str(candidate))
+    raise FileNotFoundError(f"dataset {str(name_or_path)!r} not found; tried: {', '.join(tried)}")
+
+
+def _dataset_name(name_or_path: str | Path, hr_dir: Path) -> str:
+    """``"Set5"`` for ``"Set5"``, ``.../Set5`` or ``.../Set5/HR``."""
+    if not Path(name_or_path).is_dir():
+        return str(name_or_path)
+    return hr_dir.parent.name if hr_dir.name == "HR" else hr_dir.name
+
+
+def list_images(folder: str | Path) -> list[Path]:
+    """Image files (by extension, case-insensitive) directly in ``folder``, sorted by name."""
+    return sorted(p for p in Path(folder).iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+
+
+def upscale_bicubic(lr: np.ndarray, scale: int) -> np.ndarray:
+    """MATLAB-bicubic upscaling: ``(h, w, 3)`` uint8 -> ``(scale*h, scale*w, 3)`` uint8."""
+    return imaging.imresize(lr, scale)
+
+
+@torch.no_grad()
+def _upscale_model(model: nn.Module, lr: np.ndarray, device: torch.device) -> np.ndarray:
+    """Run ``model`` on one whole image: ``(h, w, 3)`` uint8 -> ``(s*h, s*w, 3)`` uint8."""
+    sr = model(to_tensor(lr, device)).clamp(0, 1)  # (1, 3, s*h, s*w) float32 in [0, 1]
+    return (sr[0] * 255).round().byte().permute(1, 2, 0).cpu().numpy()
+
+
+def evaluate(
+    model: Literal["bicubic"] | nn.Module,
+    dataset: str | Path,
+    scale: int,
+    *,
+    device: str = "auto",
+) -> dict:
+    """PSNR/SSIM on Y (border = ``scale``) of ``model`` on every HR image of ``dataset``.
+
+    Args:
+        model: ``"bicubic"`` or a network mapping ``(1, 3, h, w)`` float32 [0, 1] to
+            ``(1, 3, scale*h, scale*w)``; it is moved to ``device`` and run in eval mode under
+            ``no_grad`` on whole images (its train/eval mode is restored afterwards).
+        dataset: benchmark name or folder (see ``resolve_dataset``).
+        scale: SR factor.
+        device: ``"auto"``, ``"cpu"`` or ``"cuda"`` (ignored for bicubic).
+
+    Returns:
+        ``{"dataset", "scale", "n_images", "psnr_y" (mean dB), "ssim_y" (mean),
+        "per_image": [{"name", "psnr_y", "ssim_y"}, ...]}``, images sorted by file name.
+
+    Raises:
+        FileNotFoundError: dataset not found.
+        ValueError: no images in it, ``model`` is another string, or the model's ``scale``
+            attribute differs from ``scale``.
+        imaging.ImageReadError: an image cannot be read.
+    """
+    if isinstance(model, str) and model != "bicubic":
+        raise ValueError(f"model must be 'bicubic' or an nn.Module, got {model!r}")
+    if isinstance(model, nn.Module) and getattr(model, "scale", scale) != scale:
+        raise ValueError(f"model is x{model.scale} but scale={scale} was requested")
+    hr_dir = resolve_dataset(dataset)
+    files = list_images(hr_dir)
+    if not files:
+        raise ValueError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in {str(hr_dir)!r}")
+
+    if isinstance(model, nn.Module):
+        dev = resolve_device(device)
+        was_training = model.training
+        model.to(dev).eval()
+    per_image = []
+    try:
+        for f in files:
+            hr = imaging.modcrop(imaging.read_image(f), scale)  # (H, W, 3) uint8
+            lr = imaging.imresize(hr, 1 / scale)  # (H/s, W/s, 3) uint8
+            sr = upscale_bicubic(lr, scale) if isinstance(model, str) else _upscale_model(model, lr, dev)
+            per_image.append(
+                {"name": f.stem, "psnr_y": metrics.psnr_y(sr, hr, scale), "ssim_y": metrics.ssim_y(sr, hr, scale)}
+            )
+    finally:
+        if isinstance(model, nn.Module):
+            model.train(was_training)
+    return {
+        "dataset": _dataset_name(dataset, hr_dir),
+        "scale": scale,
+        "n_images": len(per_image),
+        "psnr_y": float(np.mean([r["psnr_y"] for r in per_image])),
+        "ssim_y": float(np.mean([r["ssim_y"] for r in per_image])),
+        "per_image": per_image,
+    }
+
+
+def evaluate_many(
+    model: Literal["bicubic"] | nn.Module,
+    datasets: list[str | Path] | tuple[str | Path, ...],
+    scale: int,
+    *,
+    device: str = "auto",
+) -> list[dict]:
+    """``evaluate`` on each dataset in order; one result dict per dataset."""
+    return [evaluate(model, d, scale, device=device) for d in datasets]
+
+
+def format_table(rows: dict[str, list[dict]]) -> str:
+    """Markdown table of mean PSNR (dB) / SSIM on Y: one row per model label, one column per dataset.
+
+    Args:
+        rows: model label -> results of ``evaluate_many``. Columns are the datasets in order of
+            first appearance; a dataset a model was not evaluated on shows ``-``.
+
+    Returns:
+        e.g. ``| model | Set5 | Set14 |`` ... ``| bicubic | 33.67 / 0.9299 | 30.32 / 0.8688 |``.
+    """
+    datasets: list[str] = []
+    for results in rows.values():
+        for r in results:
+            if r["dataset"] not in datasets:
+                datasets.append(r["dataset"])
+    lines = ["| model | " + " | ".join(datasets) + " |", "|---|" + "---|" * len(datasets)]
+    for label, results in rows.items():
+        by_name = {r["dataset"]: r for r in results}
+        cells = [
+            f"{by_name[d]['psnr_y']:.2f} / {by_name[d]['ssim_y']:.4f}" if d in by_name else "-" for d in datasets
+        ]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)

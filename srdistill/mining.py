@@ -1,0 +1,261 @@
+"""Patch mining: sliding-window HR patches scored for how much they teach an SR network.
+
+SRDD (Cho et al., arXiv 2509.14777, §3.1 and its released code) slides a 512x512 window with
+stride 256 over each HR image and keeps the patches whose grayscale PSNR against their own x4
+bicubic down-then-up reconstruction is below 23 dB: patches that bicubic cannot restore carry
+texture an SR network must learn. The paper's text speaks of "high-gradient" patches, so a
+mean Sobel gradient magnitude is computed too, and either can drive the keep rule.
+
+Differences from the released code: the bicubic is MATLAB's (``imaging.imresize``) rather than
+an OpenCV/PIL resize, and window positions are ``range(0, side - size + 1, stride)`` (the
+remainder at the right/bottom edge is not covered).
+
+Pure functions over numpy/pyarrow; no Ray here (``runner.py`` streams them over a corpus).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from .config import LOWER_IS_HARDER, MineConfig
+from .imaging import ImageReadError, bicubic_down_up, image_size, read_image, to_gray
+
+__all__ = [
+    "PATCH_SCHEMA",
+    "list_images",
+    "patch_id",
+    "patch_positions",
+    "score_patches",
+    "mine_image",
+    "mine_images",
+    "apply_keep_rule",
+]
+
+#: Columns of the patch table (``mine/patches.parquet``); ``error`` is only used in transit.
+PATCH_SCHEMA = pa.schema(
+    [
+        ("patch_id", pa.string()),
+        ("source", pa.string()),
+        ("x", pa.int32()),
+        ("y", pa.int32()),
+        ("size", pa.int32()),
+        ("img_w", pa.int32()),
+        ("img_h", pa.int32()),
+        ("psnr_bic", pa.float32()),
+        ("grad", pa.float32()),
+    ]
+)
+#: In-transit schema of ``mine_images``: a patch row has ``error == ""``; a skipped image is
+#: one row with ``x = y = -1`` and the reason in ``error``.
+MINED_SCHEMA = PATCH_SCHEMA.append(pa.field("error", pa.string()))
+
+# Pixels (patch count x size^2) scored at once, bounding memory for large patches.
+_CHUNK_PIXELS = 1 << 22
+
+
+def list_images(root: str | Path, extensions: tuple[str, ...]) -> tuple[list[str], int]:
+    """All files under ``root`` (recursive) whose suffix is in ``extensions``, sorted.
+
+    Returns:
+        (absolute paths, number of other files ignored).
+
+    Raises:
+        FileNotFoundError: ``root`` is not a directory.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"input {str(root)!r} is not a directory")
+    exts = {e.lower() for e in extensions}
+    paths, ignored = [], 0
+    for p in sorted(root.rglob("*")):
+        if p.is_file():
+            if p.suffix.lower() in exts:
+                paths.append(str(p.resolve()))
+            else:
+                ignored += 1
+    return paths, ignored
+
+
+def patch_id(source: str, x: int, y: int, size: int) -> str:
+    """Stable id of a patch: the first 16 hex digits of sha1(``source|x|y|size``)."""
+    return hashlib.sha1(f"{source}|{x}|{y}|{size}".encode()).hexdigest()[:16]
+
+
+def patch_positions(width: int, height: int, size: int, stride: int) -> list[tuple[int, int]]:
+    """Top-left ``(x, y)`` of every full window, row-major; empty if the image is too small."""
+    return [
+        (x, y)
+        for y in range(0, height - size + 1, stride)
+        for x in range(0, width - size + 1, stride)
+    ]
+
+
+def _box_means(values: np.ndarray, xs: np.ndarray, ys: np.ndarray, size: int, stride: int) -> np.ndarray:
+    """Mean of ``values`` (H, W) over each ``size`` square at (xs, ys).
+
+    When every corner is a multiple of ``stride`` and ``stride`` divides ``size`` (the sliding
+    window case), sums of stride x stride blocks are added up; otherwise a summed-area table.
+    """
+    if size % stride == 0 and not (xs % stride).any() and not (ys % stride).any():
+        nby, nbx = (ys.max() + size) // stride, (xs.max() + size) // stride
+        blocks = values[: nby * stride, : nbx * stride].reshape(nby, stride, nbx, stride)
+        sat = np.zeros((nby + 1, nbx + 1))
+        sat[1:, 1:] = blocks.sum(axis=(1, 3), dtype=np.float64).cumsum(0).cumsum(1)
+        xs, ys, k = xs // stride, ys // stride, size // stride
+    else:
+        sat = np.zeros((values.shape[0] + 1, values.shape[1] + 1))
+        sat[1:, 1:] = values.astype(np.float64).cumsum(1).cumsum(0)
+        k = size
+    total = sat[ys + k, xs + k] - sat[ys, xs + k] - sat[ys + k, xs] + sat[ys, xs]
+    return total / (size * size)
+
+
+def sobel_magnitude(gray: np.ndarray) -> np.ndarray:
+    """Sobel gradient magnitude / 8 of ``(H, W)`` uint8, edge-replicated: (H, W) float32, grey levels/px."""
+    p = np.pad(gray.astype(np.float32), 1, mode="edge")
+    dx = p[:, 2:] - p[:, :-2]  # separable Sobel: central difference x smoothing [1, 2, 1]
+    gx = dx[:-2] + 2 * dx[1:-1] + dx[2:]
+    dy = p[2:] - p[:-2]
+    gy = dy[:, :-2] + 2 * dy[:, 1:-1] + dy[:, 2:]
+    return np.sqrt(gx * gx + gy * gy) * np.float32(1 / 8)
+
+
+def score_patches(
+    gray: np.ndarray,
+    positions: list[tuple[int, int]],
+    size: int,
+    *,
+    stride: int,
+    bic_scale: int = 4,
+    window: Literal["patch", "image"] = "patch",
+) -> tuple[np.ndarray, np.ndarray]:
+    """``psnr_bic`` and ``grad`` of square patches of one grayscale image.
+
+    Args:
+        gray: ``(H, W)`` uint8 grayscale image.
+        positions: top-left ``(x, y)`` of each patch.
+        size: patch side in pixels, divisible by ``bic_scale``.
+        stride: window step the positions were made with (enables block sums).
+        bic_scale: factor of the bicubic down-then-up reconstruction (SRDD: 4).
+        window: ``"patch"`` resamples each cropped patch on its own (SRDD's criterion exactly,
+            symmetric padding at the patch border); ``"image"`` resamples the whole image once
+            and averages the squared error over each patch, so pixels near a patch border see
+            their real neighbours. Same values away from the border, ~4x less work at stride
+            size/2 (see docs/BENCHMARKS.md for speed and rank agreement).
+
+    Returns:
+        ``psnr_bic`` (N,) float32 in dB: PSNR of the patch vs its MATLAB-bicubic
+        ``imresize(imresize(patch, 1/s), s)`` with uint8 rounding; lower = harder; flat patches
+        capped at 99 dB. ``grad`` (N,) float32: mean Sobel gradient magnitude / 8 over the
+        patch in grey levels per pixel, Sobel taken on the whole image.
+    """
+    n = len(positions)
+    if n == 0:
+        return np.empty(0, np.float32), np.empty(0, np.float32)
+    xs = np.array([p[0] for p in positions])
+    ys = np.array([p[1] for p in positions])
+    grad = _box_means(sobel_magnitude(gray), xs, ys, size, stride).astype(np.float32)
+    if window == "image":
+        h, w = gray.shape
+        recon = bicubic_down_up(gray[None], bic_scale)[0, :h, :w]
+        mse = _box_means((gray.astype(np.float32) - recon) ** 2, xs, ys, size, stride)
+    else:
+        mse = np.empty(n)
+        chunk = max(1, _CHUNK_PIXELS // (size * size))
+        for start in range(0, n, chunk):
+            batch = np.stack([gray[y : y + size, x : x + size] for x, y in positions[start : start + chunk]])
+            err = (batch.astype(np.float32) - bicubic_down_up(batch, bic_scale)) ** 2
+            mse[start : start + chunk] = err.mean(axis=(1, 2), dtype=np.float64)
+    with np.errstate(divide="ignore"):
+        psnr_bic = np.minimum(10 * np.log10(255.0**2 / mse), 99.0).astype(np.float32)
+    return psnr_bic, grad
+
+
+def _skip_row(path: str, reason: str) -> dict:
+    return {"patch_id": "", "source": path, "x": -1, "y": -1, "size": 0, "img_w": 0, "img_h": 0,
+            "psnr_bic": np.nan, "grad": np.nan, "error": reason}  # fmt: skip
+
+
+def mine_image(path: str, cfg: MineConfig) -> list[dict]:
+    """Patches of one image with their scores, or one skip row explaining why there are none.
+
+    Returns:
+        Rows of ``MINED_SCHEMA``. A skipped image (unreadable, truncated, a side over
+        ``cfg.max_side``, smaller than one patch) gives a single row with ``error`` set; it
+        never raises for bad image data.
+    """
+    size, stride = cfg.patch_size, cfg.stride
+    try:
+        w, h = image_size(path)
+        if max(w, h) > cfg.max_side:
+            return [_skip_row(path, f"too large: {w}x{h} has a side over max_side={cfg.max_side}")]
+        if min(w, h) < size:
+            return [_skip_row(path, f"too small: {w}x{h} is smaller than one {size}x{size} patch")]
+        img = read_image(path)
+    except ImageReadError as exc:
+        return [_skip_row(path, exc.reason)]
+    h, w = img.shape[:2]
+    gray = to_gray(img)
+    positions = patch_positions(w, h, size, stride)
+    psnr_bic, grad = score_patches(
+        gray, positions, size, stride=stride, bic_scale=cfg.bic_scale, window=cfg.psnr_bic_window
+    )
+    return [
+        {"patch_id": patch_id(path, x, y, size), "source": path, "x": x, "y": y, "size": size,
+         "img_w": w, "img_h": h, "psnr_bic": float(p), "grad": float(g), "error": ""}  # fmt: skip
+        for (x, y), p, g in zip(positions, psnr_bic, grad)
+    ]
+
+
+def mine_images(paths: list[str] | np.ndarray, cfg: MineConfig) -> pa.Table:
+    """``mine_image`` over several images, as one ``MINED_SCHEMA`` table (the Ray Data batch fn)."""
+    rows = [row for p in paths for row in mine_image(str(p), cfg)]
+    return pa.Table.from_pylist(rows, schema=MINED_SCHEMA)
+
+
+def apply_keep_rule(table: pa.Table, cfg: MineConfig) -> pa.Table:
+    """Append the boolean ``kept`` column to a patch table.
+
+    ``threshold``: harder than ``cfg.threshold`` (``psnr_bic < t`` or ``grad > t``);
+    ``top_fraction``: the ``ceil(fraction * N)`` hardest by ``cfg.keep_score`` (ties broken by
+    ``patch_id``); ``all``: every patch.
+    """
+    n = table.num_rows
+    score = table.column(cfg.keep_score).to_numpy(zero_copy_only=False).astype(np.float64)
+    lower = LOWER_IS_HARDER[cfg.keep_score]
+    if cfg.keep_rule == "all":
+        kept = np.ones(n, dtype=bool)
+    elif cfg.keep_rule == "threshold":
+        kept = score < cfg.threshold if lower else score > cfg.threshold
+    else:
+        n_keep = int(np.ceil(cfg.top_fraction * n))
+        ids = table.column("patch_id").to_numpy(zero_copy_only=False)
+        order = np.lexsort((ids, score if lower else -score))
+        kept = np.zeros(n, dtype=bool)
+        kept[order[:n_keep]] = True
+    return table.append_column("kept", pa.array(kept))
+
+
+def corpus_pixels(table: pa.Table) -> int:
+    """HR pixels of all images that gave patches (each source counted once)."""
+    if table.num_rows == 0:
+        return 0
+    per_source = table.group_by("source").aggregate([("img_w", "max"), ("img_h", "max")])
+    w = per_source.column("img_w_max").to_numpy().astype(np.int64)
+    h = per_source.column("img_h_max").to_numpy().astype(np.int64)
+    return int((w * h).sum())
+
+
+def split_mined(table: pa.Table) -> tuple[pa.Table, list[dict]]:
+    """Separate ``MINED_SCHEMA`` rows into the patch table (sorted) and the skipped-image list."""
+    is_skip = pc.not_equal(table.column("error"), "")
+    skipped = table.filter(is_skip).select(["source", "error"]).to_pylist()
+    patches = table.filter(pc.invert(is_skip)).drop_columns(["error"])
+    patches = patches.sort_by([("source", "ascending"), ("y", "ascending"), ("x", "ascending")])
+    return patches, [{"file": r["source"], "reason": r["error"]} for r in skipped]

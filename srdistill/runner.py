@@ -1,0 +1,117 @@
+"""The thin Ray layer: every Ray call in srdistill lives in this module.
+
+The algorithms (``mining``, ``embedding``, ...) are plain functions over numpy/pyarrow; this
+module streams them over a corpus with Ray Data. Ray's API moves between releases, so keeping
+it here keeps the rest of the code stable (pinned: ray==2.60).
+
+Embedded default: ``init_ray`` starts a local Ray in-process. Under ``ray job submit`` (or with
+``RayConfig.address``) it joins the running cluster instead.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pyarrow as pa
+
+from .config import EmbedConfig, MineConfig, RayConfig
+from .embedding import ClipEmbedder, ClipSource
+from .mining import MINED_SCHEMA, mine_images
+
+__all__ = ["init_ray", "shutdown_ray", "mine_corpus", "embed_patches_ray"]
+
+
+def init_ray(cfg: RayConfig) -> None:
+    """Start (or join) Ray once per process.
+
+    A local Ray gets ``cfg.num_cpus`` CPUs (all by default). With ``cfg.address`` or
+    ``$RAY_ADDRESS`` set (as ``ray job submit`` does), it connects to that cluster.
+    """
+    import ray
+
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # local runs need no token file
+    joining = cfg.address is not None or "RAY_ADDRESS" in os.environ
+    kwargs: dict = {"ignore_reinit_error": True, "log_to_driver": False}
+    if joining:
+        kwargs["address"] = cfg.address
+    else:
+        kwargs.update(num_cpus=cfg.num_cpus, include_dashboard=False)
+    ray.init(**kwargs)
+
+
+def shutdown_ray() -> None:
+    """Stop the Ray started by ``init_ray`` (no-op if none)."""
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+
+
+def _mine_batch(batch: dict[str, np.ndarray], cfg: MineConfig) -> pa.Table:
+    return mine_images(batch["path"], cfg)
+
+
+def mine_corpus(paths: list[str], cfg: MineConfig) -> pa.Table:
+    """Mine every image with Ray Data, streaming: each task decodes ``cfg.images_per_task``
+    images, scores their patches and returns only the patch rows (no pixels).
+
+    Returns:
+        A ``mining.MINED_SCHEMA`` table (patch rows plus one row per skipped image).
+    """
+    import ray.data
+
+    if not paths:
+        return MINED_SCHEMA.empty_table()
+    blocks = max(1, min(len(paths), len(paths) // cfg.images_per_task))
+    ds = ray.data.from_items([{"path": p} for p in paths], override_num_blocks=blocks)
+    ds = ds.map_batches(
+        _mine_batch,
+        fn_kwargs={"cfg": cfg},
+        batch_size=cfg.images_per_task,
+        batch_format="numpy",
+        num_cpus=1,
+    )
+    parts = [b for b in ds.iter_batches(batch_size=None, batch_format="pyarrow")]
+    return pa.concat_tables([p.cast(MINED_SCHEMA) for p in parts]) if parts else MINED_SCHEMA.empty_table()
+
+
+def embed_patches_ray(table: pa.Table, cfg: EmbedConfig, source: ClipSource) -> pa.Table:
+    """CLIP embeddings of the patches in ``table`` with a pool of ``cfg.num_actors`` Ray Data
+    actors (``cfg.actor_num_cpus`` CPUs each, fractional so a small machine cannot deadlock;
+    one GPU each when ``cfg.device == "cuda"``).
+
+    Args:
+        table: columns ``patch_id``, ``source``, ``x``, ``y``, ``size``.
+
+    Returns:
+        Table ``patch_id`` (string), ``embedding`` (fixed-size list of float32, unit L2).
+    """
+    import ray.data
+
+    cols = table.select(["patch_id", "source", "x", "y", "size"])
+    blocks = max(1, min(cols.num_rows // cfg.batch_size, 4 * cfg.num_actors))
+    ds = ray.data.from_arrow(cols).repartition(blocks)
+    ds = ds.map_batches(
+        ClipEmbedder,
+        fn_constructor_kwargs={"cfg": cfg, "source": source},
+        batch_size=cfg.batch_size,
+        batch_format="numpy",
+        concurrency=cfg.num_actors,
+        num_cpus=cfg.actor_num_cpus,
+        num_gpus=1 if cfg.device == "cuda" else 0,
+    )
+    ids, embs = [], []
+    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+        ids.append(batch["patch_id"])
+        embs.append(np.asarray(batch["embedding"], dtype=np.float32))
+    emb = np.concatenate(embs) if embs else np.empty((0, 0), np.float32)
+    flat = pa.array(emb.reshape(-1), type=pa.float32())
+    return pa.table(
+        {
+            "patch_id": pa.array(np.concatenate(ids) if ids else [], type=pa.string()),
+            "embedding": pa.FixedSizeListArray.from_arrays(flat, emb.shape[1] if emb.size else 1),
+        }
+    )

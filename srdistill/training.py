@@ -1,0 +1,364 @@
+"""SR training on a (small, distilled) set of HR images, and safetensors checkpoints.
+
+The whole loop is ``train_sr``: random HR crops with flips/rot90, LR made from each crop by
+MATLAB bicubic (``imaging.imresize``, uint8 rounding: the evaluation degradation), L1 loss,
+Adam, optional step decay. It is reproducible from ``cfg.seed`` and resumes exactly where it
+stopped from ``out_dir/last.safetensors``::
+
+    from srdistill.config import TrainConfig
+    from srdistill.training import train_sr, load_checkpoint
+    path = train_sr(TrainConfig(model="espcn", iterations=2000), 2, hr_files, Path("runs/x2"))
+    model, meta = load_checkpoint(path)
+
+Files written in ``out_dir``:
+
+* ``model.safetensors``: the final network (see ``save_checkpoint`` for the metadata).
+* ``last.safetensors``: weights + Adam state + step + sampler RNG state, replaced atomically
+  every ``cfg.checkpoint_every`` steps and at the end; a later call resumes from it.
+* ``log.jsonl``: one line per ``cfg.log_every`` steps: step, mean L1 loss (on [0, 1] pixels)
+  over those steps, learning rate, elapsed seconds.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+from tqdm.auto import tqdm
+
+from srdistill import imaging
+from srdistill.config import TrainConfig
+from srdistill.models import ARCHS, build_model
+
+__all__ = [
+    "train_sr",
+    "sample_batch",
+    "save_checkpoint",
+    "load_checkpoint",
+    "resolve_device",
+    "to_tensor",
+]
+
+log = logging.getLogger(__name__)
+
+_OPTIM_PREFIX = "__optimizer__."  # tensor-name prefix of the Adam state in last.safetensors
+_RESERVED = ("format", "arch", "scale", "model_kwargs", "optimizer_param_groups")
+
+
+def resolve_device(device: str) -> torch.device:
+    """``"auto"`` -> CUDA if available else CPU; ``"cpu"``/``"cuda"`` as given.
+
+    Raises:
+        RuntimeError: ``"cuda"`` requested but no CUDA device is available.
+    """
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device 'cuda' requested but torch.cuda.is_available() is False")
+    return torch.device(device)
+
+
+def to_tensor(batch: np.ndarray, device: torch.device | str = "cpu") -> torch.Tensor:
+    """``(B, H, W, 3)`` or ``(H, W, 3)`` uint8 -> ``(B, 3, H, W)`` float32 in [0, 1] on ``device``."""
+    if batch.ndim == 3:
+        batch = batch[None]
+    return torch.from_numpy(np.ascontiguousarray(batch)).to(device).permute(0, 3, 1, 2).float() / 255.0
+
+
+def sample_batch(
+    images: list[np.ndarray],
+    rng: np.random.Generator,
+    *,
+    batch_size: int,
+    hr_size: int,
+    scale: int,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Random training pairs: uniform image, uniform crop position, random hflip/vflip/rot90.
+
+    Args:
+        images: ``(H, W, 3)`` uint8 HR images, each at least ``hr_size`` on both sides.
+        rng: the sampler's generator (advanced in place).
+        batch_size: crops to draw.
+        hr_size: HR crop side in pixels, a multiple of ``scale``.
+        scale: SR factor.
+
+    Returns:
+        ``(lr, hr)``: ``(B, hr_size/scale, hr_size/scale, 3)`` and ``(B, hr_size, hr_size, 3)``
+        uint8, with ``lr = imaging.imresize(hr, 1/scale)`` (MATLAB bicubic, uint8 rounding).
+    """
+    crops = []
+    for _ in range(batch_size):
+        img = images[rng.integers(len(images))]
+        y = rng.integers(img.shape[0] - hr_size + 1)
+        x = rng.integers(img.shape[1] - hr_size + 1)
+        crop = img[y : y + hr_size, x : x + hr_size]
+        hflip, vflip, rot = rng.random(3) < 0.5
+        if hflip:
+            crop = crop[:, ::-1]
+        if vflip:
+            crop = crop[::-1]
+        if rot:
+            crop = crop.transpose(1, 0, 2)  # rot90 up to the flips: the 8 dihedral variants
+        crops.append(crop)
+    hr = np.stack(crops)  # (B, H, W, 3)
+    lr = imaging.imresize(hr, 1 / scale, spatial_axes=(1, 2))  # (B, H/s, W/s, 3)
+    return lr, hr
+
+
+def _load_images(paths: list[str | Path], min_side: int) -> tuple[list[np.ndarray], list[dict]]:
+    """Read every HR image; those smaller than ``min_side`` are skipped (returned with a reason)."""
+    images, skipped = [], []
+    for p in paths:
+        img = imaging.read_image(p)
+        if min(img.shape[:2]) < min_side:
+            reason = f"{img.shape[1]}x{img.shape[0]} is smaller than the {min_side}x{min_side} HR crop"
+            log.warning("skipping training image %s: %s", p, reason)
+            skipped.append({"file": str(p), "reason": reason})
+        else:
+            images.append(img)
+    return images, skipped
+
+
+def _lr_at(cfg: TrainConfig, step: int) -> float:
+    """Learning rate for the update after ``step`` completed steps: halved every ``lr_decay_every``."""
+    if cfg.lr_decay_every is None:
+        return cfg.lr
+    return cfg.lr * 0.5 ** (step // cfg.lr_decay_every)
+
+
+def train_sr(
+    cfg: TrainConfig,
+    scale: int,
+    hr_images: list[str | Path],
+    out_dir: Path,
+    *,
+    progress: bool = True,
+) -> Path:
+    """Train ``cfg.model`` at ``scale`` on HR images; resume from ``out_dir/last.safetensors``.
+
+    Each step draws ``cfg.batch_size`` HR crops of ``cfg.lr_patch * scale`` pixels (see
+    ``sample_batch``), makes their LR by MATLAB bicubic, and takes one Adam step (betas
+    0.9/0.999, eps 1e-8, lr ``cfg.lr``, halved every ``cfg.lr_decay_every`` steps if set) on the
+    L1 loss between ``model(LR)`` and HR, both float32 in [0, 1] (EDSR's recipe, arXiv:1707.02921
+    §4). Weights are initialised from ``torch.manual_seed(cfg.seed)`` and crops drawn from
+    ``np.random.default_rng(cfg.seed)``; a resumed run restores the Adam and sampler state, so
+    it ends with the same weights as an uninterrupted one (on the same device and threads).
+
+    Args:
+        cfg: training settings.
+        scale: SR factor (2, 3, 4, ...).
+        hr_images: HR image files; those smaller than the HR crop are skipped with a warning
+            (recorded in the model metadata as ``skipped_images``).
+        out_dir: created if missing; holds ``model.safetensors``, ``last.safetensors``,
+            ``log.jsonl``.
+        progress: show a tqdm progress bar.
+
+    Returns:
+        ``out_dir / "model.safetensors"``.
+
+    Raises:
+        ValueError: no usable image, or ``last.safetensors`` belongs to another arch/scale.
+        imaging.ImageReadError: an image cannot be read.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    device = resolve_device(cfg.device)
+    hr_size = cfg.lr_patch * scale
+    images, skipped = _load_images(list(hr_images), hr_size)
+    if not images:
+        raise ValueError(
+            f"no training image is at least {hr_size}x{hr_size} (lr_patch {cfg.lr_patch} x scale "
+            f"{scale}); {len(skipped)} image(s) given"
+        )
+
+    torch.manual_seed(cfg.seed)
+    rng = np.random.default_rng(cfg.seed)
+    model = build_model(cfg.model, scale).to(device)
+    model_kwargs = {k: v for k, v in model.config.items() if k != "scale"}
+    trainable = [p for p in model.parameters() if p.requires_grad]  # EDSR's mean shifts are frozen
+    optimizer = torch.optim.Adam(trainable, lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8)
+
+    step = 0
+    last = out_dir / "last.safetensors"
+    if last.exists():
+        step, rng_state = _resume(last, model, optimizer, arch=cfg.model, scale=scale)
+        rng.bit_generator.state = rng_state
+        log.info("resuming %s from step %d", last, step)
+        if step > cfg.iterations:
+            log.warning("%s is at step %d, beyond iterations=%d", last, step, cfg.iterations)
+
+    def checkpoint() -> None:
+        extra = {"step": step, "rng_state": rng.bit_generator.state, "train_config": cfg.model_dump(mode="json")}
+        save_checkpoint(
+            model, last, arch=cfg.model, scale=scale, model_kwargs=model_kwargs, extra=extra, optimizer=optimizer
+        )
+
+    model.train()
+    bar = tqdm(total=cfg.iterations, initial=min(step, cfg.iterations), disable=not progress, desc=f"train {cfg.model} x{scale}")
+    t0, loss_sum, loss_n = time.perf_counter(), 0.0, 0
+    with open(out_dir / "log.jsonl", "a") as log_file:
+        while step < cfg.iterations:
+            lr_now = _lr_at(cfg, step)
+            for group in optimizer.param_groups:
+                group["lr"] = lr_now
+            lr_np, hr_np = sample_batch(images, rng, batch_size=cfg.batch_size, hr_size=hr_size, scale=scale)
+            lr_t, hr_t = to_tensor(lr_np, device), to_tensor(hr_np, device)  # (B, 3, p, p), (B, 3, sp, sp)
+            loss = F.l1_loss(model(lr_t), hr_t)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            step += 1
+            bar.update(1)
+            loss_sum, loss_n = loss_sum + loss.item(), loss_n + 1
+
+            if step % cfg.log_every == 0 or step == cfg.iterations:
+                record = {"step": step, "loss": loss_sum / loss_n, "lr": lr_now, "elapsed_s": time.perf_counter() - t0}
+                log_file.write(json.dumps(record) + "\n")
+                log_file.flush()
+                bar.set_postfix(loss=f"{record['loss']:.4f}")
+                log.info("step %d  L1 %.5f  lr %.2e", step, record["loss"], lr_now)
+                loss_sum, loss_n = 0.0, 0
+            if step % cfg.checkpoint_every == 0 or step == cfg.iterations:
+                checkpoint()
+    bar.close()
+
+    final = out_dir / "model.safetensors"
+    extra = {
+        "step": step,
+        "train_config": cfg.model_dump(mode="json"),
+        "n_train_images": len(images),
+        "skipped_images": skipped,
+    }
+    save_checkpoint(model, final, arch=cfg.model, scale=scale, model_kwargs=model_kwargs, extra=extra)
+    return final
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+def save_checkpoint(
+    model: nn.Module,
+    path: str | Path,
+    *,
+    arch: str,
+    scale: int,
+    model_kwargs: dict,
+    extra: dict | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
+) -> None:
+    """Write ``model``'s state dict to a safetensors file, atomically (temp file + ``os.replace``).
+
+    Metadata (all strings): ``arch``, ``scale``, ``model_kwargs`` (JSON) and every key of
+    ``extra`` as JSON. With ``optimizer`` its tensors are stored under ``__optimizer__.*`` and
+    its ``param_groups`` as JSON, so training can resume from the file.
+
+    Args:
+        model: a network of ``ARCHS[arch]``.
+        path: target file (``.safetensors``).
+        arch: key of ``srdistill.models.ARCHS``.
+        scale: SR factor.
+        model_kwargs: constructor kwargs other than ``scale`` (JSON-serialisable).
+        extra: more JSON-serialisable metadata (step, config, ...).
+        optimizer: optional optimizer whose state is saved too.
+
+    Raises:
+        ValueError: ``arch`` unknown, or ``extra`` uses a reserved key.
+    """
+    if arch not in ARCHS:
+        raise ValueError(f"arch {arch!r} is not one of {sorted(ARCHS)}")
+    extra = extra or {}
+    clash = sorted(set(extra) & set(_RESERVED))
+    if clash:
+        raise ValueError(f"extra metadata uses reserved keys {clash}")
+    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    metadata = {"format": "pt", "arch": arch, "scale": str(int(scale)), "model_kwargs": json.dumps(model_kwargs)}
+    metadata.update({k: json.dumps(v) for k, v in extra.items()})
+    if optimizer is not None:
+        state = optimizer.state_dict()
+        for idx, param_state in state["state"].items():
+            for name, value in param_state.items():
+                tensors[f"{_OPTIM_PREFIX}{idx}.{name}"] = torch.as_tensor(value).detach().cpu().contiguous()
+        metadata["optimizer_param_groups"] = json.dumps(state["param_groups"])
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file(tensors, str(tmp), metadata=metadata)
+    os.replace(tmp, path)
+
+
+def _read(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """All tensors and the raw metadata of a safetensors checkpoint, with clear errors."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as exc:  # safetensors raises its own error types for bad headers
+        raise ValueError(f"checkpoint {str(path)!r} is not a readable safetensors file ({exc})") from None
+    missing = [k for k in ("arch", "scale", "model_kwargs") if k not in metadata]
+    if missing:
+        raise ValueError(f"checkpoint {str(path)!r} lacks metadata {missing} (not written by srdistill?)")
+    return tensors, metadata
+
+
+def load_checkpoint(path: str | Path, *, device: torch.device | str = "cpu") -> tuple[nn.Module, dict]:
+    """Rebuild a network from a checkpoint written by ``save_checkpoint``.
+
+    Args:
+        path: ``.safetensors`` file.
+        device: where to put the model.
+
+    Returns:
+        ``(model, meta)``: the model in eval mode, and the metadata decoded: ``arch`` (str),
+        ``scale`` (int), ``model_kwargs`` (dict) and the ``extra`` keys (e.g. ``step``).
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        ValueError: not a safetensors file, srdistill metadata missing, unknown arch, or the
+            weights do not match the architecture.
+    """
+    tensors, raw = _read(path)
+    meta = {k: json.loads(v) for k, v in raw.items() if k not in ("format", "arch", "optimizer_param_groups")}
+    meta["arch"] = raw["arch"]
+    meta["scale"] = int(raw["scale"])
+    if meta["arch"] not in ARCHS:
+        raise ValueError(f"checkpoint {str(path)!r}: arch {meta['arch']!r} is not one of {sorted(ARCHS)}")
+    model = build_model(meta["arch"], meta["scale"], **meta["model_kwargs"])
+    weights = {k: v for k, v in tensors.items() if not k.startswith(_OPTIM_PREFIX)}
+    try:
+        model.load_state_dict(weights, strict=True)
+    except RuntimeError as exc:
+        raise ValueError(f"checkpoint {str(path)!r} does not match {meta['arch']}: {exc}") from None
+    return model.to(device).eval(), meta
+
+
+def _resume(
+    path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, *, arch: str, scale: int
+) -> tuple[int, dict]:
+    """Load weights and optimizer state of ``last.safetensors`` in place; return (step, rng state)."""
+    tensors, raw = _read(path)
+    if raw["arch"] != arch or int(raw["scale"]) != scale:
+        raise ValueError(
+            f"{str(path)!r} is a {raw['arch']} x{raw['scale']} checkpoint, not {arch} x{scale}: "
+            "use another output directory or delete it"
+        )
+    if "step" not in raw or "optimizer_param_groups" not in raw or "rng_state" not in raw:
+        raise ValueError(f"{str(path)!r} has no training state (step, optimizer, rng_state) to resume from")
+    model.load_state_dict({k: v for k, v in tensors.items() if not k.startswith(_OPTIM_PREFIX)}, strict=True)
+    state: dict[int, dict] = {}
+    for key, value in tensors.items():
+        if key.startswith(_OPTIM_PREFIX):
+            idx, name = key[len(_OPTIM_PREFIX) :].split(".", 1)
+            state.setdefault(int(idx), {})[name] = value
+    optimizer.load_state_dict({"state": state, "param_groups": json.loads(raw["optimizer_param_groups"])})
+    return int(json.loads(raw["step"])), json.loads(raw["rng_state"])

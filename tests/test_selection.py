@@ -1,0 +1,140 @@
+"""Budgets, the three selection methods and the PNG export of the distilled set."""
+
+from __future__ import annotations
+
+import csv
+import os
+
+import numpy as np
+import pyarrow as pa
+import pytest
+from PIL import Image
+
+from srdistill.config import SelectConfig
+from srdistill.selection import budget_patches, export_distilled, select_patches
+
+T91 = "/work/shared/data/T91/HR"
+
+
+def make_table(cluster_sizes: list[int], *, seed: int = 0, sources=None, size: int = 32):
+    """Synthetic kept-patch table: ``cluster_sizes[c]`` patches in cluster ``c``."""
+    rng = np.random.default_rng(seed)
+    n = sum(cluster_sizes)
+    cluster = np.repeat(np.arange(len(cluster_sizes)), cluster_sizes).astype(np.int32)
+    perm = rng.permutation(n)  # rows in no particular order
+    sources = sources or [os.path.join(T91, f"t{i}.png") for i in (1, 2, 3)]
+    return pa.table({
+        "patch_id": pa.array([f"{i:016x}" for i in perm]),
+        "source": pa.array([sources[i % len(sources)] for i in range(n)]),
+        "x": pa.array((8 * (perm % 5)).astype(np.int32)),
+        "y": pa.array((8 * (perm % 7)).astype(np.int32)),
+        "size": pa.array(np.full(n, size, np.int32)),
+        "psnr_bic": pa.array(rng.uniform(15, 23, n).astype(np.float32)),
+        "grad": pa.array(rng.uniform(0, 100, n).astype(np.float32)),
+        "kept": pa.array(np.ones(n, bool)),
+        "cluster": pa.array(cluster[perm]),
+    })
+
+
+def test_budget_ipc_and_pixel_fraction():
+    assert budget_patches(SelectConfig(ipc=10), n_clusters=7, corpus_pixels=0, patch_size=512) == 70
+    pf = SelectConfig(pixel_fraction=0.0068)
+    # 0.68% of 10,000 images of 1000x1000 px in 192x192 patches: floor(68e6 / 36864) = 1844
+    assert budget_patches(pf, n_clusters=7, corpus_pixels=10**10, patch_size=192) == 1844
+    assert budget_patches(pf, n_clusters=7, corpus_pixels=100, patch_size=192) == 1  # at least 1
+    with pytest.raises(ValueError):
+        budget_patches(pf, n_clusters=0, corpus_pixels=100, patch_size=192)
+
+
+def test_clip_kmeans_balanced_and_hardest_first():
+    table = make_table([30, 25, 40])
+    out = select_patches(table, SelectConfig(ipc=5), n_total=15)
+    assert out.num_rows == 15
+    counts = np.bincount(out.column("cluster").to_numpy(), minlength=3)
+    assert counts.tolist() == [5, 5, 5]
+    assert out.column("rank").type == pa.int32() and out.column("score").type == pa.float32()
+    cl, rank, score = (out.column(c).to_numpy() for c in ("cluster", "rank", "score"))
+    all_cl, all_psnr = table.column("cluster").to_numpy(), table.column("psnr_bic").to_numpy()
+    for c in range(3):
+        assert rank[cl == c].tolist() == list(range(5))
+        hardest = np.sort(all_psnr[all_cl == c])[:5]  # psnr_bic: lower is harder
+        np.testing.assert_array_equal(score[cl == c], hardest)
+    # grad: higher is harder
+    out = select_patches(table, SelectConfig(ipc=4, score="grad"), n_total=12)
+    cl, score = out.column("cluster").to_numpy(), out.column("score").to_numpy()
+    for c in range(3):
+        assert (np.diff(score[cl == c]) <= 0).all()
+
+
+def test_clip_kmeans_redistributes_small_cluster_and_uneven_budget():
+    table = make_table([2, 30, 30])
+    out = select_patches(table, SelectConfig(ipc=10), n_total=30)
+    counts = np.bincount(out.column("cluster").to_numpy(), minlength=3).tolist()
+    assert counts == [2, 14, 14]
+    out = select_patches(table, SelectConfig(ipc=10), n_total=7)  # not a multiple of 3
+    counts = sorted(np.bincount(out.column("cluster").to_numpy(), minlength=3).tolist())
+    assert counts == [2, 2, 3]
+    # More than available: everything, once.
+    out = select_patches(table, SelectConfig(ipc=100), n_total=300)
+    assert out.num_rows == 62 and len(set(out.column("patch_id").to_pylist())) == 62
+
+
+def test_selection_is_deterministic_and_independent_of_row_order():
+    table = make_table([20, 20, 20])
+    shuffled = table.take(pa.array(np.random.default_rng(5).permutation(table.num_rows)))
+    for method in ("clip-kmeans", "score-topk", "random"):
+        cfg = SelectConfig(ipc=4, method=method, seed=3)
+        a = select_patches(table, cfg, n_total=12)
+        b = select_patches(shuffled, cfg, n_total=12)
+        assert a.equals(b), method
+
+
+def test_baselines_honour_the_same_budget():
+    table = make_table([50, 5, 5])
+    topk = select_patches(table, SelectConfig(ipc=5, method="score-topk"), n_total=15)
+    assert topk.num_rows == 15 and topk.column("rank").to_pylist() == list(range(15))
+    all_scores = np.sort(table.column("psnr_bic").to_numpy())
+    np.testing.assert_array_equal(topk.column("score").to_numpy(), all_scores[:15])
+    rnd = select_patches(table, SelectConfig(ipc=5, method="random", seed=1), n_total=15)
+    assert rnd.num_rows == 15 and len(set(rnd.column("patch_id").to_pylist())) == 15
+    other = select_patches(table, SelectConfig(ipc=5, method="random", seed=2), n_total=15)
+    assert set(rnd.column("patch_id").to_pylist()) != set(other.column("patch_id").to_pylist())
+
+
+def test_missing_column_is_an_error():
+    table = make_table([5, 5]).drop_columns(["cluster"])
+    with pytest.raises(ValueError, match="cluster"):
+        select_patches(table, SelectConfig(ipc=1), n_total=2)
+    # the baselines do not need clusters
+    assert select_patches(table, SelectConfig(ipc=1, method="random"), n_total=2).num_rows == 2
+
+
+@pytest.mark.skipif(not os.path.isdir(T91), reason="needs ../shared/data/T91")
+def test_export_writes_pngs_and_provenance(tmp_path):
+    table = make_table([6, 6], size=40)
+    selected = select_patches(table, SelectConfig(ipc=3), n_total=6)
+    paths = export_distilled(selected, tmp_path / "distilled")
+    assert len(paths) == 6 and all(p.is_file() for p in paths)
+    assert sorted(p.name for p in (tmp_path / "distilled").glob("*.png")) == sorted(
+        p.name for p in paths
+    )
+    for path, row in zip(paths, selected.to_pylist()):
+        assert path.name == f"c{row['cluster']:03d}_r{row['rank']:04d}_{row['patch_id']}.png"
+        with Image.open(path) as im:
+            assert im.size == (40, 40) and im.mode == "RGB"
+            src = np.asarray(Image.open(row["source"]).convert("RGB"))
+            x, y = row["x"], row["y"]
+            np.testing.assert_array_equal(np.asarray(im), src[y : y + 40, x : x + 40])
+    with open(tmp_path / "distilled" / "provenance.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 6
+    assert list(rows[0]) == ["file", "patch_id", "source", "x", "y", "size", "cluster", "score"]
+    assert {r["file"] for r in rows} == {p.name for p in paths}
+    # Re-export: identical files are left alone; a smaller selection removes stale PNGs.
+    mtimes = {p: p.stat().st_mtime_ns for p in paths}
+    assert export_distilled(selected, tmp_path / "distilled") == paths
+    assert all(p.stat().st_mtime_ns == mtimes[p] for p in paths)
+    fewer = select_patches(table, SelectConfig(ipc=1), n_total=2)
+    export_distilled(fewer, tmp_path / "distilled")
+    assert len(list((tmp_path / "distilled").glob("*.png"))) == 2
+    assert not list((tmp_path / "distilled").glob(".*"))
