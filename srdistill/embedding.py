@@ -158,7 +158,7 @@ def _resolve_transformers(cfg: EmbedConfig) -> ClipSource:
         "set embed.model to a local directory holding config.json and model.safetensors "
         "(e.g. a copy of openai/clip-vit-base-patch32, or model.save_pretrained(dir)), or "
         "populate the Hugging Face cache on a machine with network "
-        f"(huggingface-cli download {cfg.model}) and copy it to $HF_HOME"
+        f"(`hf download {cfg.model}`) and copy it to $HF_HOME"
     )
     raise _missing(cfg, looked, how)
 
@@ -166,7 +166,7 @@ def _resolve_transformers(cfg: EmbedConfig) -> ClipSource:
 def _import_open_clip() -> Any:
     try:
         import open_clip
-    except Exception as exc:  # torchvision failures surface as RuntimeError/OSError, not only ImportError
+    except Exception as exc:  # a broken torchvision raises RuntimeError/OSError, not ImportError
         raise RuntimeError(
             "embed.backend='open_clip' needs the open_clip package, which does not import "
             f"here ({exc.__class__.__name__}: {exc}). open_clip imports torchvision, which has "

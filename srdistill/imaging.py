@@ -52,8 +52,10 @@ def image_size(path: str | Path) -> tuple[int, int]:
             orientation = im.getexif().get(0x0112, 1)
     except FileNotFoundError:
         raise ImageReadError(path, "file not found") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise ImageReadError(path, f"not a readable image ({exc.__class__.__name__})") from None
+    except UnidentifiedImageError:
+        raise ImageReadError(path, "not an image file (unidentified format)") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise ImageReadError(path, f"corrupt image header ({exc})") from None
     return (h, w) if orientation in (5, 6, 7, 8) else (w, h)
 
 

@@ -10,14 +10,20 @@ Embedded default: ``init_ray`` starts a local Ray in-process. Under ``ray job su
 
 from __future__ import annotations
 
+import logging
 import os
+import sys
 
 import numpy as np
 import pyarrow as pa
 
+from typing import TYPE_CHECKING
+
 from .config import EmbedConfig, MineConfig, RayConfig
-from .embedding import ClipEmbedder, ClipSource
 from .mining import MINED_SCHEMA, mine_images
+
+if TYPE_CHECKING:  # torch/transformers are imported only by the embedding actors
+    from .embedding import ClipSource
 
 __all__ = ["init_ray", "shutdown_ray", "mine_corpus", "embed_patches_ray"]
 
@@ -40,6 +46,11 @@ def init_ray(cfg: RayConfig) -> None:
     else:
         kwargs.update(num_cpus=cfg.num_cpus, include_dashboard=False)
     ray.init(**kwargs)
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = sys.stderr.isatty()  # bars on a terminal, quiet in logs/CI
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
 
 
 def shutdown_ray() -> None:
@@ -78,7 +89,7 @@ def mine_corpus(paths: list[str], cfg: MineConfig) -> pa.Table:
     return pa.concat_tables([p.cast(MINED_SCHEMA) for p in parts]) if parts else MINED_SCHEMA.empty_table()
 
 
-def embed_patches_ray(table: pa.Table, cfg: EmbedConfig, source: ClipSource) -> pa.Table:
+def embed_patches_ray(table: pa.Table, cfg: EmbedConfig, source: "ClipSource") -> pa.Table:
     """CLIP embeddings of the patches in ``table`` with a pool of ``cfg.num_actors`` Ray Data
     actors (``cfg.actor_num_cpus`` CPUs each, fractional so a small machine cannot deadlock;
     one GPU each when ``cfg.device == "cuda"``).
@@ -91,6 +102,8 @@ def embed_patches_ray(table: pa.Table, cfg: EmbedConfig, source: ClipSource) -> 
     """
     import ray.data
 
+    from .embedding import ClipEmbedder
+
     cols = table.select(["patch_id", "source", "x", "y", "size"])
     blocks = max(1, min(cols.num_rows // cfg.batch_size, 4 * cfg.num_actors))
     ds = ray.data.from_arrow(cols).repartition(blocks)
@@ -99,7 +112,7 @@ def embed_patches_ray(table: pa.Table, cfg: EmbedConfig, source: ClipSource) -> 
         fn_constructor_kwargs={"cfg": cfg, "source": source},
         batch_size=cfg.batch_size,
         batch_format="numpy",
-        concurrency=cfg.num_actors,
+        compute=ray.data.ActorPoolStrategy(size=cfg.num_actors),
         num_cpus=cfg.actor_num_cpus,
         num_gpus=1 if cfg.device == "cuda" else 0,
     )

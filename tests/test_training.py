@@ -53,13 +53,14 @@ def test_steps_on_fixed_batch_lower_l1(name, kwargs):
     model = build_model(name, 2, **kwargs)
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     losses = []
-    for _ in range(30):
+    for _ in range(100):
         loss = F.l1_loss(model(x), y)
         opt.zero_grad()
         loss.backward()
         opt.step()
         losses.append(loss.item())
-    assert losses[-1] < 0.9 * losses[0], losses
+    # ESPCN starts at bicubic (zero last conv), so its first loss is already low: ask for 10 %
+    assert losses[-1] < 0.9 * losses[0], losses[::10]
 
 
 def test_checkpoint_round_trip(tmp_path):
@@ -96,12 +97,11 @@ def test_checkpoint_errors(tmp_path):
                         model_kwargs={}, extra={"scale": 3})
 
 
-def test_train_sr_writes_model_and_skips_small_images(tmp_path):
+def test_train_sr_writes_model_and_log(tmp_path):
     out = train_sr(_tiny_cfg(iterations=3), 2, [*FILES[:2], SMALL], tmp_path / "run", progress=False)
     assert out == tmp_path / "run" / "model.safetensors"
     model, meta = load_checkpoint(out)
-    assert meta["step"] == 3 and meta["n_train_images"] == 2
-    assert [s["file"] for s in meta["skipped_images"]] == [str(SMALL)] or _tiny_cfg().lr_patch * 2 <= 78
+    assert meta["step"] == 3 and meta["n_train_images"] == 3 and meta["skipped_images"] == []
     assert meta["train_config"]["model"] == "espcn"
     # training moved the weights away from the (bicubic-equivalent) initialisation
     assert model.body[4].weight.abs().sum() > 0

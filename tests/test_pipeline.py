@@ -1,0 +1,158 @@
+"""Whole-pipeline tests on real images with a real local Ray and a tiny random-init CLIP."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from srdistill.cli import app
+from srdistill.config import load_config
+from srdistill.embedding import MissingWeightsError
+from srdistill.pipeline import NOT_SEMANTIC, run_pipeline
+
+pytestmark = pytest.mark.slow
+
+BAD = {  # file -> words its skip reason must contain
+    "corrupt.png": "truncated",
+    "text.png": "not an image",
+    "one_pixel.png": "too small",
+    "huge.png": "too large",
+}
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory, shared_data):
+    """Five real T91 images, a 16-bit and a grayscale copy, and the bad inputs of BAD."""
+    root = tmp_path_factory.mktemp("corpus")
+    t91 = sorted((shared_data / "T91" / "HR").glob("*.png"))
+    for f in t91[:5]:
+        shutil.copy(f, root / f.name)
+    rgb = np.asarray(Image.open(t91[5]).convert("RGB"))
+    Image.fromarray(rgb[..., 1].astype(np.uint16) * 257).save(root / "sixteen_bit.png")
+    Image.fromarray(rgb[..., 0]).save(root / "grayscale.png")
+    good = (root / t91[0].name).read_bytes()
+    (root / "corrupt.png").write_bytes(good[: len(good) // 3])
+    (root / "text.png").write_text("this is not an image\n")
+    Image.fromarray(np.zeros((1, 1, 3), np.uint8)).save(root / "one_pixel.png")
+    Image.fromarray(np.zeros((16, 10_001), np.uint8)).save(root / "huge.png")
+    (root / "notes.txt").write_text("ignored: not an image extension")
+    return root
+
+
+def _tiny(**over):
+    return load_config("tiny", overrides=[f"{k}={v}" for k, v in {"embed.allow_random_init": "true", **over}.items()])
+
+
+def test_whole_pipeline_on_real_images_with_bad_inputs(corpus, tmp_path, ray_local):
+    run_dir = tmp_path / "run"
+    manifest = run_pipeline(corpus, run_dir, _tiny(), preset="tiny", log=lambda s: None)
+
+    skipped = {p["file"].rsplit("/", 1)[-1]: p["reason"] for p in manifest["skipped_inputs"]}
+    assert set(skipped) == set(BAD)
+    for name, words in BAD.items():
+        assert words in skipped[name], (name, skipped[name])
+    mine = manifest["stages"]["mine"]["counts"]
+    assert mine["images_listed"] == 11 and mine["other_files_ignored"] == 1
+    assert mine["images_mined"] == 7 and mine["images_skipped"] == 4
+
+    patches = pq.read_table(run_dir / "mine" / "patches.parquet")
+    sources = {s.rsplit("/", 1)[-1] for s in patches.column("source").to_pylist()}
+    assert {"sixteen_bit.png", "grayscale.png"} <= sources  # read, not skipped
+    assert len(set(patches.column("patch_id").to_pylist())) == patches.num_rows
+
+    emb = pq.read_table(run_dir / "embed" / "embeddings.parquet")
+    vec = np.stack(emb.column("embedding").to_numpy(zero_copy_only=False))
+    assert np.allclose(np.linalg.norm(vec, axis=1), 1.0, atol=1e-5)
+    assert emb.num_rows == int(np.sum(patches.column("kept").to_numpy(zero_copy_only=False)))
+
+    selected = pq.read_table(run_dir / "select" / "selected.parquet")
+    k_used = manifest["stages"]["cluster"]["counts"]["k_used"]
+    assert selected.num_rows == 2 * k_used  # IPC 2
+    pngs = sorted((run_dir / "distilled").glob("*.png"))
+    assert len(pngs) == selected.num_rows
+    assert Image.open(pngs[0]).size == (64, 64)
+    provenance = (run_dir / "distilled" / "provenance.csv").read_text()
+    assert "source" in provenance.splitlines()[0] and str(corpus) in provenance
+
+    assert (run_dir / "train" / "model.safetensors").is_file()
+    results = json.loads((run_dir / "evaluate" / "results.json").read_text())
+    assert results["rows"]["bicubic"][0]["psnr_y"] == pytest.approx(33.67, abs=0.01)
+    model_row = results["rows"]["espcn (clip-kmeans)"][0]
+    assert 20 < model_row["psnr_y"] < 45 and model_row["n_images"] == 5
+
+    assert manifest["clip"]["semantic"] is False
+    assert manifest["versions"]["torch"].startswith("2.13")
+    assert manifest["config"]["cluster"]["k"] == 3
+    assert all(manifest["stages"][s]["status"] == "done" for s in ("mine", "embed", "cluster", "select", "train", "evaluate"))
+    report = (run_dir / "report" / "report.md").read_text()
+    assert "not semantic" in report.lower()
+
+
+def test_resume_after_mining_mines_nothing_twice(corpus, tmp_path, ray_local):
+    run_dir = tmp_path / "run"
+    cfg = _tiny()
+    first = run_pipeline(corpus, run_dir, cfg, until="mine", log=lambda s: None)
+    assert set(first["stages"]) == {"mine", "report"}
+    before = pq.read_table(run_dir / "mine" / "patches.parquet")
+    mtime = (run_dir / "mine" / "patches.parquet").stat().st_mtime_ns
+
+    lines: list[str] = []
+    second = run_pipeline(corpus, run_dir, cfg, log=lines.append)
+    assert "[mine] up to date, skipped" in "\n".join(lines[:3])
+    assert second["stages"]["mine"]["skipped"] is True
+    assert (run_dir / "mine" / "patches.parquet").stat().st_mtime_ns == mtime
+    after = pq.read_table(run_dir / "mine" / "patches.parquet")
+    assert after.equals(before)
+    ids = after.column("patch_id").to_pylist()
+    assert len(ids) == len(set(ids))
+    assert second["stages"]["evaluate"]["status"] == "done"
+
+    # a third run redoes nothing; a changed selection budget reruns select and what follows
+    third = run_pipeline(corpus, run_dir, cfg, log=lambda s: None)
+    assert all(third["stages"][s]["skipped"] for s in ("mine", "embed", "cluster", "select", "train", "evaluate"))
+    fourth = run_pipeline(corpus, run_dir, _tiny(**{"select.ipc": 1}), log=lambda s: None)
+    assert fourth["stages"]["cluster"]["skipped"] is True
+    assert fourth["stages"]["select"]["skipped"] is False and fourth["stages"]["train"]["skipped"] is False
+    assert len(list((run_dir / "distilled").glob("*.png"))) == fourth["stages"]["cluster"]["counts"]["k_used"]
+
+
+def test_random_baseline_skips_clip(corpus, tmp_path, ray_local):
+    cfg = load_config("tiny", overrides=["select.method=random"])  # no CLIP weights needed
+    manifest = run_pipeline(corpus, tmp_path / "run", cfg, log=lambda s: None)
+    assert "embed" not in manifest["stages"] and "clip" not in manifest
+    assert manifest["stages"]["select"]["counts"]["selected"] == 2 * 3
+
+
+def test_missing_clip_weights_stop_with_clear_message(corpus, tmp_path, ray_local, monkeypatch):
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "empty_hf_home"))
+    with pytest.raises(MissingWeightsError, match="allow-random-init"):
+        run_pipeline(corpus, tmp_path / "run", load_config("tiny"), log=lambda s: None)
+    result = CliRunner().invoke(app, ["run", "--input", str(corpus), "--out", str(tmp_path / "r2"), "--preset", "tiny"])
+    assert result.exit_code == 2
+    assert "allow-random-init" in result.output
+
+
+def test_cli_run_prints_table_and_warning(corpus, tmp_path, ray_local):
+    result = CliRunner().invoke(app, ["run", "--input", str(corpus), "--out", str(tmp_path / "run"),
+                                      "--preset", "tiny", "--allow-random-init"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "| bicubic | 33.67" in result.output
+    assert NOT_SEMANTIC in result.output
+    ckpt = tmp_path / "run" / "train" / "model.safetensors"
+    ev = CliRunner().invoke(app, ["eval", "--model", str(ckpt), "--dataset", "Set5", "--scale", "2", "--json"])
+    assert ev.exit_code == 0, ev.output
+    row = json.loads(ev.output.strip().splitlines()[-1])
+    assert row["dataset"] == "Set5" and 20 < row["psnr_y"] < 45 and 0 < row["ssim_y"] <= 1
+
+
+def test_cli_errors_name_the_bad_input(tmp_path):
+    r = CliRunner().invoke(app, ["eval", "--dataset", str(tmp_path / "nowhere"), "--scale", "2"])
+    assert r.exit_code == 2 and "nowhere" in r.output
+    r = CliRunner().invoke(app, ["run", "--input", str(tmp_path), "--out", str(tmp_path / "o"), "--preset", "nope"])
+    assert r.exit_code == 2 and "nope" in r.output
