@@ -374,13 +374,16 @@ class ClipEmbedder:
         sources = np.asarray(batch["source"])
         xs, ys, sizes = (np.asarray(batch[c]).astype(np.int64) for c in ("x", "y", "size"))
         n = len(pids)
-        out = np.empty((n, self.dim), dtype=np.float32)
+        if n == 0:
+            return {"patch_id": pids, "embedding": np.empty((0, self.dim), dtype=np.float32)}
         rows_by_source: dict[str, list[int]] = {}
         for i, src in enumerate(sources):
             rows_by_source.setdefault(str(src), []).append(i)
+        side = self.image_size
+        pixels = torch.empty((n, 3, side, side), dtype=torch.float32, device=self.device)
         with torch.inference_mode():
             for src, rows in rows_by_source.items():
-                img = imaging.read_image(src)  # (H, W, 3) uint8
+                img = imaging.read_image(src)  # (H, W, 3) uint8, read once per batch
                 by_size: dict[int, list[int]] = {}
                 for i in rows:
                     by_size.setdefault(int(sizes[i]), []).append(i)
@@ -389,10 +392,9 @@ class ClipEmbedder:
                         crops = [imaging.crop(img, int(xs[i]), int(ys[i]), size) for i in idx]
                     except ValueError as exc:
                         raise ValueError(f"{src}: {exc}") from None
-                    emb = self._forward(self._preprocess(crops))
-                    emb = F.normalize(emb.float(), dim=-1)
-                    out[idx] = emb.cpu().numpy()
-        return {"patch_id": pids, "embedding": out}
+                    pixels[idx] = self._preprocess(crops)
+            emb = F.normalize(self._forward(pixels).float(), dim=-1)  # one forward per batch
+        return {"patch_id": pids, "embedding": emb.cpu().numpy()}
 
 
 def embed_patches(table: Any, cfg: EmbedConfig, source: ClipSource) -> np.ndarray:

@@ -17,7 +17,7 @@ import sys
 import numpy as np
 import pyarrow as pa
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 from .config import EmbedConfig, MineConfig, RayConfig
 from .mining import MINED_SCHEMA, mine_images
@@ -25,7 +25,7 @@ from .mining import MINED_SCHEMA, mine_images
 if TYPE_CHECKING:  # torch/transformers are imported only by the embedding actors
     from .embedding import ClipSource
 
-__all__ = ["init_ray", "shutdown_ray", "mine_corpus", "embed_patches_ray"]
+__all__ = ["init_ray", "shutdown_ray", "map_images", "mine_corpus", "embed_patches_ray"]
 
 
 def init_ray(cfg: RayConfig) -> None:
@@ -61,32 +61,37 @@ def shutdown_ray() -> None:
         ray.shutdown()
 
 
-def _mine_batch(batch: dict[str, np.ndarray], cfg: MineConfig) -> pa.Table:
-    return mine_images(batch["path"], cfg)
+def _apply_to_paths(batch: dict[str, np.ndarray], fn: Callable, kwargs: dict) -> pa.Table:
+    return fn(batch["path"], **kwargs)
 
 
-def mine_corpus(paths: list[str], cfg: MineConfig) -> pa.Table:
-    """Mine every image with Ray Data, streaming: each task decodes ``cfg.images_per_task``
-    images, scores their patches and returns only the patch rows (no pixels).
-
-    Returns:
-        A ``mining.MINED_SCHEMA`` table (patch rows plus one row per skipped image).
+def map_images(paths: list[str], fn: Callable[..., pa.Table], *, images_per_task: int,
+               schema: pa.Schema, **kwargs) -> pa.Table:  # fmt: skip
+    """Stream ``fn(paths_of_one_batch, **kwargs) -> pyarrow.Table`` over image paths with Ray
+    Data (one CPU per task, ``images_per_task`` images per batch) and concatenate the results.
+    Only the returned rows travel back; pixels never leave the task that decoded them.
     """
     import ray.data
 
     if not paths:
-        return MINED_SCHEMA.empty_table()
-    blocks = max(1, min(len(paths), len(paths) // cfg.images_per_task))
+        return schema.empty_table()
+    blocks = max(1, len(paths) // images_per_task)
     ds = ray.data.from_items([{"path": p} for p in paths], override_num_blocks=blocks)
-    ds = ds.map_batches(
-        _mine_batch,
-        fn_kwargs={"cfg": cfg},
-        batch_size=cfg.images_per_task,
-        batch_format="numpy",
-        num_cpus=1,
-    )
-    parts = [b for b in ds.iter_batches(batch_size=None, batch_format="pyarrow")]
-    return pa.concat_tables([p.cast(MINED_SCHEMA) for p in parts]) if parts else MINED_SCHEMA.empty_table()
+    ds = ds.map_batches(_apply_to_paths, fn_kwargs={"fn": fn, "kwargs": kwargs},
+                        batch_size=images_per_task, batch_format="numpy", num_cpus=1)  # fmt: skip
+    parts = [b.cast(schema) for b in ds.iter_batches(batch_size=None, batch_format="pyarrow")]
+    return pa.concat_tables(parts) if parts else schema.empty_table()
+
+
+def mine_corpus(paths: list[str], cfg: MineConfig) -> pa.Table:
+    """Mine every image with Ray Data, streaming: each task decodes ``cfg.images_per_task``
+    images, scores their patches and returns only the patch rows.
+
+    Returns:
+        A ``mining.MINED_SCHEMA`` table (patch rows plus one row per skipped image).
+    """
+    return map_images(paths, mine_images, images_per_task=cfg.images_per_task,
+                      schema=MINED_SCHEMA, cfg=cfg)  # fmt: skip
 
 
 def embed_patches_ray(table: pa.Table, cfg: EmbedConfig, source: "ClipSource") -> pa.Table:

@@ -21,6 +21,16 @@ SMALL = T91 / "t20.png"  # 78x78
 pytestmark = pytest.mark.skipif(not T91.is_dir(), reason=f"{T91} not present")
 
 
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """Tiny tensors: one intra-op thread is faster, and far faster on a loaded 2-core machine
+    (OpenMP threads spin against other processes)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def _tiny_cfg(**kw) -> TrainConfig:
     base = dict(model="espcn", iterations=4, batch_size=4, lr_patch=16, lr=1e-3, log_every=1,
                 checkpoint_every=2, device="cpu", seed=3)
