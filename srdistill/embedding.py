@@ -26,7 +26,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -34,6 +34,9 @@ import torch.nn.functional as F
 
 from srdistill import imaging
 from srdistill.config import EmbedConfig
+
+if TYPE_CHECKING:
+    import pyarrow as pa
 
 __all__ = [
     "CLIP_MEAN",
@@ -331,6 +334,9 @@ class ClipEmbedder:
         cfg: embedding config (``device``, ``seed``, ``random_init``, ...).
         source: the resolved weights (``resolve_clip(cfg)``), resolved once on the driver so
             every actor loads the same thing.
+        num_threads: if given, ``torch.set_num_threads`` for this process (a Ray actor holding
+            a fraction of the CPUs should use 1: torch otherwise starts one thread per core in
+            every actor, and oversubscribed cores slow small models down up to 30x).
 
     Call with a numpy batch (Ray Data ``batch_format="numpy"``) with columns ``patch_id``
     (str), ``source`` (str, image path), ``x``, ``y``, ``size`` (int, HR pixels; x = column);
@@ -342,7 +348,9 @@ class ClipEmbedder:
         ValueError: a patch lies outside its source image.
     """
 
-    def __init__(self, cfg: EmbedConfig, source: ClipSource):
+    def __init__(self, cfg: EmbedConfig, source: ClipSource, *, num_threads: int | None = None):
+        if num_threads is not None:
+            torch.set_num_threads(num_threads)
         self.cfg = cfg
         self.source = source
         self.device = _device(cfg.device)
@@ -397,7 +405,7 @@ class ClipEmbedder:
         return {"patch_id": pids, "embedding": emb.cpu().numpy()}
 
 
-def embed_patches(table: Any, cfg: EmbedConfig, source: ClipSource) -> np.ndarray:
+def embed_patches(table: pa.Table, cfg: EmbedConfig, source: ClipSource) -> np.ndarray:
     """Embed every row of a patch table in one process (tests, benchmarks, small runs).
 
     Args:

@@ -23,14 +23,21 @@ from torch import nn
 from srdistill import imaging, metrics
 from srdistill.training import resolve_device, to_tensor
 
-__all__ = ["resolve_dataset", "list_images", "upscale_bicubic", "evaluate", "evaluate_many", "format_table"]
+__all__ = [
+    "resolve_dataset",
+    "list_images",
+    "upscale_bicubic",
+    "evaluate",
+    "evaluate_many",
+    "format_table",
+]
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 _REPO = Path(__file__).resolve().parents[1]
 
 
 def _data_roots() -> list[Path]:
-    """Benchmark roots in lookup order: ``$SRDISTILL_DATA`` entries, ``<repo>/data``, ``<repo>/../shared/data``."""
+    """Lookup order: ``$SRDISTILL_DATA`` roots, ``<repo>/data``, ``<repo>/../shared/data``."""
     env = [Path(p) for p in os.environ.get("SRDISTILL_DATA", "").split(os.pathsep) if p]
     return [*env, _REPO / "data", _REPO.parent / "shared" / "data"]
 
@@ -66,7 +73,9 @@ def _dataset_name(name_or_path: str | Path, hr_dir: Path) -> str:
 
 def list_images(folder: str | Path) -> list[Path]:
     """Image files (by extension, case-insensitive) directly in ``folder``, sorted by name."""
-    return sorted(p for p in Path(folder).iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+    return sorted(
+        p for p in Path(folder).iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
+    )
 
 
 def upscale_bicubic(lr: np.ndarray, scale: int) -> np.ndarray:
@@ -126,9 +135,17 @@ def evaluate(
         for f in files:
             hr = imaging.modcrop(imaging.read_image(f), scale)  # (H, W, 3) uint8
             lr = imaging.imresize(hr, 1 / scale)  # (H/s, W/s, 3) uint8
-            sr = upscale_bicubic(lr, scale) if isinstance(model, str) else _upscale_model(model, lr, dev)
+            sr = (
+                upscale_bicubic(lr, scale)
+                if isinstance(model, str)
+                else _upscale_model(model, lr, dev)
+            )
             per_image.append(
-                {"name": f.stem, "psnr_y": metrics.psnr_y(sr, hr, scale), "ssim_y": metrics.ssim_y(sr, hr, scale)}
+                {
+                    "name": f.stem,
+                    "psnr_y": metrics.psnr_y(sr, hr, scale),
+                    "ssim_y": metrics.ssim_y(sr, hr, scale),
+                }
             )
     finally:
         if isinstance(model, nn.Module):
@@ -155,7 +172,7 @@ def evaluate_many(
 
 
 def format_table(rows: dict[str, list[dict]]) -> str:
-    """Markdown table of mean PSNR (dB) / SSIM on Y: one row per model label, one column per dataset.
+    """Markdown table of mean PSNR (dB) / SSIM on Y: a row per model label, a column per dataset.
 
     Args:
         rows: model label -> results of ``evaluate_many``. Columns are the datasets in order of
@@ -173,7 +190,8 @@ def format_table(rows: dict[str, list[dict]]) -> str:
     for label, results in rows.items():
         by_name = {r["dataset"]: r for r in results}
         cells = [
-            f"{by_name[d]['psnr_y']:.2f} / {by_name[d]['ssim_y']:.4f}" if d in by_name else "-" for d in datasets
+            f"{by_name[d]['psnr_y']:.2f} / {by_name[d]['ssim_y']:.4f}" if d in by_name else "-"
+            for d in datasets
         ]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines)

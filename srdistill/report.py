@@ -34,11 +34,11 @@ from PIL import Image  # noqa: E402
 
 from srdistill import imaging  # noqa: E402
 from srdistill.config import LOWER_IS_HARDER  # noqa: E402
+from srdistill.pipeline import STAGES  # noqa: E402
 
-__all__ = ["STAGES", "write_report"]
+__all__ = ["write_report"]
 
 #: Pipeline stages in run order, as recorded in ``manifest["stages"]``.
-STAGES = ("mine", "embed", "cluster", "select", "train", "evaluate", "report")
 
 #: Thumbnails per cluster row and their side in pixels in ``clusters.png``.
 MONTAGE_COLUMNS = 8
@@ -129,7 +129,8 @@ def _header(manifest: dict, run_dir: Path) -> str:
 
 def _stages_section(manifest: dict) -> str:
     recorded = manifest.get("stages", {})
-    names = list(STAGES) + [s for s in recorded if s not in STAGES]
+    # every stage but the report itself (this document), in pipeline order
+    names = [s for s in STAGES if s != "report"] + [s for s in recorded if s not in STAGES]
     rows = []
     for name in names:
         entry = recorded.get(name)

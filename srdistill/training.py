@@ -68,10 +68,11 @@ def resolve_device(device: str) -> torch.device:
 
 
 def to_tensor(batch: np.ndarray, device: torch.device | str = "cpu") -> torch.Tensor:
-    """``(B, H, W, 3)`` or ``(H, W, 3)`` uint8 -> ``(B, 3, H, W)`` float32 in [0, 1] on ``device``."""
+    """``(B, H, W, 3)`` or ``(H, W, 3)`` uint8 -> ``(B, 3, H, W)`` float32 [0, 1] on ``device``."""
     if batch.ndim == 3:
         batch = batch[None]
-    return torch.from_numpy(np.ascontiguousarray(batch)).to(device).permute(0, 3, 1, 2).float() / 255.0
+    x = torch.from_numpy(np.ascontiguousarray(batch)).to(device)  # uint8 travels, 4x smaller
+    return x.permute(0, 3, 1, 2).float() / 255.0
 
 
 def sample_batch(
@@ -120,7 +121,9 @@ def _load_images(paths: list[str | Path], min_side: int) -> tuple[list[np.ndarra
     for p in paths:
         img = imaging.read_image(p)
         if min(img.shape[:2]) < min_side:
-            reason = f"{img.shape[1]}x{img.shape[0]} is smaller than the {min_side}x{min_side} HR crop"
+            reason = (
+                f"{img.shape[1]}x{img.shape[0]} is smaller than the {min_side}x{min_side} HR crop"
+            )
             log.warning("skipping training image %s: %s", p, reason)
             skipped.append({"file": str(p), "reason": reason})
         else:
@@ -129,7 +132,7 @@ def _load_images(paths: list[str | Path], min_side: int) -> tuple[list[np.ndarra
 
 
 def _lr_at(cfg: TrainConfig, step: int) -> float:
-    """Learning rate for the update after ``step`` completed steps: halved every ``lr_decay_every``."""
+    """Learning rate of the update after ``step`` done steps: halved every ``lr_decay_every``."""
     if cfg.lr_decay_every is None:
         return cfg.lr
     return cfg.lr * 0.5 ** (step // cfg.lr_decay_every)
@@ -197,21 +200,39 @@ def train_sr(
             log.warning("%s is at step %d, beyond iterations=%d", last, step, cfg.iterations)
 
     def checkpoint() -> None:
-        extra = {"step": step, "rng_state": rng.bit_generator.state, "train_config": cfg.model_dump(mode="json")}
+        extra = {
+            "step": step,
+            "rng_state": rng.bit_generator.state,
+            "train_config": cfg.model_dump(mode="json"),
+        }
         save_checkpoint(
-            model, last, arch=cfg.model, scale=scale, model_kwargs=model_kwargs, extra=extra, optimizer=optimizer
+            model,
+            last,
+            arch=cfg.model,
+            scale=scale,
+            model_kwargs=model_kwargs,
+            extra=extra,
+            optimizer=optimizer,
         )
 
     model.train()
-    bar = tqdm(total=cfg.iterations, initial=min(step, cfg.iterations), disable=not progress, desc=f"train {cfg.model} x{scale}")
+    bar = tqdm(
+        total=cfg.iterations,
+        initial=min(step, cfg.iterations),
+        disable=not progress,
+        desc=f"train {cfg.model} x{scale}",
+    )
     t0, loss_sum, loss_n = time.perf_counter(), 0.0, 0
     with open(out_dir / "log.jsonl", "a") as log_file:
         while step < cfg.iterations:
             lr_now = _lr_at(cfg, step)
             for group in optimizer.param_groups:
                 group["lr"] = lr_now
-            lr_np, hr_np = sample_batch(images, rng, batch_size=cfg.batch_size, hr_size=hr_size, scale=scale)
-            lr_t, hr_t = to_tensor(lr_np, device), to_tensor(hr_np, device)  # (B, 3, p, p), (B, 3, sp, sp)
+            lr_np, hr_np = sample_batch(
+                images, rng, batch_size=cfg.batch_size, hr_size=hr_size, scale=scale
+            )
+            lr_t = to_tensor(lr_np, device)  # (B, 3, p, p) float32 in [0, 1]
+            hr_t = to_tensor(hr_np, device)  # (B, 3, s*p, s*p)
             loss = F.l1_loss(model(lr_t), hr_t)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -221,7 +242,12 @@ def train_sr(
             loss_sum, loss_n = loss_sum + loss.item(), loss_n + 1
 
             if step % cfg.log_every == 0 or step == cfg.iterations:
-                record = {"step": step, "loss": loss_sum / loss_n, "lr": lr_now, "elapsed_s": time.perf_counter() - t0}
+                record = {
+                    "step": step,
+                    "loss": loss_sum / loss_n,
+                    "lr": lr_now,
+                    "elapsed_s": time.perf_counter() - t0,
+                }
                 log_file.write(json.dumps(record) + "\n")
                 log_file.flush()
                 bar.set_postfix(loss=f"{record['loss']:.4f}")
@@ -238,7 +264,9 @@ def train_sr(
         "n_train_images": len(images),
         "skipped_images": skipped,
     }
-    save_checkpoint(model, final, arch=cfg.model, scale=scale, model_kwargs=model_kwargs, extra=extra)
+    save_checkpoint(
+        model, final, arch=cfg.model, scale=scale, model_kwargs=model_kwargs, extra=extra
+    )
     return final
 
 
@@ -280,13 +308,20 @@ def save_checkpoint(
     if clash:
         raise ValueError(f"extra metadata uses reserved keys {clash}")
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    metadata = {"format": "pt", "arch": arch, "scale": str(int(scale)), "model_kwargs": json.dumps(model_kwargs)}
+    metadata = {
+        "format": "pt",
+        "arch": arch,
+        "scale": str(int(scale)),
+        "model_kwargs": json.dumps(model_kwargs),
+    }
     metadata.update({k: json.dumps(v) for k, v in extra.items()})
     if optimizer is not None:
         state = optimizer.state_dict()
         for idx, param_state in state["state"].items():
             for name, value in param_state.items():
-                tensors[f"{_OPTIM_PREFIX}{idx}.{name}"] = torch.as_tensor(value).detach().cpu().contiguous()
+                tensors[f"{_OPTIM_PREFIX}{idx}.{name}"] = (
+                    torch.as_tensor(value).detach().cpu().contiguous()
+                )
         metadata["optimizer_param_groups"] = json.dumps(state["param_groups"])
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
@@ -304,14 +339,20 @@ def _read(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
             metadata = f.metadata() or {}
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as exc:  # safetensors raises its own error types for bad headers
-        raise ValueError(f"checkpoint {str(path)!r} is not a readable safetensors file ({exc})") from None
+        raise ValueError(
+            f"checkpoint {str(path)!r} is not a readable safetensors file ({exc})"
+        ) from None
     missing = [k for k in ("arch", "scale", "model_kwargs") if k not in metadata]
     if missing:
-        raise ValueError(f"checkpoint {str(path)!r} lacks metadata {missing} (not written by srdistill?)")
+        raise ValueError(
+            f"checkpoint {str(path)!r} lacks metadata {missing} (not written by srdistill?)"
+        )
     return tensors, metadata
 
 
-def load_checkpoint(path: str | Path, *, device: torch.device | str = "cpu") -> tuple[nn.Module, dict]:
+def load_checkpoint(
+    path: str | Path, *, device: torch.device | str = "cpu"
+) -> tuple[nn.Module, dict]:
     """Rebuild a network from a checkpoint written by ``save_checkpoint``.
 
     Args:
@@ -328,11 +369,17 @@ def load_checkpoint(path: str | Path, *, device: torch.device | str = "cpu") -> 
             weights do not match the architecture.
     """
     tensors, raw = _read(path)
-    meta = {k: json.loads(v) for k, v in raw.items() if k not in ("format", "arch", "optimizer_param_groups")}
+    meta = {
+        k: json.loads(v)
+        for k, v in raw.items()
+        if k not in ("format", "arch", "optimizer_param_groups")
+    }
     meta["arch"] = raw["arch"]
     meta["scale"] = int(raw["scale"])
     if meta["arch"] not in ARCHS:
-        raise ValueError(f"checkpoint {str(path)!r}: arch {meta['arch']!r} is not one of {sorted(ARCHS)}")
+        raise ValueError(
+            f"checkpoint {str(path)!r}: arch {meta['arch']!r} is not one of {sorted(ARCHS)}"
+        )
     model = build_model(meta["arch"], meta["scale"], **meta["model_kwargs"])
     weights = {k: v for k, v in tensors.items() if not k.startswith(_OPTIM_PREFIX)}
     try:
@@ -345,7 +392,7 @@ def load_checkpoint(path: str | Path, *, device: torch.device | str = "cpu") -> 
 def _resume(
     path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, *, arch: str, scale: int
 ) -> tuple[int, dict]:
-    """Load weights and optimizer state of ``last.safetensors`` in place; return (step, rng state)."""
+    """Load weights and optimizer state of ``last.safetensors`` in place; return (step, rng)."""
     tensors, raw = _read(path)
     if raw["arch"] != arch or int(raw["scale"]) != scale:
         raise ValueError(
@@ -353,12 +400,18 @@ def _resume(
             "use another output directory or delete it"
         )
     if "step" not in raw or "optimizer_param_groups" not in raw or "rng_state" not in raw:
-        raise ValueError(f"{str(path)!r} has no training state (step, optimizer, rng_state) to resume from")
-    model.load_state_dict({k: v for k, v in tensors.items() if not k.startswith(_OPTIM_PREFIX)}, strict=True)
+        raise ValueError(
+            f"{str(path)!r} has no training state (step, optimizer, rng_state) to resume from"
+        )
+    model.load_state_dict(
+        {k: v for k, v in tensors.items() if not k.startswith(_OPTIM_PREFIX)}, strict=True
+    )
     state: dict[int, dict] = {}
     for key, value in tensors.items():
         if key.startswith(_OPTIM_PREFIX):
             idx, name = key[len(_OPTIM_PREFIX) :].split(".", 1)
             state.setdefault(int(idx), {})[name] = value
-    optimizer.load_state_dict({"state": state, "param_groups": json.loads(raw["optimizer_param_groups"])})
+    optimizer.load_state_dict(
+        {"state": state, "param_groups": json.loads(raw["optimizer_param_groups"])}
+    )
     return int(json.loads(raw["step"])), json.loads(raw["rng_state"])

@@ -1,5 +1,6 @@
 """Evaluation protocol: bicubic reproduces the measured reference figures (DESIGN §3)."""
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +13,9 @@ from srdistill.evaluation import evaluate, evaluate_many, format_table, resolve_
 from srdistill.models import ESPCN
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-pytestmark = pytest.mark.skipif(not (SHARED / "Set5" / "HR").is_dir(), reason=f"{SHARED} not present")
+pytestmark = pytest.mark.skipif(
+    not (SHARED / "Set5" / "HR").is_dir(), reason=f"{SHARED} not present"
+)
 
 
 @pytest.fixture(autouse=True)
@@ -76,15 +79,18 @@ def test_model_scale_mismatch_and_bad_model():
 
 
 def test_resolve_dataset(tmp_path, monkeypatch):
-    assert resolve_dataset("Set5") == SHARED / "Set5" / "HR" or resolve_dataset("Set5").name == "HR"
+    found = resolve_dataset("Set5")  # <repo>/data/Set5/HR if vendored, else ../shared/data/Set5/HR
+    assert found.name == "HR" and found.parent.name == "Set5" and (found / "baby.png").is_file()
     # an existing directory without HR/ is used as is; with HR/ its subfolder
     assert resolve_dataset(tmp_path) == tmp_path
     (tmp_path / "Mine" / "HR").mkdir(parents=True)
     assert resolve_dataset(tmp_path / "Mine") == tmp_path / "Mine" / "HR"
     # names are looked up under $SRDISTILL_DATA first
-    monkeypatch.setenv("SRDISTILL_DATA", f"/nonexistent{__import__('os').pathsep}{tmp_path}")
+    monkeypatch.setenv("SRDISTILL_DATA", f"/nonexistent{os.pathsep}{tmp_path}")
     assert resolve_dataset("Mine") == tmp_path / "Mine" / "HR"
-    with pytest.raises(FileNotFoundError, match=r"Urban999.*nonexistent/Urban999/HR.*shared/data/Urban999/HR"):
+    with pytest.raises(
+        FileNotFoundError, match=r"Urban999.*nonexistent/Urban999/HR.*shared/data/Urban999/HR"
+    ):
         resolve_dataset("Urban999")
 
 

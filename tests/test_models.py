@@ -68,14 +68,16 @@ def test_edsr_works_in_0_255_internally():
     # With every conv of head/body/tail zeroed except an identity path, the output must be the
     # [0, 1] input range again: sub_mean/add_mean and the *255 / /255 must cancel exactly.
     model = EDSR(2, n_resblocks=1, n_feats=12)
-    for name, p in model.named_parameters():
+    for p in model.parameters():
         if p.requires_grad:
             torch.nn.init.zeros_(p)
     # tail.1 bias alone sets the output: out = (bias + mean*255) / 255
     with torch.no_grad():
         model.tail[1].bias.copy_(torch.tensor([10.0, 20.0, 30.0]))
     y = model(torch.rand(1, 3, 4, 4))
-    expected = (torch.tensor([10.0, 20.0, 30.0]) + 255 * torch.tensor([0.4488, 0.4371, 0.4040])) / 255
+    expected = (
+        torch.tensor([10.0, 20.0, 30.0]) + 255 * torch.tensor([0.4488, 0.4371, 0.4040])
+    ) / 255
     torch.testing.assert_close(y[0, :, 0, 0], expected)
 
 

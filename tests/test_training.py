@@ -32,8 +32,17 @@ def _one_torch_thread():
 
 
 def _tiny_cfg(**kw) -> TrainConfig:
-    base = dict(model="espcn", iterations=4, batch_size=4, lr_patch=16, lr=1e-3, log_every=1,
-                checkpoint_every=2, device="cpu", seed=3)
+    base = dict(
+        model="espcn",
+        iterations=4,
+        batch_size=4,
+        lr_patch=16,
+        lr=1e-3,
+        log_every=1,
+        checkpoint_every=2,
+        device="cpu",
+        seed=3,
+    )
     return TrainConfig(**{**base, **kw})
 
 
@@ -54,7 +63,9 @@ def test_sample_batch_pairs_are_matlab_bicubic_and_seeded():
     assert not np.array_equal(hr, hr3)
 
 
-@pytest.mark.parametrize("name, kwargs", [("espcn", {}), ("edsr-baseline", {"n_resblocks": 2, "n_feats": 16})])
+@pytest.mark.parametrize(
+    "name, kwargs", [("espcn", {}), ("edsr-baseline", {"n_resblocks": 2, "n_feats": 16})]
+)
 def test_steps_on_fixed_batch_lower_l1(name, kwargs):
     torch.manual_seed(0)
     images = [imaging.read_image(f) for f in FILES]
@@ -79,8 +90,14 @@ def test_checkpoint_round_trip(tmp_path):
     for p in model.parameters():  # move off the init so the check is not trivially satisfied
         p.data.add_(0.01 * torch.randn_like(p))
     path = tmp_path / "m.safetensors"
-    save_checkpoint(model, path, arch="edsr-baseline", scale=3,
-                    model_kwargs={"n_resblocks": 2, "n_feats": 8}, extra={"step": 7, "note": ["a", 1]})
+    save_checkpoint(
+        model,
+        path,
+        arch="edsr-baseline",
+        scale=3,
+        model_kwargs={"n_resblocks": 2, "n_feats": 8},
+        extra={"step": 7, "note": ["a", 1]},
+    )
     loaded, meta = load_checkpoint(path)
     assert meta["arch"] == "edsr-baseline" and meta["scale"] == 3 and meta["step"] == 7
     assert meta["model_kwargs"] == {"n_resblocks": 2, "n_feats": 8} and meta["note"] == ["a", 1]
@@ -103,12 +120,20 @@ def test_checkpoint_errors(tmp_path):
     with pytest.raises(ValueError, match="junk.safetensors"):
         load_checkpoint(junk)
     with pytest.raises(ValueError, match="reserved"):
-        save_checkpoint(build_model("espcn", 2), tmp_path / "x.safetensors", arch="espcn", scale=2,
-                        model_kwargs={}, extra={"scale": 3})
+        save_checkpoint(
+            build_model("espcn", 2),
+            tmp_path / "x.safetensors",
+            arch="espcn",
+            scale=2,
+            model_kwargs={},
+            extra={"scale": 3},
+        )
 
 
 def test_train_sr_writes_model_and_log(tmp_path):
-    out = train_sr(_tiny_cfg(iterations=3), 2, [*FILES[:2], SMALL], tmp_path / "run", progress=False)
+    out = train_sr(
+        _tiny_cfg(iterations=3), 2, [*FILES[:2], SMALL], tmp_path / "run", progress=False
+    )
     assert out == tmp_path / "run" / "model.safetensors"
     model, meta = load_checkpoint(out)
     assert meta["step"] == 3 and meta["n_train_images"] == 3 and meta["skipped_images"] == []
@@ -142,7 +167,9 @@ def test_resume_continues_from_saved_step_and_matches_uninterrupted(tmp_path):
     train_sr(_tiny_cfg(iterations=7), 2, FILES, straight, progress=False)
     reference, _ = load_checkpoint(straight / "model.safetensors")
     assert [r["loss"] for r in _log(straight)] == [r["loss"] for r in _log(interrupted)]
-    for (k, a), b in zip(resumed.state_dict().items(), reference.state_dict().values()):
+    for (k, a), b in zip(
+        resumed.state_dict().items(), reference.state_dict().values(), strict=True
+    ):
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=k)
 
     # a finished run called again does no step

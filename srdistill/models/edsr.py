@@ -55,7 +55,9 @@ class ResBlock(nn.Module):
 
     def __init__(self, n_feats: int, *, res_scale: float = 1.0):
         super().__init__()
-        self.body = nn.Sequential(_conv3x3(n_feats, n_feats), nn.ReLU(True), _conv3x3(n_feats, n_feats))
+        self.body = nn.Sequential(
+            _conv3x3(n_feats, n_feats), nn.ReLU(True), _conv3x3(n_feats, n_feats)
+        )
         self.res_scale = res_scale
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -111,7 +113,11 @@ class EDSR(nn.Module):
         self.rgb_range = rgb_range
         #: constructor kwargs, saved in checkpoints to rebuild the model
         self.config = dict(
-            scale=scale, n_resblocks=n_resblocks, n_feats=n_feats, res_scale=res_scale, rgb_range=rgb_range
+            scale=scale,
+            n_resblocks=n_resblocks,
+            n_feats=n_feats,
+            res_scale=res_scale,
+            rgb_range=rgb_range,
         )
         self.sub_mean = MeanShift(rgb_range, sign=-1)
         self.head = nn.Sequential(_conv3x3(3, n_feats))
