@@ -10,7 +10,7 @@ iteration, so points are grouped by cosine similarity, which suits L2-normalised
 Differences from SRDD: to scale past memory, centroids are trained on a seeded random sample
 of at most ``max_train_points`` rows, then every point is assigned to its nearest centroid by
 inner product in fixed-size batches. With fewer points than clusters, ``k`` drops to ``N``.
-The best of ``NREDO`` k-means runs is kept (SRDD's code runs one).
+The best of ``cfg.nredo`` k-means runs is kept (SRDD's code runs one).
 """
 
 from __future__ import annotations
@@ -26,12 +26,6 @@ __all__ = ["KMeansResult", "spherical_kmeans", "assign_to_centroids"]
 
 #: Rows per faiss search call when assigning all points.
 ASSIGN_BATCH = 65_536
-#: k-means restarts from different random initialisations; faiss keeps the one with the best
-#: objective. Lloyd's algorithm from one random init often merges two true clusters and splits
-#: another (about 2 runs in 5 on 7 well-separated clusters); 5 restarts make that rare.
-NREDO = 5
-
-
 @dataclass(frozen=True)
 class KMeansResult:
     """Result of ``spherical_kmeans``.
@@ -96,8 +90,8 @@ def assign_to_centroids(
 def spherical_kmeans(x: np.ndarray, cfg: ClusterConfig) -> KMeansResult:
     """Spherical k-means of embeddings (SRDD: k = 7 on CLIP ViT-B/32 embeddings).
 
-    Trains ``faiss.Kmeans(D, k, niter=cfg.niter, nredo=NREDO, seed=cfg.seed, spherical=True)``
-    (best of ``NREDO`` random initialisations) on a random
+    Trains ``faiss.Kmeans(D, k, niter=cfg.niter, nredo=cfg.nredo, seed=cfg.seed, spherical=True)``
+    (best of ``cfg.nredo`` random initialisations) on a random
     sample of at most ``cfg.max_train_points`` rows (drawn with
     ``numpy.random.default_rng(cfg.seed)``), then assigns all ``N`` rows. Deterministic for a
     given input and config.
@@ -126,7 +120,7 @@ def spherical_kmeans(x: np.ndarray, cfg: ClusterConfig) -> KMeansResult:
         d,
         k,
         niter=cfg.niter,
-        nredo=NREDO,
+        nredo=cfg.nredo,
         seed=cfg.seed,
         spherical=True,
         verbose=False,

@@ -24,7 +24,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from .config import LOWER_IS_HARDER, MineConfig
-from .imaging import ImageReadError, bicubic_down_up, image_size, read_image, to_gray
+from .imaging import ImageReadError, image_size, imresize, read_image, to_gray
 
 __all__ = [
     "PATCH_SCHEMA",
@@ -118,12 +118,27 @@ def _box_means(values: np.ndarray, xs: np.ndarray, ys: np.ndarray, size: int, st
 
 def sobel_magnitude(gray: np.ndarray) -> np.ndarray:
     """Sobel gradient magnitude / 8 of ``(H, W)`` uint8, edge-replicated: (H, W) float32, grey levels/px."""
-    p = np.pad(gray.astype(np.float32), 1, mode="edge")
-    dx = p[:, 2:] - p[:, :-2]  # separable Sobel: central difference x smoothing [1, 2, 1]
-    gx = dx[:-2] + 2 * dx[1:-1] + dx[2:]
-    dy = p[2:] - p[:-2]
-    gy = dy[:, :-2] + 2 * dy[:, 1:-1] + dy[:, 2:]
-    return np.sqrt(gx * gx + gy * gy) * np.float32(1 / 8)
+    p = np.pad(gray, 1, mode="edge").astype(np.float32)
+    d = p[:, 2:] - p[:, :-2]  # separable Sobel: central difference, then smoothing [1, 2, 1]
+    gx = d[:-2] + d[2:]
+    gx += d[1:-1]
+    gx += d[1:-1]
+    d = p[2:] - p[:-2]
+    gy = d[:, :-2] + d[:, 2:]
+    gy += d[:, 1:-1]
+    gy += d[:, 1:-1]
+    gx *= gx
+    gy *= gy
+    gx += gy
+    np.sqrt(gx, out=gx)
+    gx *= np.float32(1 / 8)
+    return gx
+
+
+def _down_up(batch: np.ndarray, factor: int) -> np.ndarray:
+    """``(N, H, W)`` uint8 -> its MATLAB-bicubic x``factor`` down-then-up, float32 products."""
+    kw = {"spatial_axes": (1, 2), "compute_dtype": np.float32}
+    return imresize(imresize(batch, 1 / factor, **kw), float(factor), **kw).astype(np.float32)
 
 
 def score_patches(
@@ -163,14 +178,14 @@ def score_patches(
     grad = _box_means(sobel_magnitude(gray), xs, ys, size, stride).astype(np.float32)
     if window == "image":
         h, w = gray.shape
-        recon = bicubic_down_up(gray[None], bic_scale)[0, :h, :w]
+        recon = _down_up(gray[None], bic_scale)[0, :h, :w]
         mse = _box_means((gray.astype(np.float32) - recon) ** 2, xs, ys, size, stride)
     else:
         mse = np.empty(n)
         chunk = max(1, _CHUNK_PIXELS // (size * size))
         for start in range(0, n, chunk):
             batch = np.stack([gray[y : y + size, x : x + size] for x, y in positions[start : start + chunk]])
-            err = (batch.astype(np.float32) - bicubic_down_up(batch, bic_scale)) ** 2
+            err = (batch.astype(np.float32) - _down_up(batch, bic_scale)) ** 2
             mse[start : start + chunk] = err.mean(axis=(1, 2), dtype=np.float64)
     with np.errstate(divide="ignore"):
         psnr_bic = np.minimum(10 * np.log10(255.0**2 / mse), 99.0).astype(np.float32)

@@ -38,7 +38,7 @@ STAGES = ("mine", "embed", "cluster", "select", "train", "evaluate", "report")
 #: Config fields that change how a stage runs but not what it produces (not fingerprinted).
 EXECUTION_ONLY = {
     "mine": {"images_per_task"},
-    "embed": {"batch_size", "num_actors", "actor_num_cpus", "device"},
+    "embed": {"batch_size", "num_actors", "actor_num_cpus", "num_threads", "device"},
     "train": {"device", "log_every", "checkpoint_every"},
     "evaluate": {"device"},
 }

@@ -114,7 +114,7 @@ def embed_patches_ray(table: pa.Table, cfg: EmbedConfig, source: "ClipSource") -
     ds = ray.data.from_arrow(cols).repartition(blocks)
     ds = ds.map_batches(
         ClipEmbedder,
-        fn_constructor_kwargs={"cfg": cfg, "source": source},
+        fn_constructor_kwargs={"cfg": cfg, "source": source, "num_threads": cfg.num_threads},
         batch_size=cfg.batch_size,
         batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=cfg.num_actors),

@@ -30,7 +30,7 @@ from PIL import Image
 from srdistill import imaging
 from srdistill.config import LOWER_IS_HARDER, SelectConfig
 
-__all__ = ["budget_patches", "select_patches", "export_distilled"]
+__all__ = ["budget_patches", "non_overlapping", "select_patches", "export_distilled"]
 
 _PNG_NAME = re.compile(r"^c-?\d{3,}_r\d{4,}_[0-9A-Za-z]+\.png$")
 
@@ -69,6 +69,42 @@ def _hardness_key(scores: np.ndarray, score: str) -> np.ndarray:
     return scores if LOWER_IS_HARDER[score] else -scores
 
 
+def non_overlapping(table: pa.Table, key: np.ndarray, max_overlap: float) -> np.ndarray:
+    """Greedy non-maximum suppression of overlapping windows, hardest first.
+
+    Visits patches in ascending ``key`` (hardest first, ties by row order) and drops a patch
+    when the intersection with an already kept patch of the same source covers more than
+    ``max_overlap`` of its area. With SRDD's stride = size/2, 0.5 drops nothing that is only a
+    diagonal neighbour, 0.25 drops side neighbours too, 0.0 keeps disjoint windows only.
+
+    Args:
+        table: ``source``, ``x``, ``y``, ``size`` columns, N rows.
+        key: ``(N,)`` ascending hardness key.
+        max_overlap: fraction in [0, 1]; 1.0 keeps everything.
+
+    Returns:
+        ``(N,)`` bool mask of the patches kept.
+    """
+    n = table.num_rows
+    keep = np.ones(n, dtype=bool)
+    if max_overlap >= 1.0 or n == 0:
+        return keep
+    src = table.column("source").to_numpy(zero_copy_only=False)
+    xs, ys, sz = (table.column(c).to_numpy(zero_copy_only=False).astype(np.int64) for c in ("x", "y", "size"))
+    kept_in: dict[str, list[int]] = {}
+    for i in np.lexsort((np.arange(n), key)):
+        others = kept_in.setdefault(src[i], [])
+        for j in others:
+            w = min(xs[i] + sz[i], xs[j] + sz[j]) - max(xs[i], xs[j])
+            h = min(ys[i] + sz[i], ys[j] + sz[j]) - max(ys[i], ys[j])
+            if w > 0 and h > 0 and w * h > max_overlap * sz[i] * sz[i]:
+                keep[i] = False
+                break
+        else:
+            others.append(i)
+    return keep
+
+
 def select_patches(table: pa.Table, cfg: SelectConfig, *, n_total: int) -> pa.Table:
     """Choose ``n_total`` patches by ``cfg.method``.
 
@@ -86,6 +122,8 @@ def select_patches(table: pa.Table, cfg: SelectConfig, *, n_total: int) -> pa.Ta
         value of ``cfg.score``). ``clip-kmeans`` rows are ordered by (cluster, rank), others by
         rank.
 
+    First, windows overlapping a harder window of the same image by more than
+    ``cfg.max_overlap`` of their area are dropped (``non_overlapping``), for every method.
     ``clip-kmeans`` takes patches round-robin over clusters in hardness order: every cluster
     gets ``n_total // n_clusters`` or one more; a cluster with fewer patches than its share
     gives all it has and the rest goes to the others; leftover slots go to the clusters whose
@@ -95,6 +133,7 @@ def select_patches(table: pa.Table, cfg: SelectConfig, *, n_total: int) -> pa.Ta
         ValueError: a required column is missing or ``n_total < 0``.
     """
     required = {"patch_id", cfg.score} | ({"cluster"} if cfg.method == "clip-kmeans" else set())
+    required |= {"source", "x", "y", "size"} if cfg.max_overlap < 1.0 else set()
     missing = sorted(required - set(table.column_names))
     if missing:
         raise ValueError(f"select: table lacks column(s) {missing} needed by {cfg.method!r}")
@@ -104,6 +143,8 @@ def select_patches(table: pa.Table, cfg: SelectConfig, *, n_total: int) -> pa.Ta
     # Canonical row order (patch_id), independent of how the table was assembled.
     pids = table.column("patch_id").to_numpy(zero_copy_only=False).astype(str)
     table = table.take(pa.array(np.argsort(pids, kind="stable")))
+    key = _hardness_key(table.column(cfg.score).to_numpy(zero_copy_only=False), cfg.score)
+    table = table.filter(pa.array(non_overlapping(table, key, cfg.max_overlap)))
     n = table.num_rows
     scores = table.column(cfg.score).to_numpy(zero_copy_only=False).astype(np.float32)
     key = _hardness_key(scores, cfg.score)

@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from srdistill.config import SelectConfig
-from srdistill.selection import budget_patches, export_distilled, select_patches
+from srdistill.selection import budget_patches, export_distilled, non_overlapping, select_patches
 
 T91 = "/work/shared/data/T91/HR"
 
@@ -48,7 +48,7 @@ def test_budget_ipc_and_pixel_fraction():
 
 def test_clip_kmeans_balanced_and_hardest_first():
     table = make_table([30, 25, 40])
-    out = select_patches(table, SelectConfig(ipc=5), n_total=15)
+    out = select_patches(table, SelectConfig(max_overlap=1.0, ipc=5), n_total=15)
     assert out.num_rows == 15
     counts = np.bincount(out.column("cluster").to_numpy(), minlength=3)
     assert counts.tolist() == [5, 5, 5]
@@ -60,7 +60,7 @@ def test_clip_kmeans_balanced_and_hardest_first():
         hardest = np.sort(all_psnr[all_cl == c])[:5]  # psnr_bic: lower is harder
         np.testing.assert_array_equal(score[cl == c], hardest)
     # grad: higher is harder
-    out = select_patches(table, SelectConfig(ipc=4, score="grad"), n_total=12)
+    out = select_patches(table, SelectConfig(max_overlap=1.0, ipc=4, score="grad"), n_total=12)
     cl, score = out.column("cluster").to_numpy(), out.column("score").to_numpy()
     for c in range(3):
         assert (np.diff(score[cl == c]) <= 0).all()
@@ -68,14 +68,14 @@ def test_clip_kmeans_balanced_and_hardest_first():
 
 def test_clip_kmeans_redistributes_small_cluster_and_uneven_budget():
     table = make_table([2, 30, 30])
-    out = select_patches(table, SelectConfig(ipc=10), n_total=30)
+    out = select_patches(table, SelectConfig(max_overlap=1.0, ipc=10), n_total=30)
     counts = np.bincount(out.column("cluster").to_numpy(), minlength=3).tolist()
     assert counts == [2, 14, 14]
-    out = select_patches(table, SelectConfig(ipc=10), n_total=7)  # not a multiple of 3
+    out = select_patches(table, SelectConfig(max_overlap=1.0, ipc=10), n_total=7)  # not a multiple of 3
     counts = sorted(np.bincount(out.column("cluster").to_numpy(), minlength=3).tolist())
     assert counts == [2, 2, 3]
     # More than available: everything, once.
-    out = select_patches(table, SelectConfig(ipc=100), n_total=300)
+    out = select_patches(table, SelectConfig(max_overlap=1.0, ipc=100), n_total=300)
     assert out.num_rows == 62 and len(set(out.column("patch_id").to_pylist())) == 62
 
 
@@ -83,7 +83,7 @@ def test_selection_is_deterministic_and_independent_of_row_order():
     table = make_table([20, 20, 20])
     shuffled = table.take(pa.array(np.random.default_rng(5).permutation(table.num_rows)))
     for method in ("clip-kmeans", "score-topk", "random"):
-        cfg = SelectConfig(ipc=4, method=method, seed=3)
+        cfg = SelectConfig(max_overlap=1.0, ipc=4, method=method, seed=3)
         a = select_patches(table, cfg, n_total=12)
         b = select_patches(shuffled, cfg, n_total=12)
         assert a.equals(b), method
@@ -91,14 +91,40 @@ def test_selection_is_deterministic_and_independent_of_row_order():
 
 def test_baselines_honour_the_same_budget():
     table = make_table([50, 5, 5])
-    topk = select_patches(table, SelectConfig(ipc=5, method="score-topk"), n_total=15)
+    topk = select_patches(table, SelectConfig(max_overlap=1.0, ipc=5, method="score-topk"), n_total=15)
     assert topk.num_rows == 15 and topk.column("rank").to_pylist() == list(range(15))
     all_scores = np.sort(table.column("psnr_bic").to_numpy())
     np.testing.assert_array_equal(topk.column("score").to_numpy(), all_scores[:15])
-    rnd = select_patches(table, SelectConfig(ipc=5, method="random", seed=1), n_total=15)
+    rnd = select_patches(table, SelectConfig(max_overlap=1.0, ipc=5, method="random", seed=1), n_total=15)
     assert rnd.num_rows == 15 and len(set(rnd.column("patch_id").to_pylist())) == 15
-    other = select_patches(table, SelectConfig(ipc=5, method="random", seed=2), n_total=15)
+    other = select_patches(table, SelectConfig(max_overlap=1.0, ipc=5, method="random", seed=2), n_total=15)
     assert set(rnd.column("patch_id").to_pylist()) != set(other.column("patch_id").to_pylist())
+
+
+def test_overlapping_windows_are_thinned_hardest_first():
+    # one image, 64-px windows at stride 32 on a 3x3 grid; psnr_bic decreasing with position
+    xs, ys = np.meshgrid([0, 32, 64], [0, 32, 64])
+    n = xs.size
+    table = pa.table({
+        "patch_id": pa.array([f"{i:016x}" for i in range(n)]),
+        "source": pa.array(["/img.png"] * n),
+        "x": pa.array(xs.ravel().astype(np.int32)), "y": pa.array(ys.ravel().astype(np.int32)),
+        "size": pa.array(np.full(n, 64, np.int32)),
+        "psnr_bic": pa.array(np.linspace(25, 15, n).astype(np.float32)),  # last = hardest
+        "cluster": pa.array(np.zeros(n, np.int32)),
+    })
+    key = table.column("psnr_bic").to_numpy()
+    # 0.5: side neighbours (exactly half overlap) stay, anything overlapping more goes
+    assert non_overlapping(table, key, 1.0).all()
+    assert non_overlapping(table, key, 0.5).all()
+    keep = non_overlapping(table, key, 0.25)  # side neighbours go, diagonal (1/4) stays
+    assert keep.tolist() == [True, False, True, False, True, False, True, False, True]
+    assert non_overlapping(table, key, 0.0).tolist() == [True, False, True] + [False] * 3 + [True, False, True]
+    out = select_patches(table, SelectConfig(ipc=9, max_overlap=0.0), n_total=9)
+    assert out.num_rows == 4  # only disjoint windows remain to choose from
+    assert sorted(zip(out.column("x").to_pylist(), out.column("y").to_pylist())) == [(0, 0), (0, 64), (64, 0), (64, 64)]
+    other_image = table.set_column(1, "source", pa.array([f"/img{i}.png" for i in range(n)]))
+    assert non_overlapping(other_image, key, 0.0).all()  # overlap only counts within an image
 
 
 def test_missing_column_is_an_error():
