@@ -118,9 +118,6 @@ class Run:
     def save(self) -> None:
         write_json(self.dir / "manifest.json", self.manifest)
 
-    def stage_dir(self, stage: str) -> Path:
-        return self.dir / ("distilled" if stage == "export" else stage)
-
     def config_part(self, stage: str) -> str:
         part = json.loads(self.cfg.stage_json(stage))
         for key in EXECUTION_ONLY.get(stage, ()):
@@ -348,7 +345,7 @@ def _evaluate(run: Run, train_fp: str) -> dict:
             rows["bicubic"].append(evaluate("bicubic", ds, scale))
             rows[label].append(evaluate(model, ds, scale, device=device))
         write_json(out, {"scale": scale, "rows": rows})
-        return {label_: {r["dataset"]: round(r["psnr_y"], 3) for r in rs} for label_, rs in rows.items()}
+        return {f"{name} {r['dataset']}": round(r["psnr_y"], 3) for name, rs in rows.items() for r in rs}
 
     run.run_stage("evaluate", fp, [out], stage)
     rows = json.loads(out.read_text())["rows"]
@@ -381,6 +378,8 @@ def run_pipeline(input_dir: str | Path, run_dir: str | Path, cfg: RunConfig, *,
 
     if until is not None and until not in STAGES:
         raise ValueError(f"until={until!r} is not one of {STAGES}")
+    if until in ("embed", "cluster") and cfg.select.method != "clip-kmeans":
+        raise ValueError(f"until={until!r}: select.method {cfg.select.method!r} runs no {until} stage")
     if not Path(input_dir).is_dir():
         raise FileNotFoundError(f"input {str(input_dir)!r} is not a directory")
     run = Run(input_dir, run_dir, cfg, preset=preset, log=log)

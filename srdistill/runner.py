@@ -16,6 +16,8 @@ import sys
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
+from tqdm.auto import tqdm
 
 from typing import TYPE_CHECKING, Callable
 
@@ -49,8 +51,13 @@ def init_ray(cfg: RayConfig) -> None:
     import ray.data
 
     ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = sys.stderr.isatty()  # bars on a terminal, quiet in logs/CI
+    ctx.enable_progress_bars = False  # one bar per stage of our own (``_progress``) instead
     logging.getLogger("ray.data").setLevel(logging.WARNING)
+
+
+def _progress(total: int, desc: str, unit: str) -> tqdm:
+    """A stage progress bar on stderr: live on a terminal, a line every 30 s in a log file."""
+    return tqdm(total=total, desc=desc, unit=unit, mininterval=0.5 if sys.stderr.isatty() else 30)
 
 
 def shutdown_ray() -> None:
@@ -66,10 +73,11 @@ def _apply_to_paths(batch: dict[str, np.ndarray], fn: Callable, kwargs: dict) ->
 
 
 def map_images(paths: list[str], fn: Callable[..., pa.Table], *, images_per_task: int,
-               schema: pa.Schema, **kwargs) -> pa.Table:  # fmt: skip
+               schema: pa.Schema, desc: str = "images", **kwargs) -> pa.Table:  # fmt: skip
     """Stream ``fn(paths_of_one_batch, **kwargs) -> pyarrow.Table`` over image paths with Ray
     Data (one CPU per task, ``images_per_task`` images per batch) and concatenate the results.
     Only the returned rows travel back; pixels never leave the task that decoded them.
+    ``fn``'s table must have a ``source`` column (the image path) for the progress count.
     """
     import ray.data
 
@@ -84,7 +92,11 @@ def map_images(paths: list[str], fn: Callable[..., pa.Table], *, images_per_task
         ds = ray.data.from_items([{"path": p} for p in paths], override_num_blocks=blocks)
         ds = ds.map_batches(_apply_to_paths, fn_kwargs={"fn": fn, "kwargs": kwargs},
                             batch_size=images_per_task, batch_format="numpy", num_cpus=1)  # fmt: skip
-        parts = [b.cast(schema) for b in ds.iter_batches(batch_size=None, batch_format="pyarrow")]
+        parts = []
+        with _progress(len(paths), desc, "img") as bar:
+            for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+                parts.append(batch.cast(schema))
+                bar.update(pc.count_distinct(batch.column("source")).as_py())
     finally:
         ctx.op_resource_reservation_enabled = reservation
     return pa.concat_tables(parts) if parts else schema.empty_table()
@@ -98,7 +110,7 @@ def mine_corpus(paths: list[str], cfg: MineConfig) -> pa.Table:
         A ``mining.MINED_SCHEMA`` table (patch rows plus one row per skipped image).
     """
     return map_images(paths, mine_images, images_per_task=cfg.images_per_task,
-                      schema=MINED_SCHEMA, cfg=cfg)  # fmt: skip
+                      schema=MINED_SCHEMA, desc="mine", cfg=cfg)  # fmt: skip
 
 
 def embed_patches_ray(table: pa.Table, cfg: EmbedConfig, source: "ClipSource") -> pa.Table:
@@ -129,9 +141,11 @@ def embed_patches_ray(table: pa.Table, cfg: EmbedConfig, source: "ClipSource") -
         num_gpus=1 if cfg.device == "cuda" else 0,
     )
     ids, embs = [], []
-    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-        ids.append(batch["patch_id"])
-        embs.append(np.asarray(batch["embedding"], dtype=np.float32))
+    with _progress(cols.num_rows, "embed", "patch") as bar:
+        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+            ids.append(batch["patch_id"])
+            embs.append(np.asarray(batch["embedding"], dtype=np.float32))
+            bar.update(len(batch["patch_id"]))
     emb = np.concatenate(embs) if embs else np.empty((0, 0), np.float32)
     flat = pa.array(emb.reshape(-1), type=pa.float32())
     return pa.table(

@@ -23,8 +23,7 @@ from srdistill.embedding import (
     resolve_clip,
 )
 
-T91 = "/work/shared/data/T91/HR"
-pytestmark = pytest.mark.skipif(not os.path.isdir(T91), reason="needs ../shared/data/T91")
+from conftest import T91
 
 
 def patch_table(size: int = 48) -> pa.Table:

@@ -1,7 +1,6 @@
 """Evaluation protocol: bicubic reproduces the measured reference figures (DESIGN §3)."""
 
 import os
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,19 +11,7 @@ from srdistill import imaging, metrics
 from srdistill.evaluation import evaluate, evaluate_many, format_table, resolve_dataset
 from srdistill.models import ESPCN
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-pytestmark = pytest.mark.skipif(
-    not (SHARED / "Set5" / "HR").is_dir(), reason=f"{SHARED} not present"
-)
-
-
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """One intra-op thread: far faster than two on a loaded 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+from conftest import SHARED
 
 
 # MATLAB-bicubic upscaling measured on ../shared/data (DESIGN.md §3, SOURCES.md).

@@ -7,16 +7,6 @@ import torch.nn.functional as F
 from srdistill.models import ARCHS, EDSR, ESPCN, build_model
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """Tiny tensors: one intra-op thread is faster, and far faster on a loaded 2-core machine
-    (OpenMP threads spin against other processes)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _trainable(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 

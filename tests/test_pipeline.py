@@ -156,3 +156,22 @@ def test_cli_errors_name_the_bad_input(tmp_path):
     assert r.exit_code == 2 and "nowhere" in r.output
     r = CliRunner().invoke(app, ["run", "--input", str(tmp_path), "--out", str(tmp_path / "o"), "--preset", "nope"])
     assert r.exit_code == 2 and "nope" in r.output
+
+
+def test_ray_jobs_entrypoint_runs_the_pipeline(corpus, tmp_path):
+    """``python ray_jobs/distill.py`` (what ``ray job submit`` runs) on the embedded default."""
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    out = tmp_path / "run"
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "ray_jobs" / "distill.py"), "--input", str(corpus), "--out", str(out),
+         "--preset", "tiny", "--allow-random-init", "--until", "select"],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["stages"]["select"]["status"] == "done" and "train" not in manifest["stages"]
+    assert "mine: 100%" in proc.stderr  # the stage progress bar

@@ -15,11 +15,10 @@ from PIL import Image
 from srdistill.config import RunConfig
 from srdistill.report import write_report
 
-T91 = Path("/work/shared/data/T91/HR")
+from conftest import T91
 SOURCES = [T91 / "t1.png", T91 / "t10.png", T91 / "t11.png"]
 SIZE = 32
 
-pytestmark = pytest.mark.skipif(not T91.is_dir(), reason="T91 images not available")
 
 
 def _patch_id(source: str, x: int, y: int, size: int) -> str:

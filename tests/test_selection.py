@@ -13,7 +13,7 @@ from PIL import Image
 from srdistill.config import SelectConfig
 from srdistill.selection import budget_patches, export_distilled, non_overlapping, select_patches
 
-T91 = "/work/shared/data/T91/HR"
+from conftest import T91
 
 
 def make_table(cluster_sizes: list[int], *, seed: int = 0, sources=None, size: int = 32):
@@ -135,7 +135,6 @@ def test_missing_column_is_an_error():
     assert select_patches(table, SelectConfig(ipc=1, method="random"), n_total=2).num_rows == 2
 
 
-@pytest.mark.skipif(not os.path.isdir(T91), reason="needs ../shared/data/T91")
 def test_export_writes_pngs_and_provenance(tmp_path):
     table = make_table([6, 6], size=40)
     selected = select_patches(table, SelectConfig(ipc=3), n_total=6)

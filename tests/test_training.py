@@ -14,21 +14,10 @@ from srdistill.config import TrainConfig
 from srdistill.models import build_model
 from srdistill.training import load_checkpoint, sample_batch, save_checkpoint, to_tensor, train_sr
 
-T91 = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "T91" / "HR"
+from conftest import T91
 FILES = [T91 / f"t{i}.png" for i in (1, 2, 3, 4)]  # 197x176 .. 227x188
 SMALL = T91 / "t20.png"  # 78x78
 
-pytestmark = pytest.mark.skipif(not T91.is_dir(), reason=f"{T91} not present")
-
-
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """Tiny tensors: one intra-op thread is faster, and far faster on a loaded 2-core machine
-    (OpenMP threads spin against other processes)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _tiny_cfg(**kw) -> TrainConfig:
