@@ -82,9 +82,13 @@ def list_images(root: str | Path, extensions: tuple[str, ...]) -> tuple[list[str
     return paths, ignored
 
 
-def patch_id(source: str, x: int, y: int, size: int) -> str:
-    """Stable id of a patch: the first 16 hex digits of sha1(``source|x|y|size``)."""
-    return hashlib.sha1(f"{source}|{x}|{y}|{size}".encode()).hexdigest()[:16]
+def patch_id(key: str, x: int, y: int, size: int) -> str:
+    """Stable id of a patch: the first 16 hex digits of sha1(``key|x|y|size``).
+
+    ``key`` is the image path relative to the corpus root (POSIX separators), so the ids do not
+    change when the corpus is mounted elsewhere.
+    """
+    return hashlib.sha1(f"{key}|{x}|{y}|{size}".encode()).hexdigest()[:16]
 
 
 def patch_positions(width: int, height: int, size: int, stride: int) -> list[tuple[int, int]]:
@@ -197,8 +201,10 @@ def _skip_row(path: str, reason: str) -> dict:
             "psnr_bic": np.nan, "grad": np.nan, "error": reason}  # fmt: skip
 
 
-def mine_image(path: str, cfg: MineConfig) -> list[dict]:
+def mine_image(path: str, cfg: MineConfig, *, root: str | None = None) -> list[dict]:
     """Patches of one image with their scores, or one skip row explaining why there are none.
+
+    ``root`` is the corpus root the patch ids are made relative to (``None``: the path itself).
 
     Returns:
         Rows of ``MINED_SCHEMA``. A skipped image (unreadable, truncated, a side over
@@ -216,21 +222,22 @@ def mine_image(path: str, cfg: MineConfig) -> list[dict]:
     except ImageReadError as exc:
         return [_skip_row(path, exc.reason)]
     h, w = img.shape[:2]
+    key = Path(path).relative_to(root).as_posix() if root else path
     gray = to_gray(img)
     positions = patch_positions(w, h, size, stride)
     psnr_bic, grad = score_patches(
         gray, positions, size, stride=stride, bic_scale=cfg.bic_scale, window=cfg.psnr_bic_window
     )
     return [
-        {"patch_id": patch_id(path, x, y, size), "source": path, "x": x, "y": y, "size": size,
+        {"patch_id": patch_id(key, x, y, size), "source": path, "x": x, "y": y, "size": size,
          "img_w": w, "img_h": h, "psnr_bic": float(p), "grad": float(g), "error": ""}  # fmt: skip
         for (x, y), p, g in zip(positions, psnr_bic, grad)
     ]
 
 
-def mine_images(paths: list[str] | np.ndarray, cfg: MineConfig) -> pa.Table:
+def mine_images(paths: list[str] | np.ndarray, cfg: MineConfig, *, root: str | None = None) -> pa.Table:
     """``mine_image`` over several images, as one ``MINED_SCHEMA`` table (the Ray Data batch fn)."""
-    rows = [row for p in paths for row in mine_image(str(p), cfg)]
+    rows = [row for p in paths for row in mine_image(str(p), cfg, root=root)]
     return pa.Table.from_pylist(rows, schema=MINED_SCHEMA)
 
 

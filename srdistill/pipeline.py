@@ -195,7 +195,7 @@ def _mine(run: Run) -> str:
                 f"input {str(run.input)!r} holds no files with extensions {list(cfg.extensions)}"
             )
         t0 = time.perf_counter()
-        mined = runner.mine_corpus(paths, cfg)
+        mined = runner.mine_corpus(paths, cfg, root=str(run.input))
         seconds = time.perf_counter() - t0
         patches, skipped = mining.split_mined(mined)
         patches = mining.apply_keep_rule(patches, cfg)

@@ -102,15 +102,16 @@ def map_images(paths: list[str], fn: Callable[..., pa.Table], *, images_per_task
     return pa.concat_tables(parts) if parts else schema.empty_table()
 
 
-def mine_corpus(paths: list[str], cfg: MineConfig) -> pa.Table:
+def mine_corpus(paths: list[str], cfg: MineConfig, *, root: str | None = None) -> pa.Table:
     """Mine every image with Ray Data, streaming: each task decodes ``cfg.images_per_task``
     images, scores their patches and returns only the patch rows.
 
     Returns:
-        A ``mining.MINED_SCHEMA`` table (patch rows plus one row per skipped image).
+        A ``mining.MINED_SCHEMA`` table (patch rows plus one row per skipped image); patch
+        ids relative to ``root``.
     """
     return map_images(paths, mine_images, images_per_task=cfg.images_per_task,
-                      schema=MINED_SCHEMA, desc="mine", cfg=cfg)  # fmt: skip
+                      schema=MINED_SCHEMA, desc="mine", cfg=cfg, root=root)  # fmt: skip
 
 
 def embed_patches_ray(table: pa.Table, cfg: EmbedConfig, source: "ClipSource") -> pa.Table:

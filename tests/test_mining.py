@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import shutil
+
 import numpy as np
 import pyarrow as pa
 import pytest
@@ -93,6 +95,13 @@ def test_mine_images_split_and_keep_rules(tmp_path):
     table = mine_images([str(tmp_path / "a.png"), str(tmp_path / "b.png")], cfg)
     patches, skipped = split_mined(table)
     assert patches.num_rows == 12 and [s["file"] for s in skipped] == [str(tmp_path / "b.png")]
+    ids = []
+    for mount in ("mnt1", "mnt2"):  # the same corpus mounted at two places: the same ids
+        (tmp_path / mount / "sub").mkdir(parents=True)
+        shutil.copy(tmp_path / "a.png", tmp_path / mount / "sub" / "a.png")
+        rooted, _ = split_mined(mine_images([str(tmp_path / mount / "sub" / "a.png")], cfg, root=str(tmp_path / mount)))
+        ids.append(rooted.column("patch_id").to_pylist())
+    assert ids[0] == ids[1] == [patch_id("sub/a.png", r["x"], r["y"], 32) for r in rooted.to_pylist()]
     assert "error" not in patches.column_names
     assert corpus_pixels(patches) == 96 * 128
     thr = apply_keep_rule(patches, MineConfig(patch_size=32, stride=32, threshold=23.0))

@@ -175,3 +175,22 @@ def test_ray_jobs_entrypoint_runs_the_pipeline(corpus, tmp_path):
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["stages"]["select"]["status"] == "done" and "train" not in manifest["stages"]
     assert "mine: 100%" in proc.stderr  # the stage progress bar
+
+
+def test_cli_train_then_eval(tmp_path):
+    """``srdistill train`` on a folder of HR images writes a checkpoint that ``eval`` reads."""
+    from conftest import T91
+
+    data = tmp_path / "hr"
+    data.mkdir()
+    for f in sorted(T91.glob("*.png"))[:3]:
+        shutil.copy(f, data / f.name)
+    out = tmp_path / "model"
+    r = CliRunner().invoke(app, ["train", "--data", str(data), "--out", str(out), "--preset", "tiny",
+                                 "--iterations", "5", "--scale", "3"])  # fmt: skip
+    assert r.exit_code == 0, r.output
+    assert (out / "model.safetensors").is_file() and len((out / "log.jsonl").read_text().splitlines()) >= 1
+    ev = CliRunner().invoke(app, ["eval", "--model", str(out / "model.safetensors"), "--dataset", "Set5", "--scale", "2"])
+    assert ev.exit_code == 2 and "x3" in ev.output  # a x3 model is refused for x2
+    ev = CliRunner().invoke(app, ["eval", "--model", str(out / "model.safetensors"), "--dataset", "Set5", "--scale", "3"])
+    assert ev.exit_code == 0 and "| espcn (model.safetensors) |" in ev.output
