@@ -1,4 +1,4 @@
-"""``srdistill`` command line: run the main job, train and evaluate SR networks.
+"""srdistill: dataset distillation for super-resolution. Run the main job, train, evaluate.
 
     srdistill run --input data/T91 --out runs/demo --preset demo --allow-random-init
     srdistill eval --model bicubic --dataset Set5 --scale 2 --json

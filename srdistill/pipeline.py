@@ -224,11 +224,10 @@ def _kept(run: Run) -> pa.Table:
     return table.filter(table.column("kept"))
 
 
-def _embed(run: Run, mine_fp: str) -> str:
-    from . import embedding, runner
+def _embed(run: Run, mine_fp: str, source) -> str:
+    from . import runner
 
     cfg = run.cfg.embed
-    source = embedding.resolve_clip(cfg)  # raises MissingWeightsError with instructions
     run.manifest["clip"] = {
         "backend": source.backend, "model": source.model, "path": source.path,
         "pretrained": source.pretrained, "semantic": source.semantic, "note": source.note,
@@ -382,14 +381,19 @@ def run_pipeline(input_dir: str | Path, run_dir: str | Path, cfg: RunConfig, *,
         raise ValueError(f"until={until!r}: select.method {cfg.select.method!r} runs no {until} stage")
     if not Path(input_dir).is_dir():
         raise FileNotFoundError(f"input {str(input_dir)!r} is not a directory")
+    clip_source = None
+    if cfg.select.method == "clip-kmeans":
+        from .embedding import resolve_clip
+
+        clip_source = resolve_clip(cfg.embed)  # before any work: MissingWeightsError, with help
     run = Run(input_dir, run_dir, cfg, preset=preset, log=log)
+    steps: list[tuple[str, Callable[[str], str]]] = []
+    if clip_source is not None:
+        steps += [("embed", lambda f: _embed(run, f, clip_source)), ("cluster", lambda f: _cluster(run, f))]
+    steps += [("select", lambda f: _select(run, f)), ("train", lambda f: _train(run, f))]
     runner.init_ray(cfg.ray)
     fp = _mine(run)
     done = ["mine"]
-    steps: list[tuple[str, Callable[[str], str]]] = []
-    if cfg.select.method == "clip-kmeans":
-        steps += [("embed", lambda f: _embed(run, f)), ("cluster", lambda f: _cluster(run, f))]
-    steps += [("select", lambda f: _select(run, f)), ("train", lambda f: _train(run, f))]
     for name, step in steps:
         if until in done:
             break

@@ -133,6 +133,7 @@ def test_missing_clip_weights_stop_with_clear_message(corpus, tmp_path, ray_loca
     monkeypatch.setenv("HF_HOME", str(tmp_path / "empty_hf_home"))
     with pytest.raises(MissingWeightsError, match="allow-random-init"):
         run_pipeline(corpus, tmp_path / "run", load_config("tiny"), log=lambda s: None)
+    assert not (tmp_path / "run").exists()  # stopped before mining anything
     result = CliRunner().invoke(app, ["run", "--input", str(corpus), "--out", str(tmp_path / "r2"), "--preset", "tiny"])
     assert result.exit_code == 2
     assert "allow-random-init" in result.output
