@@ -27,9 +27,9 @@ def _fail(message: str) -> None:
     raise typer.Exit(2)
 
 
-def _config(preset, config, overrides):
+def _config(preset, config, overrides, *, recipe: bool = False):
     try:
-        return load_config(preset, config, overrides)
+        return load_config(preset, config, overrides, recipe=recipe)
     except ValueError as exc:  # pydantic's ValidationError is a ValueError
         _fail(str(exc))
 
@@ -68,9 +68,13 @@ def train(
     config: Optional[Path] = typer.Option(None, "--config", help="YAML config file"),
     preset: Optional[str] = typer.Option(None, "--preset", help=_PRESET_HELP),
     overrides: list[str] = typer.Option([], "--set", help=_SET_HELP),
-    model: Optional[str] = typer.Option(None, "--model", help="edsr-baseline | espcn"),
+    model: Optional[str] = typer.Option(None, "--model", help="one of srdistill.models.ARCHS"),
     scale: Optional[int] = typer.Option(None, "--scale", help="SR scale"),
     iterations: Optional[int] = typer.Option(None, "--iterations"),
+    recipe: bool = typer.Option(False, "--recipe", help="the network's published settings "
+                                "(config.RECIPES), under --config/--set/--iterations"),  # fmt: skip
+    workers: int = typer.Option(0, "--workers", help="Ray Train data-parallel workers (0: in-process)"),
+    gpus: bool = typer.Option(False, "--gpus", help="one GPU per Ray Train worker (NCCL)"),
 ) -> None:
     """Train an SR network on a folder of HR images; writes OUT/model.safetensors."""
     from .evaluation import list_images
@@ -78,12 +82,19 @@ def train(
 
     extra = [f"train.model={model}"] * bool(model) + [f"scale={scale}"] * bool(scale)
     extra += [f"train.iterations={iterations}"] * bool(iterations)
-    cfg = _config(preset, config, [*overrides, *extra])
+    extra += [f"train.workers={workers}", f"train.use_gpu={str(gpus).lower()}"]
+    cfg = _config(preset, config, [*overrides, *extra], recipe=recipe)
     if not data.is_dir():
         _fail(f"--data {str(data)!r} is not a directory")
     images = list_images(data)
     try:
-        path = train_sr(cfg.train, cfg.scale, images, out)
+        if cfg.train.workers:
+            from . import runner
+
+            runner.init_ray(cfg.ray)
+            path = runner.train_ray(cfg.train, cfg.scale, images, out)
+        else:
+            path = train_sr(cfg.train, cfg.scale, images, out)
     except ValueError as exc:
         _fail(str(exc))
     typer.echo(f"model: {path}")

@@ -39,7 +39,7 @@ STAGES = ("mine", "embed", "cluster", "select", "train", "evaluate", "report")
 EXECUTION_ONLY = {
     "mine": {"images_per_task"},
     "embed": {"batch_size", "num_actors", "actor_num_cpus", "num_threads", "device"},
-    "train": {"device", "log_every", "checkpoint_every"},
+    "train": {"device", "log_every", "checkpoint_every", "val_every", "val_dataset", "workers", "use_gpu"},
     "evaluate": {"device"},
 }
 _PACKAGES = ("srdistill", "torch", "ray", "faiss-cpu", "transformers", "numpy", "pyarrow", "pillow")
@@ -313,6 +313,7 @@ def _select(run: Run, upstream_fp: str) -> str:
 
 
 def _train(run: Run, select_fp: str) -> str:
+    from . import runner
     from .training import train_sr
 
     fp = run.fingerprint("train", select_fp)
@@ -320,7 +321,10 @@ def _train(run: Run, select_fp: str) -> str:
 
     def stage(sdir: Path) -> dict:
         images = sorted((run.dir / "distilled").glob("*.png"))
-        train_sr(run.cfg.train, run.cfg.scale, images, sdir)
+        if run.cfg.train.workers:
+            runner.train_ray(run.cfg.train, run.cfg.scale, images, sdir)
+        else:
+            train_sr(run.cfg.train, run.cfg.scale, images, sdir)
         return {"model": run.cfg.train.model, "scale": run.cfg.scale,
                 "iterations": run.cfg.train.iterations, "train_images": len(images)}  # fmt: skip
 

@@ -21,13 +21,13 @@ from tqdm.auto import tqdm
 
 from typing import TYPE_CHECKING, Callable
 
-from .config import EmbedConfig, MineConfig, RayConfig
+from .config import EmbedConfig, MineConfig, RayConfig, TrainConfig
 from .mining import MINED_SCHEMA, mine_images
 
 if TYPE_CHECKING:  # torch/transformers are imported only by the embedding actors
     from .embedding import ClipSource
 
-__all__ = ["init_ray", "shutdown_ray", "map_images", "mine_corpus", "embed_patches_ray"]
+__all__ = ["init_ray", "shutdown_ray", "map_images", "mine_corpus", "embed_patches_ray", "train_ray"]
 
 
 def init_ray(cfg: RayConfig) -> None:
@@ -155,3 +155,80 @@ def embed_patches_ray(table: pa.Table, cfg: EmbedConfig, source: "ClipSource") -
             "embedding": pa.FixedSizeListArray.from_arrays(flat, emb.shape[1] if emb.size else 1),
         }
     )
+
+
+def _train_worker(config: dict) -> None:
+    """Ray Train's per-worker loop: ``training.train_sr`` with this worker's rank, device, DDP
+    wrapper, checkpoint reporting and restored checkpoint."""
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    import ray.train
+    import ray.train.torch
+
+    from .training import DataParallel, train_sr
+
+    ctx = ray.train.get_context()
+    restored = ray.train.get_checkpoint()
+    resume = Path(restored.to_directory()) / "last.safetensors" if restored else None
+
+    def report(metrics: dict, checkpoint_dir: Path | None) -> None:
+        ckpt = ray.train.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
+        ray.train.report(metrics, checkpoint=ckpt)
+
+    dp = DataParallel(
+        rank=ctx.get_world_rank(),
+        world_size=ctx.get_world_size(),
+        device=ray.train.torch.get_device(),
+        prepare_model=ray.train.torch.prepare_model,
+        report=report,
+        resume_from=resume,
+    )
+    local = Path(tempfile.mkdtemp(prefix=f"srdistill-train-rank{dp.rank}-"))
+    if resume is not None and dp.rank == 0 and (resume.parent / "log.jsonl").is_file():
+        shutil.copy2(resume.parent / "log.jsonl", local / "log.jsonl")  # keep the whole history
+    train_sr(config["cfg"], config["scale"], config["images"], local, progress=False, dp=dp)
+
+
+def train_ray(cfg: TrainConfig, scale: int, hr_images: list[str], out_dir: Path, *,
+              max_failures: int = 2) -> Path:  # fmt: skip
+    """Data-parallel ``train_sr`` on Ray Train: ``cfg.workers`` workers (gloo on CPU, NCCL with
+    ``cfg.use_gpu``), each sampling from its shard of ``hr_images`` with ``batch_size //
+    workers`` crops a step; gradients are all-reduced by DDP. Rank 0's checkpoints are
+    reported to Ray Train (kept under ``out_dir/ray_train``); a failed worker restarts the
+    group from the last one (up to ``max_failures`` times), and rerunning the same call resumes
+    from it. The final ``model.safetensors``, ``last.safetensors`` and ``log.jsonl`` are
+    copied into ``out_dir``.
+
+    Returns:
+        ``out_dir / "model.safetensors"``.
+
+    Raises:
+        ray.train.TrainingFailedError: the workers failed more than ``max_failures`` times.
+    """
+    import shutil
+    from pathlib import Path
+
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    out_dir = Path(out_dir).resolve()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    trainer = TorchTrainer(
+        _train_worker,
+        train_loop_config={"cfg": cfg, "scale": scale, "images": [str(p) for p in hr_images]},
+        scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.use_gpu,
+                                     resources_per_worker={"CPU": 1}),  # fmt: skip
+        run_config=RunConfig(
+            name="train",
+            storage_path=str(out_dir / "ray_train"),
+            failure_config=FailureConfig(max_failures=max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+        ),
+    )
+    result = trainer.fit()
+    with result.checkpoint.as_directory() as ckpt:
+        for name in ("model.safetensors", "last.safetensors", "log.jsonl"):
+            shutil.copy2(Path(ckpt) / name, out_dir / name)
+    return out_dir / "model.safetensors"

@@ -23,9 +23,12 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -40,6 +43,8 @@ from srdistill.config import TrainConfig
 from srdistill.models import ARCHS, build_model
 
 __all__ = [
+    "DataParallel",
+    "lr_at",
     "train_sr",
     "sample_batch",
     "save_checkpoint",
@@ -51,7 +56,8 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 _OPTIM_PREFIX = "__optimizer__."  # tensor-name prefix of the Adam state in last.safetensors
-_RESERVED = ("format", "arch", "scale", "model_kwargs", "optimizer_param_groups")
+_EMA_PREFIX = "__ema__."  # and of the EMA weights
+_RESERVED = ("format", "arch", "scale", "model_kwargs", "optimizer_param_groups", "ema_n_averaged")
 
 
 def resolve_device(device: str) -> torch.device:
@@ -131,11 +137,35 @@ def _load_images(paths: list[str | Path], min_side: int) -> tuple[list[np.ndarra
     return images, skipped
 
 
-def _lr_at(cfg: TrainConfig, step: int) -> float:
-    """Learning rate of the update after ``step`` done steps: halved every ``lr_decay_every``."""
-    if cfg.lr_decay_every is None:
-        return cfg.lr
-    return cfg.lr * 0.5 ** (step // cfg.lr_decay_every)
+def lr_at(cfg: TrainConfig, step: int) -> float:
+    """Learning rate of the update after ``step`` finished steps (``cfg.schedule``), >= ``lr_min``."""
+    if cfg.schedule == "cosine":
+        lr = cfg.lr_min + 0.5 * (cfg.lr - cfg.lr_min) * (1 + math.cos(math.pi * step / cfg.iterations))
+    elif cfg.schedule == "multistep":
+        lr = cfg.lr * 0.5 ** sum(step >= m for m in cfg.lr_milestones)
+    else:
+        lr = cfg.lr * 0.5 ** (step // cfg.lr_decay_every) if cfg.lr_decay_every else cfg.lr
+    return max(lr, cfg.lr_min)
+
+
+@dataclass(frozen=True)
+class DataParallel:
+    """What a data-parallel runner (``runner.train_ray``, Ray Train) hands to ``train_sr``.
+
+    The default is a single process. Worker ``rank`` of ``world_size`` samples its crops from
+    its shard ``hr_images[rank::world_size]`` with ``batch_size // world_size`` crops a step;
+    ``prepare_model`` wraps the network for gradient all-reduce (DDP); ``report`` receives the
+    metrics of every checkpoint step and, on rank 0, the directory holding ``last.safetensors``
+    (every rank must call it, as Ray Train requires); ``resume_from`` is a checkpoint file the
+    runner restored.
+    """
+
+    rank: int = 0
+    world_size: int = 1
+    device: torch.device | None = None
+    prepare_model: Callable[[nn.Module], nn.Module] | None = None
+    report: Callable[[dict, Path | None], None] | None = None
+    resume_from: Path | None = None
 
 
 def train_sr(
@@ -145,16 +175,19 @@ def train_sr(
     out_dir: Path,
     *,
     progress: bool = True,
+    dp: DataParallel = DataParallel(),
 ) -> Path:
     """Train ``cfg.model`` at ``scale`` on HR images; resume from ``out_dir/last.safetensors``.
 
     Each step draws ``cfg.batch_size`` HR crops of ``cfg.lr_patch * scale`` pixels (see
     ``sample_batch``), makes their LR by MATLAB bicubic, and takes one Adam step (betas
-    0.9/0.999, eps 1e-8, lr ``cfg.lr``, halved every ``cfg.lr_decay_every`` steps if set) on the
-    L1 loss between ``model(LR)`` and HR, both float32 in [0, 1] (EDSR's recipe, arXiv:1707.02921
-    §4). Weights are initialised from ``torch.manual_seed(cfg.seed)`` and crops drawn from
-    ``np.random.default_rng(cfg.seed)``; a resumed run restores the Adam and sampler state, so
-    it ends with the same weights as an uninterrupted one (on the same device and threads).
+    0.9/0.999, eps 1e-8, lr from ``lr_at``) on the L1 loss between ``model(LR)`` and HR, both
+    float32 in [0, 1] (EDSR's recipe, arXiv:1707.02921 §4), with optional gradient-norm
+    clipping, an EMA of the weights (which is then the saved model), periodic PSNR on
+    ``cfg.val_dataset`` and bf16/fp16 autocast on CUDA. Weights are initialised from
+    ``torch.manual_seed(cfg.seed)`` and crops drawn from ``np.random.default_rng(cfg.seed)``
+    (plus the worker rank); a resumed run restores the Adam, EMA and sampler state, so it ends
+    with the same weights as an uninterrupted one (on the same device and threads).
 
     Args:
         cfg: training settings.
@@ -162,8 +195,9 @@ def train_sr(
         hr_images: HR image files; those smaller than the HR crop are skipped with a warning
             (recorded in the model metadata as ``skipped_images``).
         out_dir: created if missing; holds ``model.safetensors``, ``last.safetensors``,
-            ``log.jsonl``.
-        progress: show a tqdm progress bar.
+            ``log.jsonl`` (rank 0).
+        progress: show a tqdm progress bar (rank 0).
+        dp: data-parallel context (see ``DataParallel``); one process by default.
 
     Returns:
         ``out_dir / "model.safetensors"``.
@@ -174,9 +208,11 @@ def train_sr(
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    device = resolve_device(cfg.device)
+    device = dp.device or resolve_device(cfg.device)
+    lead = dp.rank == 0
     hr_size = cfg.lr_patch * scale
-    images, skipped = _load_images(list(hr_images), hr_size)
+    shard = list(hr_images)[dp.rank :: dp.world_size] or list(hr_images)  # distributed
+    images, skipped = _load_images(shard, hr_size)
     if not images:
         raise ValueError(
             f"no training image is at least {hr_size}x{hr_size} (lr_patch {cfg.lr_patch} x scale "
@@ -184,90 +220,107 @@ def train_sr(
         )
 
     torch.manual_seed(cfg.seed)
-    rng = np.random.default_rng(cfg.seed)
-    model = build_model(cfg.model, scale).to(device)
-    model_kwargs = {k: v for k, v in model.config.items() if k != "scale"}
-    trainable = [p for p in model.parameters() if p.requires_grad]  # EDSR's mean shifts are frozen
+    rng = np.random.default_rng([cfg.seed, dp.rank])
+    net = build_model(cfg.model, scale).to(device)
+    model = dp.prepare_model(net) if dp.prepare_model else net  # distributed: DDP wrapper
+    model_kwargs = {k: v for k, v in net.config.items() if k != "scale"}
+    trainable = [p for p in net.parameters() if p.requires_grad]  # EDSR's mean shifts are frozen
     optimizer = torch.optim.Adam(trainable, lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8)
+    ema = None
+    if cfg.ema_decay is not None:
+        ema = torch.optim.swa_utils.AveragedModel(
+            net, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(cfg.ema_decay)
+        )
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp)
+    if amp_dtype is not None and device.type != "cuda":
+        log.warning("amp=%s applies on CUDA only; training in float32 on %s", cfg.amp, device)
+        amp_dtype = None
+    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
 
     step = 0
     last = out_dir / "last.safetensors"
-    if last.exists():
-        step, rng_state = _resume(last, model, optimizer, arch=cfg.model, scale=scale)
-        rng.bit_generator.state = rng_state
-        log.info("resuming %s from step %d", last, step)
-        if step > cfg.iterations:
-            log.warning("%s is at step %d, beyond iterations=%d", last, step, cfg.iterations)
+    resume = dp.resume_from if dp.resume_from is not None else last
+    if resume.exists():
+        step, rng_state = _resume(resume, net, optimizer, ema, arch=cfg.model, scale=scale)
+        if dp.world_size == 1:
+            rng.bit_generator.state = rng_state  # per-rank samplers restart from the step seed
+        else:
+            rng = np.random.default_rng([cfg.seed, dp.rank, step])
+        log.info("resuming %s from step %d", resume, step)
+
+    final = out_dir / "model.safetensors"
 
     def checkpoint() -> None:
-        extra = {
-            "step": step,
-            "rng_state": rng.bit_generator.state,
-            "train_config": cfg.model_dump(mode="json"),
-        }
-        save_checkpoint(
-            model,
-            last,
-            arch=cfg.model,
-            scale=scale,
-            model_kwargs=model_kwargs,
-            extra=extra,
-            optimizer=optimizer,
-        )
+        extra = {"step": step, "rng_state": rng.bit_generator.state,
+                 "train_config": cfg.model_dump(mode="json")}  # fmt: skip
+        save_checkpoint(net, last, arch=cfg.model, scale=scale, model_kwargs=model_kwargs,
+                        extra=extra, optimizer=optimizer, ema=ema)  # fmt: skip
+        if step >= cfg.iterations:  # the trained network (the EMA if kept)
+            extra = {"step": step, "train_config": cfg.model_dump(mode="json"), "ema": ema is not None,
+                     "n_train_images": len(images), "skipped_images": skipped}  # fmt: skip
+            save_checkpoint(ema.module if ema else net, final, arch=cfg.model, scale=scale,
+                            model_kwargs=model_kwargs, extra=extra)  # fmt: skip
 
     model.train()
-    bar = tqdm(
-        total=cfg.iterations,
-        initial=min(step, cfg.iterations),
-        disable=not progress,
-        desc=f"train {cfg.model} x{scale}",
-    )
+    bar = tqdm(total=cfg.iterations, initial=min(step, cfg.iterations), disable=not (progress and lead),
+               desc=f"train {cfg.model} x{scale}")  # fmt: skip
     t0, loss_sum, loss_n = time.perf_counter(), 0.0, 0
-    with open(out_dir / "log.jsonl", "a") as log_file:
+    metrics: dict = {}
+    log_file = open(out_dir / "log.jsonl", "a") if lead else None
+    try:
         while step < cfg.iterations:
-            lr_now = _lr_at(cfg, step)
+            lr_now = lr_at(cfg, step)
             for group in optimizer.param_groups:
                 group["lr"] = lr_now
-            lr_np, hr_np = sample_batch(
-                images, rng, batch_size=cfg.batch_size, hr_size=hr_size, scale=scale
-            )
+            lr_np, hr_np = sample_batch(images, rng, batch_size=cfg.batch_size // dp.world_size,
+                                        hr_size=hr_size, scale=scale)  # fmt: skip
             lr_t = to_tensor(lr_np, device)  # (B, 3, p, p) float32 in [0, 1]
             hr_t = to_tensor(hr_np, device)  # (B, 3, s*p, s*p)
-            loss = F.l1_loss(model(lr_t), hr_t)
+            with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+                loss = F.l1_loss(model(lr_t).float(), hr_t)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            scaler.scale(loss).backward()
+            if cfg.grad_clip is not None:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+            if ema is not None:
+                ema.update_parameters(net)
             step += 1
             bar.update(1)
             loss_sum, loss_n = loss_sum + loss.item(), loss_n + 1
 
             if step % cfg.log_every == 0 or step == cfg.iterations:
-                record = {
-                    "step": step,
-                    "loss": loss_sum / loss_n,
-                    "lr": lr_now,
-                    "elapsed_s": time.perf_counter() - t0,
-                }
-                log_file.write(json.dumps(record) + "\n")
-                log_file.flush()
-                bar.set_postfix(loss=f"{record['loss']:.4f}")
-                log.info("step %d  L1 %.5f  lr %.2e", step, record["loss"], lr_now)
+                metrics = {"step": step, "loss": loss_sum / loss_n, "lr": lr_now,
+                           "elapsed_s": time.perf_counter() - t0}  # fmt: skip
                 loss_sum, loss_n = 0.0, 0
+                if lead and cfg.val_every and (step % cfg.val_every == 0 or step == cfg.iterations):
+                    metrics["val_psnr_y"] = _validate(ema.module if ema else net, cfg, scale, device)
+                if log_file:
+                    log_file.write(json.dumps(metrics) + "\n")
+                    log_file.flush()
+                bar.set_postfix({k: f"{v:.4g}" for k, v in metrics.items() if k in ("loss", "val_psnr_y")})
             if step % cfg.checkpoint_every == 0 or step == cfg.iterations:
-                checkpoint()
-    bar.close()
+                if lead:
+                    checkpoint()
+                if dp.report:  # distributed: every rank reports, rank 0 with the checkpoint
+                    dp.report({**metrics, "step": step}, out_dir if lead else None)
+    finally:
+        bar.close()
+        if log_file:
+            log_file.close()
 
-    final = out_dir / "model.safetensors"
-    extra = {
-        "step": step,
-        "train_config": cfg.model_dump(mode="json"),
-        "n_train_images": len(images),
-        "skipped_images": skipped,
-    }
-    save_checkpoint(
-        model, final, arch=cfg.model, scale=scale, model_kwargs=model_kwargs, extra=extra
-    )
+    if lead and not final.exists():  # resumed at or past the last step: nothing ran
+        checkpoint()
     return final
+
+
+def _validate(net: nn.Module, cfg: TrainConfig, scale: int, device: torch.device) -> float:
+    """Mean PSNR on Y (dB) of ``net`` on ``cfg.val_dataset`` (the evaluation protocol)."""
+    from .evaluation import evaluate  # evaluation imports this module
+
+    return evaluate(net, cfg.val_dataset, scale, device=str(device.type))["psnr_y"]
 
 
 # --------------------------------------------------------------------------- checkpoints
@@ -282,12 +335,14 @@ def save_checkpoint(
     model_kwargs: dict,
     extra: dict | None = None,
     optimizer: torch.optim.Optimizer | None = None,
+    ema: torch.optim.swa_utils.AveragedModel | None = None,
 ) -> None:
     """Write ``model``'s state dict to a safetensors file, atomically (temp file + ``os.replace``).
 
     Metadata (all strings): ``arch``, ``scale``, ``model_kwargs`` (JSON) and every key of
     ``extra`` as JSON. With ``optimizer`` its tensors are stored under ``__optimizer__.*`` and
-    its ``param_groups`` as JSON, so training can resume from the file.
+    its ``param_groups`` as JSON, and with ``ema`` the averaged weights under ``__ema__.*``, so
+    training can resume from the file.
 
     Args:
         model: a network of ``ARCHS[arch]``.
@@ -323,6 +378,10 @@ def save_checkpoint(
                     torch.as_tensor(value).detach().cpu().contiguous()
                 )
         metadata["optimizer_param_groups"] = json.dumps(state["param_groups"])
+    if ema is not None:
+        for k, v in ema.module.state_dict().items():
+            tensors[f"{_EMA_PREFIX}{k}"] = v.detach().cpu().contiguous()
+        metadata["ema_n_averaged"] = str(int(ema.n_averaged))
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
     save_file(tensors, str(tmp), metadata=metadata)
@@ -372,7 +431,7 @@ def load_checkpoint(
     meta = {
         k: json.loads(v)
         for k, v in raw.items()
-        if k not in ("format", "arch", "optimizer_param_groups")
+        if k not in ("format", "arch", "optimizer_param_groups", "ema_n_averaged")
     }
     meta["arch"] = raw["arch"]
     meta["scale"] = int(raw["scale"])
@@ -381,7 +440,7 @@ def load_checkpoint(
             f"checkpoint {str(path)!r}: arch {meta['arch']!r} is not one of {sorted(ARCHS)}"
         )
     model = build_model(meta["arch"], meta["scale"], **meta["model_kwargs"])
-    weights = {k: v for k, v in tensors.items() if not k.startswith(_OPTIM_PREFIX)}
+    weights = {k: v for k, v in tensors.items() if not k.startswith("__")}  # no training state
     try:
         model.load_state_dict(weights, strict=True)
     except RuntimeError as exc:
@@ -390,9 +449,15 @@ def load_checkpoint(
 
 
 def _resume(
-    path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, *, arch: str, scale: int
+    path: Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    ema: torch.optim.swa_utils.AveragedModel | None,
+    *,
+    arch: str,
+    scale: int,
 ) -> tuple[int, dict]:
-    """Load weights and optimizer state of ``last.safetensors`` in place; return (step, rng)."""
+    """Load weights, optimizer and EMA state of ``last.safetensors`` in place; return (step, rng)."""
     tensors, raw = _read(path)
     if raw["arch"] != arch or int(raw["scale"]) != scale:
         raise ValueError(
@@ -403,9 +468,13 @@ def _resume(
         raise ValueError(
             f"{str(path)!r} has no training state (step, optimizer, rng_state) to resume from"
         )
-    model.load_state_dict(
-        {k: v for k, v in tensors.items() if not k.startswith(_OPTIM_PREFIX)}, strict=True
-    )
+    model.load_state_dict({k: v for k, v in tensors.items() if not k.startswith("__")}, strict=True)
+    if ema is not None:
+        if "ema_n_averaged" not in raw:
+            raise ValueError(f"{str(path)!r} was trained without EMA; cannot resume with ema_decay set")
+        n = len(_EMA_PREFIX)
+        ema.module.load_state_dict({k[n:]: v for k, v in tensors.items() if k.startswith(_EMA_PREFIX)})
+        ema.n_averaged.fill_(int(raw["ema_n_averaged"]))
     state: dict[int, dict] = {}
     for key, value in tensors.items():
         if key.startswith(_OPTIM_PREFIX):

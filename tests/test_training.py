@@ -175,3 +175,68 @@ def test_resume_refuses_other_arch(tmp_path):
 def test_lr_step_decay_is_logged(tmp_path):
     train_sr(_tiny_cfg(iterations=5, lr=1e-3, lr_decay_every=2), 2, FILES, tmp_path, progress=False)
     assert [r["lr"] for r in _log(tmp_path)] == [1e-3, 1e-3, 5e-4, 5e-4, 2.5e-4]
+
+
+def test_lr_schedules():
+    from srdistill.training import lr_at
+
+    cos = _tiny_cfg(iterations=100, lr=1e-3, schedule="cosine", lr_min=1e-5)
+    assert lr_at(cos, 0) == pytest.approx(1e-3) and lr_at(cos, 50) == pytest.approx(5.05e-4)
+    assert lr_at(cos, 100) == pytest.approx(1e-5)
+    multi = _tiny_cfg(iterations=100, lr=2e-4, schedule="multistep", lr_milestones=(10, 20))
+    assert [lr_at(multi, s) for s in (9, 10, 19, 20, 99)] == [2e-4, 1e-4, 1e-4, 5e-5, 5e-5]
+    floor = _tiny_cfg(lr=4e-4, lr_decay_every=10, lr_min=1e-4)
+    assert [lr_at(floor, s) for s in (0, 10, 20, 30)] == [4e-4, 2e-4, 1e-4, 1e-4]
+    with pytest.raises(ValueError, match="increasing"):
+        _tiny_cfg(schedule="multistep", lr_milestones=(20, 10))
+
+
+def test_recipes_cover_every_network():
+    from srdistill.config import RECIPES, load_config
+    from srdistill.models import ARCHS
+
+    assert set(RECIPES) == set(ARCHS)
+    for name in ARCHS:
+        cfg = load_config(overrides=[f"train.model={name}", "train.iterations=5"], recipe=True).train
+        assert cfg.iterations == 5  # explicit options win over the recipe
+        assert {k: getattr(cfg, k) for k in RECIPES[name] if k != "iterations"} == {
+            k: v for k, v in RECIPES[name].items() if k != "iterations"
+        }
+    assert load_config(overrides=["train.model=swinir-light"], recipe=True).train.lr_patch == 64
+
+
+def test_ema_is_the_saved_model_and_resumes_exactly(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    train_sr(_tiny_cfg(iterations=6, ema_decay=0.5), 2, FILES, a, progress=False)
+    train_sr(_tiny_cfg(iterations=3, ema_decay=0.5), 2, FILES, b, progress=False)
+    train_sr(_tiny_cfg(iterations=6, ema_decay=0.5), 2, FILES, b, progress=False)
+    straight, meta = load_checkpoint(a / "model.safetensors")
+    resumed, _ = load_checkpoint(b / "model.safetensors")
+    raw, _ = load_checkpoint(a / "last.safetensors")  # the raw weights of the last step
+    assert meta["ema"] is True
+    for (k, x), y, z in zip(straight.state_dict().items(), resumed.state_dict().values(), raw.state_dict().values()):
+        torch.testing.assert_close(x, y, rtol=0, atol=0, msg=k)
+    assert any(not torch.equal(x, z) for x, z in zip(straight.state_dict().values(), raw.state_dict().values()))
+    train_sr(_tiny_cfg(iterations=2), 2, FILES, tmp_path / "c", progress=False)
+    with pytest.raises(ValueError, match="without EMA"):
+        train_sr(_tiny_cfg(iterations=4, ema_decay=0.5), 2, FILES, tmp_path / "c", progress=False)
+
+
+def test_grad_clip_and_cpu_amp_fallback(tmp_path, caplog):
+    plain = load_checkpoint(train_sr(_tiny_cfg(iterations=3), 2, FILES, tmp_path / "p", progress=False))[0]
+    clipped = load_checkpoint(train_sr(_tiny_cfg(iterations=3, grad_clip=1e-9), 2, FILES, tmp_path / "c",
+                                       progress=False))[0]  # fmt: skip
+    assert any(not torch.equal(x, y) for x, y in zip(plain.state_dict().values(), clipped.state_dict().values()))
+    with caplog.at_level("WARNING"):
+        amp = load_checkpoint(train_sr(_tiny_cfg(iterations=3, amp="bf16"), 2, FILES, tmp_path / "a",
+                                       progress=False))[0]  # fmt: skip
+    assert "CUDA only" in caplog.text
+    for x, y in zip(plain.state_dict().values(), amp.state_dict().values()):
+        torch.testing.assert_close(x, y, rtol=0, atol=0)  # float32 on the CPU, as without amp
+
+
+def test_periodic_validation_on_set5(tmp_path):
+    train_sr(_tiny_cfg(iterations=2, val_every=2, log_every=1), 2, FILES, tmp_path, progress=False)
+    log = _log(tmp_path)
+    assert "val_psnr_y" not in log[0]
+    assert 30.0 < log[1]["val_psnr_y"] < 40.0  # ESPCN starts as (torch) bicubic: about 33 dB

@@ -11,17 +11,27 @@ from torch import nn
 
 from srdistill.models.edsr import EDSR
 from srdistill.models.espcn import ESPCN
+from srdistill.models.mzsr import MZSRNet
+from srdistill.models.rcan import RCAN
+from srdistill.models.swinir import SwinIR
 
-__all__ = ["ARCHS", "EDSR", "ESPCN", "build_model"]
+__all__ = ["ARCHS", "EDSR", "ESPCN", "MZSRNet", "RCAN", "SwinIR", "build_model"]
 
-ARCHS: dict[str, type[nn.Module]] = {"edsr-baseline": EDSR, "espcn": ESPCN}
+ARCHS: dict[str, type[nn.Module]] = {
+    "edsr-baseline": EDSR,
+    "espcn": ESPCN,
+    "rcan": RCAN,
+    "swinir-light": SwinIR,
+    "mzsr": MZSRNet,
+}
 
 
 def build_model(name: str, scale: int, **kwargs) -> nn.Module:
     """Instantiate ``ARCHS[name](scale, **kwargs)``.
 
     Args:
-        name: a key of ``ARCHS`` (``"edsr-baseline"``, ``"espcn"``).
+        name: a key of ``ARCHS`` (``"edsr-baseline"``, ``"espcn"``, ``"rcan"``,
+            ``"swinir-light"``, ``"mzsr"``).
         scale: upscaling factor.
         **kwargs: constructor kwargs of that network (e.g. ``n_resblocks`` for EDSR).
 
