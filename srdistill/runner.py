@@ -12,7 +12,10 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import sys
+import tempfile
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -160,10 +163,6 @@ def embed_patches_ray(table: pa.Table, cfg: EmbedConfig, source: "ClipSource") -
 def _train_worker(config: dict) -> None:
     """Ray Train's per-worker loop: ``training.train_sr`` with this worker's rank, device, DDP
     wrapper, checkpoint reporting and restored checkpoint."""
-    import shutil
-    import tempfile
-    from pathlib import Path
-
     import ray.train
     import ray.train.torch
 
@@ -207,9 +206,6 @@ def train_ray(cfg: TrainConfig, scale: int, hr_images: list[str], out_dir: Path,
     Raises:
         ray.train.TrainingFailedError: the workers failed more than ``max_failures`` times.
     """
-    import shutil
-    from pathlib import Path
-
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
