@@ -16,6 +16,7 @@ Pure functions over numpy/pyarrow; no Ray here (``runner.py`` streams them over 
 from __future__ import annotations
 
 import hashlib
+import os
 from pathlib import Path
 from typing import Literal
 
@@ -76,7 +77,7 @@ def list_images(root: str | Path, extensions: tuple[str, ...]) -> tuple[list[str
     for p in sorted(root.rglob("*")):
         if p.is_file():
             if p.suffix.lower() in exts:
-                paths.append(str(p.resolve()))
+                paths.append(str(p.absolute()))  # symlinks kept: ids stay relative to root
             else:
                 ignored += 1
     return paths, ignored
@@ -222,7 +223,7 @@ def mine_image(path: str, cfg: MineConfig, *, root: str | None = None) -> list[d
     except ImageReadError as exc:
         return [_skip_row(path, exc.reason)]
     h, w = img.shape[:2]
-    key = Path(path).relative_to(root).as_posix() if root else path
+    key = Path(os.path.relpath(path, root)).as_posix() if root else path
     gray = to_gray(img)
     positions = patch_positions(w, h, size, stride)
     psnr_bic, grad = score_patches(

@@ -30,7 +30,8 @@ from .mining import MINED_SCHEMA, mine_images
 if TYPE_CHECKING:  # torch/transformers are imported only by the embedding actors
     from .embedding import ClipSource
 
-__all__ = ["init_ray", "shutdown_ray", "map_images", "mine_corpus", "embed_patches_ray", "train_ray"]
+__all__ = ["init_ray", "shutdown_ray", "map_images", "mine_corpus", "embed_patches_ray", "train_ray",
+           "map_tasks"]
 
 
 def init_ray(cfg: RayConfig) -> None:
@@ -228,3 +229,26 @@ def train_ray(cfg: TrainConfig, scale: int, hr_images: list[str], out_dir: Path,
         for name in ("model.safetensors", "last.safetensors", "log.jsonl"):
             shutil.copy2(Path(ckpt) / name, out_dir / name)
     return out_dir / "model.safetensors"
+
+
+def _single_threaded(fn: Callable, item):
+    import torch
+
+    torch.set_num_threads(1)  # one task per CPU: small models run faster single-threaded
+    return fn(item)
+
+
+def map_tasks(fn: Callable, items: list, *, num_cpus: float = 1) -> list:
+    """``[fn(x) for x in items]`` as Ray tasks of ``num_cpus`` CPUs each (one torch thread),
+    as many at once as the cluster has CPUs; results in input order. ``fn`` must be importable
+    (a module-level function)."""
+    import ray
+
+    task = ray.remote(num_cpus=num_cpus)(_single_threaded)
+    refs = [task.remote(fn, x) for x in items]
+    out = []
+    with _progress(len(refs), "tasks", "task") as bar:
+        for ref in refs:
+            out.append(ray.get(ref))
+            bar.update(1)
+    return out

@@ -1,0 +1,233 @@
+"""The distillation benchmark: how well does a budgeted training set train an SR network?
+
+One corpus (by default the classic "291": T91 + BSD200), one network, the same number of
+training steps for every arm, several seeds, evaluation on Set5/Set14/B100 with the standard
+protocol. Arms:
+
+* ``full``: every corpus image (no selection): the reference the others are measured against;
+* ``random``: uniformly random patches;
+* ``psnr_bic-topk`` / ``grad-topk``: the globally hardest patches by one score;
+* ``clip-kmeans``: the pipeline's coreset (CLIP k-means groups, hardest first in each).
+
+Budgets: a fraction of the corpus' HR pixels (``"1%"``, ``"5%"``) or SRDD's images per
+cluster (``"ipc10"``: 10 x ``cluster.k`` patches). The selection arms draw from the same patch
+table (mined once); ``clip-kmeans`` from the patches its keep rule kept. Every (arm, budget,
+seed) result is saved as it finishes (``results/*.json``), so a killed benchmark resumes.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from .config import RunConfig, SelectConfig
+from .evaluation import evaluate, list_images, resolve_dataset
+from .pipeline import run_pipeline, write_json
+from .selection import budget_patches, export_distilled, select_patches
+from .training import load_checkpoint, train_sr
+
+ARMS = ("full", "random", "psnr_bic-topk", "grad-topk", "clip-kmeans")
+_SELECT = {  # arm -> (selection method, score)
+    "random": ("random", "psnr_bic"),
+    "psnr_bic-topk": ("score-topk", "psnr_bic"),
+    "grad-topk": ("score-topk", "grad"),
+    "clip-kmeans": ("clip-kmeans", "psnr_bic"),
+}
+
+
+@dataclass(frozen=True)
+class QualityBench:
+    """What to run. ``cfg`` supplies mining, embedding, clustering and training settings
+    (``cfg.train.iterations`` is the step budget of every arm, ``cfg.scale`` the scale)."""
+
+    cfg: RunConfig
+    corpus: tuple[str, ...] = ("T91", "BSD200")
+    arms: tuple[str, ...] = ARMS
+    budgets: tuple[str, ...] = ("1%", "5%", "ipc10")
+    seeds: tuple[int, ...] = (0, 1, 2)
+    datasets: tuple[str, ...] = ("Set5", "Set14", "B100")
+
+    def __post_init__(self):
+        bad = sorted(set(self.arms) - set(ARMS))
+        if bad:
+            raise ValueError(f"arms {bad} are not among {list(ARMS)}")
+        for b in self.budgets:
+            _parse_budget(b)
+
+
+def _parse_budget(budget: str) -> dict:
+    """``"5%"`` -> ``{"pixel_fraction": 0.05}``; ``"ipc10"`` -> ``{"ipc": 10}``.
+
+    Raises:
+        ValueError: anything else.
+    """
+    if m := re.fullmatch(r"(\d+(?:\.\d+)?)%", budget):
+        return {"pixel_fraction": float(m.group(1)) / 100}
+    if m := re.fullmatch(r"ipc(\d+)", budget):
+        return {"ipc": int(m.group(1))}
+    raise ValueError(f"budget {budget!r} is neither a percentage of pixels ('5%') nor 'ipcN'")
+
+
+def _link_corpus(names: tuple[str, ...], dest: Path) -> int:
+    """Symlink every image of the named datasets (names or folders) into one folder ``dest``."""
+    dest.mkdir(parents=True, exist_ok=True)
+    n = 0
+    for name in names:
+        folder = resolve_dataset(name)
+        prefix = folder.parent.name if folder.name == "HR" else folder.name
+        for f in list_images(folder):
+            link = dest / f"{prefix}_{f.name}"
+            if not link.exists():
+                link.symlink_to(f.resolve())
+            n += 1
+    return n
+
+
+def run_quality_bench(
+    bench: QualityBench,
+    out: Path,
+    *,
+    map_fn: Callable[[Callable[[dict], dict], list[dict]], object] = lambda f, jobs: [f(j) for j in jobs],
+    log: Callable[[str], None] = print,
+) -> list[dict]:
+    """Run every (arm, budget, seed) not yet in ``out/results`` and return all results.
+
+    ``map_fn(fn, jobs)`` runs ``train_and_evaluate`` over the pending jobs: in this process by
+    default, in parallel Ray tasks with ``runner.map_tasks``.
+
+    Returns:
+        One dict per run: ``arm``, ``budget``, ``seed``, ``patches`` (training images),
+        ``pixel_fraction`` (of the corpus), ``psnr_y``/``ssim_y`` per dataset, ``clip_semantic``.
+    """
+    out = Path(out).resolve()
+    n_images = _link_corpus(bench.corpus, out / "corpus")
+    log(f"corpus: {n_images} images from {', '.join(bench.corpus)}")
+    cfg = bench.cfg
+    manifest = run_pipeline(out / "corpus", out / "pipeline", cfg, until="cluster", log=log)
+    semantic = manifest.get("clip", {}).get("semantic")
+    corpus_pixels = manifest["stages"]["mine"]["counts"]["corpus_pixels"]
+    patches = pq.read_table(out / "pipeline" / "mine" / "patches.parquet")
+    clusters = pq.read_table(out / "pipeline" / "cluster" / "assignments.parquet")
+    kept = patches.filter(patches.column("kept")).join(clusters.select(["patch_id", "cluster"]), "patch_id")
+    every = patches.append_column("cluster", pa.array(np.full(patches.num_rows, -1, np.int32)))
+    k_used = manifest["stages"]["cluster"]["counts"]["k_used"]
+
+    (out / "results").mkdir(exist_ok=True)
+    jobs = []
+    for budget in bench.budgets:
+        for arm in bench.arms:
+            if arm == "full":
+                if budget != bench.budgets[0]:
+                    continue
+                images, frac = sorted((out / "corpus").iterdir()), 1.0
+            else:
+                method, score = _SELECT[arm]
+                sel_cfg = SelectConfig(method=method, score=score, seed=cfg.select.seed,
+                                       max_overlap=cfg.select.max_overlap, **_parse_budget(budget))  # fmt: skip
+                n_total = budget_patches(sel_cfg, n_clusters=k_used, corpus_pixels=corpus_pixels,
+                                         patch_size=cfg.mine.patch_size)  # fmt: skip
+                chosen = select_patches(kept if arm == "clip-kmeans" else every, sel_cfg, n_total=n_total)
+                images = export_distilled(chosen, out / "sets" / f"{arm}_{budget}")
+                frac = len(images) * cfg.mine.patch_size**2 / corpus_pixels
+            for seed in bench.seeds:
+                name = f"{arm}_{'all' if arm == 'full' else budget}_seed{seed}"
+                row = {"arm": arm, "budget": "all" if arm == "full" else budget, "seed": seed,
+                       "patches": len(images), "pixel_fraction": frac, "clip_semantic": semantic,
+                       "model": cfg.train.model, "iterations": cfg.train.iterations, "scale": cfg.scale}  # fmt: skip
+                jobs.append({"row": row, "images": [str(p) for p in images], "cfg": cfg,
+                             "datasets": bench.datasets, "out": str(out / "results" / f"{name}.json"),
+                             "model_dir": str(out / "models" / name)})  # fmt: skip
+    pending = [j for j in jobs if not Path(j["out"]).is_file()]
+    log(f"[bench] {len(jobs)} runs, {len(pending)} to do")
+    map_fn(train_and_evaluate, pending)
+    return [json.loads(Path(j["out"]).read_text()) for j in jobs]
+
+
+def train_and_evaluate(job: dict) -> dict:
+    """One benchmark run: train ``job["cfg"].train`` (seeded) on ``job["images"]``, evaluate on
+    ``job["datasets"]``, write the result row to ``job["out"]`` (atomically) and return it."""
+    cfg: RunConfig = job["cfg"]
+    train_cfg = cfg.train.model_copy(update={"seed": job["row"]["seed"]})
+    model_path = train_sr(train_cfg, cfg.scale, job["images"], Path(job["model_dir"]), progress=False)
+    model, _ = load_checkpoint(model_path)
+    evals = {d: evaluate(model, d, cfg.scale, device=cfg.evaluate.device) for d in job["datasets"]}
+    row = {**job["row"], "psnr_y": {d: e["psnr_y"] for d, e in evals.items()},
+           "ssim_y": {d: e["ssim_y"] for d, e in evals.items()}}  # fmt: skip
+    write_json(Path(job["out"]), row)
+    return row
+
+
+def summarize(results: list[dict], datasets: tuple[str, ...]) -> list[dict]:
+    """Mean and std over seeds per (arm, budget): ``psnr_y[dataset] = (mean, std)``, plus the
+    gap to ``full`` and the gain over ``random`` at the same budget (dB, mean over datasets)."""
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for r in results:
+        groups.setdefault((r["arm"], r["budget"]), []).append(r)
+    rows = []
+    for (arm, budget), rs in groups.items():
+        row = {"arm": arm, "budget": budget, "seeds": len(rs), "patches": rs[0]["patches"],
+               "pixel_fraction": rs[0]["pixel_fraction"], "psnr_y": {}, "ssim_y": {}}  # fmt: skip
+        for d in datasets:
+            p = [r["psnr_y"][d] for r in rs]
+            s = [r["ssim_y"][d] for r in rs]
+            row["psnr_y"][d] = (statistics.mean(p), statistics.stdev(p) if len(p) > 1 else 0.0)
+            row["ssim_y"][d] = (statistics.mean(s), statistics.stdev(s) if len(s) > 1 else 0.0)
+        row["mean_psnr"] = statistics.mean(row["psnr_y"][d][0] for d in datasets)
+        rows.append(row)
+    full = next((r["mean_psnr"] for r in rows if r["arm"] == "full"), None)
+    random = {r["budget"]: r["mean_psnr"] for r in rows if r["arm"] == "random"}
+    for r in rows:
+        r["gap_to_full"] = r["mean_psnr"] - full if full is not None else None
+        r["gain_over_random"] = r["mean_psnr"] - random[r["budget"]] if r["budget"] in random else None
+    order = {a: i for i, a in enumerate(ARMS)}
+    return sorted(rows, key=lambda r: (r["budget"] != "all", r["budget"], order[r["arm"]]))
+
+
+def markdown_table(rows: list[dict], datasets: tuple[str, ...]) -> str:
+    """The summary as a markdown table: PSNR mean +- std (dB) / SSIM mean per dataset."""
+    head = ["arm", "budget", "patches", "% pixels", *datasets, "gap to full (dB)", "vs random (dB)"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [r["arm"], r["budget"], str(r["patches"]), f"{100 * r['pixel_fraction']:.2f}"]
+        cells += [f"{r['psnr_y'][d][0]:.2f} ± {r['psnr_y'][d][1]:.2f} / {r['ssim_y'][d][0]:.4f}" for d in datasets]
+        cells += [f"{v:+.2f}" if v is not None else "" for v in (r["gap_to_full"], r["gain_over_random"])]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], datasets: tuple[str, ...], path: Path) -> None:
+    """PSNR vs budget (% of corpus pixels, log axis) per arm, one panel per dataset; ``full``
+    as a horizontal line. Error bars: std over seeds."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(datasets), figsize=(5 * len(datasets), 4), squeeze=False)
+    for ax, d in zip(axes[0], datasets):
+        for arm in ARMS:
+            pts = sorted((100 * r["pixel_fraction"], *r["psnr_y"][d]) for r in rows if r["arm"] == arm)
+            if not pts:
+                continue
+            if arm == "full":
+                ax.axhline(pts[0][1], color="k", ls="--", label="full (100%)")
+                continue
+            x, y, e = zip(*pts)
+            ax.errorbar(x, y, yerr=e, marker="o", capsize=3, label=arm)
+        ax.set_xscale("log")
+        ax.set_xlabel("training set, % of corpus pixels")
+        ax.set_ylabel("PSNR on Y (dB)")
+        ax.set_title(d)
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

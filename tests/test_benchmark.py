@@ -1,0 +1,62 @@
+"""``srdistill bench quality`` end to end at toy size: every arm, two budgets, two seeds."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+from typer.testing import CliRunner
+
+from conftest import T91
+from srdistill.benchmark import QualityBench, _parse_budget, run_quality_bench, summarize
+from srdistill.cli import app
+from srdistill.config import load_config
+
+pytestmark = pytest.mark.slow
+
+
+def test_budget_parsing():
+    assert _parse_budget("5%") == {"pixel_fraction": 0.05}
+    assert _parse_budget("0.5%") == {"pixel_fraction": 0.005}
+    assert _parse_budget("ipc10") == {"ipc": 10}
+    with pytest.raises(ValueError, match="neither"):
+        _parse_budget("10")
+    with pytest.raises(ValueError, match="arms"):
+        QualityBench(load_config("tiny"), arms=("full", "magic"))
+
+
+def test_quality_bench_runs_every_arm_and_resumes(tmp_path, ray_local):
+    corpus = tmp_path / "Tiny"
+    corpus.mkdir()
+    for f in sorted(T91.glob("*.png"))[:6]:
+        shutil.copy(f, corpus / f.name)
+    cfg = load_config("tiny", overrides=["embed.allow_random_init=true", "train.iterations=3"])
+    bench = QualityBench(cfg, corpus=(str(corpus),), budgets=("20%", "ipc1"), seeds=(0, 1), datasets=("Set5",))
+    results = run_quality_bench(bench, tmp_path / "bench", log=lambda s: None)
+    assert len(results) == 2 + 4 * 2 * 2  # full once per seed; 4 arms x 2 budgets x 2 seeds
+    by_arm = {(r["arm"], r["budget"]) for r in results}
+    assert ("full", "all") in by_arm and ("clip-kmeans", "ipc1") in by_arm and ("grad-topk", "20%") in by_arm
+    ipc = [r for r in results if r["budget"] == "ipc1"]
+    assert len({r["patches"] for r in ipc}) == 1  # every arm gets the same budget
+    assert all(20 < r["psnr_y"]["Set5"] < 45 for r in results)
+    assert all(r["clip_semantic"] is False for r in results)
+
+    rows = summarize(results, ("Set5",))
+    full = next(r for r in rows if r["arm"] == "full")
+    assert full["gap_to_full"] == 0 and full["seeds"] == 2
+    rnd = next(r for r in rows if r["arm"] == "random" and r["budget"] == "20%")
+    assert rnd["gain_over_random"] == 0
+
+    stamp = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "bench" / "results").iterdir()}
+    again = run_quality_bench(bench, tmp_path / "bench", log=lambda s: None)  # resumes: trains nothing
+    assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "bench" / "results").iterdir()} == stamp
+    assert json.dumps(again, sort_keys=True) == json.dumps(results, sort_keys=True)
+
+    r = CliRunner().invoke(app, ["bench", "quality", "--out", str(tmp_path / "bench"), "--preset", "tiny",
+                                 "--allow-random-init", "--iterations", "3", "--corpus", str(corpus),
+                                 "--budgets", "20%,ipc1", "--seeds", "0,1", "--datasets", "Set5"])  # fmt: skip
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "bench" / "quality.png").is_file()
+    text = (tmp_path / "bench" / "results.md").read_text()
+    assert "NOT semantic" in text and "| clip-kmeans | ipc1 |" in text
