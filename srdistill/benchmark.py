@@ -12,11 +12,13 @@ protocol. Arms:
 Budgets: a fraction of the corpus' HR pixels (``"1%"``, ``"5%"``) or SRDD's images per
 cluster (``"ipc10"``: 10 x ``cluster.k`` patches). The selection arms draw from the same patch
 table (mined once); ``clip-kmeans`` from the patches its keep rule kept. Every (arm, budget,
-seed) result is saved as it finishes (``results/*.json``), so a killed benchmark resumes.
+seed) result is saved as it finishes (``results/<training-config hash>/*.json``), so a killed
+benchmark resumes, and a changed training setting never reuses old results.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import statistics
@@ -120,7 +122,9 @@ def run_quality_bench(
     every = patches.append_column("cluster", pa.array(np.full(patches.num_rows, -1, np.int32)))
     k_used = manifest["stages"]["cluster"]["counts"]["k_used"]
 
-    (out / "results").mkdir(exist_ok=True)
+    # results are kept per training setting: another step budget or network never reuses them
+    tag = hashlib.sha256(f"{cfg.stage_json('train')}|{bench.datasets}".encode()).hexdigest()[:10]
+    (out / "results" / tag).mkdir(parents=True, exist_ok=True)
     jobs = []
     for budget in bench.budgets:
         for arm in bench.arms:
@@ -143,8 +147,8 @@ def run_quality_bench(
                        "patches": len(images), "pixel_fraction": frac, "clip_semantic": semantic,
                        "model": cfg.train.model, "iterations": cfg.train.iterations, "scale": cfg.scale}  # fmt: skip
                 jobs.append({"row": row, "images": [str(p) for p in images], "cfg": cfg,
-                             "datasets": bench.datasets, "out": str(out / "results" / f"{name}.json"),
-                             "model_dir": str(out / "models" / name)})  # fmt: skip
+                             "datasets": bench.datasets, "out": str(out / "results" / tag / f"{name}.json"),
+                             "model_dir": str(out / "models" / tag / name)})  # fmt: skip
     pending = [j for j in jobs if not Path(j["out"]).is_file()]
     log(f"[bench] {len(jobs)} runs, {len(pending)} to do")
     map_fn(train_and_evaluate, pending)

@@ -156,6 +156,7 @@ def bench_quality(
     model: Optional[str] = typer.Option(None, "--model", help="the network every arm trains"),
     scale: Optional[int] = typer.Option(None, "--scale", help="SR scale (2 by default; 4 as an option)"),
     iterations: Optional[int] = typer.Option(None, "--iterations", help="training steps of every arm"),
+    recipe: bool = typer.Option(False, "--recipe", help="the network's published training settings"),
     arms: Optional[str] = typer.Option(None, "--arms", help="comma-separated (default: all)"),
     budgets: Optional[str] = typer.Option(None, "--budgets", help="pixel % and/or ipcN (1%,5%,ipc10)"),
     seeds: Optional[str] = typer.Option(None, "--seeds", help="training seeds (0,1,2)"),
@@ -171,7 +172,7 @@ def bench_quality(
     extra = [f"train.model={model}"] * bool(model) + [f"scale={scale}"] * bool(scale)
     extra += [f"train.iterations={iterations}"] * bool(iterations)
     extra += ["embed.allow_random_init=true"] * allow_random_init
-    cfg = _config(preset, config, [*overrides, *extra])
+    cfg = _config(preset, config, [*overrides, *extra], recipe=recipe)
     given = {"corpus": corpus, "arms": arms, "budgets": budgets, "datasets": datasets}
     options = {k: _csv(v) for k, v in given.items() if v is not None}
     if seeds is not None:

@@ -48,9 +48,9 @@ def test_quality_bench_runs_every_arm_and_resumes(tmp_path, ray_local):
     rnd = next(r for r in rows if r["arm"] == "random" and r["budget"] == "20%")
     assert rnd["gain_over_random"] == 0
 
-    stamp = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "bench" / "results").iterdir()}
+    stamp = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "bench" / "results").rglob("*.json")}
     again = run_quality_bench(bench, tmp_path / "bench", log=lambda s: None)  # resumes: trains nothing
-    assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "bench" / "results").iterdir()} == stamp
+    assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "bench" / "results").rglob("*.json")} == stamp
     assert json.dumps(again, sort_keys=True) == json.dumps(results, sort_keys=True)
 
     r = CliRunner().invoke(app, ["bench", "quality", "--out", str(tmp_path / "bench"), "--preset", "tiny",
@@ -60,3 +60,9 @@ def test_quality_bench_runs_every_arm_and_resumes(tmp_path, ray_local):
     assert (tmp_path / "bench" / "quality.png").is_file()
     text = (tmp_path / "bench" / "results.md").read_text()
     assert "NOT semantic" in text and "| clip-kmeans | ipc1 |" in text
+    assert len(list((tmp_path / "bench" / "results").rglob("*.json"))) == len(results)  # reused
+
+    other = QualityBench(cfg.model_copy(update={"train": cfg.train.model_copy(update={"iterations": 4})}),
+                         corpus=(str(corpus),), arms=("full",), budgets=("ipc1",), seeds=(0,), datasets=("Set5",))
+    fresh = run_quality_bench(other, tmp_path / "bench", log=lambda s: None)
+    assert fresh[0]["iterations"] == 4  # another step budget: trained anew, not the 3-step result
