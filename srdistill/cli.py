@@ -102,7 +102,10 @@ def train(
 
 @app.command("eval")
 def eval_(
-    model: str = typer.Option("bicubic", "--model", help="'bicubic' or a .safetensors checkpoint"),
+    model: str = typer.Option("bicubic", "--model",
+                              help="'bicubic', a srdistill .safetensors checkpoint, or with --weights "
+                              "a network name (edsr-baseline, rcan, swinir-light, ...)"),  # fmt: skip
+    weights: Optional[Path] = typer.Option(None, "--weights", help="official released weights of --model"),
     datasets: list[str] = typer.Option(
         ..., "--dataset", help="HR folder or benchmark name (Set5, Set14, B100); repeatable"
     ),
@@ -112,11 +115,17 @@ def eval_(
 ) -> None:
     """PSNR/SSIM on Y (border = scale) of bicubic or a trained checkpoint."""
     from .evaluation import evaluate, format_table
-    from .training import load_checkpoint
+    from .training import load_checkpoint, load_released_weights
 
     label = "bicubic"
     net = "bicubic"
-    if model != "bicubic":
+    if weights is not None:
+        try:
+            net = load_released_weights(model, scale, weights)
+        except (FileNotFoundError, ValueError) as exc:
+            _fail(str(exc))
+        label = f"{model} ({weights.name})"
+    elif model != "bicubic":
         try:
             net, meta = load_checkpoint(model)
         except (FileNotFoundError, ValueError) as exc:
@@ -164,6 +173,9 @@ def bench_quality(
     datasets: Optional[str] = typer.Option(None, "--datasets", help="evaluation sets (Set5,Set14,B100)"),
     allow_random_init: bool = typer.Option(False, "--allow-random-init",
                                            help="random-init CLIP for clip-kmeans (NOT semantic)"),  # fmt: skip
+    gpus_per_run: float = typer.Option(0.0, "--gpus-per-run",
+                                       help="GPUs per training run (e.g. 0.25: four share a GPU); "
+                                       "set train.device=cuda too"),  # fmt: skip
 ) -> None:
     """Distillation benchmark: arms x budgets x seeds, same step budget, PSNR/SSIM table + plot."""
     from . import runner
@@ -180,7 +192,9 @@ def bench_quality(
     try:
         bench = QualityBench(cfg, **options)
         runner.init_ray(cfg.ray)
-        results = run_quality_bench(bench, out, map_fn=runner.map_tasks)
+        results = run_quality_bench(
+            bench, out, map_fn=lambda f, jobs: runner.map_tasks(f, jobs, num_gpus=gpus_per_run)
+        )
     except (FileNotFoundError, ValueError, RuntimeError) as exc:
         _fail(str(exc))
     rows = summarize(results, bench.datasets)

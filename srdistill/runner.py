@@ -1,8 +1,10 @@
 """The thin Ray layer: every Ray call in srdistill lives in this module.
 
-The algorithms (``mining``, ``embedding``, ...) are plain functions over numpy/pyarrow; this
-module streams them over a corpus with Ray Data. Ray's API moves between releases, so keeping
-it here keeps the rest of the code stable (pinned: ray==2.60).
+The algorithms (``mining``, ``embedding``, ``training``, ...) are plain functions over
+numpy/pyarrow/torch; this module runs them on Ray: Ray Data streams mining and embedding over a
+corpus, Ray Train runs the SR training loop data-parallel, and plain Ray tasks run independent
+benchmark trainings side by side. Ray's API moves between releases, so keeping it here keeps
+the rest of the code stable (pinned: ray==2.60).
 
 Embedded default: ``init_ray`` starts a local Ray in-process. Under ``ray job submit`` (or with
 ``RayConfig.address``) it joins the running cluster instead.
@@ -16,13 +18,12 @@ import shutil
 import sys
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 from tqdm.auto import tqdm
-
-from typing import TYPE_CHECKING, Callable
 
 from .config import EmbedConfig, MineConfig, RayConfig, TrainConfig
 from .mining import MINED_SCHEMA, mine_images
@@ -238,13 +239,14 @@ def _single_threaded(fn: Callable, item):
     return fn(item)
 
 
-def map_tasks(fn: Callable, items: list, *, num_cpus: float = 1) -> list:
-    """``[fn(x) for x in items]`` as Ray tasks of ``num_cpus`` CPUs each (one torch thread),
-    as many at once as the cluster has CPUs; results in input order. ``fn`` must be importable
-    (a module-level function)."""
+def map_tasks(fn: Callable, items: list, *, num_cpus: float = 1, num_gpus: float = 0) -> list:
+    """``[fn(x) for x in items]`` as Ray tasks of ``num_cpus`` CPUs (one torch thread) and
+    ``num_gpus`` GPUs each (a fraction lets several small trainings share a GPU), as many at
+    once as the cluster holds; results in input order. ``fn`` must be importable (a
+    module-level function)."""
     import ray
 
-    task = ray.remote(num_cpus=num_cpus)(_single_threaded)
+    task = ray.remote(num_cpus=num_cpus, num_gpus=num_gpus)(_single_threaded)
     refs = [task.remote(fn, x) for x in items]
     out = []
     with _progress(len(refs), "tasks", "task") as bar:

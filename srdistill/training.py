@@ -49,6 +49,7 @@ __all__ = [
     "sample_batch",
     "save_checkpoint",
     "load_checkpoint",
+    "load_released_weights",
     "resolve_device",
     "to_tensor",
 ]
@@ -446,6 +447,45 @@ def load_checkpoint(
     except RuntimeError as exc:
         raise ValueError(f"checkpoint {str(path)!r} does not match {meta['arch']}: {exc}") from None
     return model.to(device).eval(), meta
+
+
+def load_released_weights(arch: str, scale: int, path: str | Path) -> nn.Module:
+    """A network of ``ARCHS[arch]`` at ``scale`` with weights from an official release file.
+
+    Accepts a PyTorch pickle (``.pt``/``.pth``, read with ``weights_only=True``) or a
+    safetensors file holding the state dict directly (EDSR/RCAN releases), or under
+    ``"params_ema"``/``"params"`` (SwinIR releases) or ``"state_dict"``; a ``"module."`` prefix
+    (DataParallel) is stripped. Loading is strict: every key and shape must match.
+
+    Returns:
+        The model in eval mode on the CPU.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: unknown arch, an unreadable file, or weights that do not match.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"weights file {str(path)!r} does not exist")
+    model = build_model(arch, scale)
+    try:
+        if path.suffix == ".safetensors":
+            with safe_open(str(path), framework="pt") as f:
+                state = {k: f.get_tensor(k) for k in f.keys()}
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # pickle and safetensors raise many types for a bad file
+        raise ValueError(f"weights file {str(path)!r} is not readable ({exc})") from None
+    for key in ("params_ema", "params", "state_dict"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+            break
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise ValueError(f"{str(path)!r} does not match {arch} x{scale}: {exc}") from None
+    return model.eval()
 
 
 def _resume(

@@ -195,3 +195,24 @@ def test_cli_train_then_eval(tmp_path):
     assert ev.exit_code == 2 and "x3" in ev.output  # a x3 model is refused for x2
     ev = CliRunner().invoke(app, ["eval", "--model", str(out / "model.safetensors"), "--dataset", "Set5", "--scale", "3"])
     assert ev.exit_code == 0 and "| espcn (model.safetensors) |" in ev.output
+
+
+def test_cli_eval_loads_official_release_layouts(tmp_path):
+    """Official EDSR checkpoints are plain state dicts, SwinIR's sit under "params"."""
+    import torch
+
+    from srdistill.models import build_model
+
+    edsr = build_model("edsr-baseline", 2)
+    torch.save(edsr.state_dict(), tmp_path / "EDSR_x2.pt")
+    swin = build_model("swinir-light", 2)
+    torch.save({"params": swin.state_dict()}, tmp_path / "SwinIR-S_x2.pth")
+    for name, f in [("edsr-baseline", "EDSR_x2.pt"), ("swinir-light", "SwinIR-S_x2.pth")]:
+        r = CliRunner().invoke(app, ["eval", "--model", name, "--weights", str(tmp_path / f),
+                                     "--dataset", "Set5", "--scale", "2", "--json"])  # fmt: skip
+        assert r.exit_code == 0, r.output
+        row = json.loads(r.output.strip().splitlines()[0])
+        assert row["model"] == f"{name} ({f})" and 0 < row["psnr_y"] < 40
+    r = CliRunner().invoke(app, ["eval", "--model", "edsr-baseline", "--weights", str(tmp_path / "SwinIR-S_x2.pth"),
+                                 "--dataset", "Set5", "--scale", "2"])  # fmt: skip
+    assert r.exit_code == 2 and "does not match edsr-baseline" in r.output
