@@ -244,8 +244,8 @@ def train_sr(
     if resume.exists():
         step, rng_state = _resume(resume, net, optimizer, ema, arch=cfg.model, scale=scale)
         if dp.world_size == 1:
-            rng.bit_generator.state = rng_state  # per-rank samplers restart from the step seed
-        else:
+            rng.bit_generator.state = rng_state  # exactly where the sampler stopped
+        else:  # only rank 0's sampler state is saved: every rank reseeds from the step
             rng = np.random.default_rng([cfg.seed, dp.rank, step])
         log.info("resuming %s from step %d", resume, step)
 
