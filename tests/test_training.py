@@ -63,14 +63,14 @@ def test_steps_on_fixed_batch_lower_l1(name, kwargs):
     model = build_model(name, 2, **kwargs)
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     losses = []
-    for _ in range(100):
+    for _ in range(200):
         loss = F.l1_loss(model(x), y)
         opt.zero_grad()
         loss.backward()
         opt.step()
         losses.append(loss.item())
     # ESPCN starts at bicubic (zero last conv), so its first loss is already low: ask for 10 %
-    assert losses[-1] < 0.9 * losses[0], losses[::10]
+    assert losses[-1] < 0.9 * losses[0], losses[::20]
 
 
 def test_checkpoint_round_trip(tmp_path):
