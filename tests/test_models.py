@@ -1,6 +1,7 @@
 """SR networks: parameter counts from the papers' designs, official layer names (EDSR, RCAN,
 SwinIR), shapes, training steps and checkpoint round trips."""
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -426,21 +427,28 @@ def test_drop_path():
     assert torch.equal(drop.eval()(x), x)
 
 
-@pytest.mark.parametrize("name", ["rcan", "swinir-light", "mzsr"])
+@pytest.mark.parametrize("name", sorted(_TINY))
 def test_few_adam_steps_lower_l1(name):
+    """Every network learns a fixed batch of real pairs (T91 crops, MATLAB-bicubic LR)."""
+    from conftest import T91
+    from srdistill import imaging
+    from srdistill.training import sample_batch, to_tensor
+
     torch.manual_seed(0)
+    images = [imaging.read_image(f) for f in sorted(T91.glob("*.png"))[:4]]
+    lr, hr = sample_batch(images, np.random.default_rng(0), batch_size=4, hr_size=32, scale=2)
+    x, y = to_tensor(lr), to_tensor(hr)
     model = build_model(name, 2, **_TINY[name])
-    lr_img = torch.rand(4, 3, 16, 16)  # fixed batch; target: its bicubic x2 upsampling
-    hr = F.interpolate(lr_img, scale_factor=2, mode="bicubic", align_corners=False).clamp(0, 1)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     losses = []
-    for _ in range(8):
-        loss = F.l1_loss(model(lr_img), hr)
+    for _ in range(200):
+        loss = F.l1_loss(model(x), y)
         opt.zero_grad()
         loss.backward()
         opt.step()
         losses.append(loss.item())
-    assert losses[-1] < 0.85 * losses[0], losses
+    # ESPCN and MZSR start at (torch) bicubic, so their first loss is already low: ask for 10 %
+    assert losses[-1] < 0.9 * losses[0], losses[::20]
 
 
 @pytest.mark.parametrize("name", ["rcan", "swinir-light", "mzsr"])

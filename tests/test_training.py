@@ -6,13 +6,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from srdistill import imaging
 from srdistill.config import TrainConfig
 from srdistill.models import build_model
-from srdistill.training import load_checkpoint, sample_batch, save_checkpoint, to_tensor, train_sr
+from srdistill.training import load_checkpoint, sample_batch, save_checkpoint, train_sr
 
 from conftest import T91
 FILES = [T91 / f"t{i}.png" for i in (1, 2, 3, 4)]  # 197x176 .. 227x188
@@ -50,27 +49,6 @@ def test_sample_batch_pairs_are_matlab_bicubic_and_seeded():
     np.testing.assert_array_equal(hr, hr2)
     _, hr3 = sample_batch(images, np.random.default_rng(1), batch_size=6, hr_size=48, scale=3)
     assert not np.array_equal(hr, hr3)
-
-
-@pytest.mark.parametrize(
-    "name, kwargs", [("espcn", {}), ("edsr-baseline", {"n_resblocks": 2, "n_feats": 16})]
-)
-def test_steps_on_fixed_batch_lower_l1(name, kwargs):
-    torch.manual_seed(0)
-    images = [imaging.read_image(f) for f in FILES]
-    lr, hr = sample_batch(images, np.random.default_rng(0), batch_size=8, hr_size=32, scale=2)
-    x, y = to_tensor(lr), to_tensor(hr)
-    model = build_model(name, 2, **kwargs)
-    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-3)
-    losses = []
-    for _ in range(200):
-        loss = F.l1_loss(model(x), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    # ESPCN starts at bicubic (zero last conv), so its first loss is already low: ask for 10 %
-    assert losses[-1] < 0.9 * losses[0], losses[::20]
 
 
 def test_checkpoint_round_trip(tmp_path):
