@@ -1,6 +1,8 @@
 """srdistill: dataset distillation for super-resolution. Run the main job, train, evaluate.
 
     srdistill run --input data/T91 --out runs/demo --preset demo --allow-random-init
+    srdistill run --input data/T91 --out runs/synth --preset demo --distill synth --allow-random-init
+    srdistill synthesize --model runs/synth/finetune/model --out runs/more --ipc 20
     srdistill eval --model bicubic --dataset Set5 --scale 2 --json
     srdistill train --data runs/demo/distilled --out runs/espcn --preset demo
 """
@@ -47,18 +49,86 @@ def run(
         "NOT semantic)",
     ),  # fmt: skip
     until: Optional[str] = typer.Option(None, "--until", help="stop after this stage"),
+    distill: Optional[str] = typer.Option(
+        None, "--distill", help="coreset: train on selected real patches; synth: on images "
+        "synthesized by the cluster-conditioned diffusion model (SRDD)"),  # fmt: skip
 ) -> None:
-    """Run mine -> embed -> cluster -> select -> train -> evaluate -> report."""
+    """Run mine -> embed -> cluster -> select (coreset) or encode -> finetune -> synthesize
+    (synth) -> train -> evaluate -> report."""
+    _pipeline(input, out, config, preset, overrides, allow_random_init, until, distill)
+
+
+def _pipeline(input, out, config, preset, overrides, allow_random_init, until, distill) -> None:
     from .embedding import MissingWeightsError
     from .pipeline import run_pipeline
 
     if allow_random_init:
         overrides = [*overrides, "embed.allow_random_init=true"]
+    if distill is not None:
+        overrides = [*overrides, f"distill={distill}"]
     cfg = _config(preset, config, overrides)
     try:
         run_pipeline(input, out, cfg, preset=preset, until=until)
     except (MissingWeightsError, FileNotFoundError, ValueError, RuntimeError) as exc:
         _fail(str(exc))
+
+
+@app.command()
+def finetune(
+    input: Path = typer.Option(..., "--input", help="folder of HR images (searched recursively)"),
+    out: Path = typer.Option(..., "--out", help="run directory (an existing one is resumed)"),
+    config: Optional[Path] = typer.Option(None, "--config", help="YAML config file"),
+    preset: Optional[str] = typer.Option(None, "--preset", help=_PRESET_HELP),
+    overrides: list[str] = typer.Option([], "--set", help=_SET_HELP),
+    allow_random_init: bool = typer.Option(False, "--allow-random-init",
+                                           help="random-init CLIP when no weights are found"),
+    workers: Optional[int] = typer.Option(None, "--workers",
+                                          help="Ray Train workers (DeepSpeed); 0: in-process"),
+    gpus: bool = typer.Option(False, "--gpus", help="one GPU per Ray Train worker"),
+) -> None:
+    """Fine-tune the cluster-conditioned diffusion model of a run (mine -> embed -> cluster ->
+    encode -> finetune); writes OUT/finetune/model."""
+    extra = [f"finetune.workers={workers}"] * (workers is not None)
+    extra += ["finetune.use_gpu=true"] * gpus
+    _pipeline(input, out, config, preset, [*overrides, *extra], allow_random_init, "finetune", "synth")
+
+
+@app.command()
+def synthesize(
+    model: Path = typer.Option(..., "--model", help="fine-tuned model folder (RUN/finetune/model)"),
+    out: Path = typer.Option(..., "--out", help="output folder (existing images are kept)"),
+    ipc: int = typer.Option(10, "--ipc", help="images per cluster"),
+    clusters: Optional[str] = typer.Option(None, "--clusters", help="comma-separated ids (all)"),
+    sampler: str = typer.Option("ddim", "--sampler", help="ddim or dpm-solver++"),
+    steps: int = typer.Option(50, "--steps", help="sampling steps"),
+    guidance: float = typer.Option(4.0, "--guidance", help="classifier-free guidance scale"),
+    seed: int = typer.Option(0, "--seed"),
+    actors: int = typer.Option(1, "--actors", help="Ray Data sampling actors (one GPU each)"),
+) -> None:
+    """Synthesize IPC images per cluster from a fine-tuned model (PNGs + provenance.csv)."""
+    from pydantic import ValidationError
+
+    from . import runner
+    from .config import RayConfig, SynthConfig
+    from .synthesis import synthesize as run_synthesis
+
+    try:
+        cfg = SynthConfig(sampler=sampler, steps=steps, guidance_scale=guidance, ipc=ipc,
+                          seed=seed, num_actors=actors)  # fmt: skip
+    except ValidationError as exc:
+        _fail(str(exc))
+    meta_file = model / "backbone.json"
+    if not meta_file.is_file():
+        _fail(f"--model {str(model)!r} is not a fine-tuned model (no backbone.json)")
+    k = json.loads(meta_file.read_text())["num_clusters"]
+    ids = [int(c) for c in clusters.split(",")] if clusters else list(range(k))
+    runner.init_ray(RayConfig())
+    try:
+        rows = run_synthesis(model, cfg, out, dict.fromkeys(ids, ipc),
+                             map_fn=runner.synthesize_ray(model, cfg, out))  # fmt: skip
+    except (FileNotFoundError, ValueError) as exc:
+        _fail(str(exc))
+    typer.echo(f"{len(rows)} images in {out}")
 
 
 @app.command()

@@ -206,6 +206,94 @@ RECIPES: dict[str, dict] = {
 }  # fmt: skip
 
 
+class FinetuneConfig(_Strict):
+    """Cluster-conditioned diffusion fine-tuning (SRDD §3.3; ``srdistill.diffusion``).
+
+    Backbones: ``dit`` is a diffusers ``DiTTransformer2DModel`` + ``AutoencoderKL`` loaded
+    offline from ``dit_path`` (the layout of ``facebook/DiT-XL-2-512``: ``transformer/``,
+    ``vae/``, ``scheduler/``) and ``vae_path`` (the layout of ``stabilityai/sd-vae-ft-ema``,
+    overriding ``dit_path/vae``), fine-tuned with DiffFit; ``unet`` is a class-conditional
+    pixel-space ``UNet2DModel`` trained from scratch (the offline backbone); ``auto`` takes
+    ``dit`` when ``dit_path`` is set, else ``unet``. ``trainable`` ``auto`` means DiffFit for
+    ``dit`` and all parameters for ``unet``.
+
+    SRDD's settings (released code): AdamW lr 1e-3, global batch 4, EMA 0.9999, centre crop +
+    flip, latents x 0.18215, 1000-step linear DDPM schedule, lambda_pos 0.002, lambda_neg 0.008,
+    memory 64 per cluster. ``workers`` > 0 runs the loop on Ray Train (with DeepSpeed when
+    ``deepspeed``); 0 runs it in-process in plain PyTorch.
+    """
+
+    backbone: Literal["auto", "dit", "unet"] = "auto"
+    dit_path: str | None = None
+    vae_path: str | None = None
+    resolution: int = Field(512, ge=8, description="side of a training crop / synthesized image")
+    crop: Literal["center", "random"] = "center"
+    flip: bool = True
+    trainable: Literal["auto", "difffit", "full"] = "auto"
+    unet_channels: tuple[int, ...] = (64, 128, 256)
+    unet_attention: bool = Field(True, description="self-attention in the lowest UNet level")
+    iterations: int = Field(2000, ge=1)
+    batch_size: int = Field(4, ge=1, description="global batch")
+    lr: float = Field(1e-3, gt=0.0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    grad_clip: float | None = Field(None, gt=0.0)
+    ema_decay: float = Field(0.9999, gt=0.0, lt=1.0)
+    class_dropout: float = Field(0.1, ge=0.0, lt=1.0, description="label -> null rate (CFG)")
+    lambda_pos: float = Field(0.002, ge=0.0)
+    lambda_neg: float = Field(0.008, ge=0.0)
+    memory_size: int = Field(64, ge=1, description="memory bank entries per cluster")
+    latent_scale: float = Field(0.18215, gt=0.0)
+    max_patches: int | None = Field(None, ge=1, description="cap on training patches (random)")
+    encode_batch_size: int = Field(8, ge=1)
+    seed: int = 0
+    workers: int = Field(0, ge=0, description="Ray Train workers; 0 = in-process PyTorch")
+    deepspeed: bool = True
+    zero_stage: int = Field(2, ge=0, le=3)
+    use_gpu: bool = False
+    precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 on CUDA")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    log_every: int = Field(50, ge=1)
+    checkpoint_every: int = Field(500, ge=1)
+
+    @model_validator(mode="after")
+    def _check(self) -> "FinetuneConfig":
+        if self.backbone == "dit" and not self.dit_path:
+            raise ValueError("finetune.backbone 'dit' needs finetune.dit_path")
+        if self.workers and self.batch_size < self.workers:
+            raise ValueError(f"finetune.batch_size {self.batch_size} < workers {self.workers}")
+        if self.resolved_backbone == "dit" and self.crop == "random":
+            raise ValueError("finetune.crop 'random' needs the unet backbone: DiT latents are "
+                             "encoded once from centre crops")  # fmt: skip
+        return self
+
+    @property
+    def resolved_backbone(self) -> str:
+        """``dit`` or ``unet`` (``auto`` resolved)."""
+        if self.backbone == "auto":
+            return "dit" if self.dit_path else "unet"
+        return self.backbone
+
+
+class SynthConfig(_Strict):
+    """Sampling the synthetic distilled set (SRDD §3.4; ``srdistill.synthesis``).
+
+    ``ipc`` images per cluster; without it the ``select`` budget (``ipc`` or
+    ``pixel_fraction``) decides. ``guidance_scale`` is classifier-free guidance (1 = none);
+    ``sampler`` ``ddim`` (eta 0) or ``dpm-solver++`` (2nd-order multistep). Image ``i`` of
+    cluster ``c`` uses the noise of seed ``(seed, c, i)``, so a rerun reproduces it.
+    """
+
+    sampler: Literal["ddim", "dpm-solver++"] = "ddim"
+    steps: int = Field(50, ge=1)
+    guidance_scale: float = Field(4.0, ge=1.0)
+    ipc: int | None = Field(None, ge=1)
+    batch_size: int = Field(8, ge=1)
+    num_actors: int = Field(1, ge=1, description="Ray Data sampling actors (one GPU each on CUDA)")
+    actor_num_cpus: float = Field(1.0, gt=0.0)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    seed: int = 0
+
+
 class EvalConfig(_Strict):
     """Evaluation datasets: HR folders or benchmark names (Set5, Set14, B100, ...).
 
@@ -224,21 +312,34 @@ class RayConfig(_Strict):
     num_cpus: int | None = Field(None, ge=1)
 
 
+_ENCODE_FIELDS = {"backbone", "dit_path", "vae_path", "resolution", "max_patches", "seed"}
+
+
 class RunConfig(_Strict):
-    """The whole main job: mine -> embed -> cluster -> select -> train -> evaluate -> report."""
+    """The whole main job: mine -> embed -> cluster -> select (``distill: coreset``) or
+    encode -> finetune -> synthesize (``distill: synth``) -> train -> evaluate -> report."""
 
     scale: int = Field(2, ge=2, le=8, description="SR scale of train/evaluate")
+    distill: Literal["coreset", "synth"] = Field(
+        "coreset", description="coreset: train on selected real patches; synth: on SRDD's "
+        "synthesized images (finetune + synthesize)")  # fmt: skip
     mine: MineConfig = MineConfig()
     embed: EmbedConfig = EmbedConfig()
     cluster: ClusterConfig = ClusterConfig()
     select: SelectConfig = SelectConfig(ipc=10)
+    finetune: FinetuneConfig = FinetuneConfig()
+    synthesize: SynthConfig = SynthConfig()
     train: TrainConfig = TrainConfig()
     evaluate: EvalConfig = EvalConfig()
     ray: RayConfig = RayConfig()
 
     def stage_json(self, stage: str) -> str:
         """Canonical JSON of the config a stage depends on (used in its fingerprint)."""
-        part = getattr(self, stage).model_dump(mode="json")
+        if stage == "encode":  # what the stored samples depend on
+            part = self.finetune.model_dump(mode="json", include=_ENCODE_FIELDS)
+            part["patch_size"] = self.mine.patch_size
+        else:
+            part = getattr(self, stage).model_dump(mode="json")
         if stage in ("train", "evaluate"):
             part = {"scale": self.scale, **part}
         return json.dumps(part, sort_keys=True)

@@ -27,6 +27,7 @@ __all__ = [
     "imresize",
     "modcrop",
     "crop",
+    "read_crops",
     "to_gray",
 ]
 
@@ -132,6 +133,27 @@ def crop(img: np.ndarray, x: int, y: int, size: int) -> np.ndarray:
     if x < 0 or y < 0 or x + size > w or y + size > h:
         raise ValueError(f"patch ({x}, {y}, {size}) outside image of size {w}x{h}")
     return img[y : y + size, x : x + size]
+
+
+def read_crops(sources, xs, ys, sizes) -> list[np.ndarray]:
+    """The patches ``(source[i], x[i], y[i], size[i])`` as ``(size, size, 3)`` uint8 arrays, in
+    order; each source image is decoded once.
+
+    Raises:
+        ImageReadError: a source cannot be read.
+        ValueError: a patch leaves its image (the message names the source).
+    """
+    images: dict[str, np.ndarray] = {}
+    out = []
+    for src, x, y, size in zip(sources, xs, ys, sizes):
+        src = str(src)
+        if src not in images:
+            images[src] = read_image(src)
+        try:
+            out.append(crop(images[src], int(x), int(y), int(size)))
+        except ValueError as exc:
+            raise ValueError(f"{src}: {exc}") from None
+    return out
 
 
 def to_gray(img: np.ndarray) -> np.ndarray:

@@ -1,4 +1,6 @@
-"""The main job: mine -> embed -> cluster -> select -> train -> evaluate -> report.
+"""The main job: mine -> embed -> cluster -> select -> train -> evaluate -> report
+(``distill: coreset``), or mine -> embed -> cluster -> encode -> finetune -> synthesize ->
+train -> evaluate -> report (``distill: synth``, SRDD's synthetic distilled set).
 
 Each stage reads and writes the run directory (layout in docs/ARCHITECTURE.md). A stage's
 fingerprint hashes its config (minus execution-only fields such as batch sizes and actor
@@ -34,15 +36,22 @@ import pyarrow.parquet as pq
 
 from .config import RunConfig
 
-STAGES = ("mine", "embed", "cluster", "select", "train", "evaluate", "report")
+STAGES = ("mine", "embed", "cluster", "select", "encode", "finetune", "synthesize", "train",
+          "evaluate", "report")  # fmt: skip
+SYNTH_ONLY = ("encode", "finetune", "synthesize")
 #: Config fields that change how a stage runs but not what it produces (not fingerprinted).
 EXECUTION_ONLY = {
     "mine": {"images_per_task"},
     "embed": {"batch_size", "num_actors", "actor_num_cpus", "num_threads", "device"},
     "train": {"device", "log_every", "checkpoint_every", "val_every", "val_dataset", "workers", "use_gpu"},
     "evaluate": {"device"},
+    "encode": {"encode_batch_size", "device", "use_gpu"},
+    "finetune": {"device", "log_every", "checkpoint_every", "encode_batch_size", "use_gpu", "workers",
+                 "deepspeed", "zero_stage"},
+    "synthesize": {"batch_size", "num_actors", "actor_num_cpus", "device"},
 }
-_PACKAGES = ("srdistill", "torch", "ray", "faiss-cpu", "transformers", "numpy", "pyarrow", "pillow")
+_PACKAGES = ("srdistill", "torch", "ray", "faiss-cpu", "transformers", "diffusers", "deepspeed", "numpy",
+             "pyarrow", "pillow")
 NOT_SEMANTIC = "CLIP is randomly initialised (--allow-random-init): the clusters are NOT semantic"
 
 
@@ -312,6 +321,102 @@ def _select(run: Run, upstream_fp: str) -> str:
     return fp
 
 
+def _n_clusters(run: Run) -> int:
+    return run.manifest["stages"]["cluster"]["counts"]["k_used"]
+
+
+def _encode(run: Run, cluster_fp: str) -> str:
+    from . import runner
+    from .diffusion import encoded_spec
+
+    cfg = run.cfg.finetune
+    fp = run.fingerprint("encode", cluster_fp)
+    meta_file = run.dir / "encode" / "meta.json"
+
+    def stage(sdir: Path) -> dict:
+        kept = _kept(run)
+        assign = pq.read_table(run.dir / "cluster" / "assignments.parquet")
+        table = kept.join(assign.select(["patch_id", "cluster"]), "patch_id").sort_by("patch_id")
+        if cfg.max_patches is not None and table.num_rows > cfg.max_patches:
+            rng = np.random.default_rng(cfg.seed)
+            table = table.take(np.sort(rng.choice(table.num_rows, cfg.max_patches, replace=False)))
+        shape, dtype = encoded_spec(cfg, run.cfg.mine.patch_size)
+        n = runner.encode_patches_ray(table, cfg, sdir / "parts")
+        write_json(meta_file, {"shape": list(shape), "dtype": dtype, "rows": n,
+                               "num_clusters": _n_clusters(run), "backbone": cfg.resolved_backbone})
+        return {"backbone": cfg.resolved_backbone, "patches": n, "sample_shape": list(shape),
+                "dtype": dtype}  # fmt: skip
+
+    run.run_stage("encode", fp, [meta_file], stage)
+    return fp
+
+
+def _finetune(run: Run, encode_fp: str) -> str:
+    from . import runner
+    from .diffusion import build_backbone, finetune, load_encoded
+
+    cfg = run.cfg.finetune
+    fp = run.fingerprint("finetune", encode_fp)
+    model_dir = run.dir / "finetune" / "model"
+
+    def stage(sdir: Path) -> dict:
+        meta = json.loads((run.dir / "encode" / "meta.json").read_text())
+        shape, k, parts = tuple(meta["shape"]), meta["num_clusters"], run.dir / "encode" / "parts"
+        if cfg.workers:
+            runner.finetune_ray(cfg, parts, sdir, num_clusters=k, shape=shape, dtype=meta["dtype"])
+        else:
+            data = load_encoded(parts, shape=shape, dtype=meta["dtype"])
+            finetune(cfg, build_backbone(cfg, k), data, sdir)
+        model = json.loads((model_dir / "backbone.json").read_text())
+        log = [json.loads(x) for x in (sdir / "log.jsonl").read_text().splitlines()]
+        return {"backbone": model["kind"], "trainable": model["trainable"],
+                "parameters": model["source"]["parameters"],
+                "trainable_parameters": model["source"]["trainable"],
+                "num_clusters": k, "patches": meta["rows"], "iterations": cfg.iterations,
+                "workers": cfg.workers, "deepspeed": bool(cfg.workers and cfg.deepspeed),
+                "final_loss": log[-1]["loss"] if log else None, "source": model["source"]}  # fmt: skip
+
+    run.run_stage("finetune", fp, [model_dir / "weights.safetensors"], stage)
+    return fp
+
+
+def _synthesize(run: Run, finetune_fp: str) -> str:
+    from . import runner
+    from .selection import budget_patches
+    from .synthesis import per_cluster_counts, synthesize
+
+    cfg = run.cfg.synthesize
+    budget = run.cfg.select.model_dump(include={"ipc", "pixel_fraction"}) if cfg.ipc is None else {}
+    fp = run.fingerprint("synthesize", finetune_fp, json.dumps(budget, sort_keys=True))
+    out = run.dir / "synthesize" / "provenance.csv"
+
+    def stage(sdir: Path) -> dict:
+        k = _n_clusters(run)
+        res = run.cfg.finetune.resolution
+        if cfg.ipc is not None:
+            counts = dict.fromkeys(range(k), cfg.ipc)
+        else:
+            corpus = run.manifest["stages"]["mine"]["counts"]["corpus_pixels"]
+            n_total = budget_patches(run.cfg.select, n_clusters=k, corpus_pixels=corpus, patch_size=res)
+            counts = per_cluster_counts(n_total, k)
+        model_dir = run.dir / "finetune" / "model"
+        rows = synthesize(model_dir, cfg, sdir, counts,
+                          map_fn=runner.synthesize_ray(model_dir, cfg, sdir))  # fmt: skip
+        corpus = run.manifest["stages"]["mine"]["counts"]["corpus_pixels"]
+        return {"images": len(rows), "per_cluster": {str(c): n for c, n in counts.items()},
+                "resolution": res, "sampler": cfg.sampler, "steps": cfg.steps,
+                "guidance_scale": cfg.guidance_scale,
+                "pixel_fraction": round(len(rows) * res * res / max(corpus, 1), 6)}  # fmt: skip
+
+    run.run_stage("synthesize", fp, [out], stage)
+    return fp
+
+
+def _train_images(run: Run) -> list[Path]:
+    folder = run.dir / ("synthesize" if run.cfg.distill == "synth" else "distilled")
+    return sorted(folder.glob("*.png"))
+
+
 def _train(run: Run, select_fp: str) -> str:
     from . import runner
     from .training import train_sr
@@ -320,7 +425,7 @@ def _train(run: Run, select_fp: str) -> str:
     out = run.dir / "train" / "model.safetensors"
 
     def stage(sdir: Path) -> dict:
-        images = sorted((run.dir / "distilled").glob("*.png"))
+        images = _train_images(run)
         if run.cfg.train.workers:
             runner.train_ray(run.cfg.train, run.cfg.scale, images, sdir)
         else:
@@ -342,7 +447,8 @@ def _evaluate(run: Run, train_fp: str) -> dict:
     def stage(sdir: Path) -> dict:
         model, _ = load_checkpoint(run.dir / "train" / "model.safetensors")
         scale, device = run.cfg.scale, run.cfg.evaluate.device
-        label = f"{run.cfg.train.model} ({run.cfg.select.method})"
+        how = "synthetic" if run.cfg.distill == "synth" else run.cfg.select.method
+        label = f"{run.cfg.train.model} ({how})"
         rows: dict[str, list[dict]] = {"bicubic": [], label: []}
         for ds in run.cfg.evaluate.datasets:
             rows["bicubic"].append(evaluate("bicubic", ds, scale))
@@ -375,26 +481,41 @@ def run_pipeline(input_dir: str | Path, run_dir: str | Path, cfg: RunConfig, *,
         ValueError: unknown ``until``.
         FileNotFoundError: the input is not a folder or holds no images.
         embedding.MissingWeightsError: no CLIP weights and random init not allowed.
+        diffusion.MissingBackboneError: ``distill: synth`` with a ``dit`` backbone whose
+            directories are missing.
     """
     from . import runner
     from .report import write_report
 
     if until is not None and until not in STAGES:
         raise ValueError(f"until={until!r} is not one of {STAGES}")
-    if until in ("embed", "cluster") and cfg.select.method != "clip-kmeans":
+    synth = cfg.distill == "synth"
+    clusters = synth or cfg.select.method == "clip-kmeans"
+    if until in ("embed", "cluster") and not clusters:
         raise ValueError(f"until={until!r}: select.method {cfg.select.method!r} runs no {until} stage")
+    if (until in SYNTH_ONLY and not synth) or (until == "select" and synth):
+        raise ValueError(f"until={until!r}: distill {cfg.distill!r} runs no {until} stage")
     if not Path(input_dir).is_dir():
         raise FileNotFoundError(f"input {str(input_dir)!r} is not a directory")
     clip_source = None
-    if cfg.select.method == "clip-kmeans":
+    if clusters:
         from .embedding import resolve_clip
 
         clip_source = resolve_clip(cfg.embed)  # before any work: MissingWeightsError, with help
+    if synth:
+        from .diffusion import check_backbone
+
+        check_backbone(cfg.finetune)  # before any work: MissingBackboneError, with help
     run = Run(input_dir, run_dir, cfg, preset=preset, log=log)
     steps: list[tuple[str, Callable[[str], str]]] = []
     if clip_source is not None:
         steps += [("embed", lambda f: _embed(run, f, clip_source)), ("cluster", lambda f: _cluster(run, f))]
-    steps += [("select", lambda f: _select(run, f)), ("train", lambda f: _train(run, f))]
+    if synth:
+        steps += [("encode", lambda f: _encode(run, f)), ("finetune", lambda f: _finetune(run, f)),
+                  ("synthesize", lambda f: _synthesize(run, f))]  # fmt: skip
+    else:
+        steps.append(("select", lambda f: _select(run, f)))
+    steps.append(("train", lambda f: _train(run, f)))
     runner.init_ray(cfg.ray)
     fp = _mine(run)
     done = ["mine"]

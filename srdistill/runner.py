@@ -23,16 +23,17 @@ from typing import TYPE_CHECKING, Callable
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
-from .config import EmbedConfig, MineConfig, RayConfig, TrainConfig
+from .config import EmbedConfig, FinetuneConfig, MineConfig, RayConfig, SynthConfig, TrainConfig
 from .mining import MINED_SCHEMA, mine_images
 
 if TYPE_CHECKING:  # torch/transformers are imported only by the embedding actors
     from .embedding import ClipSource
 
 __all__ = ["init_ray", "shutdown_ray", "map_images", "mine_corpus", "embed_patches_ray", "train_ray",
-           "map_tasks"]
+           "map_tasks", "encode_patches_ray", "finetune_ray", "synthesize_ray"]
 
 
 def init_ray(cfg: RayConfig) -> None:
@@ -230,6 +231,161 @@ def train_ray(cfg: TrainConfig, scale: int, hr_images: list[str], out_dir: Path,
         for name in ("model.safetensors", "last.safetensors", "log.jsonl"):
             shutil.copy2(Path(ckpt) / name, out_dir / name)
     return out_dir / "model.safetensors"
+
+
+def encode_patches_ray(table: pa.Table, cfg: FinetuneConfig, out_dir: Path, *,
+                       num_actors: int = 1) -> int:  # fmt: skip
+    """The one-time encoding of the fine-tuning patches (``diffusion.PatchEncoder``: VAE
+    latent moments for ``dit``, the pixels for ``unet``) by ``num_actors`` Ray Data actors (one
+    GPU each with ``cfg.use_gpu``), streamed to parquet files in ``out_dir`` (one per block), so
+    training never re-encodes.
+
+    Args:
+        table: columns ``patch_id``, ``source``, ``x``, ``y``, ``size``, ``cluster``.
+
+    Returns:
+        The number of rows written.
+    """
+    import ray.data
+
+    from .diffusion import PatchEncoder
+
+    cols = table.select(["patch_id", "source", "x", "y", "size", "cluster"])
+    blocks = max(1, min(cols.num_rows // cfg.encode_batch_size, 8 * num_actors))
+    ds = ray.data.from_arrow(cols).repartition(blocks)
+    ds = ds.map_batches(
+        PatchEncoder,
+        fn_constructor_kwargs={"cfg": cfg, "num_threads": 1},
+        batch_size=cfg.encode_batch_size,
+        batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=num_actors),
+        num_cpus=0.5,
+        num_gpus=1 if cfg.use_gpu else 0,
+    )
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    n = 0
+    with _progress(cols.num_rows, "encode", "patch") as bar:
+        for i, batch in enumerate(ds.iter_batches(batch_size=None, batch_format="pyarrow")):
+            pq.write_table(batch, out_dir / f"part-{i:05d}.parquet")
+            n += batch.num_rows
+            bar.update(batch.num_rows)
+    return n
+
+
+def _finetune_worker(config: dict) -> None:
+    """Ray Train's per-worker loop: ``diffusion.finetune`` on this worker's shard, under
+    DeepSpeed, with every rank reporting its checkpoint files to the same checkpoint."""
+    import ray.train
+    import ray.train.torch
+
+    from .diffusion import DiffusionParallel, build_backbone, finetune, load_encoded
+
+    cfg: FinetuneConfig = config["cfg"]
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    restored = ray.train.get_checkpoint()
+    resume = Path(restored.to_directory()) if restored else None
+    local = Path(tempfile.mkdtemp(prefix=f"srdistill-finetune-rank{rank}-"))
+    if resume is not None and rank == 0 and (resume / "log.jsonl").is_file():
+        shutil.copy2(resume / "log.jsonl", local / "log.jsonl")  # keep the whole history
+
+    def report(metrics: dict, checkpoint_dir: Path | None) -> None:
+        if rank == 0 and checkpoint_dir is not None and (local / "log.jsonl").is_file():
+            shutil.copy2(local / "log.jsonl", checkpoint_dir / "log.jsonl")
+        ckpt = ray.train.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
+        ray.train.report(metrics, checkpoint=ckpt)
+
+    dp = DiffusionParallel(rank=rank, world_size=world, device=ray.train.torch.get_device(),
+                           report=report, resume_from=resume)  # fmt: skip
+    data = load_encoded(config["encoded"], shape=config["shape"], dtype=config["dtype"],
+                        rank=rank, world_size=world)  # fmt: skip
+    finetune(cfg, build_backbone(cfg, config["num_clusters"]), data, local, progress=False, dp=dp)
+
+
+def finetune_ray(cfg: FinetuneConfig, encoded_dir: Path, out_dir: Path, *, num_clusters: int,
+                 shape: tuple[int, ...], dtype: str, max_failures: int = 2) -> Path:  # fmt: skip
+    """Data-parallel ``diffusion.finetune`` on Ray Train: ``cfg.workers`` workers (gloo on
+    CPU, NCCL with ``cfg.use_gpu``), DeepSpeed ZeRO ``cfg.zero_stage`` when ``cfg.deepspeed``.
+    Each worker trains on its shard of the encoded set with ``batch_size // workers`` samples
+    a step. All ranks report their checkpoint files (DeepSpeed's per-rank shards, EMA, RNG,
+    memory banks) into one Ray Train checkpoint under ``out_dir/ray_train``; a failed worker
+    restarts the group from it (up to ``max_failures`` times) and rerunning the same call
+    resumes from it at its step. The fine-tuned ``model/`` and ``log.jsonl`` are copied into
+    ``out_dir``.
+
+    Returns:
+        ``out_dir / "model"`` (``diffusion.load_finetuned`` reads it).
+
+    Raises:
+        ray.train.TrainingFailedError: the workers failed more than ``max_failures`` times.
+    """
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    out_dir = Path(out_dir).resolve()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    trainer = TorchTrainer(
+        _finetune_worker,
+        train_loop_config={"cfg": cfg, "encoded": str(Path(encoded_dir).resolve()),
+                           "num_clusters": num_clusters, "shape": tuple(shape), "dtype": dtype},
+        scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.use_gpu,
+                                     resources_per_worker={"CPU": 1}),
+        run_config=RunConfig(
+            name="finetune",
+            storage_path=str(out_dir / "ray_train"),
+            failure_config=FailureConfig(max_failures=max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+        ),
+    )  # fmt: skip
+    result = trainer.fit()
+    with result.checkpoint.as_directory() as ckpt:
+        if (out_dir / "model").exists():
+            shutil.rmtree(out_dir / "model")
+        shutil.copytree(Path(ckpt) / "model", out_dir / "model")
+        if (Path(ckpt) / "log.jsonl").is_file():
+            shutil.copy2(Path(ckpt) / "log.jsonl", out_dir / "log.jsonl")
+    return out_dir / "model"
+
+
+def synthesize_ray(model_dir: Path, cfg: SynthConfig, out_dir: Path):
+    """A ``map_fn`` for ``synthesis.synthesize`` that spreads the sampling jobs over
+    ``cfg.num_actors`` Ray Data actors (``synthesis.Synthesizer``; one GPU each on CUDA,
+    ``cfg.actor_num_cpus`` CPUs each otherwise)."""
+    import ray.data
+
+    from .synthesis import Synthesizer
+
+    use_gpu = cfg.device == "cuda" or (cfg.device == "auto" and _cluster_has_gpus())
+
+    def map_fn(jobs: dict[str, np.ndarray]) -> list[dict]:
+        n = len(jobs["cluster"])
+        blocks = max(1, min(n // cfg.batch_size, 4 * cfg.num_actors))
+        ds = ray.data.from_items([{k: v[i] for k, v in jobs.items()} for i in range(n)],
+                                 override_num_blocks=blocks)  # fmt: skip
+        ds = ds.map_batches(
+            Synthesizer,
+            fn_constructor_kwargs={"model_dir": str(model_dir), "cfg": cfg, "out_dir": str(out_dir)},
+            batch_size=cfg.batch_size,
+            batch_format="numpy",
+            compute=ray.data.ActorPoolStrategy(size=cfg.num_actors),
+            num_cpus=cfg.actor_num_cpus,
+            num_gpus=1 if use_gpu else 0,
+        )
+        rows = []
+        with _progress(n, "synthesize", "img") as bar:
+            for batch in ds.iter_batches(batch_size=None, batch_format="pandas"):
+                rows += batch.to_dict("records")
+                bar.update(len(batch))
+        return rows
+
+    return map_fn
+
+
+def _cluster_has_gpus() -> bool:
+    import ray
+
+    return ray.cluster_resources().get("GPU", 0) > 0
 
 
 def _single_threaded(fn: Callable, item):
