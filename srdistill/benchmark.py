@@ -7,7 +7,10 @@ protocol. Arms:
 * ``full``: every corpus image (no selection): the reference the others are measured against;
 * ``random``: uniformly random patches;
 * ``psnr_bic-topk`` / ``grad-topk``: the globally hardest patches by one score;
-* ``clip-kmeans``: the pipeline's coreset (CLIP k-means groups, hardest first in each).
+* ``clip-kmeans``: the pipeline's coreset (CLIP k-means groups, hardest first in each);
+* ``synth``: SRDD's synthetic set: images sampled from the cluster-conditioned diffusion model
+  fine-tuned on the kept patches (``cfg.finetune``, ``cfg.synthesize``), the same budget spent
+  on ``finetune.resolution``-sided images.
 
 Budgets: a fraction of the corpus' HR pixels (``"1%"``, ``"5%"``) or SRDD's images per
 cluster (``"ipc10"``: 10 x ``cluster.k`` patches). The selection arms draw from the same patch
@@ -34,9 +37,10 @@ from .config import RunConfig, SelectConfig
 from .evaluation import evaluate, list_images, resolve_dataset
 from .pipeline import run_pipeline, write_json
 from .selection import budget_patches, export_distilled, select_patches
+from .synthesis import image_name, per_cluster_counts, synthesize
 from .training import load_checkpoint, train_sr
 
-ARMS = ("full", "random", "psnr_bic-topk", "grad-topk", "clip-kmeans")
+ARMS = ("full", "random", "psnr_bic-topk", "grad-topk", "clip-kmeans", "synth")
 _SELECT = {  # arm -> (selection method, score)
     "random": ("random", "psnr_bic"),
     "psnr_bic-topk": ("score-topk", "psnr_bic"),
@@ -98,12 +102,15 @@ def run_quality_bench(
     out: Path,
     *,
     map_fn: Callable[[Callable[[dict], dict], list[dict]], object] = lambda f, jobs: [f(j) for j in jobs],
+    synth_map: Callable | None = None,
     log: Callable[[str], None] = print,
 ) -> list[dict]:
     """Run every (arm, budget, seed) not yet in ``out/results`` and return all results.
 
     ``map_fn(fn, jobs)`` runs ``train_and_evaluate`` over the pending jobs: in this process by
-    default, in parallel Ray tasks with ``runner.map_tasks``.
+    default, in parallel Ray tasks with ``runner.map_tasks``. ``synth_map(model_dir, cfg,
+    out_dir)`` makes the ``map_fn`` of ``synthesis.synthesize`` for the ``synth`` arm
+    (``runner.synthesize_ray``: Ray Data actors); ``None`` samples in this process.
 
     Returns:
         One dict per run: ``arm``, ``budget``, ``seed``, ``patches`` (training images),
@@ -121,6 +128,19 @@ def run_quality_bench(
     kept = patches.filter(patches.column("kept")).join(clusters.select(["patch_id", "cluster"]), "patch_id")
     every = patches.append_column("cluster", pa.array(np.full(patches.num_rows, -1, np.int32)))
     k_used = manifest["stages"]["cluster"]["counts"]["k_used"]
+    if "synth" in bench.arms:  # fine-tune once on the same clusters; every budget samples from it
+        synth_cfg = cfg.model_copy(update={"distill": "synth"})
+        run_pipeline(out / "corpus", out / "pipeline", synth_cfg, until="finetune", log=log)
+        # image i of cluster c depends only on (seed, c, i): sample the largest budget once and
+        # give every budget its first n images per cluster
+        synth_counts = {b: per_cluster_counts(budget_patches(
+            SelectConfig(**_parse_budget(b)), n_clusters=k_used, corpus_pixels=corpus_pixels,
+            patch_size=cfg.finetune.resolution), k_used) for b in bench.budgets}  # fmt: skip
+        most = {c: max(counts[c] for counts in synth_counts.values()) for c in range(k_used)}
+        pool = out / "sets" / f"synth_{_synth_tag(cfg)}"
+        model_dir = out / "pipeline" / "finetune" / "model"
+        sampler = synth_map(model_dir, cfg.synthesize, pool) if synth_map else None
+        synthesize(model_dir, cfg.synthesize, pool, most, map_fn=sampler)
 
     # results are kept per training setting: another step budget or network never reuses them
     tag = hashlib.sha256(f"{cfg.stage_json('train')}|{bench.datasets}".encode()).hexdigest()[:10]
@@ -132,6 +152,10 @@ def run_quality_bench(
                 if budget != bench.budgets[0]:
                     continue
                 images, frac = sorted((out / "corpus").iterdir()), 1.0
+            elif arm == "synth":
+                counts = synth_counts[budget]
+                images = [pool / image_name(c, i) for c, n in counts.items() for i in range(n)]
+                frac = len(images) * cfg.finetune.resolution**2 / corpus_pixels
             else:
                 method, score = _SELECT[arm]
                 sel_cfg = SelectConfig(method=method, score=score, seed=cfg.select.seed,
@@ -143,6 +167,8 @@ def run_quality_bench(
                 frac = len(images) * cfg.mine.patch_size**2 / corpus_pixels
             for seed in bench.seeds:
                 name = f"{arm}_{'all' if arm == 'full' else budget}_seed{seed}"
+                if arm == "synth":  # another diffusion setting is another synthetic set
+                    name = f"{_synth_tag(cfg)}_{name}"
                 row = {"arm": arm, "budget": "all" if arm == "full" else budget, "seed": seed,
                        "patches": len(images), "pixel_fraction": frac, "clip_semantic": semantic,
                        "model": cfg.train.model, "iterations": cfg.train.iterations, "scale": cfg.scale}  # fmt: skip
@@ -153,6 +179,11 @@ def run_quality_bench(
     log(f"[bench] {len(jobs)} runs, {len(pending)} to do")
     map_fn(train_and_evaluate, pending)
     return [json.loads(Path(j["out"]).read_text()) for j in jobs]
+
+
+def _synth_tag(cfg: RunConfig) -> str:
+    spec = f"{cfg.stage_json('finetune')}|{cfg.stage_json('synthesize')}"
+    return "s" + hashlib.sha256(spec.encode()).hexdigest()[:8]
 
 
 def train_and_evaluate(job: dict) -> dict:

@@ -263,7 +263,8 @@ def bench_quality(
         bench = QualityBench(cfg, **options)
         runner.init_ray(cfg.ray)
         results = run_quality_bench(
-            bench, out, map_fn=lambda f, jobs: runner.map_tasks(f, jobs, num_gpus=gpus_per_run)
+            bench, out, map_fn=lambda f, jobs: runner.map_tasks(f, jobs, num_gpus=gpus_per_run),
+            synth_map=runner.synthesize_ray,
         )
     except (FileNotFoundError, ValueError, RuntimeError) as exc:
         _fail(str(exc))

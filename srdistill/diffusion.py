@@ -30,7 +30,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -335,7 +334,9 @@ def save_finetuned(backbone: Backbone, out_dir: Path, weights: dict[str, torch.T
     tmp = out_dir / f".{WEIGHTS_FILE}.tmp"
     save_file({k: v.detach().cpu().contiguous() for k, v in weights.items()}, str(tmp))
     os.replace(tmp, out_dir / WEIGHTS_FILE)
-    (out_dir / MODEL_FILE).write_text(json.dumps(meta, indent=2, default=list))
+    tmp = out_dir / f".{MODEL_FILE}.tmp"
+    tmp.write_text(json.dumps(meta, indent=2, default=list))
+    os.replace(tmp, out_dir / MODEL_FILE)
     return out_dir
 
 
@@ -362,8 +363,10 @@ def load_finetuned(model_dir: str | Path, device: str | torch.device = "cpu") ->
                                      latent_scale=meta["latent_scale"], source=meta["source"])  # fmt: skip
         state = backbone.model.state_dict()
         unknown = sorted(set(weights) - set(state))
-        if unknown:
-            raise ValueError(f"{str(model_dir)!r}: weights {unknown[:3]} are not in the DiT")
+        missing = sorted(set(backbone.trainable_parameters()) - set(weights))
+        if unknown or missing:
+            raise ValueError(f"{str(model_dir)!r} does not fit the DiT: unknown weights "
+                             f"{unknown[:3]}, missing trained weights {missing[:3]}")  # fmt: skip
         state.update(weights)
         backbone.model.load_state_dict(state)
     else:

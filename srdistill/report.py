@@ -2,12 +2,17 @@
 
 ``write_report(run_dir)`` reads what the pipeline left in ``run_dir`` (see
 ``docs/ARCHITECTURE.md``: ``manifest.json``, ``mine/patches.parquet``,
-``cluster/assignments.parquet``, ``select/selected.parquet``, ``evaluate/results.json``) and
-writes ``run_dir/report/report.md`` with two figures beside it:
+``cluster/assignments.parquet``, ``select/selected.parquet``, ``evaluate/results.json``; for a
+``distill: synth`` run ``finetune/model/backbone.json``, ``finetune/log.jsonl`` and
+``synthesize/``) and writes ``run_dir/report/report.md`` with its figures beside it:
 
 * ``scores.png``: histograms of ``psnr_bic`` and ``grad``, all patches vs kept patches, with
   the keep threshold when the keep rule is ``threshold``;
-* ``clusters.png``: one row per cluster, up to 8 of its selected patches in rank order.
+* ``clusters.png`` (coreset runs): one row per cluster, up to 8 of its selected patches in
+  rank order;
+* ``synthesis.png`` (synth runs): one row per cluster, its 4 real patches closest to the
+  centroid (highest ``cos_sim``), a gap, then its first 4 synthesized images;
+* ``finetune_loss.png`` (synth runs): the diffusion fine-tuning loss against the step.
 
 Every section after the header is optional: a run stopped after mining still gets a report
 with the sections whose artifacts exist, and a line saying which stage is missing for the
@@ -16,6 +21,7 @@ others. Nothing here imports Ray; plots use matplotlib's Agg backend (no display
 
 from __future__ import annotations
 
+import csv
 import datetime as _dt
 import importlib.metadata
 import json
@@ -29,12 +35,14 @@ matplotlib.use("Agg")
 
 import matplotlib.pyplot as plt  # noqa: E402  (after selecting the backend)
 import numpy as np  # noqa: E402
+import pyarrow as pa  # noqa: E402
+import pyarrow.compute as pc  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from srdistill import imaging  # noqa: E402
 from srdistill.config import LOWER_IS_HARDER  # noqa: E402
-from srdistill.pipeline import STAGES  # noqa: E402
+from srdistill.pipeline import STAGES, SYNTH_ONLY  # noqa: E402
 
 __all__ = ["write_report"]
 
@@ -43,8 +51,17 @@ __all__ = ["write_report"]
 #: Thumbnails per cluster row and their side in pixels in ``clusters.png``.
 MONTAGE_COLUMNS = 8
 THUMB = 96
-#: Clusters shown in ``clusters.png`` at most (the rest are listed only in the table).
+#: Clusters shown in ``clusters.png`` / ``synthesis.png`` at most (the rest are listed only in
+#: the tables).
 MONTAGE_MAX_ROWS = 64
+#: Real patches, and synthesized images, per cluster row of ``synthesis.png``.
+SYNTH_PER_SIDE = 4
+#: Grid geometry in pixels: padding between thumbnails, the gap between the real and the
+#: synthesized half of ``synthesis.png``, and the figure margins around the thumbnail canvas
+#: (left holds the row labels; ``GRID_HEADER`` is added on top when columns have headers).
+GRID_PAD = 4
+GRID_GAP = THUMB // 2
+GRID_LEFT, GRID_RIGHT, GRID_TOP, GRID_BOTTOM, GRID_HEADER = 130, 10, 10, 10, 22
 
 _SKIPPED_STATUSES = {"skipped", "up-to-date", "up_to_date", "cached"}
 
@@ -54,9 +71,13 @@ def write_report(run_dir: Path) -> Path:
 
     Sections: header (input, run dir, date, versions, preset; a warning when CLIP was randomly
     initialised and the clusters are therefore not semantic), stages, skipped inputs, score
-    histograms (``scores.png``), cluster montage (``clusters.png``), selection summary, and
-    the PSNR/SSIM table (PSNR in dB, SSIM in [0, 1], both on Y, as ``evaluate`` computed them).
-    A section whose artifact is missing is replaced by one line naming the stage not run.
+    histograms (``scores.png``), cluster montage (``clusters.png``) and selection summary
+    (coreset runs) or the synthesis summary (synth runs: backbone, fine-tuning, sampler, budget,
+    ``synthesis.png`` and ``finetune_loss.png``), and the PSNR/SSIM table (PSNR in dB, SSIM in
+    [0, 1], both on Y, as ``evaluate`` computed them). A section whose artifact is missing is
+    replaced by one line naming the stage not run; a coreset run has no synthesis section, and
+    a synth run (``config.distill == "synth"``, or ``synthesize/provenance.csv`` present) says
+    in its clusters section that it has no ``select`` stage and has no selection section.
     Files are written atomically (temp file, then ``os.replace``).
 
     Args:
@@ -76,15 +97,19 @@ def write_report(run_dir: Path) -> Path:
     out_dir = run_dir / "report"
     out_dir.mkdir(parents=True, exist_ok=True)
 
+    synth = _is_synth(run_dir, manifest)
     sections = [
         _header(manifest, run_dir),
-        _stages_section(manifest),
+        _stages_section(manifest, synth),
         _skipped_section(manifest),
         _scores_section(run_dir, manifest, out_dir),
-        _clusters_section(run_dir, out_dir),
-        _selection_section(run_dir, manifest),
-        _psnr_section(run_dir),
+        _clusters_section(run_dir, out_dir, synth),
     ]
+    if synth:
+        sections.append(_synthesis_section(run_dir, manifest, out_dir))
+    else:
+        sections.append(_selection_section(run_dir, manifest))
+    sections.append(_psnr_section(run_dir))
     path = out_dir / "report.md"
     _atomic_write_text(path, "\n\n".join(s.rstrip() for s in sections) + "\n")
     return path
@@ -127,15 +152,18 @@ def _header(manifest: dict, run_dir: Path) -> str:
     return "\n".join(lines)
 
 
-def _stages_section(manifest: dict) -> str:
+def _stages_section(manifest: dict, synth: bool) -> str:
     recorded = manifest.get("stages", {})
     # every stage but the report itself (this document), in pipeline order
     names = [s for s in STAGES if s != "report"] + [s for s in recorded if s not in STAGES]
+    other_mode = {"select"} if synth else set(SYNTH_ONLY)
     rows = []
     for name in names:
         entry = recorded.get(name)
         if entry is None:
-            rows.append([name, "not run", "", ""])
+            mode = "synth" if synth else "coreset"
+            status = f"n/a ({mode} run)" if name in other_mode else "not run"
+            rows.append([name, status, "", ""])
             continue
         seconds = entry.get("seconds")
         rows.append([
@@ -209,8 +237,15 @@ def _histogram(ax: Any, values: np.ndarray, kept: np.ndarray, xlabel: str) -> No
     ax.set_ylabel("patches")
 
 
-def _clusters_section(run_dir: Path, out_dir: Path) -> str:
+def _clusters_section(run_dir: Path, out_dir: Path, synth: bool = False) -> str:
     title = "## Clusters\n\n"
+    if synth:
+        where = ("in the Synthesis section" if (run_dir / "synthesize" / "provenance.csv").is_file()
+                 else "in the Synthesis section once `synthesize` has run")  # fmt: skip
+        return title + (
+            "A `synth` run has no `select` stage: each cluster's real patches (closest to its "
+            f"centroid) are shown beside its synthesized images {where}."
+        )
     selected_path = run_dir / "select" / "selected.parquet"
     if not selected_path.is_file():
         return title + "Not available: the `select` stage has not run."
@@ -226,7 +261,8 @@ def _clusters_section(run_dir: Path, out_dir: Path) -> str:
     labels = [
         f"cluster {c}" + (f"\n(n={sizes[c]})" if c in sizes else "") for c in clusters
     ]
-    _montage(shown, clusters, labels, out_dir / "clusters.png")
+    thumbs = _real_thumbs(shown)
+    _grid([thumbs[c] for c in clusters], labels, out_dir / "clusters.png", columns=MONTAGE_COLUMNS)
     note = ""
     if len(by_cluster) > len(clusters):
         note = f" Only the first {len(clusters)} of {len(by_cluster)} clusters are shown."
@@ -237,46 +273,104 @@ def _clusters_section(run_dir: Path, out_dir: Path) -> str:
     )
 
 
-def _montage(shown: dict[int, list[dict]], clusters: list[int], labels: list[str],
-             path: Path) -> None:
-    """Grid of ``THUMB`` x ``THUMB`` thumbnails, one row per cluster, each source read once."""
-    pad = 4
-    cell = THUMB + pad
-    canvas = np.full((len(clusters) * cell + pad, MONTAGE_COLUMNS * cell + pad, 3), 255, np.uint8)
-    by_source: dict[str, list[tuple[int, int, dict]]] = {}
-    for r, c in enumerate(clusters):
-        for col, row in enumerate(shown[c]):
-            by_source.setdefault(row["source"], []).append((r, col, row))
+def _real_thumbs(shown: dict[Any, list[dict]]) -> dict[Any, list[np.ndarray]]:
+    """``THUMB`` x ``THUMB`` RGB thumbnails of patch rows (``source, x, y, size``), per key.
+
+    Each source image is read once; a patch whose source cannot be read, or which lies outside
+    it (the source changed since mining), gets a grey thumbnail.
+    """
+    out: dict[Any, list[np.ndarray]] = {key: [None] * len(rows) for key, rows in shown.items()}
+    by_source: dict[str, list[tuple[Any, int, dict]]] = {}
+    for key, rows in shown.items():
+        for i, row in enumerate(rows):
+            by_source.setdefault(str(row["source"]), []).append((key, i, row))
     for source, items in by_source.items():
         try:
             img = imaging.read_image(source)
         except imaging.ImageReadError:
             img = None
-        for r, col, row in items:
-            thumb = np.full((THUMB, THUMB, 3), 200, np.uint8)  # grey: source unreadable
+        for key, i, row in items:
+            thumb = _grey_thumb()
             if img is not None:
                 try:
                     patch = imaging.crop(img, int(row["x"]), int(row["y"]), int(row["size"]))
-                    thumb = np.asarray(
-                        Image.fromarray(patch).resize((THUMB, THUMB), Image.Resampling.BICUBIC)
-                    )
+                    thumb = _thumb(patch)
                 except ValueError:
                     pass  # patch outside the image (source changed since mining)
-            y0, x0 = pad + r * cell, pad + col * cell
+            out[key][i] = thumb
+    return out
+
+
+def _grey_thumb() -> np.ndarray:
+    return np.full((THUMB, THUMB, 3), 200, np.uint8)
+
+
+def _thumb(img: np.ndarray) -> np.ndarray:
+    return np.asarray(Image.fromarray(img).resize((THUMB, THUMB), Image.Resampling.BICUBIC))
+
+
+def _grid_size(n_rows: int, columns: int, *, gap_after: int | None = None,
+               headers: bool = False) -> tuple[int, int]:  # fmt: skip
+    """``(width, height)`` in pixels of the figure ``_grid`` writes for these arguments."""
+    cell = THUMB + GRID_PAD
+    w = columns * cell + GRID_PAD + (GRID_GAP if gap_after is not None else 0)
+    h = n_rows * cell + GRID_PAD
+    return (GRID_LEFT + w + GRID_RIGHT,
+            GRID_TOP + (GRID_HEADER if headers else 0) + h + GRID_BOTTOM)  # fmt: skip
+
+
+def _grid(rows: list[list[np.ndarray | None]], labels: list[str], path: Path, *, columns: int,
+          gap_after: int | None = None, headers: tuple[str, str] | None = None) -> None:  # fmt: skip
+    """Write a PNG grid of ``THUMB`` x ``THUMB`` thumbnails, one row per entry of ``rows``.
+
+    Args:
+        rows: per row, up to ``columns`` ``(THUMB, THUMB, 3)`` uint8 arrays, left to right;
+            ``None`` leaves its cell blank (white).
+        labels: one label per row, on the left.
+        path: the PNG (written atomically).
+        columns: thumbnail columns.
+        gap_after: insert a ``GRID_GAP`` pixel blank band, with a thin grey rule in its middle,
+            after this many columns.
+        headers: texts above the columns before / after the gap (``gap_after`` required).
+
+    The figure is ``_grid_size(len(rows), columns, ...)`` pixels, one canvas pixel per figure
+    pixel.
+    """
+    cell = THUMB + GRID_PAD
+    gap = GRID_GAP if gap_after is not None else 0
+    canvas_w = columns * cell + GRID_PAD + gap
+    canvas_h = len(rows) * cell + GRID_PAD
+    canvas = np.full((canvas_h, canvas_w, 3), 255, np.uint8)
+
+    def x_of(col: int) -> int:
+        return GRID_PAD + col * cell + (gap if gap_after is not None and col >= gap_after else 0)
+
+    for r, thumbs in enumerate(rows):
+        for col, thumb in enumerate(thumbs[:columns]):
+            if thumb is None:
+                continue
+            y0, x0 = GRID_PAD + r * cell, x_of(col)
             canvas[y0 : y0 + THUMB, x0 : x0 + THUMB] = thumb
+    if gap_after is not None:
+        mid = x_of(gap_after) - GRID_PAD // 2 - gap // 2
+        canvas[:, mid - 1 : mid + 1] = 160
 
     dpi = 100
-    h, w = canvas.shape[:2]
-    fig = plt.figure(figsize=(w / dpi + 1.4, h / dpi + 0.2), dpi=dpi)
-    ax = fig.add_axes((1.3 / (w / dpi + 1.4), 0.1 / (h / dpi + 0.2),
-                       (w / dpi) / (w / dpi + 1.4), (h / dpi) / (h / dpi + 0.2)))
+    fig_w, fig_h = _grid_size(len(rows), columns, gap_after=gap_after, headers=headers is not None)
+    fig = plt.figure(figsize=(fig_w / dpi, fig_h / dpi), dpi=dpi)
+    ax = fig.add_axes((GRID_LEFT / fig_w, GRID_BOTTOM / fig_h, canvas_w / fig_w, canvas_h / fig_h))
     ax.imshow(canvas, interpolation="nearest")
     ax.set_xticks([])
-    ax.set_yticks([pad + r * cell + THUMB / 2 for r in range(len(clusters))])
+    ax.set_yticks([GRID_PAD + r * cell + THUMB / 2 for r in range(len(rows))])
     ax.set_yticklabels(labels, fontsize=8)
     ax.tick_params(length=0)
     for spine in ax.spines.values():
         spine.set_visible(False)
+    if headers is not None and gap_after is not None:
+        left = (x_of(0) + x_of(gap_after - 1) + THUMB) / 2
+        right = (x_of(gap_after) + x_of(columns - 1) + THUMB) / 2
+        for x, text in ((left, headers[0]), (right, headers[1])):
+            ax.text(x, -GRID_PAD, text, ha="center", va="bottom", fontsize=10, fontweight="bold")
     _atomic_savefig(fig, path, dpi=dpi)
 
 
@@ -305,6 +399,182 @@ def _selection_section(run_dir: Path, manifest: dict) -> str:
         f"- counts: {budget}\n\n"
         + _table(["cluster", "assigned patches", "selected"], rows)
     )
+
+
+def _synthesis_section(run_dir: Path, manifest: dict, out_dir: Path) -> str:
+    title = "## Synthesis\n\n"
+    prov_path = run_dir / "synthesize" / "provenance.csv"
+    if not prov_path.is_file():
+        return title + "Not available: the `synthesize` stage has not run."
+    stages = manifest.get("stages", {})
+    ft = stages.get("finetune", {}).get("counts") or {}
+    syn = stages.get("synthesize", {}).get("counts") or {}
+    model = _read_json(run_dir / "finetune" / "model" / "backbone.json")
+    summary = _read_json(run_dir / "synthesize" / "synthesis.json")
+    provenance = _read_provenance(prov_path)
+    log = _read_log(run_dir / "finetune" / "log.jsonl")
+
+    kind = ft.get("backbone") or model.get("kind") or summary.get("backbone") or "unknown"
+    trainable = ft.get("trainable") or model.get("trainable") or "unknown"
+    source = ft.get("source") or model.get("source") or {}
+    total = ft.get("parameters", source.get("parameters"))
+    n_train = ft.get("trainable_parameters", source.get("trainable"))
+    if source.get("dit_path"):
+        origin = f"pretrained DiT from `{source['dit_path']}`"
+        if source.get("vae_path"):
+            origin += f", VAE `{source['vae_path']}`"
+    elif kind == "unet" or source.get("init"):
+        origin = "UNet trained from scratch"
+    else:
+        origin = "origin not recorded"
+    params = "parameters not recorded"
+    if isinstance(total, int) and isinstance(n_train, int):
+        share = 100 * n_train / max(total, 1)
+        params = f"{n_train:,} of {total:,} parameters trainable ({share:.2f}%)"
+
+    iterations = ft.get("iterations")
+    if iterations is None and log:
+        iterations = log[-1].get("step")
+    workers = ft.get("workers")
+    if workers:
+        engine = "DeepSpeed" if ft.get("deepspeed") else "plain PyTorch, no DeepSpeed"
+        where = f"{workers} Ray Train worker(s), {engine}"
+    elif workers == 0:
+        where = "in-process PyTorch (no DeepSpeed)"
+    else:
+        where = "workers not recorded"
+    final_loss = ft.get("final_loss")
+    if final_loss is None and log:
+        final_loss = log[-1].get("loss")
+    patches = ft.get("patches")
+
+    first = provenance[0] if provenance else {}
+    sampler = syn.get("sampler", summary.get("sampler", first.get("sampler", "unknown")))
+    steps = syn.get("steps", summary.get("steps", first.get("steps", "?")))
+    guidance = syn.get("guidance_scale",
+                       summary.get("guidance_scale", first.get("guidance_scale", "?")))  # fmt: skip
+    images = syn.get("images", summary.get("images", len(provenance)))
+    resolution = syn.get("resolution", summary.get("resolution", model.get("resolution")))
+    fraction = syn.get("pixel_fraction")
+
+    lines = [
+        f"- backbone: `{kind}` ({origin}), trainable `{trainable}`: {params}",
+        f"- fine-tuning: {iterations if iterations is not None else '?'} iterations"
+        + (f" on {patches} patches" if patches is not None else "")
+        + f", {where}; final loss "
+        + (f"{final_loss:.4f}" if isinstance(final_loss, (int, float)) else "not recorded"),
+        f"- sampler: `{sampler}`, {steps} steps, guidance scale {guidance}",
+        f"- synthesized: {images} images"
+        + (f" of {resolution}x{resolution}" if resolution else "")
+        + (f", pixel fraction {fraction} of the mined corpus" if fraction is not None else ""),
+    ]
+
+    sizes = _cluster_sizes(run_dir)
+    synth_by_cluster: dict[int, list[str]] = {}
+    for row in provenance:
+        synth_by_cluster.setdefault(int(row["cluster"]), []).append(row["file"])
+    all_clusters = sorted(set(sizes) | set(synth_by_cluster))
+    clusters = all_clusters[:MONTAGE_MAX_ROWS]
+    parts = [title + "\n".join(lines)]
+    if clusters:
+        real = _real_thumbs(_top_patches(run_dir, clusters, SYNTH_PER_SIDE))
+        rows = []
+        for c in clusters:
+            left = (real.get(c, []) + [None] * SYNTH_PER_SIDE)[:SYNTH_PER_SIDE]
+            right = [_synth_thumb(run_dir / "synthesize" / f)
+                     for f in synth_by_cluster.get(c, [])[:SYNTH_PER_SIDE]]  # fmt: skip
+            rows.append(left + right)
+        labels = [f"cluster {c}" + (f"\n(n={sizes[c]})" if c in sizes else "") for c in clusters]
+        _grid(rows, labels, out_dir / "synthesis.png", columns=2 * SYNTH_PER_SIDE,
+              gap_after=SYNTH_PER_SIDE, headers=("real patches", "synthesized"))  # fmt: skip
+        note = ""
+        if len(all_clusters) > len(clusters):
+            note = f" Only the first {len(clusters)} of {len(all_clusters)} clusters are shown."
+        parts.append(
+            f"Per cluster: left, up to {SYNTH_PER_SIDE} real patches closest to its centroid "
+            f"(highest `cos_sim`); right, its first {SYNTH_PER_SIDE} synthesized images "
+            f"(real patches | synthesized). The row label gives the cluster id and its number "
+            f"of assigned patches.{note}\n\n"
+            "![real patches | synthesized, per cluster](synthesis.png)"
+        )
+        table = [[str(c), str(sizes[c]) if c in sizes else "", str(len(synth_by_cluster.get(c, [])))]
+                 for c in all_clusters]  # fmt: skip
+        table.append(["total", str(sum(sizes.values())) if sizes else "", str(len(provenance))])
+        parts.append(_table(["cluster", "assigned patches", "synthesized"], table))
+    if log and _loss_plot(log, out_dir / "finetune_loss.png"):
+        parts.append("Fine-tuning loss (mean over each logging interval):\n\n"
+                     "![fine-tuning loss](finetune_loss.png)")  # fmt: skip
+    return "\n\n".join(parts)
+
+
+def _top_patches(run_dir: Path, clusters: list[int], n: int) -> dict[int, list[dict]]:
+    """Per cluster of ``clusters``, its ``n`` patch rows (``patch_id, source, x, y, size,
+    cos_sim``) with the highest ``cos_sim`` (ties: by ``patch_id``), best first.
+
+    Patches without geometry in ``mine/patches.parquet`` are left out; {} when either table is
+    missing. Without a ``cos_sim`` column the order is by ``patch_id``.
+    """
+    assign_path = run_dir / "cluster" / "assignments.parquet"
+    patches_path = run_dir / "mine" / "patches.parquet"
+    if not assign_path.is_file() or not patches_path.is_file():
+        return {}
+    table = pq.read_table(assign_path)
+    cluster = table.column("cluster").to_numpy(zero_copy_only=False).astype(np.int64)
+    keep = np.flatnonzero(np.isin(cluster, np.asarray(clusters, np.int64)))
+    cluster = cluster[keep]
+    ids = np.asarray(table.column("patch_id").take(keep).to_pylist(), dtype=str)
+    if "cos_sim" in table.column_names:
+        sim = table.column("cos_sim").to_numpy(zero_copy_only=False).astype(np.float64)[keep]
+        sim = np.where(np.isfinite(sim), sim, -np.inf)
+    else:
+        sim = np.zeros(len(cluster))
+    order = np.lexsort((ids, -sim, cluster))  # by cluster, then cos_sim descending, then id
+    sorted_c = cluster[order]
+    starts = np.flatnonzero(np.r_[True, sorted_c[1:] != sorted_c[:-1]]) if len(order) else []
+    picked = {}
+    for a in starts:
+        head = order[a : a + n][sorted_c[a : a + n] == sorted_c[a]]  # stop at the next cluster
+        picked[int(sorted_c[a])] = [int(i) for i in head]
+    need = sorted({ids[i] for rows in picked.values() for i in rows})
+    geometry = pq.read_table(patches_path, columns=["patch_id", "source", "x", "y", "size"])
+    geometry = geometry.filter(pc.is_in(geometry.column("patch_id"),
+                                        value_set=pa.array(need, pa.string())))  # fmt: skip
+    lookup = {r["patch_id"]: r for r in geometry.to_pylist()}
+    return {c: [{**lookup[ids[i]], "cos_sim": float(sim[i])} for i in rows if ids[i] in lookup]
+            for c, rows in picked.items()}  # fmt: skip
+
+
+def _synth_thumb(path: Path) -> np.ndarray:
+    """Thumbnail of a synthesized PNG; grey when it cannot be read."""
+    try:
+        return _thumb(imaging.read_image(path))
+    except imaging.ImageReadError:
+        return _grey_thumb()
+
+
+def _loss_plot(log: list[dict], path: Path) -> bool:
+    """``loss`` and ``simple`` against ``step``; False (nothing written) without such rows."""
+    series = {}
+    for key in ("loss", "simple"):
+        pts = [(r["step"], r[key]) for r in log
+               if isinstance(r.get("step"), (int, float)) and isinstance(r.get(key), (int, float))]
+        if pts:
+            series[key] = pts
+    if not series:
+        return False
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    labels = {"loss": "loss (total)", "simple": "simple (noise MSE)"}
+    for key, pts in series.items():
+        steps, values = zip(*pts)
+        ax.plot(steps, values, marker="." if len(pts) < 50 else None, label=labels[key])
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_title("diffusion fine-tuning")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    _atomic_savefig(fig, path)
+    return True
 
 
 def _psnr_section(run_dir: Path) -> str:
@@ -371,6 +641,49 @@ def _selected_rows(run_dir: Path) -> list[dict]:
             assigned = dict(zip(t.column("patch_id").to_pylist(), t.column("cluster").to_pylist()))
         rows = [{**r, "cluster": assigned.get(r["patch_id"], -1)} for r in rows]
     return rows
+
+
+def _is_synth(run_dir: Path, manifest: dict) -> bool:
+    """A ``distill: synth`` run: so configured, or it has synthesized images."""
+    return (manifest.get("config", {}).get("distill") == "synth"
+            or (run_dir / "synthesize" / "provenance.csv").is_file())  # fmt: skip
+
+
+def _read_json(path: Path) -> dict:
+    """The JSON object in ``path``; {} if it is missing or unreadable."""
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def _read_log(path: Path) -> list[dict]:
+    """Rows of a JSON-lines log (blank or malformed lines skipped); [] if missing."""
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict):
+            rows.append(row)
+    return rows
+
+
+def _read_provenance(path: Path) -> list[dict]:
+    """Rows of ``synthesize/provenance.csv`` in file order (rows without ``file``/``cluster``
+    skipped)."""
+    with open(path, newline="") as f:
+        rows = []
+        for row in csv.DictReader(f):
+            try:
+                rows.append({**row, "cluster": int(row["cluster"])})
+            except (KeyError, TypeError, ValueError):
+                continue
+    return [r for r in rows if r.get("file")]
 
 
 def _cluster_sizes(run_dir: Path) -> dict[int, int]:

@@ -43,3 +43,26 @@ def ray_local():
     runner.init_ray(RayConfig(num_cpus=2))
     yield
     runner.shutdown_ray()
+
+
+@pytest.fixture(scope="session")
+def tiny_dit_dir(tmp_path_factory) -> Path:
+    """A tiny random-init DiT in the layout of ``facebook/DiT-XL-2-512`` (``transformer/``,
+    ``vae/``, ``scheduler/``): 2 blocks of width 16 on 8x8x4 latents of a 2-level VAE, so
+    ``finetune.resolution`` 16. Built offline in well under a second."""
+    import torch
+    from diffusers import AutoencoderKL, DDIMScheduler, DiTTransformer2DModel
+
+    root = tmp_path_factory.mktemp("tiny_dit")
+    torch.manual_seed(0)
+    DiTTransformer2DModel(
+        num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8, num_layers=2,
+        sample_size=8, patch_size=2, num_embeds_ada_norm=10,
+    ).save_pretrained(root / "transformer")  # fmt: skip
+    AutoencoderKL(
+        block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=8,
+        sample_size=16,
+    ).save_pretrained(root / "vae")  # fmt: skip
+    DDIMScheduler(beta_schedule="linear").save_pretrained(root / "scheduler")
+    return root

@@ -34,9 +34,12 @@ def test_quality_bench_runs_every_arm_and_resumes(tmp_path, ray_local):
     cfg = load_config("tiny", overrides=["embed.allow_random_init=true", "train.iterations=3"])
     bench = QualityBench(cfg, corpus=(str(corpus),), budgets=("20%", "ipc1"), seeds=(0, 1), datasets=("Set5",))
     results = run_quality_bench(bench, tmp_path / "bench", log=lambda s: None)
-    assert len(results) == 2 + 4 * 2 * 2  # full once per seed; 4 arms x 2 budgets x 2 seeds
+    assert len(results) == 2 + 5 * 2 * 2  # full once per seed; 5 arms x 2 budgets x 2 seeds
     by_arm = {(r["arm"], r["budget"]) for r in results}
     assert ("full", "all") in by_arm and ("clip-kmeans", "ipc1") in by_arm and ("grad-topk", "20%") in by_arm
+    assert ("synth", "20%") in by_arm and (tmp_path / "bench" / "pipeline" / "finetune" / "model").is_dir()
+    synth = [r for r in results if r["arm"] == "synth"]
+    assert all(r["patches"] > 0 and r["pixel_fraction"] > 0 for r in synth)
     ipc = [r for r in results if r["budget"] == "ipc1"]
     assert len({r["patches"] for r in ipc}) == 1  # every arm gets the same budget
     assert all(20 < r["psnr_y"]["Set5"] < 45 for r in results)

@@ -216,3 +216,67 @@ def test_cli_eval_loads_official_release_layouts(tmp_path):
     r = CliRunner().invoke(app, ["eval", "--model", "edsr-baseline", "--weights", str(tmp_path / "SwinIR-S_x2.pth"),
                                  "--dataset", "Set5", "--scale", "2"])  # fmt: skip
     assert r.exit_code == 2 and "does not match edsr-baseline" in r.output
+
+
+def test_synth_pipeline_finetunes_synthesizes_trains_and_resumes(corpus, tmp_path, ray_local, tiny_dit_dir):
+    run_dir = tmp_path / "run"
+    cfg = _tiny(distill="synth")
+    manifest = run_pipeline(corpus, run_dir, cfg, preset="tiny", log=lambda s: None)
+    stages = manifest["stages"]
+    assert "select" not in stages and all(stages[s]["status"] == "done" for s in
+                                          ("encode", "finetune", "synthesize", "train", "evaluate"))  # fmt: skip
+    k = stages["cluster"]["counts"]["k_used"]
+    assert stages["encode"]["counts"]["patches"] == stages["embed"]["counts"]["patches"]
+    ft = stages["finetune"]["counts"]
+    assert ft["backbone"] == "unet" and ft["trainable"] == "full" and ft["num_clusters"] == k
+    pngs = sorted((run_dir / "synthesize").glob("*.png"))
+    assert len(pngs) == 2 * k == stages["synthesize"]["counts"]["images"]  # tiny: select.ipc 2
+    assert Image.open(pngs[0]).size == (32, 32)
+    prov = (run_dir / "synthesize" / "provenance.csv").read_text().splitlines()
+    assert prov[0].startswith("file,cluster,index,seed,sampler,steps,guidance_scale") and len(prov) == 1 + 2 * k
+    assert stages["train"]["counts"]["train_images"] == 2 * k
+    assert "espcn (synthetic)" in json.loads((run_dir / "evaluate" / "results.json").read_text())["rows"]
+    assert "Synthesis" in (run_dir / "report" / "report.md").read_text()
+
+    # a rerun skips every stage; more synthesis steps rerun only synthesize and what follows
+    lines: list[str] = []
+    run_pipeline(corpus, run_dir, cfg, log=lines.append)
+    assert sum("up to date, skipped" in line for line in lines) == 8
+    lines.clear()
+    run_pipeline(corpus, run_dir, _tiny(distill="synth", **{"synthesize.steps": 3}), log=lines.append)
+    ran = [line.split("]")[0][1:] for line in lines if line.endswith("running")]
+    assert ran == ["synthesize", "train", "evaluate"]
+
+    # a DiT backbone that is not on disk stops before any work, naming what is missing
+    with pytest.raises(FileNotFoundError, match="facebook/DiT-XL-2-512"):
+        run_pipeline(corpus, tmp_path / "dit", _tiny(distill="synth", **{"finetune.dit_path": str(tmp_path / "no"),
+                                                            "finetune.crop": "center"}),
+                     log=lambda s: None)  # fmt: skip
+    assert not (tmp_path / "dit").exists()
+
+    # the DiT path of the same pipeline: DiffFit on the tiny DiT-XL-2-512-layout model
+    dit = _tiny(distill="synth", **{"finetune.dit_path": str(tiny_dit_dir), "finetune.resolution": 16,
+                                    "finetune.crop": "center", "train.lr_patch": 8})  # fmt: skip
+    manifest = run_pipeline(corpus, tmp_path / "dit", dit, log=lambda s: None)
+    ft = manifest["stages"]["finetune"]["counts"]
+    assert ft["backbone"] == "dit" and ft["trainable"] == "difffit"
+    assert ft["source"]["dit_path"] == str(tiny_dit_dir.resolve())
+    assert Image.open(next((tmp_path / "dit" / "synthesize").glob("*.png"))).size == (16, 16)
+
+
+def test_cli_synthesize_from_a_finetuned_model(tmp_path, ray_local):
+    from srdistill import diffusion
+    from srdistill.config import FinetuneConfig
+
+    bb = diffusion.build_backbone(FinetuneConfig(resolution=16, unet_channels=(16, 32)), 3)
+    diffusion.save_finetuned(bb, tmp_path / "model", bb.model.state_dict())
+    r = CliRunner().invoke(app, ["synthesize", "--model", str(tmp_path / "model"), "--out", str(tmp_path / "out"),
+                                 "--ipc", "2", "--clusters", "0,2", "--steps", "2", "--sampler", "dpm-solver++"])  # fmt: skip
+    assert r.exit_code == 0, r.output
+    assert sorted(p.name for p in (tmp_path / "out").glob("*.png")) == [
+        "c000_i0000.png", "c000_i0001.png", "c002_i0000.png", "c002_i0001.png"]
+    r = CliRunner().invoke(app, ["synthesize", "--model", str(tmp_path), "--out", str(tmp_path / "x")])
+    assert r.exit_code == 2 and "not a fine-tuned model" in r.output
+    r = CliRunner().invoke(app, ["synthesize", "--model", str(tmp_path / "model"), "--out", str(tmp_path / "x"),
+                                 "--sampler", "euler"])  # fmt: skip
+    assert r.exit_code == 2 and "sampler" in r.output

@@ -175,3 +175,192 @@ def test_selection_without_cluster_or_geometry(tmp_path):
     md = write_report(tmp_path).read_text()
     assert "| total | 18 | 18 |" in md
     _assert_png(tmp_path / "report" / "clusters.png")
+
+
+# --------------------------------------------------------------------------- synth runs
+
+from srdistill import imaging  # noqa: E402
+from srdistill.report import (  # noqa: E402
+    GRID_HEADER, GRID_LEFT, GRID_PAD, GRID_TOP, SYNTH_PER_SIDE, THUMB, _grid_size, _top_patches,
+)
+
+#: Synthesized images per cluster in the fake synth run, and each cluster's solid colour.
+SYNTH_COUNTS = {0: 5, 1: 2, 2: 4}
+SYNTH_COLOURS = {0: (255, 0, 0), 1: (0, 255, 0), 2: (0, 0, 255)}
+MISSING = str(T91 / "gone.png")
+
+
+def _synth_run(run_dir: Path, *, kind: str = "dit", synthesized: bool = True,
+               log: bool = True) -> list[dict]:
+    """A hand-built ``distill: synth`` run: mine, cluster (cos_sim varying), encode, finetune
+    (backbone.json, log.jsonl) and, if ``synthesized``, synthesize (solid-colour PNGs per
+    cluster, provenance.csv, synthesis.json). Cluster 2's two best patches come from a missing
+    source. Returns the assignment rows."""
+    patches = _write_mine(run_dir)
+    kept = [p for p in patches if p["kept"]]
+    k = 3
+    rng = np.random.default_rng(1)
+    assign = [{"patch_id": p["patch_id"], "cluster": i % k, "cos_sim": float(rng.uniform(0, 0.8))}
+              for i, p in enumerate(kept)]
+    for c in range(k):  # two clear winners per cluster
+        members = [a for a in assign if a["cluster"] == c]
+        members[-1]["cos_sim"], members[-2]["cos_sim"] = 0.99, 0.95
+    if synthesized:
+        by_id = {p["patch_id"]: p for p in patches}
+        best2 = {a["patch_id"] for a in assign if a["cluster"] == 2 and a["cos_sim"] > 0.9}
+        rows = [{**p, "source": MISSING} if p["patch_id"] in best2 else p for p in by_id.values()]
+        schema = pq.read_schema(run_dir / "mine" / "patches.parquet")
+        pq.write_table(pa.Table.from_pylist(rows, schema=schema),
+                       run_dir / "mine" / "patches.parquet")
+    (run_dir / "cluster").mkdir()
+    pq.write_table(pa.table({"patch_id": [a["patch_id"] for a in assign],
+                             "cluster": pa.array([a["cluster"] for a in assign], pa.int32()),
+                             "cos_sim": pa.array([a["cos_sim"] for a in assign], pa.float32())}),
+                   run_dir / "cluster" / "assignments.parquet")
+
+    if kind == "dit":
+        source = {"dit_path": "/models/DiT-XL-2-256", "vae_path": "/models/DiT-XL-2-256/vae",
+                  "parameters": 675_129_632, "trainable": 1_234_567}
+        trainable, workers = "difffit", 2
+    else:
+        source = {"init": "random (trained from scratch)", "parameters": 1_500_000,
+                  "trainable": 1_500_000}
+        trainable, workers = "full", 0
+    model_dir = run_dir / "finetune" / "model"
+    model_dir.mkdir(parents=True)
+    (model_dir / "backbone.json").write_text(json.dumps(
+        {"kind": kind, "num_clusters": k, "resolution": SIZE, "trainable": trainable,
+         "source": source}))
+    if log:
+        (run_dir / "finetune" / "log.jsonl").write_text("".join(
+            json.dumps({"step": s, "loss": 1.0 / s, "simple": 0.8 / s, "pos": 0.1, "neg": 0.1,
+                        "images_per_s": 100.0, "elapsed_s": s / 10}) + "\n"
+            for s in (10, 20, 30, 40)))
+    stages = {"mine": _stage(1.5, images=3, patches=len(patches), kept=len(kept),
+                             corpus_pixels=100_000),
+              "embed": _stage(2.0, embedded=len(kept)),
+              "cluster": _stage(0.3, k=k, k_used=k),
+              "encode": _stage(0.5, backbone=kind, patches=len(kept)),
+              "finetune": _stage(9.0, backbone=kind, trainable=trainable,
+                                 parameters=source["parameters"],
+                                 trainable_parameters=source["trainable"], num_clusters=k,
+                                 patches=len(kept), iterations=40, workers=workers,
+                                 deepspeed=bool(workers), final_loss=0.025, source=source)}
+    if synthesized:
+        sdir = run_dir / "synthesize"
+        sdir.mkdir()
+        lines = ["file,cluster,index,seed,sampler,steps,guidance_scale"]
+        for c, n in SYNTH_COUNTS.items():
+            for i in range(n):
+                name = f"c{c:03d}_i{i:04d}.png"
+                Image.new("RGB", (SIZE, SIZE), SYNTH_COLOURS[c]).save(sdir / name)
+                lines.append(f"{name},{c},{i},{1000 * c + i},ddim,50,4.0")
+        (sdir / "provenance.csv").write_text("\n".join(lines) + "\n")
+        n_images = sum(SYNTH_COUNTS.values())
+        (sdir / "synthesis.json").write_text(json.dumps(
+            {"backbone": kind, "num_clusters": k, "resolution": SIZE, "sampler": "ddim",
+             "steps": 50, "guidance_scale": 4.0, "images": n_images}))
+        stages["synthesize"] = _stage(3.0, images=n_images, resolution=SIZE, sampler="ddim",
+                                      steps=50, guidance_scale=4.0, pixel_fraction=0.11264)
+    _manifest(run_dir, semantic=True, stages=stages)
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    manifest["config"]["distill"] = "synth"
+    (run_dir / "manifest.json").write_text(json.dumps(manifest))
+    return assign
+
+
+def _cell_centre(row: int, col: int) -> tuple[int, int]:
+    """(x, y) in synthesis.png of the centre of thumbnail (row, col)."""
+    cell = THUMB + GRID_PAD
+    x = GRID_LEFT + GRID_PAD + col * cell + (THUMB // 2 if col >= SYNTH_PER_SIDE else 0)
+    y = GRID_TOP + GRID_HEADER + GRID_PAD + row * cell
+    return x + THUMB // 2, y + THUMB // 2
+
+
+def test_synth_report(tmp_path):
+    _synth_run(tmp_path)
+    md = write_report(tmp_path).read_text()
+    assert "## Synthesis" in md and "## Selection" not in md
+    assert "the `select` stage has not run" not in md
+    assert "A `synth` run has no `select` stage" in md
+    assert "| select | n/a (synth run) |" in md and "| finetune | done |" in md
+    assert ("- backbone: `dit` (pretrained DiT from `/models/DiT-XL-2-256`, VAE "
+            "`/models/DiT-XL-2-256/vae`), trainable `difffit`: 1,234,567 of 675,129,632 "
+            "parameters trainable (0.18%)") in md
+    assert "- fine-tuning: 40 iterations on" in md
+    assert "2 Ray Train worker(s), DeepSpeed; final loss 0.0250" in md
+    assert "- sampler: `ddim`, 50 steps, guidance scale 4.0" in md
+    assert f"- synthesized: 11 images of {SIZE}x{SIZE}, pixel fraction 0.11264" in md
+    assert "![real patches | synthesized, per cluster](synthesis.png)" in md
+    assert "| 0 | " in md and "| total | " in md and "| 11 |" in md
+    assert "![fine-tuning loss](finetune_loss.png)" in md
+    assert not (tmp_path / "report" / "clusters.png").exists()
+    _assert_png(tmp_path / "report" / "finetune_loss.png")
+
+    path = tmp_path / "report" / "synthesis.png"
+    _assert_png(path)
+    with Image.open(path) as im:
+        assert im.size == _grid_size(3, 2 * SYNTH_PER_SIDE, gap_after=SYNTH_PER_SIDE, headers=True)
+        px = np.asarray(im.convert("RGB"))
+    for row, (c, n) in enumerate(SYNTH_COUNTS.items()):
+        for j in range(SYNTH_PER_SIDE):  # synthesized half: the cluster's colour, then blank
+            x, y = _cell_centre(row, SYNTH_PER_SIDE + j)
+            want = SYNTH_COLOURS[c] if j < n else (255, 255, 255)
+            assert tuple(px[y, x]) == want, (row, j)
+    # the gap between the halves is blank but for a grey rule
+    x_gap = _cell_centre(0, SYNTH_PER_SIDE)[0] - THUMB // 2 - GRID_PAD - THUMB // 4
+    assert tuple(px[_cell_centre(0, 0)[1], x_gap]) == (255, 255, 255)
+    # real half: cluster 0's best patch, cropped from its source; cluster 2's two best grey
+    top = _top_patches(tmp_path, [0, 1, 2], SYNTH_PER_SIDE)
+    best = top[0][0]
+    patch = imaging.crop(imaging.read_image(best["source"]), best["x"], best["y"], best["size"])
+    thumb = np.asarray(Image.fromarray(patch).resize((THUMB, THUMB), Image.Resampling.BICUBIC))
+    x, y = _cell_centre(0, 0)
+    x0, y0 = x - THUMB // 2, y - THUMB // 2
+    assert np.array_equal(px[y0 : y0 + THUMB, x0 : x0 + THUMB], thumb)
+    for col in range(SYNTH_PER_SIDE):
+        x, y = _cell_centre(2, col)
+        assert (tuple(px[y, x]) == (200, 200, 200)) == (col < 2), col
+
+
+def test_top_patches_by_cos_sim(tmp_path):
+    assign = _synth_run(tmp_path)
+    top = _top_patches(tmp_path, [0, 2], 3)
+    assert sorted(top) == [0, 2]
+    for c in (0, 2):
+        want = sorted((a for a in assign if a["cluster"] == c), key=lambda a: -a["cos_sim"])[:3]
+        assert [r["patch_id"] for r in top[c]] == [a["patch_id"] for a in want]
+        assert all({"source", "x", "y", "size"} <= set(r) for r in top[c])
+
+
+def test_synth_report_unet_no_log(tmp_path):
+    _synth_run(tmp_path, kind="unet", log=False)
+    md = write_report(tmp_path).read_text()
+    assert "- backbone: `unet` (UNet trained from scratch), trainable `full`" in md
+    assert "in-process PyTorch (no DeepSpeed)" in md
+    assert "finetune_loss.png" not in md
+    assert not (tmp_path / "report" / "finetune_loss.png").exists()
+    _assert_png(tmp_path / "report" / "synthesis.png")
+
+
+def test_synth_report_before_synthesize(tmp_path):
+    _synth_run(tmp_path, synthesized=False)
+    md = write_report(tmp_path).read_text()
+    assert "## Synthesis\n\nNot available: the `synthesize` stage has not run.\n" in md
+    assert "| synthesize | not run |" in md
+    assert "## Selection" not in md and "the `select` stage has not run" not in md
+    assert "once `synthesize` has run" in md
+    assert not (tmp_path / "report" / "synthesis.png").exists()
+    assert not (tmp_path / "report" / "clusters.png").exists()
+
+
+def test_coreset_report_has_no_synthesis(tmp_path):
+    _full_run(tmp_path, semantic=True)
+    md = write_report(tmp_path).read_text()
+    assert "## Synthesis" not in md and "synthesize` stage" not in md
+    assert "## Selection" in md and "![selected patches per cluster](clusters.png)" in md
+    assert "| encode | n/a (coreset run) |" in md
+    assert not (tmp_path / "report" / "synthesis.png").exists()
+    assert not (tmp_path / "report" / "finetune_loss.png").exists()
+    with Image.open(tmp_path / "report" / "clusters.png") as im:
+        assert im.size == _grid_size(3, 8)

@@ -1,0 +1,490 @@
+"""SRDD's synthesis of the distilled set (Cho et al., arXiv 2509.14777, §3.4).
+
+The fine-tuned cluster-conditioned diffusion model (``srdistill.diffusion``) is sampled N times
+per cluster ("images per cluster", IPC); the synthetic images replace the real patches as the
+SR training set. Two deterministic samplers, both diffusers schedulers built from the model's
+DDPM training schedule:
+
+* ``ddim``: DDIM with eta = 0 (Song et al., arXiv 2010.02502, Eq. 12), clipping the predicted
+  x0 to [-1, 1] in pixel space only (VAE latents are unbounded).
+* ``dpm-solver++``: the 2nd-order multistep DPM-Solver++ (Lu et al., arXiv 2211.01095, Alg. 2),
+  first order at the last steps (``lower_order_final``), which keeps few-step sampling stable.
+
+Both use "trailing" timestep spacing, so the first step is at t = T - 1 where x_T really is
+pure noise (Lin et al., arXiv 2305.08891, Table 2). Classifier-free guidance (Ho & Salimans,
+arXiv 2207.12598, Eq. 6) mixes the conditional and the null-class noise predictions,
+eps = eps_uncond + s (eps_cond - eps_uncond); SRDD samples with s = 4.
+
+Image ``index`` of cluster ``c`` starts from the noise of its own seed
+``image_seed(seed, c, index)``, drawn on the CPU by its own generator: it is the same image
+whichever batch, actor or machine samples it, so a rerun reproduces it and an interrupted
+run resumes by skipping the PNGs already written. ``Synthesizer`` is the per-batch callable
+(a Ray Data actor class in ``runner.synthesize_ray``; no Ray here); ``synthesize`` is the
+stage: plan, sample, ``provenance.csv`` and ``synthesis.json``.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import re
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from . import diffusion
+from .config import SynthConfig
+from .selection import _png_bytes, _write_atomic
+from .training import resolve_device
+
+__all__ = [
+    "PROVENANCE_COLUMNS",
+    "SAMPLERS",
+    "Synthesizer",
+    "denoise_loop",
+    "image_name",
+    "image_seed",
+    "initial_noise",
+    "make_scheduler",
+    "per_cluster_counts",
+    "plan_jobs",
+    "sample",
+    "synthesize",
+]
+
+SAMPLERS = ("ddim", "dpm-solver++")
+#: Columns of ``provenance.csv``, one row per synthesized PNG.
+PROVENANCE_COLUMNS = ("file", "cluster", "index", "seed", "sampler", "steps", "guidance_scale")
+#: Columns ``Synthesizer`` returns per job.
+RESULT_COLUMNS = PROVENANCE_COLUMNS + ("seconds",)
+_PNG_NAME = re.compile(r"^c\d{3,}_i\d{4,}\.png$")
+_SCHEDULE_KEYS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule")
+
+
+# --------------------------------------------------------------------------- sampling
+
+
+def make_scheduler(sampler: str, schedule: dict, *, pixel_space: bool):
+    """A fresh diffusers scheduler for ``sampler`` on the model's DDPM training schedule.
+
+    Args:
+        sampler: ``"ddim"``: ``DDIMScheduler`` with eta 0 at ``step`` (Song et al., arXiv
+            2010.02502, Eq. 12 with sigma = 0), ``set_alpha_to_one=False`` (the last step lands
+            on alpha_bar_0, as DiT samples), x0 clipped to [-1, 1] when ``pixel_space``.
+            ``"dpm-solver++"``: ``DPMSolverMultistepScheduler`` with
+            ``algorithm_type="dpmsolver++"``, ``solver_order=2`` (Lu et al., arXiv 2211.01095,
+            Alg. 2), lower order at the final steps. Both: timestep spacing ``"trailing"``.
+        schedule: ``Backbone.schedule``: ``num_train_timesteps``, ``beta_start``, ``beta_end``,
+            ``beta_schedule`` (others ignored; missing ones take DiT's values). The model
+            predicts epsilon.
+        pixel_space: the sampled tensor is an image in [-1, 1] (``unet``), not a VAE latent.
+
+    Returns:
+        The scheduler; call ``set_timesteps`` before use. Stateful (``dpm-solver++`` keeps its
+        previous model outputs): one per sampling loop.
+
+    Raises:
+        ValueError: ``sampler`` is not one of ``SAMPLERS`` (the message names it).
+    """
+    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
+
+    base = {k: schedule.get(k, diffusion.DEFAULT_SCHEDULE[k]) for k in _SCHEDULE_KEYS}
+    base.update(prediction_type="epsilon", timestep_spacing="trailing")
+    if sampler == "ddim":
+        return DDIMScheduler(**base, clip_sample=pixel_space, clip_sample_range=1.0,
+                             set_alpha_to_one=False, steps_offset=0)  # fmt: skip
+    if sampler == "dpm-solver++":
+        return DPMSolverMultistepScheduler(**base, algorithm_type="dpmsolver++", solver_order=2,
+                                           lower_order_final=True)  # fmt: skip
+    raise ValueError(f"unknown sampler {sampler!r}: expected one of {', '.join(SAMPLERS)}")
+
+
+def initial_noise(shape: tuple[int, ...], seeds: list[int]) -> torch.Tensor:
+    """The starting noise x_T: ``(len(seeds), *shape)`` float32 N(0, 1) on the CPU.
+
+    Image ``i`` is drawn by its own ``torch.Generator().manual_seed(seeds[i])``, so it does not
+    depend on the batch it is sampled in nor on the device.
+
+    Raises:
+        ValueError: a seed is negative or >= 2**64.
+    """
+    out = torch.empty((len(seeds), *shape), dtype=torch.float32)
+    for i, seed in enumerate(seeds):
+        seed = int(seed)
+        if not 0 <= seed < 2**64:
+            raise ValueError(f"seed {seed} outside [0, 2**64)")
+        out[i] = torch.randn(tuple(shape), generator=torch.Generator().manual_seed(seed))
+    return out
+
+
+def _check_request(backbone: diffusion.Backbone, labels: torch.Tensor, seeds: list[int],
+                   steps: int, guidance_scale: float | None) -> torch.Tensor:  # fmt: skip
+    labels = torch.as_tensor(labels, dtype=torch.long).cpu()
+    if labels.ndim != 1:
+        raise ValueError(f"labels must have shape (B,), got {tuple(labels.shape)}")
+    if len(seeds) != len(labels):
+        raise ValueError(f"{len(seeds)} seeds for {len(labels)} labels: need one seed per image")
+    if len(labels) and (int(labels.min()) < 0 or int(labels.max()) >= backbone.num_clusters):
+        bad = labels[(labels < 0) | (labels >= backbone.num_clusters)].tolist()
+        raise ValueError(f"cluster label(s) {bad[:5]} outside [0, {backbone.num_clusters})")
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    if guidance_scale is not None and not (math.isfinite(guidance_scale) and guidance_scale >= 0):
+        raise ValueError(f"guidance_scale must be a finite number >= 0 or None, got {guidance_scale}")
+    return labels
+
+
+def _model_device(backbone: diffusion.Backbone) -> torch.device:
+    return next(backbone.model.parameters()).device
+
+
+@torch.inference_mode()
+def denoise_loop(backbone: diffusion.Backbone, labels: torch.Tensor, seeds: list[int], *,
+                 sampler: str = "ddim", steps: int = 50, guidance_scale: float | None = 4.0,
+                 device: str | torch.device | None = None) -> torch.Tensor:  # fmt: skip
+    """Run the reverse process from ``initial_noise`` to x_0 in the denoiser's space.
+
+    Each of the ``steps`` steps predicts the noise and takes a scheduler step
+    (``make_scheduler``). With ``guidance_scale`` s the denoiser runs once on the doubled batch
+    ``[x, x]`` with labels ``[labels, null_class]`` and the guided prediction is
+    eps = eps_uncond + s (eps_cond - eps_uncond) (Ho & Salimans, arXiv 2207.12598, Eq. 6),
+    for every s, 1 included (which equals eps_cond up to float rounding); ``None`` runs the
+    conditional pass only (unguided, half the compute).
+
+    Args:
+        backbone: a ``diffusion.Backbone`` (``load_finetuned``), in eval mode.
+        labels: ``(B,)`` integer cluster ids in ``[0, num_clusters)``.
+        seeds: ``B`` seeds in ``[0, 2**64)``, one per image (``image_seed``).
+        sampler: ``"ddim"`` or ``"dpm-solver++"``.
+        steps: number of denoiser evaluations (x2 batch when guided), >= 1.
+        guidance_scale: s >= 0, or ``None``.
+        device: where to run; ``None`` = the device of ``backbone.model`` (which must be there).
+
+    Returns:
+        ``(B, *backbone.sample_shape)`` float32 on ``device``: VAE latents x latent_scale
+        (``dit``) or pixels in about [-1, 1] (``unet``); ``backbone.decode`` makes images.
+
+    Raises:
+        ValueError: unknown sampler, labels outside ``[0, num_clusters)`` or not ``(B,)``,
+            ``len(seeds) != B``, ``steps`` < 1 or a bad ``guidance_scale``.
+    """
+    labels = _check_request(backbone, labels, seeds, steps, guidance_scale)
+    scheduler = make_scheduler(sampler, backbone.schedule, pixel_space=backbone.vae is None)
+    device = torch.device(device) if device is not None else _model_device(backbone)
+    scheduler.set_timesteps(steps, device=device)
+    x = initial_noise(backbone.sample_shape, seeds).to(device) * scheduler.init_noise_sigma
+    labels = labels.to(device)
+    b = len(labels)
+    if b == 0:
+        return x
+    guided = guidance_scale is not None
+    if guided:
+        model_labels = torch.cat([labels, torch.full_like(labels, backbone.null_class)])
+    else:
+        model_labels = labels
+    for t in scheduler.timesteps:
+        x_in = scheduler.scale_model_input(x, t)
+        if guided:
+            x_in = torch.cat([x_in, x_in])
+        t_in = t.to(device=device, dtype=torch.long).expand(len(model_labels))
+        eps = backbone.denoise(x_in, t_in, model_labels).float()
+        if guided:
+            eps_cond, eps_uncond = eps[:b], eps[b:]
+            eps = eps_uncond + guidance_scale * (eps_cond - eps_uncond)
+        if sampler == "ddim":
+            x = scheduler.step(eps, t, x, eta=0.0).prev_sample
+        else:
+            x = scheduler.step(eps, t, x).prev_sample
+    return x
+
+
+def _to_uint8(images: torch.Tensor) -> np.ndarray:
+    """``(B, 3, H, W)`` float in [-1, 1] -> ``(B, H, W, 3)`` uint8, rounded to nearest."""
+    x = images.float().clamp(-1, 1).add(1).mul(127.5).round().clamp(0, 255)
+    return x.to(torch.uint8).permute(0, 2, 3, 1).contiguous().cpu().numpy()
+
+
+@torch.inference_mode()
+def sample(backbone: diffusion.Backbone, labels: torch.Tensor, seeds: list[int], *,
+           sampler: str = "ddim", steps: int = 50, guidance_scale: float | None = 4.0,
+           device: str | torch.device | None = None) -> np.ndarray:  # fmt: skip
+    """Sample one image per label from the cluster-conditioned model (SRDD §3.4).
+
+    ``denoise_loop`` (DDIM, arXiv 2010.02502, or DPM-Solver++, arXiv 2211.01095, with
+    classifier-free guidance, arXiv 2207.12598, unless ``guidance_scale`` is ``None``), then
+    ``backbone.decode`` (VAE decoder for ``dit``) to [-1, 1] and round(127.5 (x + 1)).
+
+    Args:
+        backbone: a ``diffusion.Backbone`` in eval mode.
+        labels: ``(B,)`` integer cluster ids in ``[0, num_clusters)``.
+        seeds: ``B`` seeds, one per image: image ``i`` depends only on ``(labels[i],
+            seeds[i])`` and the settings, not on the batch (up to float rounding of batched
+            kernels, at most 1 grey level in practice).
+        sampler, steps, guidance_scale, device: see ``denoise_loop``.
+
+    Returns:
+        ``(B, resolution, resolution, 3)`` uint8 RGB.
+
+    Raises:
+        ValueError: as ``denoise_loop``.
+    """
+    x0 = denoise_loop(backbone, labels, seeds, sampler=sampler, steps=steps,
+                      guidance_scale=guidance_scale, device=device)  # fmt: skip
+    if len(x0) == 0:
+        return np.zeros((0, backbone.resolution, backbone.resolution, 3), np.uint8)
+    return _to_uint8(backbone.decode(x0))
+
+
+# --------------------------------------------------------------------------- planning
+
+
+def image_seed(seed: int, cluster: int, index: int) -> int:
+    """The noise seed of image ``index`` of ``cluster`` in a run seeded ``seed``: the first
+    32-bit word of ``numpy.random.SeedSequence([seed, cluster, index])``, an int in
+    ``[0, 2**32)`` (well mixed: neighbouring images get unrelated noise).
+
+    Raises:
+        ValueError: a negative argument.
+    """
+    parts = [int(seed), int(cluster), int(index)]
+    if min(parts) < 0:
+        raise ValueError(f"image_seed needs non-negative (seed, cluster, index), got {tuple(parts)}")
+    return int(np.random.SeedSequence(parts).generate_state(1)[0])
+
+
+def per_cluster_counts(n_total: int, k: int) -> dict[int, int]:
+    """Split ``n_total`` images over clusters ``0..k-1`` as evenly as possible; the remainder
+    goes one each to the lowest cluster ids. Returns ``{cluster: count}`` for every cluster.
+
+    Raises:
+        ValueError: ``n_total`` < 0 or ``k`` < 1.
+    """
+    if k < 1:
+        raise ValueError(f"need at least one cluster, got k={k}")
+    if n_total < 0:
+        raise ValueError(f"n_total must be >= 0, got {n_total}")
+    base, rem = divmod(int(n_total), int(k))
+    return {c: base + (1 if c < rem else 0) for c in range(k)}
+
+
+def plan_jobs(counts: dict[int, int], seed: int) -> list[dict]:
+    """One job ``{"cluster", "index", "seed"}`` per image: indices ``0..counts[c]-1`` of every
+    cluster, seeds from ``image_seed``, ordered by (cluster, index).
+
+    Raises:
+        ValueError: a negative count or cluster id.
+    """
+    jobs = []
+    for c in sorted(int(c) for c in counts):
+        n = int(counts[c])
+        if n < 0:
+            raise ValueError(f"cluster {c}: negative image count {n}")
+        jobs += [{"cluster": c, "index": i, "seed": image_seed(seed, c, i)} for i in range(n)]
+    return jobs
+
+
+def image_name(cluster: int, index: int) -> str:
+    """File name of image ``index`` of ``cluster``: ``c{cluster:03d}_i{index:04d}.png``."""
+    return f"c{int(cluster):03d}_i{int(index):04d}.png"
+
+
+def _jobs_to_columns(jobs: list[dict]) -> dict[str, np.ndarray]:
+    return {key: np.array([j[key] for j in jobs], dtype=np.int64) for key in ("cluster", "index", "seed")}
+
+
+# --------------------------------------------------------------------------- per-batch actor
+
+
+class Synthesizer:
+    """Samples and writes a batch of jobs: the per-batch callable of the synthesis stage.
+
+    A Ray Data actor class (``map_batches(Synthesizer, fn_constructor_kwargs=...,
+    batch_format="numpy")``): the constructor loads the model once per actor, its kwargs are
+    picklable (paths and a ``SynthConfig``); this module imports no Ray.
+
+    Args:
+        model_dir: a ``diffusion.save_finetuned`` directory.
+        cfg: sampler, steps, guidance scale, batch size and device (``"auto"``: CUDA if
+            available). ``guidance_scale`` 1 is sampled unguided (the same images up to float
+            rounding, at half the cost).
+        out_dir: where the PNGs go (created if missing).
+        num_threads: torch intra-op threads of this process, if given.
+
+    Raises:
+        FileNotFoundError, diffusion.MissingBackboneError, ValueError: from
+            ``diffusion.load_finetuned``.
+        RuntimeError: ``cfg.device`` is ``"cuda"`` without CUDA.
+    """
+
+    def __init__(self, model_dir: str | Path, cfg: SynthConfig, out_dir: str | Path, *,
+                 num_threads: int | None = None) -> None:  # fmt: skip
+        if num_threads is not None:
+            torch.set_num_threads(int(num_threads))
+        self.cfg = cfg
+        self.out_dir = Path(out_dir)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.device = resolve_device(cfg.device)
+        self.backbone = diffusion.load_finetuned(model_dir, self.device)
+        make_scheduler(cfg.sampler, self.backbone.schedule, pixel_space=True)  # fail early
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Sample the jobs of ``batch`` whose PNG is not in ``out_dir`` yet, in chunks of
+        ``cfg.batch_size``, and write each as ``out_dir/image_name(cluster, index)``
+        (``(res, res, 3)`` uint8 RGB, atomically: temporary name, then rename).
+
+        Args:
+            batch: columns ``cluster``, ``index``, ``seed`` (1-D integer arrays of one length).
+
+        Returns:
+            Columns, one row per job in ``batch`` order: ``file`` (name), ``cluster``,
+            ``index``, ``seed`` (int64), ``sampler`` (str), ``steps`` (int64),
+            ``guidance_scale`` (float64), ``seconds`` (float64: wall time per image of its
+            chunk, sampling + decoding + writing; 0 for a PNG that already existed).
+
+        Raises:
+            ValueError: a column is missing, or a cluster id is outside ``[0, k)``.
+        """
+        missing = [c for c in ("cluster", "index", "seed") if c not in batch]
+        if missing:
+            raise ValueError(f"synthesis batch lacks column(s) {missing}")
+        clusters = np.asarray(batch["cluster"]).astype(np.int64)
+        indices = np.asarray(batch["index"]).astype(np.int64)
+        seeds = np.asarray(batch["seed"]).astype(np.int64)
+        names = [image_name(c, i) for c, i in zip(clusters, indices)]
+        seconds = np.zeros(len(names), np.float64)
+        todo = [j for j, name in enumerate(names) if not (self.out_dir / name).is_file()]
+        cfg = self.cfg
+        guidance = None if cfg.guidance_scale == 1.0 else float(cfg.guidance_scale)
+        for start in range(0, len(todo), cfg.batch_size):
+            chunk = todo[start : start + cfg.batch_size]
+            t0 = time.perf_counter()
+            images = sample(self.backbone, torch.from_numpy(clusters[chunk]),
+                            [int(s) for s in seeds[chunk]], sampler=cfg.sampler, steps=cfg.steps,
+                            guidance_scale=guidance, device=self.device)  # fmt: skip
+            for j, img in zip(chunk, images):
+                _write_atomic(self.out_dir / names[j], _png_bytes(img))
+            seconds[chunk] = (time.perf_counter() - t0) / len(chunk)
+        n = len(names)
+        return {
+            "file": np.array(names, dtype=object),
+            "cluster": clusters,
+            "index": indices,
+            "seed": seeds,
+            "sampler": np.array([cfg.sampler] * n, dtype=object),
+            "steps": np.full(n, cfg.steps, np.int64),
+            "guidance_scale": np.full(n, cfg.guidance_scale, np.float64),
+            "seconds": seconds,
+        }
+
+
+# --------------------------------------------------------------------------- the stage
+
+
+def _read_meta(model_dir: Path) -> dict:
+    path = Path(model_dir) / diffusion.MODEL_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{str(model_dir)!r} is not a fine-tuned model: no {diffusion.MODEL_FILE}")
+    return json.loads(path.read_text())
+
+
+def _normalize_row(row: dict) -> dict:
+    """A result row with plain Python values (Ray/pandas hand back numpy scalars)."""
+    return {"file": str(row["file"]), "cluster": int(row["cluster"]), "index": int(row["index"]),
+            "seed": int(row["seed"]), "sampler": str(row["sampler"]), "steps": int(row["steps"]),
+            "guidance_scale": float(row["guidance_scale"]),
+            "seconds": float(row["seconds"])}  # fmt: skip
+
+
+def synthesize(model_dir: str | Path, cfg: SynthConfig, out_dir: str | Path,
+               counts: dict[int, int], *,
+               map_fn: Callable[[dict[str, np.ndarray]], list[dict]] | None = None) -> list[dict]:  # fmt: skip
+    """The synthesis stage (SRDD §3.4): ``counts[c]`` images of every cluster ``c``.
+
+    Plans the jobs (``plan_jobs(counts, cfg.seed)``), removes PNGs of this naming pattern that
+    are not in the plan and temporary files left by a killed run (so ``out_dir`` holds exactly
+    the synthetic set), and samples the rest: in this process through one ``Synthesizer``
+    (``map_fn`` ``None``) or through ``map_fn`` (e.g. ``runner.synthesize_ray``: Ray Data
+    actors), which gets the jobs as columns ``cluster``, ``index``, ``seed`` (int64 arrays)
+    and returns ``Synthesizer`` rows. PNGs already present are kept (resume). Then writes
+
+    * ``provenance.csv``: ``file, cluster, index, seed, sampler, steps, guidance_scale``, one
+      row per PNG, sorted by file;
+    * ``synthesis.json``: ``model_dir``, ``backbone`` (kind), ``num_clusters``,
+      ``resolution``, ``sampler``, ``steps``, ``guidance_scale``, ``seed``, ``counts``,
+      ``images``, ``generated`` (sampled by this call), ``seconds`` (their summed sampling
+      time).
+
+    Args:
+        model_dir: a ``diffusion.save_finetuned`` directory.
+        cfg: the synthesis settings.
+        out_dir: created if missing.
+        counts: ``{cluster: number of images}`` (``per_cluster_counts`` or ``cfg.ipc`` each).
+        map_fn: runs the jobs elsewhere; ``None`` = in-process.
+
+    Returns:
+        The rows (``Synthesizer`` columns as dicts of Python values), sorted by file.
+
+    Raises:
+        ValueError: a cluster id in ``counts`` outside ``[0, k)``, a negative count or seed, or
+            an unknown sampler (named in the message).
+        FileNotFoundError: ``model_dir`` has no ``backbone.json``.
+        RuntimeError: ``map_fn`` did not return exactly one row per job, or a PNG is missing.
+    """
+    model_dir, out_dir = Path(model_dir), Path(out_dir)
+    meta = _read_meta(model_dir)
+    k = int(meta["num_clusters"])
+    bad = sorted(int(c) for c in counts if not 0 <= int(c) < k)
+    if bad:
+        raise ValueError(f"synthesize: cluster id(s) {bad} outside [0, {k}) of the model")
+    make_scheduler(cfg.sampler, meta.get("schedule", {}), pixel_space=meta["kind"] == "unet")
+    jobs = plan_jobs(counts, cfg.seed)
+    names = {image_name(j["cluster"], j["index"]) for j in jobs}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for path in out_dir.iterdir():
+        stale_png = _PNG_NAME.match(path.name) and path.name not in names
+        if stale_png or (path.name.startswith(".") and ".tmp" in path.name):
+            path.unlink()
+    if not jobs:
+        rows: list[dict] = []
+    elif map_fn is None:
+        result = Synthesizer(model_dir, cfg, out_dir)(_jobs_to_columns(jobs))
+        rows = [dict(zip(result, values)) for values in zip(*result.values())]
+    else:
+        rows = list(map_fn(_jobs_to_columns(jobs)))
+    rows = sorted((_normalize_row(r) for r in rows), key=lambda r: r["file"])
+    got = [r["file"] for r in rows]
+    if len(got) != len(jobs) or set(got) != names:
+        lost = sorted(names - set(got))
+        raise RuntimeError(f"synthesize: {len(got)} result rows for {len(jobs)} jobs "
+                           f"(missing e.g. {lost[:3]})")  # fmt: skip
+    absent = [f for f in got if not (out_dir / f).is_file()]
+    if absent:
+        raise RuntimeError(f"synthesize: {len(absent)} PNG(s) not written, e.g. {absent[:3]}")
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(PROVENANCE_COLUMNS)
+    for r in rows:
+        writer.writerow([r[c] for c in PROVENANCE_COLUMNS])
+    _write_atomic(out_dir / "provenance.csv", buf.getvalue().encode())
+    summary = {
+        "model_dir": str(model_dir.resolve()),
+        "backbone": meta["kind"],
+        "num_clusters": k,
+        "resolution": int(meta["resolution"]),
+        "sampler": cfg.sampler,
+        "steps": cfg.steps,
+        "guidance_scale": cfg.guidance_scale,
+        "seed": cfg.seed,
+        "counts": {str(c): int(counts[c]) for c in sorted(counts, key=int)},
+        "images": len(rows),
+        "generated": sum(1 for r in rows if r["seconds"] > 0),
+        "seconds": round(sum(r["seconds"] for r in rows), 3),
+    }
+    _write_atomic(out_dir / "synthesis.json", (json.dumps(summary, indent=2) + "\n").encode())
+    return rows
+
