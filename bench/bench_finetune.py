@@ -123,7 +123,7 @@ def main() -> None:
     results.append({"arm": "plain pytorch", "images_per_s": _steady(tmp / "plain", args.batch_size),
                     "wall_s": time.perf_counter() - t0})  # fmt: skip
     runner.init_ray(RayConfig(num_cpus=os.cpu_count()))
-    ds_cfg = cfg.model_copy(update={"workers": args.workers, "deepspeed": True})
+    ds_cfg = cfg.model_copy(update={"workers": args.workers})
     t0 = time.perf_counter()
     runner.finetune_ray(ds_cfg, tmp / "enc", tmp / "ds", num_clusters=k, shape=shape, dtype=dtype)
     results.append({"arm": f"ray train + deepspeed zero{args.zero} x{args.workers}",

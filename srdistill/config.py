@@ -219,8 +219,8 @@ class FinetuneConfig(_Strict):
 
     SRDD's settings (released code): AdamW lr 1e-3, global batch 4, EMA 0.9999, centre crop +
     flip, latents x 0.18215, 1000-step linear DDPM schedule, lambda_pos 0.002, lambda_neg 0.008,
-    memory 64 per cluster. ``workers`` > 0 runs the loop on Ray Train (with DeepSpeed when
-    ``deepspeed``); 0 runs it in-process in plain PyTorch.
+    memory 64 per cluster. ``workers`` > 0 runs the loop on Ray Train under DeepSpeed (ZeRO
+    ``zero_stage``); 0 runs it in-process in plain PyTorch.
     """
 
     backbone: Literal["auto", "dit", "unet"] = "auto"
@@ -246,8 +246,7 @@ class FinetuneConfig(_Strict):
     max_patches: int | None = Field(None, ge=1, description="cap on training patches (random)")
     encode_batch_size: int = Field(8, ge=1)
     seed: int = 0
-    workers: int = Field(0, ge=0, description="Ray Train workers; 0 = in-process PyTorch")
-    deepspeed: bool = True
+    workers: int = Field(0, ge=0, description="Ray Train + DeepSpeed workers; 0 = in-process PyTorch")
     zero_stage: int = Field(2, ge=0, le=3)
     use_gpu: bool = False
     precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 on CUDA")

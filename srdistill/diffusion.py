@@ -677,9 +677,9 @@ class _Plain:
         return loss
 
     def save(self, ckpt: Path, rank: int) -> None:
-        torch.save({"model": {n: p.detach() for n, p in self.model.named_parameters()
-                              if p.requires_grad},  # fmt: skip
-                    "optimizer": self.optimizer.state_dict()}, ckpt / "engine.pt")
+        trained = {n: p.detach() for n, p in self.model.named_parameters() if p.requires_grad}
+        torch.save({"model": trained, "optimizer": self.optimizer.state_dict()}, ckpt / ".engine.tmp")
+        os.replace(ckpt / ".engine.tmp", ckpt / "engine.pt")
 
     def load(self, ckpt: Path) -> None:
         state = torch.load(ckpt / "engine.pt", weights_only=True)
@@ -766,9 +766,9 @@ def finetune(cfg: FinetuneConfig, backbone: Backbone, data: EncodedSet, out_dir:
     t ~ U{0..T-1} and Gaussian noise, replaces each label by the null class with probability
     ``cfg.class_dropout`` (so classifier-free guidance works), and takes an AdamW step on
     ``srdd_loss`` over the trainable parameters; an EMA (decay ``cfg.ema_decay``) of them is
-    the saved model. Under ``dp`` with ``cfg.deepspeed`` the step runs in a DeepSpeed engine
-    (ZeRO ``cfg.zero_stage``; bf16 on CUDA unless ``cfg.precision == "fp32"``); otherwise in
-    plain PyTorch. Every ``cfg.checkpoint_every`` steps and at the end a checkpoint (engine
+    the saved model. Under a data-parallel ``dp`` (Ray Train) the step runs in a DeepSpeed engine
+    (ZeRO ``cfg.zero_stage``); otherwise in plain PyTorch. On CUDA the forward pass runs under
+    bf16 autocast (DeepSpeed's bf16 mode too) unless ``cfg.precision == "fp32"``. Every ``cfg.checkpoint_every`` steps and at the end a checkpoint (engine
     state, EMA, step, RNG, memory banks; one file set per rank) goes to
     ``out_dir/checkpoint`` and to ``dp.report``; a later call (or ``dp.resume_from``) resumes
     from it at its step.
@@ -797,7 +797,7 @@ def finetune(cfg: FinetuneConfig, backbone: Backbone, data: EncodedSet, out_dir:
     device = dp.device or resolve_device(cfg.device)
     lead = dp.rank == 0
     micro = max(1, cfg.batch_size // dp.world_size)
-    use_ds = cfg.deepspeed and dp.report is not None
+    use_ds = dp.report is not None  # data-parallel: DeepSpeed all-reduces the gradients
     bf16 = device.type == "cuda" and cfg.precision != "fp32"
     model = backbone.model.to(device).train()
     if backbone.vae is not None:
@@ -805,8 +805,6 @@ def finetune(cfg: FinetuneConfig, backbone: Backbone, data: EncodedSet, out_dir:
     params = list(backbone.trainable_parameters().values())
     names = list(backbone.trainable_parameters())
     engine = _DeepSpeed(model, params, cfg, micro, bf16) if use_ds else _Plain(model, params, cfg)
-    if bf16 and not use_ds:
-        log.warning("precision bf16 is applied by DeepSpeed only; the plain loop runs float32")
     gathered = engine.gathered if use_ds else (lambda ps: contextlib.nullcontext())
     with gathered(params):
         ema = [p.detach().float().clone() for p in params]

@@ -47,7 +47,7 @@ EXECUTION_ONLY = {
     "evaluate": {"device"},
     "encode": {"encode_batch_size", "device", "use_gpu"},
     "finetune": {"device", "log_every", "checkpoint_every", "encode_batch_size", "use_gpu", "workers",
-                 "deepspeed", "zero_stage"},
+                 "zero_stage"},
     "synthesize": {"batch_size", "num_actors", "actor_num_cpus", "device"},
 }
 _PACKAGES = ("srdistill", "torch", "ray", "faiss-cpu", "transformers", "diffusers", "deepspeed", "numpy",
@@ -373,7 +373,7 @@ def _finetune(run: Run, encode_fp: str) -> str:
                 "parameters": model["source"]["parameters"],
                 "trainable_parameters": model["source"]["trainable"],
                 "num_clusters": k, "patches": meta["rows"], "iterations": cfg.iterations,
-                "workers": cfg.workers, "deepspeed": bool(cfg.workers and cfg.deepspeed),
+                "workers": cfg.workers, "deepspeed": cfg.workers > 0,
                 "final_loss": log[-1]["loss"] if log else None, "source": model["source"]}  # fmt: skip
 
     run.run_stage("finetune", fp, [model_dir / "weights.safetensors"], stage)

@@ -306,7 +306,7 @@ def _finetune_worker(config: dict) -> None:
 def finetune_ray(cfg: FinetuneConfig, encoded_dir: Path, out_dir: Path, *, num_clusters: int,
                  shape: tuple[int, ...], dtype: str, max_failures: int = 2) -> Path:  # fmt: skip
     """Data-parallel ``diffusion.finetune`` on Ray Train: ``cfg.workers`` workers (gloo on
-    CPU, NCCL with ``cfg.use_gpu``), DeepSpeed ZeRO ``cfg.zero_stage`` when ``cfg.deepspeed``.
+    CPU, NCCL with ``cfg.use_gpu``) under DeepSpeed ZeRO ``cfg.zero_stage``.
     Each worker trains on its shard of the encoded set with ``batch_size // workers`` samples
     a step. All ranks report their checkpoint files (DeepSpeed's per-rank shards, EMA, RNG,
     memory banks) into one Ray Train checkpoint under ``out_dir/ray_train``; a failed worker
