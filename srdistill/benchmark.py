@@ -35,7 +35,7 @@ import pyarrow.parquet as pq
 
 from .config import RunConfig, SelectConfig
 from .evaluation import evaluate, list_images, resolve_dataset
-from .pipeline import run_pipeline, write_json
+from .pipeline import EXECUTION_ONLY, run_pipeline, write_json
 from .selection import budget_patches, export_distilled, select_patches
 from .synthesis import image_name, per_cluster_counts, synthesize
 from .training import load_checkpoint, train_sr
@@ -182,8 +182,13 @@ def run_quality_bench(
 
 
 def _synth_tag(cfg: RunConfig) -> str:
-    spec = f"{cfg.stage_json('finetune')}|{cfg.stage_json('synthesize')}"
-    return "s" + hashlib.sha256(spec.encode()).hexdigest()[:8]
+    """Hash of what the synthetic set depends on (fine-tuning and sampling settings, minus
+    execution-only fields such as actor counts)."""
+    parts = []
+    for stage in ("finetune", "synthesize"):
+        part = json.loads(cfg.stage_json(stage))
+        parts.append({k: v for k, v in part.items() if k not in EXECUTION_ONLY[stage]})
+    return "s" + hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:8]
 
 
 def train_and_evaluate(job: dict) -> dict:

@@ -63,6 +63,7 @@ __all__ = [
     "load_vae",
     "finetune",
     "load_dit",
+    "make_dit_backbone",
     "load_encoded",
     "load_finetuned",
     "resize_class_embedding",
@@ -520,15 +521,9 @@ class PatchEncoder:
                 "sample": np.array([s.tobytes() for s in samples], dtype=object)}  # fmt: skip
 
 
+#: Columns of the encoded-set parquet files (``PatchEncoder`` rows; ``sample`` holds the raw
+#: bytes of one ``encode_patches`` entry, shape and dtype from ``encoded_spec``).
 ENCODED_SCHEMA = pa.schema([("patch_id", pa.string()), ("cluster", pa.int32()), ("sample", pa.binary())])
-
-
-def encoded_rows(patch_ids: list[str], clusters: list[int], samples: np.ndarray) -> pa.Table:
-    """Rows of the encoded-set parquet: one ``sample`` (raw bytes of ``samples[i]``) per patch."""
-    return pa.table({"patch_id": pa.array(patch_ids, pa.string()),
-                     "cluster": pa.array(clusters, pa.int32()),
-                     "sample": pa.array([s.tobytes() for s in samples], pa.binary())},
-                    schema=ENCODED_SCHEMA)  # fmt: skip
 
 
 @dataclass
