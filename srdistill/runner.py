@@ -193,6 +193,29 @@ def _train_worker(config: dict) -> None:
     train_sr(config["cfg"], config["scale"], config["images"], local, progress=False, dp=dp)
 
 
+def _fit(worker: Callable, config: dict, name: str, out_dir: Path, workers: int, use_gpu: bool,
+         max_failures: int):  # fmt: skip
+    """``TorchTrainer(worker).fit()``: ``workers`` workers of one CPU (and one GPU with
+    ``use_gpu``), checkpoints kept under ``out_dir/ray_train/name`` (a rerun resumes from
+    them), the group restarted up to ``max_failures`` times. Returns the Ray Train result."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    trainer = TorchTrainer(
+        worker,
+        train_loop_config=config,
+        scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu, resources_per_worker={"CPU": 1}),
+        run_config=RunConfig(
+            name=name,
+            storage_path=str(out_dir / "ray_train"),
+            failure_config=FailureConfig(max_failures=max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+        ),
+    )
+    return trainer.fit()
+
+
 def train_ray(cfg: TrainConfig, scale: int, hr_images: list[str], out_dir: Path, *,
               max_failures: int = 2) -> Path:  # fmt: skip
     """Data-parallel ``train_sr`` on Ray Train: ``cfg.workers`` workers (gloo on CPU, NCCL with
@@ -209,24 +232,9 @@ def train_ray(cfg: TrainConfig, scale: int, hr_images: list[str], out_dir: Path,
     Raises:
         ray.train.TrainingFailedError: the workers failed more than ``max_failures`` times.
     """
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
     out_dir = Path(out_dir).resolve()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    trainer = TorchTrainer(
-        _train_worker,
-        train_loop_config={"cfg": cfg, "scale": scale, "images": [str(p) for p in hr_images]},
-        scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.use_gpu,
-                                     resources_per_worker={"CPU": 1}),  # fmt: skip
-        run_config=RunConfig(
-            name="train",
-            storage_path=str(out_dir / "ray_train"),
-            failure_config=FailureConfig(max_failures=max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=2),
-        ),
-    )
-    result = trainer.fit()
+    config = {"cfg": cfg, "scale": scale, "images": [str(p) for p in hr_images]}
+    result = _fit(_train_worker, config, "train", out_dir, cfg.workers, cfg.use_gpu, max_failures)
     with result.checkpoint.as_directory() as ckpt:
         for name in ("model.safetensors", "last.safetensors", "log.jsonl"):
             shutil.copy2(Path(ckpt) / name, out_dir / name)
@@ -320,25 +328,10 @@ def finetune_ray(cfg: FinetuneConfig, encoded_dir: Path, out_dir: Path, *, num_c
     Raises:
         ray.train.TrainingFailedError: the workers failed more than ``max_failures`` times.
     """
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
     out_dir = Path(out_dir).resolve()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    trainer = TorchTrainer(
-        _finetune_worker,
-        train_loop_config={"cfg": cfg, "encoded": str(Path(encoded_dir).resolve()),
-                           "num_clusters": num_clusters, "shape": tuple(shape), "dtype": dtype},
-        scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.use_gpu,
-                                     resources_per_worker={"CPU": 1}),
-        run_config=RunConfig(
-            name="finetune",
-            storage_path=str(out_dir / "ray_train"),
-            failure_config=FailureConfig(max_failures=max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=2),
-        ),
-    )  # fmt: skip
-    result = trainer.fit()
+    config = {"cfg": cfg, "encoded": str(Path(encoded_dir).resolve()), "num_clusters": num_clusters,
+              "shape": tuple(shape), "dtype": dtype}  # fmt: skip
+    result = _fit(_finetune_worker, config, "finetune", out_dir, cfg.workers, cfg.use_gpu, max_failures)
     with result.checkpoint.as_directory() as ckpt:
         if (out_dir / "model").exists():
             shutil.rmtree(out_dir / "model")
