@@ -755,7 +755,8 @@ def _draw(data: EncodedSet, backbone: Backbone, cfg: FinetuneConfig, idx: np.nda
 
 def finetune(cfg: FinetuneConfig, backbone: Backbone, data: EncodedSet, out_dir: Path, *,
              progress: bool = True, dp: DiffusionParallel = DiffusionParallel()) -> Path:  # fmt: skip
-    """Fine-tune ``backbone`` (in place) on one worker's encoded set with SRDD's loss.
+    """Fine-tune ``backbone``'s trainable parameters (in place) on one worker's encoded set
+    with SRDD's loss; the saved model is their EMA.
 
     Each step draws ``cfg.batch_size // world_size`` samples uniformly (``_draw``), a timestep
     t ~ U{0..T-1} and Gaussian noise, replaces each label by the null class with probability
@@ -834,6 +835,7 @@ def finetune(cfg: FinetuneConfig, backbone: Backbone, data: EncodedSet, out_dir:
         if lead and step >= cfg.iterations:
             save_finetuned(backbone, ckpt / "model", _final_weights(backbone, names, ema))
 
+    start = step
     log_file = out_dir / "log.jsonl"
     bar = tqdm(total=cfg.iterations, initial=step, desc="finetune", disable=not (progress and lead))
     t0, seen, sums, n = time.perf_counter(), 0, {"loss": 0.0, "simple": 0.0, "pos": 0.0, "neg": 0.0}, 0
@@ -883,13 +885,12 @@ def finetune(cfg: FinetuneConfig, backbone: Backbone, data: EncodedSet, out_dir:
     bar.close()
     model.eval()
     final = out_dir / "model"
+    if start == step:  # resumed at or past cfg.iterations: nothing to train, hand the model out
+        save_checkpoint()
+        if dp.report is not None:
+            dp.report({"step": step}, ckpt)
     if lead:
-        if not (ckpt / "model" / WEIGHTS_FILE).is_file():
-            save_checkpoint()
         save_finetuned(backbone, final, _final_weights(backbone, names, ema))
-        with torch.no_grad():
-            for p, e in zip(params, ema):
-                p.copy_(e.to(p.dtype))  # the returned backbone is the EMA model
     return final
 
 
