@@ -238,6 +238,12 @@ def test_synth_pipeline_finetunes_synthesizes_trains_and_resumes(corpus, tmp_pat
     assert "espcn (synthetic)" in json.loads((run_dir / "evaluate" / "results.json").read_text())["rows"]
     assert "Synthesis" in (run_dir / "report" / "report.md").read_text()
 
+    # `srdistill finetune` is the same pipeline up to finetune: all done here, so all skipped
+    r = CliRunner().invoke(app, ["finetune", "--input", str(corpus), "--out", str(run_dir), "--preset", "tiny",
+                                 "--allow-random-init"])  # fmt: skip
+    assert r.exit_code == 0, r.output
+    assert "[finetune] up to date, skipped" in r.output and "[synthesize]" not in r.output
+
     # a rerun skips every stage; more synthesis steps rerun only synthesize and what follows
     lines: list[str] = []
     run_pipeline(corpus, run_dir, cfg, log=lines.append)
