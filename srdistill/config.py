@@ -249,7 +249,7 @@ class FinetuneConfig(_Strict):
     workers: int = Field(0, ge=0, description="Ray Train + DeepSpeed workers; 0 = in-process PyTorch")
     zero_stage: int = Field(2, ge=0, le=3)
     use_gpu: bool = False
-    precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 on CUDA")
+    precision: Literal["bf16", "fp32"] = Field("bf16", description="on CUDA; a CPU runs fp32")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     log_every: int = Field(50, ge=1)
     checkpoint_every: int = Field(500, ge=1)

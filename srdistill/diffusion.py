@@ -764,7 +764,8 @@ def finetune(cfg: FinetuneConfig, backbone: Backbone, data: EncodedSet, out_dir:
     ``srdd_loss`` over the trainable parameters; an EMA (decay ``cfg.ema_decay``) of them is
     the saved model. Under a data-parallel ``dp`` (Ray Train) the step runs in a DeepSpeed engine
     (ZeRO ``cfg.zero_stage``); otherwise in plain PyTorch. On CUDA the forward pass runs under
-    bf16 autocast (DeepSpeed's bf16 mode too) unless ``cfg.precision == "fp32"``. Every ``cfg.checkpoint_every`` steps and at the end a checkpoint (engine
+    bf16 autocast (DeepSpeed's bf16 mode too) unless ``cfg.precision == "fp32"``. Every
+    ``cfg.checkpoint_every`` steps and at the end a checkpoint (engine
     state, EMA, step, RNG, memory banks; one file set per rank) goes to
     ``out_dir/checkpoint`` and to ``dp.report``; a later call (or ``dp.resume_from``) resumes
     from it at its step.
@@ -794,7 +795,7 @@ def finetune(cfg: FinetuneConfig, backbone: Backbone, data: EncodedSet, out_dir:
     lead = dp.rank == 0
     micro = max(1, cfg.batch_size // dp.world_size)
     use_ds = dp.report is not None  # data-parallel: DeepSpeed all-reduces the gradients
-    bf16 = device.type == "cuda" and cfg.precision != "fp32"
+    bf16 = device.type == "cuda" and cfg.precision == "bf16"
     model = backbone.model.to(device).train()
     if backbone.vae is not None:
         backbone.vae.to(device)

@@ -341,6 +341,8 @@ def _encode(run: Run, cluster_fp: str) -> str:
             rng = np.random.default_rng(cfg.seed)
             table = table.take(np.sort(rng.choice(table.num_rows, cfg.max_patches, replace=False)))
         shape, dtype = encoded_spec(cfg, run.cfg.mine.patch_size)
+        # by source: the patches of one batch share their images (each decoded once per batch)
+        table = table.sort_by([("source", "ascending"), ("y", "ascending"), ("x", "ascending")])
         n = runner.encode_patches_ray(table, cfg, sdir / "parts")
         write_json(meta_file, {"shape": list(shape), "dtype": dtype, "rows": n,
                                "num_clusters": _n_clusters(run), "backbone": cfg.resolved_backbone})
