@@ -31,6 +31,7 @@ import contextlib
 import json
 import logging
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -838,7 +839,8 @@ def finetune(cfg: FinetuneConfig, backbone: Backbone, data: EncodedSet, out_dir:
 
     start = step
     log_file = out_dir / "log.jsonl"
-    bar = tqdm(total=cfg.iterations, initial=step, desc="finetune", disable=not (progress and lead))
+    bar = tqdm(total=cfg.iterations, initial=step, desc="finetune", disable=not (progress and lead),
+               mininterval=0.5 if sys.stderr.isatty() else 30)  # a line per 30 s in a log file
     t0, seen, sums, n = time.perf_counter(), 0, {"loss": 0.0, "simple": 0.0, "pos": 0.0, "neg": 0.0}, 0
     while step < cfg.iterations:
         idx = rng.integers(0, len(data.clusters), micro)

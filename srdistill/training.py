@@ -25,6 +25,7 @@ import json
 import logging
 import math
 import os
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -264,7 +265,7 @@ def train_sr(
 
     model.train()
     bar = tqdm(total=cfg.iterations, initial=min(step, cfg.iterations), disable=not (progress and lead),
-               desc=f"train {cfg.model} x{scale}")  # fmt: skip
+               desc=f"train {cfg.model} x{scale}", mininterval=0.5 if sys.stderr.isatty() else 30)  # fmt: skip
     t0, loss_sum, loss_n = time.perf_counter(), 0.0, 0
     metrics: dict = {}
     log_file = open(out_dir / "log.jsonl", "a") if lead else None
