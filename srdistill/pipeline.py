@@ -395,16 +395,15 @@ def _synthesize(run: Run, finetune_fp: str) -> str:
     def stage(sdir: Path) -> dict:
         k = _n_clusters(run)
         res = run.cfg.finetune.resolution
+        corpus = run.manifest["stages"]["mine"]["counts"]["corpus_pixels"]
         if cfg.ipc is not None:
             counts = dict.fromkeys(range(k), cfg.ipc)
         else:
-            corpus = run.manifest["stages"]["mine"]["counts"]["corpus_pixels"]
             n_total = budget_patches(run.cfg.select, n_clusters=k, corpus_pixels=corpus, patch_size=res)
             counts = per_cluster_counts(n_total, k)
         model_dir = run.dir / "finetune" / "model"
         rows = synthesize(model_dir, cfg, sdir, counts,
                           map_fn=runner.synthesize_ray(model_dir, cfg, sdir))  # fmt: skip
-        corpus = run.manifest["stages"]["mine"]["counts"]["corpus_pixels"]
         return {"images": len(rows), "per_cluster": {str(c): n for c, n in counts.items()},
                 "resolution": res, "sampler": cfg.sampler, "steps": cfg.steps,
                 "guidance_scale": cfg.guidance_scale,
