@@ -78,7 +78,9 @@ def make_scheduler(sampler: str, schedule: dict, *, pixel_space: bool):
             on alpha_bar_0, as DiT samples), x0 clipped to [-1, 1] when ``pixel_space``.
             ``"dpm-solver++"``: ``DPMSolverMultistepScheduler`` with
             ``algorithm_type="dpmsolver++"``, ``solver_order=2`` (Lu et al., arXiv 2211.01095,
-            Alg. 2), lower order at the final steps. Both: timestep spacing ``"trailing"``.
+            Alg. 2), lower order at the final steps, with dynamic thresholding of the data
+            prediction (ratio 0.995, max 1) when ``pixel_space``. Both: timestep spacing
+            ``"trailing"``.
         schedule: ``Backbone.schedule``: ``num_train_timesteps``, ``beta_start``, ``beta_end``,
             ``beta_schedule`` (others ignored; missing ones take DiT's values). The model
             predicts epsilon.
@@ -99,8 +101,12 @@ def make_scheduler(sampler: str, schedule: dict, *, pixel_space: bool):
         return DDIMScheduler(**base, clip_sample=pixel_space, clip_sample_range=1.0,
                              set_alpha_to_one=False, steps_offset=0)  # fmt: skip
     if sampler == "dpm-solver++":
+        # pixel space: bound the data prediction as DDIM's clipping does (Lu et al. §5, dynamic
+        # thresholding with ratio 0.995 and max 1); unbounded, the x0 of the first trailing
+        # step (1/sqrt(alpha_bar_999) ~ 156x the noise error) saturates the image
         return DPMSolverMultistepScheduler(**base, algorithm_type="dpmsolver++", solver_order=2,
-                                           lower_order_final=True)  # fmt: skip
+                                           lower_order_final=True, thresholding=pixel_space,
+                                           dynamic_thresholding_ratio=0.995, sample_max_value=1.0)  # fmt: skip
     raise ValueError(f"unknown sampler {sampler!r}: expected one of {', '.join(SAMPLERS)}")
 
 
