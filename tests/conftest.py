@@ -1,9 +1,12 @@
-"""Shared fixtures: the data folders and one local Ray for the whole session."""
+"""Shared fixtures: the data folders, one local Ray for the whole session, and S3 (a local moto
+server, plus a fault-injecting proxy in front of it)."""
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -66,3 +69,71 @@ def tiny_dit_dir(tmp_path_factory) -> Path:
     ).save_pretrained(root / "vae")  # fmt: skip
     DDIMScheduler(beta_schedule="linear").save_pretrained(root / "scheduler")
     return root
+
+
+# --- S3: a real moto server on loopback, and a fault-injecting proxy in front of it ---------------
+
+#: Fake credentials in the shape of real ones (AWS's documentation examples), so that the
+#: redaction of key ids and secrets is exercised too. They open nothing but the local moto.
+FAKE_KEY_ID = "AKIAIOSFODNN7EXAMPLE"
+FAKE_SECRET = "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY"
+
+
+@dataclass(frozen=True)
+class S3Endpoint:
+    """A bucket reachable at ``endpoint`` (``AWS_ENDPOINT_URL`` points there while in use)."""
+
+    endpoint: str
+    bucket: str
+    client: Any  # a boto3 S3 client talking to moto directly (not through any proxy)
+    proxy: Any = None  # the FaultyProxy of ``faulty_s3``
+
+    def uri(self, key: str = "") -> str:
+        return f"s3://{self.bucket}/{key.lstrip('/')}"
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """moto's S3 in server mode on 127.0.0.1 (a free port), with fake credentials, region and
+    ``AWS_ENDPOINT_URL`` set in the environment for the session (restored at its end; the
+    user's ``~/.aws`` files and profile are masked), and one bucket created with boto3."""
+    pytest.importorskip("moto.server", reason="S3 tests need the dev extra (moto[server])")
+    import logging
+
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # no access log per request
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    nowhere = str(tmp_path_factory.mktemp("aws") / "absent")
+    with pytest.MonkeyPatch.context() as mp:
+        for var in ("AWS_PROFILE", "AWS_DEFAULT_PROFILE", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN",
+                    "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION", "AWS_MAX_ATTEMPTS",
+                    "AWS_ROLE_ARN", "AWS_WEB_IDENTITY_TOKEN_FILE"):  # fmt: skip
+            mp.delenv(var, raising=False)
+        mp.setenv("AWS_ACCESS_KEY_ID", FAKE_KEY_ID)
+        mp.setenv("AWS_SECRET_ACCESS_KEY", FAKE_SECRET)
+        mp.setenv("AWS_REGION", "us-east-1")
+        mp.setenv("AWS_EC2_METADATA_DISABLED", "true")
+        mp.setenv("AWS_CONFIG_FILE", nowhere)
+        mp.setenv("AWS_SHARED_CREDENTIALS_FILE", nowhere)
+        mp.setenv("AWS_ENDPOINT_URL", endpoint)
+        client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
+        client.create_bucket(Bucket="srdistill-test")
+        yield S3Endpoint(endpoint=endpoint, bucket="srdistill-test", client=client)
+    server.stop()
+
+
+@pytest.fixture
+def faulty_s3(s3_server, monkeypatch):
+    """The moto bucket behind a ``FaultyProxy`` (``tests/faulty_proxy.py``): ``AWS_ENDPOINT_URL``
+    points at the proxy for the test; ``.proxy.fail_next(n, "503" | "reset" | "drop")`` arms faults."""
+    from faulty_proxy import FaultyProxy
+
+    host, port = s3_server.endpoint.rsplit("//", 1)[1].split(":")
+    with FaultyProxy((host, int(port))) as proxy:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.endpoint)
+        yield S3Endpoint(endpoint=proxy.endpoint, bucket=s3_server.bucket, client=s3_server.client, proxy=proxy)
