@@ -266,6 +266,13 @@ class FinetuneConfig(_Strict):
         return self
 
     @property
+    def vae_dir(self) -> Path | None:
+        """The VAE directory of a ``dit`` config: ``vae_path``, else ``dit_path/vae``."""
+        if self.vae_path:
+            return Path(self.vae_path)
+        return Path(self.dit_path) / "vae" if self.dit_path else None
+
+    @property
     def resolved_backbone(self) -> str:
         """``dit`` or ``unet`` (``auto`` resolved)."""
         if self.backbone == "auto":

@@ -301,7 +301,7 @@ def build_backbone(cfg: FinetuneConfig, num_clusters: int) -> Backbone:
     if kind == "dit":
         dit, vae, schedule = load_dit(cfg.dit_path, cfg.vae_path)
         source = {"dit_path": str(Path(cfg.dit_path).resolve()),
-                  "vae_path": str(Path(cfg.vae_path or Path(cfg.dit_path) / "vae").resolve())}  # fmt: skip
+                  "vae_path": str(cfg.vae_dir.resolve())}  # fmt: skip
         return make_dit_backbone(dit, vae, schedule, num_clusters=num_clusters,
                                  resolution=cfg.resolution, trainable=trainable,
                                  latent_scale=cfg.latent_scale, source=source)  # fmt: skip
@@ -414,9 +414,7 @@ def check_backbone(cfg: FinetuneConfig) -> str:
     """
     kind = cfg.resolved_backbone
     if kind == "dit":
-        root = Path(cfg.dit_path)
-        vae_dir = Path(cfg.vae_path) if cfg.vae_path else root / "vae"
-        for what, d in (("DiT transformer", root / "transformer"), ("VAE", vae_dir)):
+        for what, d in (("DiT transformer", Path(cfg.dit_path) / "transformer"), ("VAE", cfg.vae_dir)):
             if not (d / "config.json").is_file():
                 raise MissingBackboneError(
                     f"{what}: no {d / 'config.json'}. finetune.dit_path must be a local directory "
@@ -439,8 +437,7 @@ def load_vae(cfg: FinetuneConfig) -> nn.Module | None:
     if cfg.resolved_backbone != "dit":
         return None
     check_backbone(cfg)
-    vae_dir = Path(cfg.vae_path) if cfg.vae_path else Path(cfg.dit_path) / "vae"
-    return AutoencoderKL.from_pretrained(vae_dir, local_files_only=True).float().eval().requires_grad_(False)
+    return AutoencoderKL.from_pretrained(cfg.vae_dir, local_files_only=True).float().eval().requires_grad_(False)
 
 
 def encoded_spec(cfg: FinetuneConfig, patch_size: int) -> tuple[tuple[int, ...], str]:
@@ -457,8 +454,7 @@ def encoded_spec(cfg: FinetuneConfig, patch_size: int) -> tuple[tuple[int, ...],
     if cfg.resolved_backbone != "dit":
         return (patch_size, patch_size, 3), "uint8"
     check_backbone(cfg)
-    vae_dir = Path(cfg.vae_path) if cfg.vae_path else Path(cfg.dit_path) / "vae"
-    conf = json.loads((vae_dir / "config.json").read_text())
+    conf = json.loads((cfg.vae_dir / "config.json").read_text())
     f = 2 ** (len(conf["block_out_channels"]) - 1)
     c = conf.get("latent_channels", 4)
     return (2, 2 * c, cfg.resolution // f, cfg.resolution // f), "float16"
@@ -800,8 +796,8 @@ def finetune(cfg: FinetuneConfig, backbone: Backbone, data: EncodedSet, out_dir:
     model = backbone.model.to(device).train()
     if backbone.vae is not None:
         backbone.vae.to(device)
-    params = list(backbone.trainable_parameters().values())
-    names = list(backbone.trainable_parameters())
+    trainable = backbone.trainable_parameters()
+    names, params = list(trainable), list(trainable.values())
     engine = _DeepSpeed(model, params, cfg, micro, bf16) if use_ds else _Plain(model, params, cfg)
     gathered = engine.gathered if use_ds else (lambda ps: contextlib.nullcontext())
     with gathered(params):
