@@ -36,10 +36,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from srdistill import diffusion, runner, synthesis
+from srdistill import diffusion, runner, storage, synthesis
 from srdistill.config import FinetuneConfig, RayConfig
 from srdistill.imaging import image_size
-from srdistill.mining import list_images
 
 REPO = Path(__file__).resolve().parents[1]
 DIT = {"dit-s": dict(num_layers=12, attention_head_dim=64, num_attention_heads=6),
@@ -90,7 +89,9 @@ def main() -> None:
         cfg = FinetuneConfig(**common, dit_path=str(_write_dit(args.backbone, res, tmp / "dit")))
     k = 7
     # encoded patches of the vendored images (in process: this benchmark times training)
-    paths, _ = list_images(args.data, (".png",))
+    paths = storage.list_files(args.data, (".png",))
+    if not paths:
+        ap.error(f"no .png images under {args.data!r}")
     rng = np.random.default_rng(0)
     rows = []
     for p in paths:

@@ -25,10 +25,10 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from srdistill import runner
+from srdistill import runner, storage
 from srdistill.config import MineConfig, RayConfig
 from srdistill.imaging import read_image, write_png
-from srdistill.mining import MINED_SCHEMA, list_images, mine_images
+from srdistill.mining import MINED_SCHEMA, mine_images
 
 DECODED = pa.schema([("source", pa.string()), ("pixels", pa.int64())])
 
@@ -76,7 +76,10 @@ def main() -> None:
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
 
-    paths, _ = list_images(args.input, MineConfig().extensions)
+    # every image below --input (recursive, the corpus' default extensions), sorted
+    paths = storage.list_files(args.input, MineConfig().extensions)
+    if not paths:
+        ap.error(f"no images ({', '.join(MineConfig().extensions)}) under {args.input!r}")
     if args.tile > 1:
         tmp = Path(tempfile.mkdtemp(prefix="bench_tiled_"))
         paths = make_tiled(paths, args.tile, tmp)

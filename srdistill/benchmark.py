@@ -31,10 +31,11 @@ from typing import Callable
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
+from . import storage
 from .config import RunConfig, SelectConfig
 from .evaluation import evaluate, list_images, resolve_dataset
+from .mining import read_patches
 from .pipeline import EXECUTION_ONLY, run_pipeline, write_json
 from .selection import budget_patches, export_distilled, select_patches
 from .synthesis import image_name, per_cluster_counts, synthesize
@@ -123,9 +124,10 @@ def run_quality_bench(
     manifest = run_pipeline(out / "corpus", out / "pipeline", cfg, until="cluster", log=log)
     semantic = manifest.get("clip", {}).get("semantic")
     corpus_pixels = manifest["stages"]["mine"]["counts"]["corpus_pixels"]
-    patches = pq.read_table(out / "pipeline" / "mine" / "patches.parquet")
-    clusters = pq.read_table(out / "pipeline" / "cluster" / "assignments.parquet")
-    kept = patches.filter(patches.column("kept")).join(clusters.select(["patch_id", "cluster"]), "patch_id")
+    run_uri = str(out / "pipeline")
+    patches = read_patches(storage.join(run_uri, "mine"))  # every patch, with its kept flag
+    clusters = storage.read_dataset(storage.join(run_uri, "cluster", "assignments"), columns=["patch_id", "cluster"])
+    kept = patches.filter(patches.column("kept")).join(clusters, "patch_id")
     every = patches.append_column("cluster", pa.array(np.full(patches.num_rows, -1, np.int32)))
     k_used = manifest["stages"]["cluster"]["counts"]["k_used"]
     if "synth" in bench.arms:  # fine-tune once on the same clusters; every budget samples from it

@@ -20,6 +20,9 @@ from .config import load_config, preset_names
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.split("\n")[0])
 
+_INPUT_HELP = ("HR corpus: a folder or s3:// prefix of images (searched recursively), or a manifest file of "
+               "image URIs (.parquet/.csv/.txt)")
+_OUT_HELP = "run directory, local or s3:// (an existing one is resumed)"
 _PRESET_HELP = "bundled preset: " + ", ".join(preset_names())
 _SET_HELP = "override a config value, e.g. --set train.iterations=500 (repeatable)"
 
@@ -38,8 +41,8 @@ def _config(preset, config, overrides, *, recipe: bool = False):
 
 @app.command()
 def run(
-    input: Path = typer.Option(..., "--input", help="folder of HR images (searched recursively)"),
-    out: Path = typer.Option(..., "--out", help="run directory (an existing one is resumed)"),
+    input: str = typer.Option(..., "--input", help=_INPUT_HELP),
+    out: str = typer.Option(..., "--out", help=_OUT_HELP),
     config: Optional[Path] = typer.Option(None, "--config", help="YAML config file"),
     preset: Optional[str] = typer.Option(None, "--preset", help=_PRESET_HELP),
     overrides: list[str] = typer.Option([], "--set", help=_SET_HELP),
@@ -69,14 +72,14 @@ def _pipeline(input, out, config, preset, overrides, allow_random_init, until, d
     cfg = _config(preset, config, overrides)
     try:
         run_pipeline(input, out, cfg, preset=preset, until=until)
-    except (MissingWeightsError, FileNotFoundError, ValueError, RuntimeError) as exc:
+    except (MissingWeightsError, OSError, ValueError, RuntimeError) as exc:  # FileNotFoundError is an OSError
         _fail(str(exc))
 
 
 @app.command()
 def finetune(
-    input: Path = typer.Option(..., "--input", help="folder of HR images (searched recursively)"),
-    out: Path = typer.Option(..., "--out", help="run directory (an existing one is resumed)"),
+    input: str = typer.Option(..., "--input", help=_INPUT_HELP),
+    out: str = typer.Option(..., "--out", help=_OUT_HELP),
     config: Optional[Path] = typer.Option(None, "--config", help="YAML config file"),
     preset: Optional[str] = typer.Option(None, "--preset", help=_PRESET_HELP),
     overrides: list[str] = typer.Option([], "--set", help=_SET_HELP),

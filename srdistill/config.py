@@ -54,7 +54,9 @@ class MineConfig(_Strict):
     top_fraction: float = Field(0.5, gt=0.0, le=1.0)
     max_side: int = Field(10_000, ge=1, description="images with a longer side are skipped")
     extensions: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
-    images_per_task: int = Field(4, ge=1, description="images per Ray Data batch")
+    images_per_task: int = Field(4, ge=1, description="images per Ray Data batch (bench/bench_mining.py)")
+    images_per_shard: int = Field(32, ge=1, description="images per shard: the unit of work, retry and "
+                                  "resume of mining and embedding (one part file each)")
 
     @model_validator(mode="before")
     @classmethod
@@ -99,7 +101,15 @@ class EmbedConfig(_Strict):
 
 
 class ClusterConfig(_Strict):
-    """faiss spherical k-means on L2-normalised embeddings (trained on a sample, all assigned)."""
+    """faiss spherical k-means on L2-normalised embeddings (trained on a sample, all assigned).
+
+    Centroids are trained on a seeded sample of at most ``max_train_points`` rows: by one
+    spherical k-means, or for ``k >= two_level_min_k`` by two-level k-means (coarse
+    ``round(sqrt(k))`` clusters, each split in proportion to its size). Every row is then
+    assigned to its most similar centroid: exactly (``faiss.IndexFlatIP``) for
+    ``k < ivf_min_k``, else through an inverted file (``faiss.IndexIVFFlat``, ``nprobe``
+    lists searched). See ``srdistill.clustering``.
+    """
 
     k: int = Field(7, ge=1)
     niter: int = Field(20, ge=1)
@@ -108,6 +118,29 @@ class ClusterConfig(_Strict):
     nredo: int = Field(5, ge=1, description="k-means restarts; the best objective is kept")
     seed: int = 0
     max_train_points: int = Field(100_000, ge=1)
+    two_level_min_k: int = Field(
+        1024, ge=2,
+        description="k from which centroids are trained by two-level k-means (coarse "
+        "round(sqrt(k)) clusters, each split in proportion to its size)",
+    )  # fmt: skip
+    ivf_min_k: int = Field(
+        4096, ge=2,
+        description="k from which points are assigned through an IVF index (approximate) "
+        "instead of an exact flat inner-product search",
+    )  # fmt: skip
+    nprobe: int = Field(
+        32, ge=1, description="IVF lists searched per point when k >= ivf_min_k (more: closer "
+        "to exact, slower)",
+    )  # fmt: skip
+
+    @model_validator(mode="after")
+    def _check(self) -> "ClusterConfig":
+        if self.max_train_points < self.k:
+            raise ValueError(
+                f"cluster.max_train_points {self.max_train_points} < cluster.k {self.k}: "
+                "k-means needs at least k training points"
+            )
+        return self
 
 
 class SelectConfig(_Strict):

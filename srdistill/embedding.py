@@ -26,23 +26,24 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 import torch.nn.functional as F
 
 from srdistill import imaging
 from srdistill.config import EmbedConfig
 
-if TYPE_CHECKING:
-    import pyarrow as pa
 
 __all__ = [
     "CLIP_MEAN",
     "CLIP_STD",
     "ClipEmbedder",
     "ClipSource",
+    "embed_shard",
     "MissingWeightsError",
     "embed_patches",
     "load_clip",
@@ -425,3 +426,43 @@ def embed_patches(table: pa.Table, cfg: EmbedConfig, source: ClipSource) -> np.n
         batch = {c: v[start : start + cfg.batch_size] for c, v in cols.items()}
         parts.append(embedder(batch)["embedding"])
     return np.concatenate(parts, axis=0)
+
+
+def embed_shard(embedder: ClipEmbedder, shard: int, *, mine_uri: str, out_uri: str, batch_size: int) -> int:
+    """Embed the kept patches of one mined shard into ``out_uri/part-<shard>.parquet``.
+
+    Reads ``mine_uri/patches/part-<shard>.parquet`` and the keep rule ``mine_uri/keep.json``
+    (``mining.read_patches``' layout); writes columns ``patch_id`` (string) and ``embedding``
+    (fixed-size list of ``embedder.dim`` float32, unit L2), rows in part order, atomically.
+    Idempotent: a shard whose output exists is skipped, so a retried or resumed shard neither
+    loses nor duplicates embeddings.
+
+    Returns:
+        Rows written, or -1 when the part already existed.
+
+    Raises:
+        imaging.ImageReadError: a source image cannot be read (it was readable when mined).
+        OSError: storage failed after retries.
+    """
+    from . import storage
+    from .mining import kept_mask, part_name
+
+    out = storage.join(out_uri, part_name(shard))
+    if storage.exists(out):
+        return -1
+    rule = storage.read_json(storage.join(mine_uri, "keep.json"))
+    cols = list(dict.fromkeys(["patch_id", "source", "x", "y", "size", "error", rule["score"]]))
+    part = storage.read_parquet(storage.join(mine_uri, "patches", part_name(shard)), columns=cols)
+    part = part.filter(pc.equal(part.column("error"), ""))
+    part = part.filter(pa.array(kept_mask(part, rule)))
+    arrays = {c: part.column(c).to_numpy(zero_copy_only=False) for c in ("patch_id", "source", "x", "y", "size")}
+    embs = [np.empty((0, embedder.dim), np.float32)]
+    for start in range(0, part.num_rows, batch_size):
+        embs.append(embedder({c: v[start : start + batch_size] for c, v in arrays.items()})["embedding"])
+    emb = np.concatenate(embs)
+    flat = pa.array(emb.reshape(-1), type=pa.float32())
+    storage.write_parquet(out, pa.table({
+        "patch_id": pa.array(arrays["patch_id"], pa.string()),
+        "embedding": pa.FixedSizeListArray.from_arrays(flat, embedder.dim),
+    }))  # fmt: skip
+    return part.num_rows

@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import io
 import warnings
 from functools import lru_cache
 from pathlib import Path
@@ -19,8 +20,11 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from . import storage
+
 __all__ = [
     "ImageReadError",
+    "fetch",
     "read_image",
     "image_size",
     "write_png",
@@ -41,7 +45,30 @@ class ImageReadError(ValueError):
         self.reason = reason
 
 
-def image_size(path: str | Path) -> tuple[int, int]:
+def fetch(path: str | Path) -> str | Path | io.BytesIO:
+    """What ``image_size``/``read_image`` open: a local path as is; an ``s3://`` URI read once into
+    memory (so header check and decode cost one GET).
+
+    Raises:
+        ImageReadError: the object does not exist.
+        OSError: S3 failed after its retries (transient: the caller's task should be retried,
+            not the image skipped).
+    """
+    if isinstance(path, io.IOBase) or not storage.is_s3(path):
+        return path
+    try:
+        return io.BytesIO(storage.read_bytes(path))
+    except FileNotFoundError:
+        raise ImageReadError(path, "file not found") from None
+
+
+def _rewind(src):
+    if hasattr(src, "seek"):
+        src.seek(0)
+    return src
+
+
+def image_size(path: str | Path | io.BytesIO) -> tuple[int, int]:
     """``(width, height)`` as stored, from the file header without decoding pixels.
 
     The EXIF orientation is not applied (Pillow decodes a whole PNG to find its EXIF); a
@@ -52,7 +79,7 @@ def image_size(path: str | Path) -> tuple[int, int]:
         ImageReadError: the file is missing or not a recognised image.
     """
     try:
-        with Image.open(path) as im:
+        with Image.open(_rewind(fetch(path))) as im:
             return im.size
     except FileNotFoundError:
         raise ImageReadError(path, "file not found") from None
@@ -62,7 +89,7 @@ def image_size(path: str | Path) -> tuple[int, int]:
         raise ImageReadError(path, f"corrupt image header ({exc})") from None
 
 
-def read_image(path: str | Path) -> np.ndarray:
+def read_image(path: str | Path | io.BytesIO) -> np.ndarray:
     """Decode an image file to RGB.
 
     Grayscale is replicated to three channels, palette images are expanded, alpha is dropped
@@ -70,7 +97,8 @@ def read_image(path: str | Path) -> np.ndarray:
     ``round(v / 257)``, and the EXIF orientation tag is applied.
 
     Args:
-        path: image file (PNG, JPEG, BMP, TIFF, WebP, ... anything Pillow decodes).
+        path: image file (PNG, JPEG, BMP, TIFF, WebP, ... anything Pillow decodes): a local
+            path, an ``s3://`` URI or what ``fetch`` returned.
 
     Returns:
         ``(H, W, 3) uint8`` array, RGB.
@@ -82,7 +110,7 @@ def read_image(path: str | Path) -> np.ndarray:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as im:
+            with Image.open(_rewind(fetch(path))) as im:
                 im.load()
                 im = ImageOps.exif_transpose(im)
                 return _to_rgb_uint8(im)

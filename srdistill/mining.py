@@ -10,7 +10,8 @@ Differences from the released code: the bicubic is MATLAB's (``imaging.imresize`
 an OpenCV/PIL resize, and window positions are ``range(0, side - size + 1, stride)`` (the
 remainder at the right/bottom edge is not covered).
 
-Pure functions over numpy/pyarrow; no Ray here (``runner.py`` streams them over a corpus).
+Functions over numpy/pyarrow, and the shard I/O through ``storage``; no Ray here (``runner.py``
+runs ``mine_shard`` over the shards of a corpus plan).
 """
 
 from __future__ import annotations
@@ -23,13 +24,21 @@ from typing import Literal
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from .config import LOWER_IS_HARDER, MineConfig
-from .imaging import ImageReadError, image_size, imresize, read_image, to_gray
+from . import storage
+from .imaging import ImageReadError, fetch, image_size, imresize, read_image, to_gray
 
 __all__ = [
     "PATCH_SCHEMA",
-    "list_images",
+    "MINED_SCHEMA",
+    "part_name",
+    "mine_shard",
+    "keep_rule",
+    "kept_mask",
+    "read_patches",
+    "summarize_parts",
     "patch_id",
     "patch_positions",
     "score_patches",
@@ -38,7 +47,7 @@ __all__ = [
     "apply_keep_rule",
 ]
 
-#: Columns of the patch table (``mine/patches.parquet``); ``error`` is only used in transit.
+#: Columns of the patch table (``read_patches``).
 PATCH_SCHEMA = pa.schema(
     [
         ("patch_id", pa.string()),
@@ -52,35 +61,14 @@ PATCH_SCHEMA = pa.schema(
         ("grad", pa.float32()),
     ]
 )
-#: In-transit schema of ``mine_images``: a patch row has ``error == ""``; a skipped image is
-#: one row with ``x = y = -1`` and the reason in ``error``.
+#: Schema of ``mine_images`` and of the stored parts: a patch row has ``error == ""``; a skipped
+#: image is one row with ``x = y = -1`` and the reason in ``error``.
 MINED_SCHEMA = PATCH_SCHEMA.append(pa.field("error", pa.string()))
+#: ``mine/skipped.parquet``: every skipped image and why.
+SKIPPED_SCHEMA = pa.schema([("source", pa.string()), ("error", pa.string())])
 
 # Pixels (patch count x size^2) scored at once, bounding memory for large patches.
 _CHUNK_PIXELS = 1 << 22
-
-
-def list_images(root: str | Path, extensions: tuple[str, ...]) -> tuple[list[str], int]:
-    """All files under ``root`` (recursive) whose suffix is in ``extensions``, sorted.
-
-    Returns:
-        (absolute paths, number of other files ignored).
-
-    Raises:
-        FileNotFoundError: ``root`` is not a directory.
-    """
-    root = Path(root)
-    if not root.is_dir():
-        raise FileNotFoundError(f"input {str(root)!r} is not a directory")
-    exts = {e.lower() for e in extensions}
-    paths, ignored = [], 0
-    for p in sorted(root.rglob("*")):
-        if p.is_file():
-            if p.suffix.lower() in exts:
-                paths.append(str(p.absolute()))  # symlinks kept: ids stay relative to root
-            else:
-                ignored += 1
-    return paths, ignored
 
 
 def patch_id(key: str, x: int, y: int, size: int) -> str:
@@ -202,28 +190,36 @@ def _skip_row(path: str, reason: str) -> dict:
             "psnr_bic": np.nan, "grad": np.nan, "error": reason}  # fmt: skip
 
 
-def mine_image(path: str, cfg: MineConfig, *, root: str | None = None) -> list[dict]:
+def mine_image(path: str, cfg: MineConfig, *, key: str | None = None, root: str | None = None) -> list[dict]:
     """Patches of one image with their scores, or one skip row explaining why there are none.
 
-    ``root`` is the corpus root the patch ids are made relative to (``None``: the path itself).
+    Args:
+        path: local path or ``s3://`` URI of the image.
+        key: the name patch ids derive from (``patch_id``); default: ``path`` relative to
+            ``root`` (POSIX separators), or ``path`` itself without ``root``.
 
     Returns:
-        Rows of ``MINED_SCHEMA``. A skipped image (unreadable, truncated, a side over
+        Rows of ``MINED_SCHEMA``. A skipped image (missing, unreadable, truncated, a side over
         ``cfg.max_side``, smaller than one patch) gives a single row with ``error`` set; it
         never raises for bad image data.
+
+    Raises:
+        OSError: S3 failed after its retries (transient; the shard is retried, nothing skipped).
     """
     size, stride = cfg.patch_size, cfg.stride
     try:
-        w, h = image_size(path)
+        src = fetch(path)
+        w, h = image_size(src)
         if max(w, h) > cfg.max_side:
             return [_skip_row(path, f"too large: {w}x{h} has a side over max_side={cfg.max_side}")]
         if min(w, h) < size:
             return [_skip_row(path, f"too small: {w}x{h} is smaller than one {size}x{size} patch")]
-        img = read_image(path)
+        img = read_image(src)
     except ImageReadError as exc:
         return [_skip_row(path, exc.reason)]
     h, w = img.shape[:2]
-    key = Path(os.path.relpath(path, root)).as_posix() if root else path
+    if key is None:
+        key = Path(os.path.relpath(path, root)).as_posix() if root else path
     gray = to_gray(img)
     positions = patch_positions(w, h, size, stride)
     psnr_bic, grad = score_patches(
@@ -236,33 +232,169 @@ def mine_image(path: str, cfg: MineConfig, *, root: str | None = None) -> list[d
     ]
 
 
-def mine_images(paths: list[str] | np.ndarray, cfg: MineConfig, *, root: str | None = None) -> pa.Table:
-    """``mine_image`` over several images, as one ``MINED_SCHEMA`` table (the Ray Data batch fn)."""
-    rows = [row for p in paths for row in mine_image(str(p), cfg, root=root)]
+def mine_images(paths: list[str] | np.ndarray, cfg: MineConfig, *, root: str | None = None,
+                keys: list[str] | None = None) -> pa.Table:  # fmt: skip
+    """``mine_image`` over several images (``keys[i]`` naming ``paths[i]``), as one
+    ``MINED_SCHEMA`` table, rows in input order."""
+    keys = keys if keys is not None else [None] * len(paths)
+    rows = [row for p, k in zip(paths, keys) for row in mine_image(str(p), cfg, key=k, root=root)]
     return pa.Table.from_pylist(rows, schema=MINED_SCHEMA)
 
 
-def apply_keep_rule(table: pa.Table, cfg: MineConfig) -> pa.Table:
-    """Append the boolean ``kept`` column to a patch table.
+def part_name(shard: int) -> str:
+    """File name of a shard's output part: ``part-000123.parquet`` (also for embeddings)."""
+    return f"part-{shard:06d}.parquet"
+
+
+def mine_shard(plan_uri: str, shard: int, parts_uri: str, cfg: MineConfig) -> int:
+    """Mine shard ``shard`` of the corpus plan into ``parts_uri/part_name(shard)``.
+
+    Idempotent: the part is written atomically (visible only complete) and a shard whose part
+    exists is not mined again, so a retried task or a resumed run neither loses nor duplicates
+    patches. The part holds ``MINED_SCHEMA`` rows in plan order (patch rows row-major per
+    image, one skip row per skipped image).
+
+    Returns:
+        The number of rows in the part.
+
+    Raises:
+        OSError: reading the plan or an S3 image, or writing the part, failed after retries.
+    """
+    from .corpus import read_shard
+
+    out = storage.join(parts_uri, part_name(shard))
+    if storage.exists(out):
+        return -1
+    plan = read_shard(plan_uri, shard)
+    table = mine_images(plan.column("uri").to_pylist(), cfg, keys=plan.column("key").to_pylist())
+    storage.write_parquet(out, table)
+    return table.num_rows
+
+
+def keep_rule(cfg: MineConfig, scores: np.ndarray | None = None, ids=None) -> dict:
+    """The keep rule of ``cfg`` resolved to a cut, the same for every part of the patch table.
 
     ``threshold``: harder than ``cfg.threshold`` (``psnr_bic < t`` or ``grad > t``);
-    ``top_fraction``: the ``ceil(fraction * N)`` hardest by ``cfg.keep_score`` (ties broken by
-    ``patch_id``); ``all``: every patch.
+    ``top_fraction``: the ``ceil(fraction * N)`` hardest of the N ``scores`` (ties at the cut
+    broken by ascending ``patch_id``: ``ids(score_at_cut) -> ids`` gives the tied ids);
+    ``all``: every patch.
+
+    Returns:
+        ``{"rule", "score", "lower", "cut", "tie_id"}``: a patch is kept when its score is strictly
+        harder than ``cut``, or equal to it with ``patch_id <= tie_id`` (``cut`` None: all kept).
     """
-    n = table.num_rows
-    score = table.column(cfg.keep_score).to_numpy(zero_copy_only=False).astype(np.float64)
     lower = LOWER_IS_HARDER[cfg.keep_score]
-    if cfg.keep_rule == "all":
-        kept = np.ones(n, dtype=bool)
-    elif cfg.keep_rule == "threshold":
-        kept = score < cfg.threshold if lower else score > cfg.threshold
-    else:
-        n_keep = int(np.ceil(cfg.top_fraction * n))
+    rule = {"rule": cfg.keep_rule, "score": cfg.keep_score, "lower": lower, "cut": None, "tie_id": None}
+    if cfg.keep_rule == "threshold":
+        rule["cut"] = float(cfg.threshold)
+    elif cfg.keep_rule == "top_fraction" and scores is not None and len(scores):
+        key = np.asarray(scores, np.float64) * (1 if lower else -1)
+        n_keep = int(np.ceil(cfg.top_fraction * len(key)))
+        cut = np.partition(key, n_keep - 1)[n_keep - 1]
+        ties = sorted(ids(float(cut * (1 if lower else -1))))
+        rule["cut"] = float(cut * (1 if lower else -1))
+        rule["tie_id"] = ties[n_keep - int((key < cut).sum()) - 1]
+    return rule
+
+
+def kept_mask(table: pa.Table, rule: dict) -> np.ndarray:
+    """``(N,)`` bool: which rows of a patch table (columns ``rule["score"]``, ``patch_id``) ``rule``
+    keeps."""
+    if rule["cut"] is None:
+        return np.ones(table.num_rows, dtype=bool)
+    s = table.column(rule["score"]).to_numpy(zero_copy_only=False).astype(np.float64)
+    harder = s < rule["cut"] if rule["lower"] else s > rule["cut"]
+    if rule["tie_id"] is not None:
         ids = table.column("patch_id").to_numpy(zero_copy_only=False)
-        order = np.lexsort((ids, score if lower else -score))
-        kept = np.zeros(n, dtype=bool)
-        kept[order[:n_keep]] = True
-    return table.append_column("kept", pa.array(kept))
+        harder |= (s == rule["cut"]) & (ids <= rule["tie_id"])
+    return harder
+
+
+def apply_keep_rule(table: pa.Table, cfg: MineConfig) -> pa.Table:
+    """Append the boolean ``kept`` column (``keep_rule`` over this table alone) to a patch table."""
+    scores = table.column(cfg.keep_score).to_numpy(zero_copy_only=False)
+    ids = table.column("patch_id").to_numpy(zero_copy_only=False)
+    rule = keep_rule(cfg, scores, lambda cut: ids[scores.astype(np.float64) == cut].tolist())
+    return table.append_column("kept", pa.array(kept_mask(table, rule)))
+
+
+def summarize_parts(parts_uri: str, cfg: MineConfig, skipped_uri: str) -> tuple[dict, dict]:
+    """Stream over the mined parts once (twice for ``top_fraction``): resolve the keep rule and
+    count. Skipped images go to the parquet file ``skipped_uri`` (``source``, ``error``).
+
+    Memory: one part at a time, plus 8 bytes per patch for ``top_fraction`` (its cut is a global
+    order statistic).
+
+    Returns:
+        ``(rule, counts)``: ``keep_rule``'s dict; ``patches``, ``patches_kept``,
+        ``images_mined``, ``images_skipped``, ``corpus_pixels`` (HR pixels of the images that
+        gave patches; each image lies in exactly one part).
+    """
+    import pyarrow.dataset as pads
+
+    ok = pads.field("error") == ""
+    scores = None
+    if cfg.keep_rule == "top_fraction":
+        scores = storage.read_dataset(parts_uri, columns=[cfg.keep_score], filter=ok).column(0).to_numpy()
+
+    def tied(cut: float) -> list[str]:
+        at = ok & (pads.field(cfg.keep_score) == pa.scalar(cut, pa.float32()))
+        return storage.read_dataset(parts_uri, columns=["patch_id"], filter=at).column(0).to_pylist()
+
+    rule = keep_rule(cfg, scores, tied)
+    del scores
+    counts = dict.fromkeys(("patches", "patches_kept", "images_mined", "images_skipped", "corpus_pixels"), 0)
+    cols = ["patch_id", "source", "img_w", "img_h", cfg.keep_score, "error"]
+    with storage.atomic_writer(skipped_uri) as sink, pq.ParquetWriter(sink, SKIPPED_SCHEMA) as writer:
+        for uri in storage.list_files(parts_uri, [".parquet"]):
+            part = storage.read_parquet(uri, columns=cols)
+            bad = pc.not_equal(part.column("error"), "")
+            skipped = part.filter(bad)
+            if skipped.num_rows:
+                writer.write_table(skipped.select(["source", "error"]).cast(SKIPPED_SCHEMA))
+            patches = part.filter(pc.invert(bad))
+            per_source = patches.group_by("source").aggregate([("img_w", "max"), ("img_h", "max")])
+            w = per_source.column("img_w_max").to_numpy().astype(np.int64)
+            h = per_source.column("img_h_max").to_numpy().astype(np.int64)
+            counts["patches"] += patches.num_rows
+            counts["patches_kept"] += int(kept_mask(patches, rule).sum())
+            counts["images_mined"] += per_source.num_rows
+            counts["images_skipped"] += skipped.num_rows
+            counts["corpus_pixels"] += int((w * h).sum())
+    return rule, counts
+
+
+def read_patches(mine_uri: str, columns: list[str] | None = None, *, kept_only: bool = False,
+                 filter=None) -> pa.Table:  # fmt: skip
+    """The patch table of a run's ``mine`` stage (``mine_uri/patches/part-*.parquet`` with the
+    keep rule in ``mine_uri/keep.json``), sorted by shard then row.
+
+    Args:
+        columns: ``PATCH_SCHEMA`` columns and/or ``"kept"`` (default: all, with ``kept``).
+        kept_only: only the patches the keep rule kept.
+        filter: an extra ``pyarrow.dataset`` expression.
+
+    Returns:
+        A table of the asked columns (``kept`` bool computed from the rule).
+    """
+    import pyarrow.dataset as pads
+
+    rule = storage.read_json(storage.join(mine_uri, "keep.json"))
+    want = list(PATCH_SCHEMA.names) + ["kept"] if columns is None else list(columns)
+    need = [c for c in want if c != "kept"]
+    if "kept" in want or kept_only:
+        need += [c for c in (rule["score"], "patch_id") if c not in need]
+    expr = pads.field("error") == ""
+    if filter is not None:
+        expr = expr & filter
+    table = storage.read_dataset(storage.join(mine_uri, "patches"), columns=need, filter=expr)
+    if "kept" in want or kept_only:
+        mask = kept_mask(table, rule)
+        if kept_only:
+            table, mask = table.filter(pa.array(mask)), np.ones(int(mask.sum()), dtype=bool)
+        if "kept" in want:
+            table = table.append_column("kept", pa.array(mask))
+    return table.select(want)
 
 
 def corpus_pixels(table: pa.Table) -> int:

@@ -1,18 +1,26 @@
-"""The main job: mine -> embed -> cluster -> select -> train -> evaluate -> report
-(``distill: coreset``), or mine -> embed -> cluster -> encode -> finetune -> synthesize ->
-train -> evaluate -> report (``distill: synth``, SRDD's synthetic distilled set).
+"""The main job: plan -> mine -> embed -> cluster -> select -> train -> evaluate -> report
+(``distill: coreset``), or plan -> mine -> embed -> cluster -> encode -> finetune -> synthesize
+-> train -> evaluate -> report (``distill: synth``, SRDD's synthetic distilled set).
 
-Each stage reads and writes the run directory (layout in docs/ARCHITECTURE.md). A stage's
-fingerprint hashes its config (minus execution-only fields such as batch sizes and actor
-counts) with the fingerprints of the stages it reads, and ``mine``'s also hashes the input
-listing (path, size, mtime). A stage whose recorded fingerprint matches and whose outputs
-exist is skipped, so a killed or repeated run resumes where it stopped; a stage that reruns
-changes its fingerprint and so reruns everything downstream. A stage directory left by an
-interrupted attempt with another fingerprint is cleared before the stage runs; the same
-fingerprint is kept, so training resumes from its last checkpoint.
+Input and run directory are local paths or ``s3://`` URIs (``storage``). Each stage reads and
+writes the run directory (layout in docs/ARCHITECTURE.md). The large, partitioned outputs
+(``mine/patches/``, ``embed/parts/``, ``cluster/assignments/``) are written straight to the
+run URI, one atomic part per shard, by the Ray workers that produce them. The other stages
+work in a local mirror of the run directory (the run directory itself when it is local; under
+``$SRDISTILL_CACHE`` or ``~/.cache/srdistill/runs`` for S3) and upload their stage folder when
+they finish; a driver that starts on a fresh machine downloads what it needs from the run URI.
+
+A stage's fingerprint hashes its config (minus execution-only fields such as batch sizes and
+actor counts) with the fingerprints of the stages it reads; ``plan``'s hashes the input's
+signature (``corpus.input_signature``). A stage whose recorded fingerprint matches and whose
+outputs exist is skipped, so a killed or repeated run resumes where it stopped (and inside
+``mine`` and ``embed``, at the shard: finished parts are kept); a stage that reruns changes
+its fingerprint and so reruns everything downstream. A stage folder left by an attempt with
+another fingerprint is deleted before the stage runs.
 
 The manifest (``manifest.json``) records the resolved config, package versions, per-stage
-fingerprint/counts/timings, every skipped input with its reason, and the CLIP provenance.
+fingerprint/counts/timings, the first skipped inputs with their reasons, and the CLIP
+provenance; it is passed through ``storage.redact`` before it is written.
 """
 
 from __future__ import annotations
@@ -34,14 +42,15 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from . import storage
 from .config import RunConfig
 
-STAGES = ("mine", "embed", "cluster", "select", "encode", "finetune", "synthesize", "train",
+STAGES = ("plan", "mine", "embed", "cluster", "select", "encode", "finetune", "synthesize", "train",
           "evaluate", "report")  # fmt: skip
 SYNTH_ONLY = ("encode", "finetune", "synthesize")
 #: Config fields that change how a stage runs but not what it produces (not fingerprinted).
 EXECUTION_ONLY = {
-    "mine": {"images_per_task"},
+    "mine": {"images_per_task", "images_per_shard"},
     "embed": {"batch_size", "num_actors", "actor_num_cpus", "num_threads", "device"},
     "train": {"device", "log_every", "checkpoint_every", "val_every", "val_dataset", "workers", "use_gpu"},
     "evaluate": {"device"},
@@ -50,6 +59,10 @@ EXECUTION_ONLY = {
                  "zero_stage"},
     "synthesize": {"batch_size", "num_actors", "actor_num_cpus", "device"},
 }
+#: Partitioned outputs written straight to the run URI (never mirrored locally).
+_PARTITIONED = ("mine/patches", "embed/parts", "cluster/assignments")
+#: Skipped inputs listed in the manifest (all of them are in ``mine/skipped.parquet``).
+MAX_SKIPPED_LISTED = 1000
 _PACKAGES = ("srdistill", "torch", "ray", "faiss-cpu", "transformers", "diffusers", "deepspeed", "numpy",
              "pyarrow", "pillow")
 NOT_SEMANTIC = "CLIP is randomly initialised (--allow-random-init): the clusters are NOT semantic"
@@ -88,32 +101,53 @@ def package_versions() -> dict[str, str]:
     return out
 
 
+def _absolute(uri: str | Path) -> str:
+    s = os.fspath(uri)
+    return s.rstrip("/") if storage.is_s3(s) else str(Path(s).expanduser().resolve())
+
+
+def local_mirror(run_uri: str) -> Path:
+    """The local working copy of a run directory: the directory itself when local; for S3,
+    ``$SRDISTILL_CACHE/runs/<sha of the URI>`` (default ``~/.cache/srdistill``)."""
+    if not storage.is_s3(run_uri):
+        return Path(run_uri)
+    cache = Path(os.environ.get("SRDISTILL_CACHE", Path.home() / ".cache" / "srdistill")).expanduser()
+    return cache / "runs" / _sha(run_uri)
+
+
 class Run:
     """A run directory: its manifest, stage fingerprints and stage bookkeeping.
 
     Args:
-        input_dir: the HR corpus (folder of images, searched recursively).
-        run_dir: where artifacts go; created if missing.
+        input_uri: the HR corpus: a folder or S3 prefix (searched recursively) or a manifest
+            file of image URIs (``corpus.plan_corpus``).
+        run_uri: where artifacts go (local path or ``s3://``); an existing run is resumed.
         cfg: the resolved config.
         preset: preset name, recorded in the manifest.
         log: where progress lines go (``print`` by default).
+
+    Attributes:
+        uri: the run directory as an absolute path or ``s3://`` URI.
+        dir: its local mirror (``local_mirror``); equal to ``uri`` for a local run.
     """
 
-    def __init__(self, input_dir: str | Path, run_dir: str | Path, cfg: RunConfig, *,
+    def __init__(self, input_uri: str | Path, run_uri: str | Path, cfg: RunConfig, *,
                  preset: str | None = None, log: Callable[[str], None] = print):  # fmt: skip
-        self.input = Path(input_dir).resolve()
-        self.dir = Path(run_dir).resolve()
+        self.input = _absolute(input_uri)
+        self.uri = _absolute(run_uri)
+        self.remote = storage.is_s3(self.uri)
+        self.dir = local_mirror(self.uri)
         self.cfg = cfg
         self.log = log
         self.dir.mkdir(parents=True, exist_ok=True)
-        path = self.dir / "manifest.json"
-        old = json.loads(path.read_text()) if path.is_file() else {}
+        path = self.at("manifest.json")
+        old = storage.read_json(path) if storage.exists(path) else {}
         self.manifest = {
             "srdistill_version": package_versions()["srdistill"],
             "created": old.get("created", _now()),
             "updated": _now(),
-            "input": str(self.input),
-            "run_dir": str(self.dir),
+            "input": self.input,
+            "run_dir": self.uri,
             "preset": preset,
             "config": cfg.model_dump(mode="json"),
             "versions": package_versions(),
@@ -124,8 +158,24 @@ class Run:
             self.manifest["clip"] = old["clip"]
         self.save()
 
+    def at(self, *parts: str) -> str:
+        """The URI of ``parts`` inside the run directory."""
+        return storage.join(self.uri, *parts)
+
     def save(self) -> None:
-        write_json(self.dir / "manifest.json", self.manifest)
+        """Write the manifest (redacted) to the run URI, and to the local mirror for S3."""
+        text = storage.redact(json.dumps(self.manifest, indent=2, default=str))
+        storage.write_text(self.at("manifest.json"), text)
+        if self.remote:
+            storage.write_text(self.dir / "manifest.json", text)
+
+    def pull(self, *paths: str) -> None:
+        """Download ``paths`` (folders or files, relative to the run directory) of an S3 run into
+        the local mirror (files already there with the same size are kept); a no-op for a
+        local run."""
+        for rel in paths:
+            if self.remote and storage.exists(self.at(rel)):
+                storage.copy_dir(self.at(rel), self.dir / rel, skip_existing=True)
 
     def config_part(self, stage: str) -> str:
         part = json.loads(self.cfg.stage_json(stage))
@@ -136,35 +186,47 @@ class Run:
     def fingerprint(self, stage: str, *extra: str) -> str:
         return _sha(stage, self.config_part(stage), *extra)
 
-    def is_done(self, stage: str, fingerprint: str, outputs: list[Path]) -> bool:
+    def is_done(self, stage: str, fingerprint: str, outputs: list[str]) -> bool:
+        """Whether ``stage`` finished with ``fingerprint`` and its ``outputs`` (paths relative to
+        the run directory) exist at the run URI."""
         entry = self.manifest["stages"].get(stage, {})
         return (
             entry.get("status") == "done"
             and entry.get("fingerprint") == fingerprint
-            and all(p.exists() for p in outputs)
+            and all(storage.exists(self.at(p)) for p in outputs)
         )
 
-    def run_stage(self, stage: str, fingerprint: str, outputs: list[Path],
-                  fn: Callable[[Path], dict]) -> dict:  # fmt: skip
-        """Run ``fn(stage_dir) -> counts`` unless the stage is done for ``fingerprint``."""
+    def run_stage(self, stage: str, fingerprint: str, outputs: list[str], fn: Callable[[Path], dict], *,
+                  also: tuple[str, ...] = ()) -> dict:  # fmt: skip
+        """Run ``fn(local_stage_dir) -> counts`` unless the stage is done for ``fingerprint``.
+
+        ``outputs`` are paths relative to the run directory; ``also`` names other top-level
+        folders the stage writes locally (e.g. ``distilled``), uploaded with the stage folder.
+        """
         if self.is_done(stage, fingerprint, outputs):
             entry = self.manifest["stages"][stage]
             entry["skipped"] = True
             self.log(f"[{stage}] up to date, skipped ({entry['fingerprint']})")
             self.save()
             return entry["counts"]
+        marker = self.at(stage, ".fingerprint")
+        if storage.exists(self.at(stage)) and (not storage.exists(marker) or storage.read_text(marker) != fingerprint):
+            for folder in (stage, *also):  # leftovers of another config: never mix them in
+                storage.delete(self.at(folder))
+                shutil.rmtree(self.dir / folder, ignore_errors=True)
         sdir = self.dir / stage
-        marker = sdir / ".fingerprint"
-        if sdir.exists() and (not marker.is_file() or marker.read_text() != fingerprint):
-            shutil.rmtree(sdir)  # leftovers of another config: never mix them in
         sdir.mkdir(parents=True, exist_ok=True)
-        marker.write_text(fingerprint)
+        storage.write_text(marker, fingerprint)
         self.manifest["stages"][stage] = {"status": "running", "fingerprint": fingerprint,
                                           "started_at": _now()}  # fmt: skip
         self.save()
         self.log(f"[{stage}] running")
         t0 = time.perf_counter()
         counts = fn(sdir)
+        if self.remote:
+            for folder in (stage, *also):
+                if (self.dir / folder).exists():
+                    storage.copy_dir(self.dir / folder, self.at(folder))
         seconds = time.perf_counter() - t0
         self.manifest["stages"][stage] = {
             "status": "done", "fingerprint": fingerprint, "seconds": round(seconds, 3),
@@ -179,58 +241,62 @@ def _short(counts: dict) -> str:
     return ", ".join(f"{k}={v}" for k, v in counts.items() if not isinstance(v, (dict, list)))
 
 
-def _listing_digest(paths: list[str]) -> str:
-    h = hashlib.sha256()
-    for p in paths:
-        st = os.stat(p)
-        h.update(f"{p}\x1f{st.st_size}\x1f{st.st_mtime_ns}\n".encode())
-    return h.hexdigest()[:20]
-
-
 # --------------------------------------------------------------------------- stages
 
 
-def _mine(run: Run) -> str:
+def _plan(run: Run) -> str:
+    from .corpus import input_signature, plan_corpus
+
+    cfg = run.cfg.mine
+    fp = _sha("plan", run.input, json.dumps(cfg.extensions), str(cfg.images_per_shard),
+              input_signature(run.input, cfg.extensions))  # fmt: skip
+
+    def stage(sdir: Path) -> dict:
+        plan = plan_corpus(run.input, run.at("plan", "files.parquet"), extensions=cfg.extensions,
+                           images_per_shard=cfg.images_per_shard)  # fmt: skip
+        if not plan.images:
+            raise FileNotFoundError(f"input {run.input!r} holds no files with extensions {list(cfg.extensions)}")
+        return {"images_listed": plan.images, "other_files_ignored": plan.other_files_ignored,
+                "shards": plan.shards, "source": plan.source, "digest": plan.digest}  # fmt: skip
+
+    counts = run.run_stage("plan", fp, ["plan/files.parquet"], stage)
+    return _sha(fp, counts["digest"])
+
+
+def _mine(run: Run, plan_fp: str) -> str:
     from . import mining, runner
 
     cfg = run.cfg.mine
-    paths, ignored = mining.list_images(run.input, cfg.extensions)
-    fp = run.fingerprint("mine", str(run.input), _listing_digest(paths))
-    out = run.dir / "mine" / "patches.parquet"
+    fp = run.fingerprint("mine", plan_fp)
 
     def stage(sdir: Path) -> dict:
-        if not paths:
-            raise FileNotFoundError(
-                f"input {str(run.input)!r} holds no files with extensions {list(cfg.extensions)}"
-            )
+        plan = run.manifest["stages"]["plan"]["counts"]
         t0 = time.perf_counter()
-        mined = runner.mine_corpus(paths, cfg, root=str(run.input))
+        mined_now = runner.mine_plan(run.at("plan", "files.parquet"), run.at("mine", "patches"), cfg,
+                                     list(range(plan["shards"])))  # fmt: skip
         seconds = time.perf_counter() - t0
-        patches, skipped = mining.split_mined(mined)
-        patches = mining.apply_keep_rule(patches, cfg)
-        write_parquet(out, patches)
-        run.manifest["skipped_inputs"] = skipped
-        for s in skipped:
+        rule, counts = mining.summarize_parts(run.at("mine", "patches"), cfg, run.at("mine", "skipped.parquet"))
+        storage.write_json(run.at("mine", "keep.json"), rule)
+        skipped = storage.read_parquet(run.at("mine", "skipped.parquet")).slice(0, MAX_SKIPPED_LISTED)
+        run.manifest["skipped_inputs"] = [{"file": r["source"], "reason": r["error"]} for r in skipped.to_pylist()]
+        for s in run.manifest["skipped_inputs"]:
             run.log(f"[mine] skipped {s['file']}: {s['reason']}")
-        pixels = mining.corpus_pixels(patches)
-        return {
-            "images_listed": len(paths),
-            "other_files_ignored": ignored,
-            "images_skipped": len(skipped),
-            "images_mined": len(paths) - len(skipped),
-            "patches": patches.num_rows,
-            "patches_kept": int(pc.sum(patches.column("kept")).as_py() or 0),
-            "corpus_pixels": pixels,
-            "megapixels_per_s": round(pixels / 1e6 / max(seconds, 1e-9), 2),
-        }
+        return {"images_listed": plan["images_listed"], "other_files_ignored": plan["other_files_ignored"],
+                **counts, "shards": plan["shards"], "shards_mined_now": mined_now,
+                "megapixels_per_s": round(counts["corpus_pixels"] / 1e6 / max(seconds, 1e-9), 2)}  # fmt: skip
 
-    run.run_stage("mine", fp, [out], stage)
+    run.run_stage("mine", fp, ["mine/keep.json"], stage)
     return fp
 
 
-def _kept(run: Run) -> pa.Table:
-    table = pq.read_table(run.dir / "mine" / "patches.parquet")
-    return table.filter(table.column("kept"))
+def _kept(run: Run, columns: list[str] | None = None) -> pa.Table:
+    from .mining import read_patches
+
+    return read_patches(run.at("mine"), columns, kept_only=True)
+
+
+def _assignments(run: Run) -> pa.Table:
+    return storage.read_dataset(run.at("cluster", "assignments"), columns=["patch_id", "cluster"])
 
 
 def _embed(run: Run, mine_fp: str, source) -> str:
@@ -244,42 +310,57 @@ def _embed(run: Run, mine_fp: str, source) -> str:
     if not source.semantic:
         run.log(f"WARNING: {NOT_SEMANTIC}")
     fp = run.fingerprint("embed", mine_fp, str(source.path), str(source.pretrained))
-    out = run.dir / "embed" / "embeddings.parquet"
 
     def stage(sdir: Path) -> dict:
-        kept = _kept(run)
-        if kept.num_rows == 0:
+        if run.manifest["stages"]["mine"]["counts"]["patches_kept"] == 0:
             raise RuntimeError("no patch passed the keep rule: loosen mine.threshold or use "
                                "mine.keep_rule=top_fraction")  # fmt: skip
-        table = runner.embed_patches_ray(kept, cfg, source)
-        write_parquet(out, table.sort_by("patch_id"))
-        return {"patches": table.num_rows, "dim": table.schema.field("embedding").type.list_size,
-                "pretrained": source.pretrained, "semantic": source.semantic}  # fmt: skip
+        shards = list(range(run.manifest["stages"]["plan"]["counts"]["shards"]))
+        now = runner.embed_parts_ray(run.at("mine"), run.at("embed", "parts"), shards, cfg, source)
+        ids = storage.read_dataset(run.at("embed", "parts"), columns=["patch_id"])
+        first = storage.read_parquet(run.at("embed", "parts", "part-000000.parquet"), columns=["embedding"])
+        counts = {"patches": ids.num_rows, "dim": first.schema.field("embedding").type.list_size,
+                  "shards_embedded_now": now,
+                  "pretrained": source.pretrained, "semantic": source.semantic}  # fmt: skip
+        storage.write_json(run.at("embed", "meta.json"), counts)
+        return counts
 
-    run.run_stage("embed", fp, [out], stage)
+    run.run_stage("embed", fp, ["embed/meta.json"], stage)
     return fp
 
 
 def _cluster(run: Run, embed_fp: str) -> str:
-    from .clustering import spherical_kmeans
+    from .clustering import CentroidIndex, sample_rows, train_centroids
 
+    cfg = run.cfg.cluster
     fp = run.fingerprint("cluster", embed_fp)
-    out = run.dir / "cluster" / "assignments.parquet"
+    parts_uri = run.at("embed", "parts")
+
+    def embeddings(uri: str) -> tuple[pa.Array, np.ndarray]:
+        table = storage.read_parquet(uri)
+        emb = table.column("embedding").combine_chunks()
+        dim = emb.type.list_size
+        return table.column("patch_id"), emb.values.to_numpy().reshape(len(emb), dim).astype(np.float32)
 
     def stage(sdir: Path) -> dict:
-        table = pq.read_table(run.dir / "embed" / "embeddings.parquet")
-        emb = table.column("embedding").combine_chunks()
-        x = emb.values.to_numpy().reshape(len(emb), -1).astype(np.float32)
-        res = spherical_kmeans(x, run.cfg.cluster)
-        np.save(sdir / "centroids.npy", res.centroids)
-        write_parquet(out, pa.table({"patch_id": table.column("patch_id"),
-                                     "cluster": pa.array(res.assign, pa.int32()),
-                                     "cos_sim": pa.array(res.cos_sim, pa.float32())}))  # fmt: skip
-        sizes = np.bincount(res.assign, minlength=res.k_used)
-        return {"k": run.cfg.cluster.k, "k_used": res.k_used, "n_train": res.n_train,
-                "patches": len(x), "cluster_sizes": sizes.tolist()}  # fmt: skip
+        parts = storage.list_files(parts_uri, [".parquet"])
+        n = run.manifest["stages"]["embed"]["counts"]["patches"]
+        sample = sample_rows((embeddings(p)[1] for p in parts), n, cfg.max_train_points, cfg.seed)
+        centroids, k_used = train_centroids(sample, cfg)
+        index = CentroidIndex(centroids, cfg)
+        np.save(sdir / "centroids.npy", centroids)
+        sizes = np.zeros(k_used, np.int64)
+        for p in parts:  # one part in memory at a time
+            ids, x = embeddings(p)
+            assign, cos_sim = index.search(x)
+            sizes += np.bincount(assign, minlength=k_used)
+            storage.write_parquet(run.at("cluster", "assignments", p.rsplit("/", 1)[-1]),
+                                  pa.table({"patch_id": ids, "cluster": pa.array(assign, pa.int32()),
+                                            "cos_sim": pa.array(cos_sim, pa.float32())}))  # fmt: skip
+        return {"k": cfg.k, "k_used": k_used, "n_train": len(sample), "patches": n,
+                "cluster_sizes": sizes.tolist()}  # fmt: skip
 
-    run.run_stage("cluster", fp, [out], stage)
+    run.run_stage("cluster", fp, ["cluster/centroids.npy"], stage)
     return fp
 
 
@@ -288,15 +369,13 @@ def _select(run: Run, upstream_fp: str) -> str:
 
     cfg = run.cfg.select
     fp = run.fingerprint("select", upstream_fp)
-    out = run.dir / "select" / "selected.parquet"
     distilled = run.dir / "distilled"
 
     def stage(sdir: Path) -> dict:
         kept = _kept(run)
         if cfg.method == "clip-kmeans":
-            assign = pq.read_table(run.dir / "cluster" / "assignments.parquet")
-            kept = kept.join(assign.select(["patch_id", "cluster"]), "patch_id")
-            n_clusters = run.manifest["stages"]["cluster"]["counts"]["k_used"]
+            kept = kept.join(_assignments(run), "patch_id")
+            n_clusters = _n_clusters(run)
         else:
             kept = kept.append_column("cluster", pa.array(np.full(kept.num_rows, -1, np.int32)))
             n_clusters = run.cfg.cluster.k  # IPC baselines take the same budget as clip-kmeans
@@ -304,7 +383,7 @@ def _select(run: Run, upstream_fp: str) -> str:
         n_total = budget_patches(cfg, n_clusters=n_clusters, corpus_pixels=corpus,
                                  patch_size=run.cfg.mine.patch_size)  # fmt: skip
         selected = select_patches(kept, cfg, n_total=n_total)
-        write_parquet(out, selected)
+        write_parquet(sdir / "selected.parquet", selected)
         if distilled.exists():
             shutil.rmtree(distilled)
         files = export_distilled(selected, distilled)
@@ -317,7 +396,7 @@ def _select(run: Run, upstream_fp: str) -> str:
             "per_cluster": {str(d["values"]): d["counts"] for d in per_cluster},
         }  # fmt: skip
 
-    run.run_stage("select", fp, [out, distilled / "provenance.csv"], stage)
+    run.run_stage("select", fp, ["select/selected.parquet", "distilled/provenance.csv"], stage, also=("distilled",))
     return fp
 
 
@@ -331,12 +410,10 @@ def _encode(run: Run, cluster_fp: str) -> str:
 
     cfg = run.cfg.finetune
     fp = run.fingerprint("encode", cluster_fp)
-    meta_file = run.dir / "encode" / "meta.json"
 
     def stage(sdir: Path) -> dict:
-        kept = _kept(run)
-        assign = pq.read_table(run.dir / "cluster" / "assignments.parquet")
-        table = kept.join(assign.select(["patch_id", "cluster"]), "patch_id").sort_by("patch_id")
+        kept = _kept(run, ["patch_id", "source", "x", "y", "size"])
+        table = kept.join(_assignments(run), "patch_id").sort_by("patch_id")
         if cfg.max_patches is not None and table.num_rows > cfg.max_patches:
             rng = np.random.default_rng(cfg.seed)
             table = table.take(np.sort(rng.choice(table.num_rows, cfg.max_patches, replace=False)))
@@ -344,13 +421,19 @@ def _encode(run: Run, cluster_fp: str) -> str:
         # by source: the patches of one batch share their images (each decoded once per batch)
         table = table.sort_by([("source", "ascending"), ("y", "ascending"), ("x", "ascending")])
         n = runner.encode_patches_ray(table, cfg, sdir / "parts")
-        write_json(meta_file, {"shape": list(shape), "dtype": dtype, "rows": n,
-                               "num_clusters": _n_clusters(run), "backbone": cfg.resolved_backbone})
+        write_json(sdir / "meta.json", {"shape": list(shape), "dtype": dtype, "rows": n,
+                                        "num_clusters": _n_clusters(run), "backbone": cfg.resolved_backbone})
         return {"backbone": cfg.resolved_backbone, "patches": n, "sample_shape": list(shape),
                 "dtype": dtype}  # fmt: skip
 
-    run.run_stage("encode", fp, [meta_file], stage)
+    run.run_stage("encode", fp, ["encode/meta.json"], stage)
     return fp
+
+
+def _checkpoints(run: Run, stage: str) -> str | None:
+    """Where Ray Train keeps a stage's checkpoints: the run URI for S3 runs (so a driver on
+    another machine resumes from them), else the stage folder (``None``)."""
+    return run.at(stage, "ray_train") if run.remote else None
 
 
 def _finetune(run: Run, encode_fp: str) -> str:
@@ -362,10 +445,12 @@ def _finetune(run: Run, encode_fp: str) -> str:
     model_dir = run.dir / "finetune" / "model"
 
     def stage(sdir: Path) -> dict:
+        run.pull("encode")
         meta = json.loads((run.dir / "encode" / "meta.json").read_text())
         shape, k, parts = tuple(meta["shape"]), meta["num_clusters"], run.dir / "encode" / "parts"
         if cfg.workers:
-            runner.finetune_ray(cfg, parts, sdir, num_clusters=k, shape=shape, dtype=meta["dtype"])
+            runner.finetune_ray(cfg, parts, sdir, num_clusters=k, shape=shape, dtype=meta["dtype"],
+                                checkpoint_uri=_checkpoints(run, "finetune"))  # fmt: skip
         else:
             data = load_encoded(parts, shape=shape, dtype=meta["dtype"])
             finetune(cfg, build_backbone(cfg, k), data, sdir)
@@ -378,7 +463,7 @@ def _finetune(run: Run, encode_fp: str) -> str:
                 "workers": cfg.workers, "deepspeed": cfg.workers > 0,
                 "final_loss": log[-1]["loss"] if log else None, "source": model["source"]}  # fmt: skip
 
-    run.run_stage("finetune", fp, [model_dir / "weights.safetensors"], stage)
+    run.run_stage("finetune", fp, ["finetune/model/weights.safetensors"], stage)
     return fp
 
 
@@ -390,9 +475,9 @@ def _synthesize(run: Run, finetune_fp: str) -> str:
     cfg = run.cfg.synthesize
     budget = run.cfg.select.model_dump(include={"ipc", "pixel_fraction"}) if cfg.ipc is None else {}
     fp = run.fingerprint("synthesize", finetune_fp, json.dumps(budget, sort_keys=True))
-    out = run.dir / "synthesize" / "provenance.csv"
 
     def stage(sdir: Path) -> dict:
+        run.pull("finetune/model")
         k = _n_clusters(run)
         res = run.cfg.finetune.resolution
         corpus = run.manifest["stages"]["mine"]["counts"]["corpus_pixels"]
@@ -409,13 +494,14 @@ def _synthesize(run: Run, finetune_fp: str) -> str:
                 "guidance_scale": cfg.guidance_scale,
                 "pixel_fraction": round(len(rows) * res * res / max(corpus, 1), 6)}  # fmt: skip
 
-    run.run_stage("synthesize", fp, [out], stage)
+    run.run_stage("synthesize", fp, ["synthesize/provenance.csv"], stage)
     return fp
 
 
 def _train_images(run: Run) -> list[Path]:
-    folder = run.dir / ("synthesize" if run.cfg.distill == "synth" else "distilled")
-    return sorted(folder.glob("*.png"))
+    folder = "synthesize" if run.cfg.distill == "synth" else "distilled"
+    run.pull(folder)
+    return sorted((run.dir / folder).glob("*.png"))
 
 
 def _train(run: Run, select_fp: str) -> str:
@@ -423,18 +509,17 @@ def _train(run: Run, select_fp: str) -> str:
     from .training import train_sr
 
     fp = run.fingerprint("train", select_fp)
-    out = run.dir / "train" / "model.safetensors"
 
     def stage(sdir: Path) -> dict:
         images = _train_images(run)
         if run.cfg.train.workers:
-            runner.train_ray(run.cfg.train, run.cfg.scale, images, sdir)
+            runner.train_ray(run.cfg.train, run.cfg.scale, images, sdir, checkpoint_uri=_checkpoints(run, "train"))
         else:
             train_sr(run.cfg.train, run.cfg.scale, images, sdir)
         return {"model": run.cfg.train.model, "scale": run.cfg.scale,
                 "iterations": run.cfg.train.iterations, "train_images": len(images)}  # fmt: skip
 
-    run.run_stage("train", fp, [out], stage)
+    run.run_stage("train", fp, ["train/model.safetensors"], stage)
     return fp
 
 
@@ -446,6 +531,7 @@ def _evaluate(run: Run, train_fp: str) -> dict:
     out = run.dir / "evaluate" / "results.json"
 
     def stage(sdir: Path) -> dict:
+        run.pull("train/model.safetensors")
         model, _ = load_checkpoint(run.dir / "train" / "model.safetensors")
         scale, device = run.cfg.scale, run.cfg.evaluate.device
         how = "synthetic" if run.cfg.distill == "synth" else run.cfg.select.method
@@ -457,10 +543,16 @@ def _evaluate(run: Run, train_fp: str) -> dict:
         write_json(out, {"scale": scale, "rows": rows})
         return {f"{name} {r['dataset']}": round(r["psnr_y"], 3) for name, rs in rows.items() for r in rs}
 
-    run.run_stage("evaluate", fp, [out], stage)
+    run.run_stage("evaluate", fp, ["evaluate/results.json"], stage)
+    run.pull("evaluate")
     rows = json.loads(out.read_text())["rows"]
     run.log(f"\nPSNR / SSIM on Y, x{run.cfg.scale}, border = scale\n" + format_table(rows))
     return rows
+
+
+#: What the report reads from the local mirror (a resumed S3 run downloads it first).
+_REPORT_INPUTS = ("select", "distilled", "encode/meta.json", "finetune/log.jsonl", "finetune/model/backbone.json",
+                  "synthesize", "train/log.jsonl", "evaluate")
 
 
 def run_pipeline(input_dir: str | Path, run_dir: str | Path, cfg: RunConfig, *,
@@ -469,8 +561,9 @@ def run_pipeline(input_dir: str | Path, run_dir: str | Path, cfg: RunConfig, *,
     """Run the main job on the embedded default (local Ray) or the Ray cluster joined.
 
     Args:
-        input_dir: folder of HR images (searched recursively).
-        run_dir: run directory; an existing one is resumed.
+        input_dir: the HR corpus: a folder or ``s3://`` prefix of images (searched
+            recursively) or a manifest file of image URIs (``.parquet``/``.csv``/``.txt``).
+        run_dir: run directory, a local path or ``s3://`` URI; an existing one is resumed.
         cfg: resolved config.
         preset: preset name, for the manifest.
         until: stop after this stage (one of ``STAGES``).
@@ -480,12 +573,14 @@ def run_pipeline(input_dir: str | Path, run_dir: str | Path, cfg: RunConfig, *,
 
     Raises:
         ValueError: unknown ``until``.
-        FileNotFoundError: the input is not a folder or holds no images.
+        FileNotFoundError: the input does not exist or holds no images.
         embedding.MissingWeightsError: no CLIP weights and random init not allowed.
         diffusion.MissingBackboneError: ``distill: synth`` with a ``dit`` backbone whose
             directories are missing.
+        OSError: storage failed after its retries (rerunning resumes).
     """
     from . import runner
+    from .corpus import is_manifest
     from .report import write_report
 
     if until is not None and until not in STAGES:
@@ -496,8 +591,10 @@ def run_pipeline(input_dir: str | Path, run_dir: str | Path, cfg: RunConfig, *,
         raise ValueError(f"until={until!r}: select.method {cfg.select.method!r} runs no {until} stage")
     if (until in SYNTH_ONLY and not synth) or (until == "select" and synth):
         raise ValueError(f"until={until!r}: distill {cfg.distill!r} runs no {until} stage")
-    if not Path(input_dir).is_dir():
-        raise FileNotFoundError(f"input {str(input_dir)!r} is not a directory")
+    if not storage.exists(input_dir):
+        raise FileNotFoundError(f"input {str(input_dir)!r} does not exist")
+    if not storage.is_s3(input_dir) and not is_manifest(str(input_dir)) and not Path(input_dir).is_dir():
+        raise FileNotFoundError(f"input {str(input_dir)!r} is not a directory or a manifest file")
     clip_source = None
     if clusters:
         from .embedding import resolve_clip
@@ -508,7 +605,7 @@ def run_pipeline(input_dir: str | Path, run_dir: str | Path, cfg: RunConfig, *,
 
         check_backbone(cfg.finetune)  # before any work: MissingBackboneError, with help
     run = Run(input_dir, run_dir, cfg, preset=preset, log=log)
-    steps: list[tuple[str, Callable[[str], str]]] = []
+    steps: list[tuple[str, Callable[[str], str]]] = [("mine", lambda f: _mine(run, f))]
     if clip_source is not None:
         steps += [("embed", lambda f: _embed(run, f, clip_source)), ("cluster", lambda f: _cluster(run, f))]
     if synth:
@@ -518,8 +615,8 @@ def run_pipeline(input_dir: str | Path, run_dir: str | Path, cfg: RunConfig, *,
         steps.append(("select", lambda f: _select(run, f)))
     steps.append(("train", lambda f: _train(run, f)))
     runner.init_ray(cfg.ray)
-    fp = _mine(run)
-    done = ["mine"]
+    fp = _plan(run)
+    done = ["plan"]
     for name, step in steps:
         if until in done:
             break
@@ -527,11 +624,14 @@ def run_pipeline(input_dir: str | Path, run_dir: str | Path, cfg: RunConfig, *,
         done.append(name)
     if until not in done:
         _evaluate(run, fp)
-    report = write_report(run.dir)
+    run.pull(*_REPORT_INPUTS)
+    write_report(run.dir, run_uri=run.uri)
+    if run.remote:
+        storage.copy_dir(run.dir / "report", run.at("report"))
     run.manifest["stages"]["report"] = {"status": "done", "finished_at": _now(),
-                                        "counts": {"path": str(report)}, "skipped": False}  # fmt: skip
+                                        "counts": {"path": run.at("report", "report.md")}, "skipped": False}  # fmt: skip
     run.save()
-    log(f"report: {report}")
+    log(f"report: {run.at('report', 'report.md')}")
     if "clip" in run.manifest and not run.manifest["clip"]["semantic"]:
         print(f"WARNING: {NOT_SEMANTIC}", file=sys.stderr)
     return run.manifest

@@ -1,10 +1,14 @@
 """Markdown report of a run directory, with plots.
 
-``write_report(run_dir)`` reads what the pipeline left in ``run_dir`` (see
-``docs/ARCHITECTURE.md``: ``manifest.json``, ``mine/patches.parquet``,
-``cluster/assignments.parquet``, ``select/selected.parquet``, ``evaluate/results.json``; for a
-``distill: synth`` run ``finetune/model/backbone.json``, ``finetune/log.jsonl`` and
-``synthesize/``) and writes ``run_dir/report/report.md`` with its figures beside it:
+``write_report(run_dir, run_uri)`` reads what the pipeline left in ``run_dir`` (see
+``docs/ARCHITECTURE.md``: ``manifest.json``, ``select/selected.parquet``,
+``evaluate/results.json``; for a ``distill: synth`` run ``finetune/model/backbone.json``,
+``finetune/log.jsonl`` and ``synthesize/``) and the partitioned tables at ``run_uri`` (a local
+path or ``s3://`` URI, by default ``run_dir`` itself): the patch table ``mine/patches/`` with
+its keep rule ``mine/keep.json`` (read through ``mining.read_patches``) and the cluster
+assignments ``cluster/assignments/`` (``storage.read_dataset``), of which only the columns (and
+for lookups the rows) needed are read. It writes ``run_dir/report/report.md`` with its figures
+beside it:
 
 * ``scores.png``: histograms of ``psnr_bic`` and ``grad``, all patches vs kept patches, with
   the keep threshold when the keep rule is ``threshold``;
@@ -36,12 +40,13 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after selecting the backend)
 import numpy as np  # noqa: E402
 import pyarrow as pa  # noqa: E402
-import pyarrow.compute as pc  # noqa: E402
+import pyarrow.dataset as pads  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from srdistill import imaging  # noqa: E402
+from srdistill import imaging, storage  # noqa: E402
 from srdistill.config import LOWER_IS_HARDER  # noqa: E402
+from srdistill.mining import PATCH_SCHEMA, read_patches  # noqa: E402
 from srdistill.pipeline import STAGES, SYNTH_ONLY  # noqa: E402
 
 __all__ = ["write_report"]
@@ -66,7 +71,7 @@ GRID_LEFT, GRID_RIGHT, GRID_TOP, GRID_BOTTOM, GRID_HEADER = 130, 10, 10, 10, 22
 _SKIPPED_STATUSES = {"skipped", "up-to-date", "up_to_date", "cached"}
 
 
-def write_report(run_dir: Path) -> Path:
+def write_report(run_dir: Path, run_uri: str | None = None) -> Path:
     """Write ``run_dir/report/report.md`` and its figures from the run's artifacts.
 
     Sections: header (input, run dir, date, versions, preset; a warning when CLIP was randomly
@@ -81,15 +86,20 @@ def write_report(run_dir: Path) -> Path:
     Files are written atomically (temp file, then ``os.replace``).
 
     Args:
-        run_dir: a run directory holding at least ``manifest.json``.
+        run_dir: a run directory holding at least ``manifest.json`` (the local mirror of the
+            run: manifest, ``select/``, ``synthesize/``, ``finetune/``, ``evaluate/``, ...).
+        run_uri: where the run's partitioned tables live (``mine/patches/``, ``mine/keep.json``,
+            ``cluster/assignments/``): a local path or ``s3://`` URI; default ``run_dir``.
 
     Returns:
         Path of the written ``report.md``.
 
     Raises:
         FileNotFoundError: ``run_dir/manifest.json`` does not exist.
+        OSError: reading a table at an ``s3://`` ``run_uri`` failed (after retries).
     """
     run_dir = Path(run_dir)
+    tables = _Tables(str(run_dir) if run_uri is None else str(run_uri))
     manifest_path = run_dir / "manifest.json"
     if not manifest_path.is_file():
         raise FileNotFoundError(f"{manifest_path} does not exist: not a run directory")
@@ -102,13 +112,13 @@ def write_report(run_dir: Path) -> Path:
         _header(manifest, run_dir),
         _stages_section(manifest, synth),
         _skipped_section(manifest),
-        _scores_section(run_dir, manifest, out_dir),
-        _clusters_section(run_dir, out_dir, synth),
+        _scores_section(tables, manifest, out_dir),
+        _clusters_section(run_dir, out_dir, synth, tables),
     ]
     if synth:
-        sections.append(_synthesis_section(run_dir, manifest, out_dir))
+        sections.append(_synthesis_section(run_dir, manifest, out_dir, tables))
     else:
-        sections.append(_selection_section(run_dir, manifest))
+        sections.append(_selection_section(run_dir, manifest, tables))
     sections.append(_psnr_section(run_dir))
     path = out_dir / "report.md"
     _atomic_write_text(path, "\n\n".join(s.rstrip() for s in sections) + "\n")
@@ -176,19 +186,28 @@ def _stages_section(manifest: dict, synth: bool) -> str:
 
 
 def _skipped_section(manifest: dict) -> str:
+    # the manifest lists the first SKIPPED_LISTED; the mine stage's counts have the total
     skipped = manifest.get("skipped_inputs") or []
-    if not skipped:
+    counts = (manifest.get("stages", {}).get("mine") or {}).get("counts") or {}
+    total = counts.get("images_skipped")
+    total = max(total, len(skipped)) if isinstance(total, int) else len(skipped)
+    if not total:
         return "## Skipped inputs\n\nnone"
+    note = ""
+    if total > len(skipped):
+        note = (f"{total} skipped (first {len(skipped)} listed; all in "
+                "mine/skipped.parquet)\n\n")  # fmt: skip
+    if not skipped:
+        return f"## Skipped inputs ({total})\n\n" + note.rstrip()
     rows = [[f"`{s.get('file', '')}`", s.get("reason", "")] for s in skipped]
-    return f"## Skipped inputs ({len(skipped)})\n\n" + _table(["file", "reason"], rows)
+    return f"## Skipped inputs ({total})\n\n" + note + _table(["file", "reason"], rows)
 
 
-def _scores_section(run_dir: Path, manifest: dict, out_dir: Path) -> str:
+def _scores_section(tables: _Tables, manifest: dict, out_dir: Path) -> str:
     title = "## Patch scores\n\n"
-    path = run_dir / "mine" / "patches.parquet"
-    if not path.is_file():
+    table = tables.patches(["psnr_bic", "grad", "kept"])
+    if table is None:
         return title + "Not available: the `mine` stage has not run."
-    table = pq.read_table(path, columns=["psnr_bic", "grad", "kept"])
     kept = table.column("kept").to_numpy(zero_copy_only=False).astype(bool)
     n, n_kept = len(kept), int(kept.sum())
     if n == 0:
@@ -237,7 +256,7 @@ def _histogram(ax: Any, values: np.ndarray, kept: np.ndarray, xlabel: str) -> No
     ax.set_ylabel("patches")
 
 
-def _clusters_section(run_dir: Path, out_dir: Path, synth: bool = False) -> str:
+def _clusters_section(run_dir: Path, out_dir: Path, synth: bool, tables: _Tables) -> str:
     title = "## Clusters\n\n"
     if synth:
         where = ("in the Synthesis section" if (run_dir / "synthesize" / "provenance.csv").is_file()
@@ -249,8 +268,8 @@ def _clusters_section(run_dir: Path, out_dir: Path, synth: bool = False) -> str:
     selected_path = run_dir / "select" / "selected.parquet"
     if not selected_path.is_file():
         return title + "Not available: the `select` stage has not run."
-    selected = _selected_rows(run_dir)
-    sizes = _cluster_sizes(run_dir)
+    selected = _selected_rows(run_dir, tables)
+    sizes = tables.cluster_sizes()
     by_cluster: dict[int, list[dict]] = {}
     for row in sorted(selected, key=lambda r: r["rank"]):
         by_cluster.setdefault(int(row["cluster"]), []).append(row)
@@ -374,7 +393,7 @@ def _grid(rows: list[list[np.ndarray | None]], labels: list[str], path: Path, *,
     _atomic_savefig(fig, path, dpi=dpi)
 
 
-def _selection_section(run_dir: Path, manifest: dict) -> str:
+def _selection_section(run_dir: Path, manifest: dict, tables: _Tables) -> str:
     title = "## Selection\n\n"
     if not (run_dir / "select" / "selected.parquet").is_file():
         return title + "Not available: the `select` stage has not run."
@@ -383,8 +402,8 @@ def _selection_section(run_dir: Path, manifest: dict) -> str:
     budget = ", ".join(f"{k}={v}" for k, v in _flatten(counts)) or "not recorded"
     cfg_budget = (f"ipc={select_cfg['ipc']}" if select_cfg.get("ipc") is not None
                   else f"pixel_fraction={select_cfg.get('pixel_fraction')}")
-    selected = _selected_rows(run_dir)
-    sizes = _cluster_sizes(run_dir)
+    selected = _selected_rows(run_dir, tables)
+    sizes = tables.cluster_sizes()
     picked: dict[int, int] = {}
     for row in selected:
         picked[int(row["cluster"])] = picked.get(int(row["cluster"]), 0) + 1
@@ -401,7 +420,7 @@ def _selection_section(run_dir: Path, manifest: dict) -> str:
     )
 
 
-def _synthesis_section(run_dir: Path, manifest: dict, out_dir: Path) -> str:
+def _synthesis_section(run_dir: Path, manifest: dict, out_dir: Path, tables: _Tables) -> str:
     title = "## Synthesis\n\n"
     prov_path = run_dir / "synthesize" / "provenance.csv"
     if not prov_path.is_file():
@@ -469,7 +488,7 @@ def _synthesis_section(run_dir: Path, manifest: dict, out_dir: Path) -> str:
         + (f", pixel fraction {fraction} of the mined corpus" if fraction is not None else ""),
     ]
 
-    sizes = _cluster_sizes(run_dir)
+    sizes = tables.cluster_sizes()
     synth_by_cluster: dict[int, list[str]] = {}
     for row in provenance:
         synth_by_cluster.setdefault(int(row["cluster"]), []).append(row["file"])
@@ -477,7 +496,7 @@ def _synthesis_section(run_dir: Path, manifest: dict, out_dir: Path) -> str:
     clusters = all_clusters[:MONTAGE_MAX_ROWS]
     parts = [title + "\n".join(lines)]
     if clusters:
-        real = _real_thumbs(_top_patches(run_dir, clusters, SYNTH_PER_SIDE))
+        real = _real_thumbs(_top_patches(tables.uri, clusters, SYNTH_PER_SIDE))
         rows = []
         for c in clusters:
             left = (real.get(c, []) + [None] * SYNTH_PER_SIDE)[:SYNTH_PER_SIDE]
@@ -507,24 +526,25 @@ def _synthesis_section(run_dir: Path, manifest: dict, out_dir: Path) -> str:
     return "\n\n".join(parts)
 
 
-def _top_patches(run_dir: Path, clusters: list[int], n: int) -> dict[int, list[dict]]:
+def _top_patches(run_uri: str | Path, clusters: list[int], n: int) -> dict[int, list[dict]]:
     """Per cluster of ``clusters``, its ``n`` patch rows (``patch_id, source, x, y, size,
     cos_sim``) with the highest ``cos_sim`` (ties: by ``patch_id``), best first.
 
-    Patches without geometry in ``mine/patches.parquet`` are left out; {} when either table is
-    missing. Without a ``cos_sim`` column the order is by ``patch_id``.
+    ``run_uri`` holds the partitioned tables (``mine/``, ``cluster/assignments/``). Only the
+    assignments of ``clusters`` and the geometry of the picked patches are read. Patches
+    without geometry in the patch table are left out; {} when either table is missing. Without
+    a ``cos_sim`` column the order is by ``patch_id``.
     """
-    assign_path = run_dir / "cluster" / "assignments.parquet"
-    patches_path = run_dir / "mine" / "patches.parquet"
-    if not assign_path.is_file() or not patches_path.is_file():
+    tables = _Tables(str(run_uri))
+    if not tables.has_patches():
         return {}
-    table = pq.read_table(assign_path)
+    table = tables.assignments(filter=pads.field("cluster").isin(pa.array(clusters, pa.int64())))
+    if table is None:
+        return {}
     cluster = table.column("cluster").to_numpy(zero_copy_only=False).astype(np.int64)
-    keep = np.flatnonzero(np.isin(cluster, np.asarray(clusters, np.int64)))
-    cluster = cluster[keep]
-    ids = np.asarray(table.column("patch_id").take(keep).to_pylist(), dtype=str)
+    ids = np.asarray(table.column("patch_id").to_pylist(), dtype=str)
     if "cos_sim" in table.column_names:
-        sim = table.column("cos_sim").to_numpy(zero_copy_only=False).astype(np.float64)[keep]
+        sim = table.column("cos_sim").to_numpy(zero_copy_only=False).astype(np.float64)
         sim = np.where(np.isfinite(sim), sim, -np.inf)
     else:
         sim = np.zeros(len(cluster))
@@ -536,10 +556,7 @@ def _top_patches(run_dir: Path, clusters: list[int], n: int) -> dict[int, list[d
         head = order[a : a + n][sorted_c[a : a + n] == sorted_c[a]]  # stop at the next cluster
         picked[int(sorted_c[a])] = [int(i) for i in head]
     need = sorted({ids[i] for rows in picked.values() for i in rows})
-    geometry = pq.read_table(patches_path, columns=["patch_id", "source", "x", "y", "size"])
-    geometry = geometry.filter(pc.is_in(geometry.column("patch_id"),
-                                        value_set=pa.array(need, pa.string())))  # fmt: skip
-    lookup = {r["patch_id"]: r for r in geometry.to_pylist()}
+    lookup = tables.geometry(need)
     return {c: [{**lookup[ids[i]], "cos_sim": float(sim[i])} for i in rows if ids[i] in lookup]
             for c, rows in picked.items()}  # fmt: skip
 
@@ -618,29 +635,99 @@ def _psnr_section(run_dir: Path) -> str:
 # --------------------------------------------------------------------------- helpers
 
 
-def _selected_rows(run_dir: Path) -> list[dict]:
+def _selected_rows(run_dir: Path, tables: _Tables) -> list[dict]:
     """Rows of ``selected.parquet`` with ``source, x, y, size, cluster, rank``.
 
     Patch geometry missing from the selection table is looked up in the patch table by
     ``patch_id``; a missing ``cluster`` (baselines ``random``/``score-topk`` may not carry
-    it) in ``cluster/assignments.parquet``, and is -1 where no assignment exists.
+    it) in the cluster assignments, and is -1 where no assignment exists. Only the rows of the
+    selected patches are read from either table.
+
+    Raises:
+        FileNotFoundError: geometry is needed but the patch table does not exist.
     """
     table = pq.read_table(run_dir / "select" / "selected.parquet")
     rows = table.to_pylist()
-    geometry = ("source", "x", "y", "size")
-    if rows and not all(k in table.column_names for k in geometry):
-        patches = pq.read_table(run_dir / "mine" / "patches.parquet",
-                                columns=["patch_id", *geometry]).to_pylist()
-        lookup = {p["patch_id"]: p for p in patches}
+    if rows and not all(k in table.column_names for k in _GEOMETRY):
+        if not tables.has_patches():
+            raise FileNotFoundError(
+                f"{storage.join(tables.uri, 'mine')}: no patch table to look up the geometry of "
+                "the selected patches"
+            )
+        lookup = tables.geometry(sorted({r["patch_id"] for r in rows}))
         rows = [{**lookup[r["patch_id"]], **r} for r in rows]
     if rows and "cluster" not in table.column_names:
-        path = run_dir / "cluster" / "assignments.parquet"
         assigned = {}
-        if path.is_file():
-            t = pq.read_table(path, columns=["patch_id", "cluster"])
+        ids = pa.array(sorted({r["patch_id"] for r in rows}), pa.string())
+        t = tables.assignments(["patch_id", "cluster"], filter=pads.field("patch_id").isin(ids))
+        if t is not None:
             assigned = dict(zip(t.column("patch_id").to_pylist(), t.column("cluster").to_pylist()))
         rows = [{**r, "cluster": assigned.get(r["patch_id"], -1)} for r in rows]
     return rows
+
+
+_GEOMETRY = ("source", "x", "y", "size")
+_PATCH_COLUMNS = PATCH_SCHEMA.append(pa.field("kept", pa.bool_()))
+
+
+class _Tables:
+    """The run's partitioned tables at ``uri`` (local path or ``s3://``), read on demand.
+
+    ``mine/patches/`` + ``mine/keep.json`` through ``mining.read_patches``, and
+    ``cluster/assignments/`` through ``storage.read_dataset``; whether each exists is asked
+    once, and the cluster sizes are computed once.
+    """
+
+    def __init__(self, uri: str) -> None:
+        self.uri = uri
+        self.mine_uri = storage.join(uri, "mine")
+        self.assign_uri = storage.join(uri, "cluster", "assignments")
+        self._exists: dict[str, bool] = {}
+        self._sizes: dict[int, int] | None = None
+
+    def _has(self, uri: str) -> bool:
+        if uri not in self._exists:
+            self._exists[uri] = storage.exists(uri)
+        return self._exists[uri]
+
+    def has_patches(self) -> bool:
+        """Whether the ``mine`` stage finished: its keep rule ``keep.json`` is written once
+        every part is (a corpus without a single shard has no ``patches/`` folder)."""
+        return self._has(storage.join(self.mine_uri, "keep.json"))
+
+    def patches(self, columns: list[str], filter: Any = None) -> pa.Table | None:
+        """``columns`` (``kept`` computed) of the patch rows; None without a patch table."""
+        if not self.has_patches():
+            return None
+        if not self._has(storage.join(self.mine_uri, "patches")):
+            return _PATCH_COLUMNS.empty_table().select(columns)
+        return read_patches(self.mine_uri, columns, filter=filter)
+
+    def geometry(self, ids: list[str]) -> dict[str, dict]:
+        """``patch_id`` -> ``{patch_id, source, x, y, size}`` for those of ``ids`` in the patch
+        table ({} without one)."""
+        if not ids:
+            return {}
+        table = self.patches(["patch_id", *_GEOMETRY],
+                             filter=pads.field("patch_id").isin(pa.array(ids, pa.string())))  # fmt: skip
+        return {} if table is None else {r["patch_id"]: r for r in table.to_pylist()}
+
+    def assignments(self, columns: list[str] | None = None, filter: Any = None) -> pa.Table | None:
+        """The cluster assignments (``columns``, rows matching ``filter``); None if absent."""
+        if not self._has(self.assign_uri):
+            return None
+        return storage.read_dataset(self.assign_uri, columns=columns, filter=filter)
+
+    def cluster_sizes(self) -> dict[int, int]:
+        """Cluster id -> number of assigned patches ({} without assignments)."""
+        if self._sizes is None:
+            table = self.assignments(["cluster"])
+            self._sizes = {}
+            if table is not None and table.num_rows:
+                counts = table.column("cluster").drop_null().value_counts()
+                pairs = zip(counts.field("values").to_pylist(), counts.field("counts").to_pylist())
+                self._sizes = {int(c): int(n) for c, n in sorted(pairs)}
+        return self._sizes
 
 
 def _is_synth(run_dir: Path, manifest: dict) -> bool:
@@ -684,16 +771,6 @@ def _read_provenance(path: Path) -> list[dict]:
             except (KeyError, TypeError, ValueError):
                 continue
     return [r for r in rows if r.get("file")]
-
-
-def _cluster_sizes(run_dir: Path) -> dict[int, int]:
-    """Cluster id -> number of assigned patches, from ``cluster/assignments.parquet`` ({} if absent)."""
-    path = run_dir / "cluster" / "assignments.parquet"
-    if not path.is_file():
-        return {}
-    cluster = pq.read_table(path, columns=["cluster"]).column("cluster").to_numpy()
-    ids, counts = np.unique(cluster, return_counts=True)
-    return {int(i): int(n) for i, n in zip(ids, counts)}
 
 
 def _status(entry: dict) -> str:

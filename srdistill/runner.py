@@ -27,12 +27,11 @@ import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
 from .config import EmbedConfig, FinetuneConfig, MineConfig, RayConfig, SynthConfig, TrainConfig
-from .mining import MINED_SCHEMA, mine_images
 
 if TYPE_CHECKING:  # torch/transformers are imported only by the embedding actors
     from .embedding import ClipSource
 
-__all__ = ["init_ray", "shutdown_ray", "map_images", "mine_corpus", "embed_patches_ray", "train_ray",
+__all__ = ["init_ray", "shutdown_ray", "map_images", "map_shards", "mine_plan", "embed_parts_ray", "train_ray",
            "map_tasks", "encode_patches_ray", "finetune_ray", "synthesize_ray"]
 
 
@@ -108,59 +107,107 @@ def map_images(paths: list[str], fn: Callable[..., pa.Table], *, images_per_task
     return pa.concat_tables(parts) if parts else schema.empty_table()
 
 
-def mine_corpus(paths: list[str], cfg: MineConfig, *, root: str | None = None) -> pa.Table:
-    """Mine every image with Ray Data, streaming: each task decodes ``cfg.images_per_task``
-    images, scores their patches and returns only the patch rows.
+class _ShardWorker:
+    """Ray Data callable: ``fn(state, shard, **kwargs)`` for each shard id of a batch, with
+    ``state = make_state()`` built once per actor (``None`` without ``make_state``)."""
+
+    def __init__(self, fn: Callable, kwargs: dict, make_state: Callable | None = None):
+        self.fn, self.kwargs = fn, kwargs
+        self.state = make_state() if make_state is not None else None
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        done = [self.fn(self.state, int(s), **self.kwargs) for s in batch["shard"]]
+        return {"shard": batch["shard"], "rows": np.asarray(done, dtype=np.int64)}
+
+
+#: Storage settings (never credentials) a driver passes on to the workers it starts, so they
+#: reach the same S3 endpoint; credentials come from each worker's own AWS chain.
+_FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION", "AWS_MAX_ATTEMPTS")
+
+
+def _storage_env() -> dict | None:
+    env = {k: os.environ[k] for k in _FORWARDED_ENV if os.environ.get(k)}
+    return {"env_vars": env} if env else None
+
+
+def _call_worker(batch: dict[str, np.ndarray], worker: _ShardWorker) -> dict[str, np.ndarray]:
+    return worker(batch)
+
+
+def map_shards(shards: list[int], fn: Callable, *, desc: str, make_state: Callable | None = None,
+               num_actors: int = 0, num_cpus: float = 1, num_gpus: float = 0, **kwargs) -> int:  # fmt: skip
+    """Run ``fn(state, shard, **kwargs) -> rows`` once per shard id with Ray Data, streaming.
+
+    ``fn`` writes its own output (one atomic part per shard, skipped when it exists: it then
+    returns -1), so only shard ids and counts travel back and memory stays flat whatever the
+    corpus size. Without ``num_actors``: one Ray task of ``num_cpus`` CPUs per shard, retried
+    by Ray when its worker dies (3 times, Ray's default). With ``num_actors``: an actor pool,
+    each actor building ``make_state()`` once (e.g. a CLIP model); Ray Data restarts dead
+    actors and retries their shards. Transient S3 errors are retried inside ``storage``.
 
     Returns:
-        A ``mining.MINED_SCHEMA`` table (patch rows plus one row per skipped image); patch
-        ids relative to ``root``.
-    """
-    return map_images(paths, mine_images, images_per_task=cfg.images_per_task,
-                      schema=MINED_SCHEMA, desc="mine", cfg=cfg, root=root)  # fmt: skip
-
-
-def embed_patches_ray(table: pa.Table, cfg: EmbedConfig, source: "ClipSource") -> pa.Table:
-    """CLIP embeddings of the patches in ``table`` with a pool of ``cfg.num_actors`` Ray Data
-    actors (``cfg.actor_num_cpus`` CPUs each, fractional so a small machine cannot deadlock;
-    one GPU each when ``cfg.device == "cuda"``).
-
-    Args:
-        table: columns ``patch_id``, ``source``, ``x``, ``y``, ``size``.
-
-    Returns:
-        Table ``patch_id`` (string), ``embedding`` (fixed-size list of float32, unit L2).
+        The shards processed now (the others were already done).
     """
     import ray.data
 
+    if not shards:
+        return 0
+    ctx = ray.data.DataContext.get_current()
+    # A single map operator needs no per-operator reservation; with it on, a 2-CPU Ray runs
+    # one task at a time (measured: 2.2x slower, docs/BENCHMARKS.md).
+    reservation, ctx.op_resource_reservation_enabled = ctx.op_resource_reservation_enabled, False
+    worker_kwargs = {"fn": fn, "kwargs": kwargs, "make_state": make_state}
+    if num_actors:
+        call, extra = _ShardWorker, {"compute": ray.data.ActorPoolStrategy(size=num_actors),
+                                     "fn_constructor_kwargs": worker_kwargs}  # fmt: skip
+    else:
+        call, extra = _call_worker, {"fn_kwargs": {"worker": _ShardWorker(**worker_kwargs)}}
+    try:
+        ds = ray.data.from_items([{"shard": s} for s in shards], override_num_blocks=len(shards))
+        ds = ds.map_batches(call, batch_size=1, batch_format="numpy", num_cpus=num_cpus, num_gpus=num_gpus,
+                            runtime_env=_storage_env(), **extra)  # fmt: skip
+        now = 0
+        with _progress(len(shards), desc, "shard") as bar:
+            for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+                now += int((batch["rows"] >= 0).sum())
+                bar.update(len(batch["shard"]))
+    finally:
+        ctx.op_resource_reservation_enabled = reservation
+    return now
+
+
+def _mine_one(state, shard: int, **kwargs) -> int:
+    from .mining import mine_shard
+
+    return mine_shard(kwargs["plan_uri"], shard, kwargs["parts_uri"], kwargs["cfg"])
+
+
+def mine_plan(plan_uri: str, parts_uri: str, cfg: MineConfig, shards: list[int]) -> int:
+    """Mine the given shards of a corpus plan (``mining.mine_shard``), one Ray task each, each
+    writing ``parts_uri/part-<shard>.parquet``. Returns the shards mined now (not already done)."""
+    return map_shards(shards, _mine_one, desc="mine", plan_uri=plan_uri, parts_uri=parts_uri, cfg=cfg)
+
+
+def _embed_one(embedder, shard: int, **kwargs) -> int:
+    from .embedding import embed_shard
+
+    return embed_shard(embedder, shard, **kwargs)
+
+
+def embed_parts_ray(mine_uri: str, out_uri: str, shards: list[int], cfg: EmbedConfig,
+                    source: "ClipSource") -> int:  # fmt: skip
+    """CLIP embeddings of the kept patches, shard by shard (``embedding.embed_shard``: mine part
+    in, embedding part out, atomically, skipped when done) on a pool of ``cfg.num_actors`` Ray
+    Data actors (``cfg.actor_num_cpus`` CPUs each, fractional so a small machine cannot
+    deadlock; one GPU each when ``cfg.device == "cuda"``). Returns the shards embedded now."""
+    from functools import partial
+
     from .embedding import ClipEmbedder
 
-    cols = table.select(["patch_id", "source", "x", "y", "size"])
-    blocks = max(1, min(cols.num_rows // cfg.batch_size, 4 * cfg.num_actors))
-    ds = ray.data.from_arrow(cols).repartition(blocks)
-    ds = ds.map_batches(
-        ClipEmbedder,
-        fn_constructor_kwargs={"cfg": cfg, "source": source, "num_threads": cfg.num_threads},
-        batch_size=cfg.batch_size,
-        batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(size=cfg.num_actors),
-        num_cpus=cfg.actor_num_cpus,
-        num_gpus=1 if cfg.device == "cuda" else 0,
-    )
-    ids, embs = [], []
-    with _progress(cols.num_rows, "embed", "patch") as bar:
-        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-            ids.append(batch["patch_id"])
-            embs.append(np.asarray(batch["embedding"], dtype=np.float32))
-            bar.update(len(batch["patch_id"]))
-    emb = np.concatenate(embs) if embs else np.empty((0, 0), np.float32)
-    flat = pa.array(emb.reshape(-1), type=pa.float32())
-    return pa.table(
-        {
-            "patch_id": pa.array(np.concatenate(ids) if ids else [], type=pa.string()),
-            "embedding": pa.FixedSizeListArray.from_arrays(flat, emb.shape[1] if emb.size else 1),
-        }
-    )
+    make = partial(ClipEmbedder, cfg, source, num_threads=cfg.num_threads)
+    return map_shards(shards, _embed_one, desc="embed", make_state=make, num_actors=cfg.num_actors,
+                      num_cpus=cfg.actor_num_cpus, num_gpus=1 if cfg.device == "cuda" else 0,
+                      mine_uri=mine_uri, out_uri=out_uri, batch_size=cfg.batch_size)  # fmt: skip
 
 
 def _train_worker(config: dict) -> None:
@@ -194,21 +241,26 @@ def _train_worker(config: dict) -> None:
 
 
 def _fit(worker: Callable, config: dict, name: str, out_dir: Path, workers: int, use_gpu: bool,
-         max_failures: int):  # fmt: skip
+         max_failures: int, checkpoint_uri: str | None = None):  # fmt: skip
     """``TorchTrainer(worker).fit()``: ``workers`` workers of one CPU (and one GPU with
-    ``use_gpu``), checkpoints kept under ``out_dir/ray_train/name`` (a rerun resumes from
-    them), the group restarted up to ``max_failures`` times. Returns the Ray Train result."""
+    ``use_gpu``), checkpoints kept under ``checkpoint_uri/name`` (default
+    ``out_dir/ray_train``; an ``s3://`` URI goes through ``storage.filesystem``, so a driver on
+    another machine resumes from it), a rerun resuming from them, the group restarted up to
+    ``max_failures`` times (``FailureConfig``). Returns the Ray Train result."""
+    from . import storage
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     out_dir.mkdir(parents=True, exist_ok=True)
+    fs, fs_path = storage.filesystem(checkpoint_uri or out_dir / "ray_train")
     trainer = TorchTrainer(
         worker,
         train_loop_config=config,
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu, resources_per_worker={"CPU": 1}),
         run_config=RunConfig(
             name=name,
-            storage_path=str(out_dir / "ray_train"),
+            storage_path=fs_path,
+            storage_filesystem=fs,
             failure_config=FailureConfig(max_failures=max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
         ),
@@ -217,7 +269,7 @@ def _fit(worker: Callable, config: dict, name: str, out_dir: Path, workers: int,
 
 
 def train_ray(cfg: TrainConfig, scale: int, hr_images: list[str], out_dir: Path, *,
-              max_failures: int = 2) -> Path:  # fmt: skip
+              max_failures: int = 2, checkpoint_uri: str | None = None) -> Path:  # fmt: skip
     """Data-parallel ``train_sr`` on Ray Train: ``cfg.workers`` workers (gloo on CPU, NCCL with
     ``cfg.use_gpu``), each sampling from its shard of ``hr_images`` with ``batch_size //
     workers`` crops a step; gradients are all-reduced by DDP. Rank 0's checkpoints are
@@ -234,7 +286,7 @@ def train_ray(cfg: TrainConfig, scale: int, hr_images: list[str], out_dir: Path,
     """
     out_dir = Path(out_dir).resolve()
     config = {"cfg": cfg, "scale": scale, "images": [str(p) for p in hr_images]}
-    result = _fit(_train_worker, config, "train", out_dir, cfg.workers, cfg.use_gpu, max_failures)
+    result = _fit(_train_worker, config, "train", out_dir, cfg.workers, cfg.use_gpu, max_failures, checkpoint_uri)
     with result.checkpoint.as_directory() as ckpt:
         for name in ("model.safetensors", "last.safetensors", "log.jsonl"):
             shutil.copy2(Path(ckpt) / name, out_dir / name)
@@ -269,6 +321,7 @@ def encode_patches_ray(table: pa.Table, cfg: FinetuneConfig, out_dir: Path, *,
         compute=ray.data.ActorPoolStrategy(size=num_actors),
         num_cpus=0.5,
         num_gpus=1 if cfg.use_gpu else 0,
+        runtime_env=_storage_env(),  # the patches' source images may be in S3
     )
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -312,7 +365,8 @@ def _finetune_worker(config: dict) -> None:
 
 
 def finetune_ray(cfg: FinetuneConfig, encoded_dir: Path, out_dir: Path, *, num_clusters: int,
-                 shape: tuple[int, ...], dtype: str, max_failures: int = 2) -> Path:  # fmt: skip
+                 shape: tuple[int, ...], dtype: str, max_failures: int = 2,
+                 checkpoint_uri: str | None = None) -> Path:  # fmt: skip
     """Data-parallel ``diffusion.finetune`` on Ray Train: ``cfg.workers`` workers (gloo on
     CPU, NCCL with ``cfg.use_gpu``) under DeepSpeed ZeRO ``cfg.zero_stage``.
     Each worker trains on its shard of the encoded set with ``batch_size // workers`` samples
@@ -331,7 +385,8 @@ def finetune_ray(cfg: FinetuneConfig, encoded_dir: Path, out_dir: Path, *, num_c
     out_dir = Path(out_dir).resolve()
     config = {"cfg": cfg, "encoded": str(Path(encoded_dir).resolve()), "num_clusters": num_clusters,
               "shape": tuple(shape), "dtype": dtype}  # fmt: skip
-    result = _fit(_finetune_worker, config, "finetune", out_dir, cfg.workers, cfg.use_gpu, max_failures)
+    result = _fit(_finetune_worker, config, "finetune", out_dir, cfg.workers, cfg.use_gpu, max_failures,
+                  checkpoint_uri)
     with result.checkpoint.as_directory() as ckpt:
         if (out_dir / "model").exists():
             shutil.rmtree(out_dir / "model")

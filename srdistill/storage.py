@@ -20,6 +20,10 @@ stream *completes* a half-written upload when it is garbage-collected.) The pric
 is held in memory once while written, which suits manifests, shards and checkpoints, not
 multi-GB blobs.
 
+Retries: the AWS SDK retries each request (``S3Settings.max_attempts``, its default strategy:
+exponential backoff from 25 ms, no retry quota); on top of it every idempotent operation is
+re-issued a few times (``retry``) when the SDK gives up or a response body breaks off.
+
 Errors: a missing object raises ``FileNotFoundError`` naming the URI; any other failure (on S3:
 after the retries of ``S3Settings.max_attempts``) raises ``OSError`` naming the operation and the
 URI, with the message passed through ``redact``.
@@ -36,6 +40,7 @@ import functools
 import json
 import os
 import re
+import time
 import uuid
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -48,7 +53,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 __all__ = ["S3Settings", "is_s3", "join", "filesystem", "write_bytes", "write_text", "write_json",
-           "write_parquet", "read_bytes", "read_text", "read_json", "read_parquet", "exists",
+           "write_parquet", "atomic_writer", "errors", "retry", "parent", "read_bytes", "read_dataset", "read_text", "read_json", "read_parquet", "exists",
            "delete", "list_files", "size", "copy_dir", "redact"]
 
 URI = Union[str, "os.PathLike[str]"]
@@ -71,7 +76,7 @@ class S3Settings:
             wins, as in the AWS SDKs).
         region: AWS region; default ``$AWS_REGION``, else ``$AWS_DEFAULT_REGION``, else the AWS
             SDK's own resolution (profile files; instance metadata on EC2).
-        max_attempts: retry budget of the AWS SDK "standard" retry strategy (default
+        max_attempts: attempts per request of the AWS SDK "default" retry strategy (default
             ``$AWS_MAX_ATTEMPTS``, else 10), with exponential backoff and jitter, for throttling (503 SlowDown), 5xx and network errors (connection
             refused/reset, empty reply, stalled transfer).
         connect_timeout_s: TCP/TLS connect timeout in seconds.
@@ -115,6 +120,14 @@ def join(uri: URI, *parts: str) -> str:
     return os.path.join(base, *segs)
 
 
+def parent(uri: URI) -> str:
+    """The folder/prefix holding ``uri`` (``parent("s3://b/x/m.csv") == "s3://b/x"``)."""
+    s = os.fspath(uri).rstrip("/")
+    if is_s3(s):
+        return s.rsplit("/", 1)[0] if s.count("/") > 2 else s
+    return os.path.dirname(os.path.abspath(s))
+
+
 def _s3_path(uri: str) -> str:
     """``s3://bucket/key/`` -> ``bucket/key``; ``ValueError`` without a bucket."""
     path = uri[len(_S3):].strip("/")
@@ -135,7 +148,10 @@ def _s3_filesystem(settings: S3Settings) -> pafs.S3FileSystem:
         # (1 request instead of create + part + complete); errors then surface at close
         allow_delayed_open=True,
         connect_timeout=settings.connect_timeout_s, request_timeout=settings.request_timeout_s,
-        retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=settings.max_attempts),
+        # the SDK's "default" strategy: exponential backoff from 25 ms, no retry quota (the
+        # "standard" one stops retrying for a while once a burst of errors drains its quota)
+        # (its max_attempts argument counts retries after the first attempt)
+        retry_strategy=pafs.AwsDefaultS3RetryStrategy(max_attempts=settings.max_attempts - 1),
     )  # fmt: skip
 
 
@@ -170,9 +186,37 @@ def _to_uri(uri: str, path: str) -> str:
     return _S3 + path if is_s3(uri) else path
 
 
+#: Extra attempts at an idempotent S3 operation once the SDK has given up, and the first wait.
+RETRIES, RETRY_WAIT_S = 4, 0.5
+
+
+def retry(fn):
+    """Decorator for a function whose first argument is a URI: re-issue an S3 operation that failed with ``OSError`` (not ``FileNotFoundError``) up to
+    ``RETRIES`` more times, waiting 0.5, 1, 2, 4 s. Within one attempt the AWS SDK already retries
+    (``S3Settings.max_attempts``); this outer loop covers longer bursts of errors and failures
+    while a body streams, which the SDK does not retry. Local paths are not retried."""
+
+    @functools.wraps(fn)
+    def wrapper(uri, *args, **kwargs):
+        if not is_s3(uri):
+            return fn(uri, *args, **kwargs)
+        for attempt in range(RETRIES + 1):
+            try:
+                return fn(uri, *args, **kwargs)
+            except FileNotFoundError:
+                raise
+            except OSError:
+                if attempt == RETRIES:
+                    raise
+                time.sleep(RETRY_WAIT_S * 2**attempt)
+
+    return wrapper
+
+
 @contextlib.contextmanager
-def _errors(op: str, uri: URI) -> Iterator[None]:
-    """Re-raise filesystem errors as ``FileNotFoundError``/``OSError`` naming ``op`` and ``uri``."""
+def errors(op: str, uri: URI) -> Iterator[None]:
+    """Context manager: re-raise filesystem errors as ``FileNotFoundError``/``OSError`` naming
+    ``op`` and ``uri`` (message passed through ``redact``)."""
     try:
         yield
     except FileNotFoundError:
@@ -183,19 +227,18 @@ def _errors(op: str, uri: URI) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _atomic_sink(uri: URI) -> Iterator[IO[bytes]]:
-    """A binary file whose content becomes ``uri`` only when the block exits cleanly."""
+def atomic_writer(uri: URI) -> Iterator[IO[bytes]]:
+    """Context manager: a binary file whose content becomes ``uri`` only when the block exits
+    cleanly (see the module docstring); any exception inside writes nothing."""
     fs, path = filesystem(uri)
     if is_s3(uri):
         buf = pa.BufferOutputStream()
         yield buf
-        data = buf.getvalue()
-        with _errors("write", uri), fs.open_output_stream(path) as out:
-            out.write(data)
+        _put(uri, buf.getvalue())
         return
     parent, name = os.path.split(path)
     tmp = os.path.join(parent, f".{name}.{uuid.uuid4().hex[:12]}.tmp")
-    with _errors("write", uri):
+    with errors("write", uri):
         os.makedirs(parent, exist_ok=True)
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # umask applies, unlike mkstemp
     try:
@@ -203,12 +246,19 @@ def _atomic_sink(uri: URI) -> Iterator[IO[bytes]]:
             yield f
             f.flush()
             os.fsync(f.fileno())
-        with _errors("write", uri):
+        with errors("write", uri):
             os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+@retry
+def _put(uri: URI, data: pa.Buffer) -> None:
+    fs, path = filesystem(uri)
+    with errors("write", uri), fs.open_output_stream(path) as out:
+        out.write(data)
 
 
 def write_bytes(uri: URI, data: bytes | bytearray | memoryview | Iterable[bytes]) -> None:
@@ -221,7 +271,7 @@ def write_bytes(uri: URI, data: bytes | bytearray | memoryview | Iterable[bytes]
         OSError: the write failed (S3: after retries), naming the URI.
     """
     chunks = [data] if isinstance(data, (bytes, bytearray, memoryview)) else data
-    with _atomic_sink(uri) as f:
+    with atomic_writer(uri) as f:
         for chunk in chunks:
             f.write(chunk)
 
@@ -244,10 +294,11 @@ def write_json(uri: URI, obj: Any, indent: int | None = 2) -> None:
 def write_parquet(uri: URI, table: pa.Table, **kwargs: Any) -> None:
     """Write ``table`` as a parquet file to ``uri`` atomically; ``kwargs`` go to
     ``pyarrow.parquet.write_table`` (e.g. ``compression``, ``row_group_size``)."""
-    with _atomic_sink(uri) as f:
+    with atomic_writer(uri) as f:
         pq.write_table(table, f, **kwargs)
 
 
+@retry
 def read_bytes(uri: URI) -> bytes:
     """The content of the file/object ``uri``.
 
@@ -256,7 +307,7 @@ def read_bytes(uri: URI) -> bytes:
         OSError: the read failed (S3: after retries).
     """
     fs, path = filesystem(uri)
-    with _errors("read", uri), fs.open_input_stream(path) as f:
+    with errors("read", uri), fs.open_input_stream(path) as f:
         return f.read()
 
 
@@ -270,6 +321,7 @@ def read_json(uri: URI) -> Any:
     return json.loads(read_bytes(uri))
 
 
+@retry
 def read_parquet(uri: URI, columns: list[str] | None = None) -> pa.Table:
     """The parquet file ``uri`` as a table (ranged reads: only the needed ``columns`` are fetched).
 
@@ -278,13 +330,33 @@ def read_parquet(uri: URI, columns: list[str] | None = None) -> pa.Table:
         OSError: the read failed.
     """
     fs, path = filesystem(uri)
-    with _errors("read", uri), fs.open_input_file(path) as f:
+    with errors("read", uri), fs.open_input_file(path) as f:
         return pq.read_table(f, columns=columns)
 
 
+@retry
+def read_dataset(uri: URI, columns: list[str] | None = None, filter: Any = None) -> pa.Table:
+    """All parquet files below the directory/prefix ``uri`` as one table (``pyarrow.dataset``:
+    files in path order, names starting with ``.`` or ``_`` ignored, so in-flight temp files
+    never show; only ``columns`` are fetched, row groups pruned by the ``filter`` expression).
+
+    Raises:
+        FileNotFoundError: nothing at ``uri``.
+        OSError: listing or reading failed.
+    """
+    import pyarrow.dataset as pads
+
+    fs, path = filesystem(uri)
+    with errors("read", uri):
+        if fs.get_file_info(path).type == pafs.FileType.NotFound:
+            raise FileNotFoundError(path)
+        return pads.dataset(path, filesystem=fs, format="parquet").to_table(columns=columns, filter=filter)
+
+
+@retry
 def _info(uri: URI, op: str) -> pafs.FileInfo:
     fs, path = filesystem(uri)
-    with _errors(op, uri):
+    with errors(op, uri):
         return fs.get_file_info(path)
 
 
@@ -306,7 +378,7 @@ def size(uri: URI) -> int:
     if info.type == pafs.FileType.File:
         return info.size
     fs, path = filesystem(uri)
-    with _errors("list", uri):
+    with errors("list", uri):
         infos = fs.get_file_info(pafs.FileSelector(path, recursive=True))
     return sum(i.size for i in infos if i.type == pafs.FileType.File)
 
@@ -321,7 +393,7 @@ def delete(uri: URI) -> None:
     """
     fs, path = filesystem(uri)
     kind = _info(uri, "stat").type
-    with _errors("delete", uri):
+    with errors("delete", uri):
         if kind == pafs.FileType.File:
             fs.delete_file(path)
         elif kind == pafs.FileType.Directory:
@@ -331,6 +403,7 @@ def delete(uri: URI) -> None:
                 fs.delete_dir(path)
 
 
+@retry
 def list_files(uri: URI, extensions: Iterable[str] | None = None) -> list[str]:
     """All files below the directory/prefix ``uri`` (recursive), as full URIs, sorted.
 
@@ -348,7 +421,7 @@ def list_files(uri: URI, extensions: Iterable[str] | None = None) -> list[str]:
     if info.type == pafs.FileType.File:
         paths = [path]
     else:
-        with _errors("list", uri):
+        with errors("list", uri):
             sel = pafs.FileSelector(path, recursive=True, allow_not_found=True)
             paths = [i.path for i in fs.get_file_info(sel) if i.type == pafs.FileType.File]
     if extensions is not None:
@@ -357,7 +430,7 @@ def list_files(uri: URI, extensions: Iterable[str] | None = None) -> list[str]:
     return sorted(_to_uri(os.fspath(uri), p) for p in paths)
 
 
-def copy_dir(src_uri: URI, dst_uri: URI, max_workers: int = 8) -> None:
+def copy_dir(src_uri: URI, dst_uri: URI, max_workers: int = 8, *, skip_existing: bool = False) -> None:
     """Copy the directory/prefix ``src_uri`` recursively to ``dst_uri`` (local<->S3 either way,
     or S3->S3; a single file ``src_uri`` is copied to the file ``dst_uri``).
 
@@ -367,7 +440,8 @@ def copy_dir(src_uri: URI, dst_uri: URI, max_workers: int = 8) -> None:
     half-copied object *committed* on S3 when the source fails midway (its output stream is
     completed by its destructor) and writes empty ``dir/`` marker objects. The copy as a whole
     is not atomic: after an error some files may be copied, none partially; write a marker file
-    last if readers need that. Existing files are overwritten, others are left alone.
+    last if readers need that. Existing files are overwritten (with ``skip_existing``: kept when
+    their size matches), others are left alone.
 
     Raises:
         FileNotFoundError: nothing at ``src_uri``.
@@ -383,7 +457,9 @@ def copy_dir(src_uri: URI, dst_uri: URI, max_workers: int = 8) -> None:
     def copy_one(uri: str) -> None:
         fs, path = filesystem(uri)
         dst = join(dst_uri, path[len(root):])
-        with _errors("copy", uri), fs.open_input_stream(path) as src:
+        if skip_existing and exists(dst) and size(dst) == size(uri):
+            return
+        with errors("copy", uri), fs.open_input_stream(path) as src:
             write_bytes(dst, src.read() if is_s3(dst) else iter(lambda: src.read(1 << 20), b""))
 
     with ThreadPoolExecutor(max_workers=max_workers) as pool:

@@ -14,6 +14,8 @@ from typer.testing import CliRunner
 from srdistill.cli import app
 from srdistill.config import load_config
 from srdistill.embedding import MissingWeightsError
+from srdistill import storage
+from srdistill.mining import read_patches
 from srdistill.pipeline import NOT_SEMANTIC, run_pipeline
 
 pytestmark = pytest.mark.slow
@@ -61,12 +63,12 @@ def test_whole_pipeline_on_real_images_with_bad_inputs(corpus, tmp_path, ray_loc
     assert mine["images_listed"] == 11 and mine["other_files_ignored"] == 1
     assert mine["images_mined"] == 7 and mine["images_skipped"] == 4
 
-    patches = pq.read_table(run_dir / "mine" / "patches.parquet")
+    patches = read_patches(str(run_dir / "mine"))
     sources = {s.rsplit("/", 1)[-1] for s in patches.column("source").to_pylist()}
     assert {"sixteen_bit.png", "grayscale.png"} <= sources  # read, not skipped
     assert len(set(patches.column("patch_id").to_pylist())) == patches.num_rows
 
-    emb = pq.read_table(run_dir / "embed" / "embeddings.parquet")
+    emb = storage.read_dataset(run_dir / "embed" / "parts")
     vec = np.stack(emb.column("embedding").to_numpy(zero_copy_only=False))
     assert np.allclose(np.linalg.norm(vec, axis=1), 1.0, atol=1e-5)
     assert emb.num_rows == int(np.sum(patches.column("kept").to_numpy(zero_copy_only=False)))
@@ -89,7 +91,7 @@ def test_whole_pipeline_on_real_images_with_bad_inputs(corpus, tmp_path, ray_loc
     assert manifest["clip"]["semantic"] is False
     assert manifest["versions"]["torch"].startswith("2.13")
     assert manifest["config"]["cluster"]["k"] == 3
-    assert all(manifest["stages"][s]["status"] == "done" for s in ("mine", "embed", "cluster", "select", "train", "evaluate"))
+    assert all(manifest["stages"][s]["status"] == "done" for s in ("plan", "mine", "embed", "cluster", "select", "train", "evaluate"))
     report = (run_dir / "report" / "report.md").read_text()
     assert "not semantic" in report.lower()
 
@@ -98,16 +100,17 @@ def test_resume_after_mining_mines_nothing_twice(corpus, tmp_path, ray_local):
     run_dir = tmp_path / "run"
     cfg = _tiny()
     first = run_pipeline(corpus, run_dir, cfg, until="mine", log=lambda s: None)
-    assert set(first["stages"]) == {"mine", "report"}
-    before = pq.read_table(run_dir / "mine" / "patches.parquet")
-    mtime = (run_dir / "mine" / "patches.parquet").stat().st_mtime_ns
+    assert set(first["stages"]) == {"plan", "mine", "report"}
+    before = read_patches(str(run_dir / "mine"))
+    parts = sorted((run_dir / "mine" / "patches").glob("part-*.parquet"))
+    mtimes = [p.stat().st_mtime_ns for p in parts]
 
     lines: list[str] = []
     second = run_pipeline(corpus, run_dir, cfg, log=lines.append)
     assert "[mine] up to date, skipped" in "\n".join(lines[:3])
     assert second["stages"]["mine"]["skipped"] is True
-    assert (run_dir / "mine" / "patches.parquet").stat().st_mtime_ns == mtime
-    after = pq.read_table(run_dir / "mine" / "patches.parquet")
+    assert [p.stat().st_mtime_ns for p in parts] == mtimes
+    after = read_patches(str(run_dir / "mine"))
     assert after.equals(before)
     ids = after.column("patch_id").to_pylist()
     assert len(ids) == len(set(ids))
@@ -247,7 +250,7 @@ def test_synth_pipeline_finetunes_synthesizes_trains_and_resumes(corpus, tmp_pat
     # a rerun skips every stage; more synthesis steps rerun only synthesize and what follows
     lines: list[str] = []
     run_pipeline(corpus, run_dir, cfg, log=lines.append)
-    assert sum("up to date, skipped" in line for line in lines) == 8
+    assert sum("up to date, skipped" in line for line in lines) == 9  # plan .. evaluate
     lines.clear()
     run_pipeline(corpus, run_dir, _tiny(distill="synth", **{"synthesize.steps": 3}), log=lines.append)
     ran = [line.split("]")[0][1:] for line in lines if line.endswith("running")]

@@ -12,13 +12,16 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from srdistill.config import RunConfig
+from srdistill import storage
+from srdistill.config import MineConfig, RunConfig
+from srdistill.mining import MINED_SCHEMA, keep_rule, part_name
 from srdistill.report import write_report
 
 from conftest import T91
 SOURCES = [T91 / "t1.png", T91 / "t10.png", T91 / "t11.png"]
 SIZE = 32
-
+#: The keep rule of the fake runs: the default ``psnr_bic < 23`` threshold.
+KEEP = keep_rule(MineConfig(patch_size=SIZE, stride=SIZE, threshold=23.0))
 
 
 def _patch_id(source: str, x: int, y: int, size: int) -> str:
@@ -30,6 +33,26 @@ def _stage(seconds: float, **counts) -> dict:
             "finished_at": "2025-01-01T00:00:00+00:00"}
 
 
+def _write_patch_parts(run_dir: Path, rows: list[dict]) -> None:
+    """The ``mine`` stage's layout: ``mine/patches/part-*.parquet`` (``MINED_SCHEMA``, one part
+    per source, a skip row in the first), ``mine/keep.json`` and ``mine/skipped.parquet``."""
+    mine = run_dir / "mine"
+    if (mine / "patches").exists():
+        storage.delete(str(mine / "patches"))
+    (mine / "patches").mkdir(parents=True)
+    skip = {"patch_id": "", "source": str(T91 / "broken.png"), "x": -1, "y": -1, "size": 0,
+            "img_w": 0, "img_h": 0, "psnr_bic": None, "grad": None, "error": "not an image file"}
+    for shard, src in enumerate(dict.fromkeys(r["source"] for r in rows)):
+        part = [{k: v for k, v in r.items() if k != "kept"} | {"error": ""}
+                for r in rows if r["source"] == src]
+        if shard == 0:
+            part.insert(1, skip)
+        pq.write_table(pa.Table.from_pylist(part, schema=MINED_SCHEMA), mine / "patches" / part_name(shard))
+    (mine / "keep.json").write_text(json.dumps(KEEP))
+    pq.write_table(pa.table({"source": [skip["source"]], "error": [skip["error"]]}),
+                   mine / "skipped.parquet")
+
+
 def _write_mine(run_dir: Path) -> list[dict]:
     """Patch table: a 32x32 grid over each source, fake scores, kept = psnr_bic < 23."""
     rng = np.random.default_rng(0)
@@ -38,18 +61,26 @@ def _write_mine(run_dir: Path) -> list[dict]:
         w, h = Image.open(src).size
         for y in range(0, h - SIZE + 1, SIZE):
             for x in range(0, w - SIZE + 1, SIZE):
-                psnr = float(rng.uniform(18, 35))
+                psnr = float(np.float32(rng.uniform(18, 35)))  # as stored (float32)
                 rows.append({"patch_id": _patch_id(str(src), x, y, SIZE), "source": str(src),
                              "x": x, "y": y, "size": SIZE, "img_w": w, "img_h": h,
                              "psnr_bic": psnr, "grad": float(rng.uniform(0, 60)),
                              "kept": psnr < 23.0})
-    schema = pa.schema([("patch_id", pa.string()), ("source", pa.string()),
-                        ("x", pa.int32()), ("y", pa.int32()), ("size", pa.int32()),
-                        ("img_w", pa.int32()), ("img_h", pa.int32()),
-                        ("psnr_bic", pa.float32()), ("grad", pa.float32()), ("kept", pa.bool_())])
-    (run_dir / "mine").mkdir(parents=True)
-    pq.write_table(pa.Table.from_pylist(rows, schema=schema), run_dir / "mine" / "patches.parquet")
+    _write_patch_parts(run_dir, rows)
     return rows
+
+
+def _write_assignments(run_dir: Path, patch_ids: list[str], clusters: list[int],
+                       cos_sim: list[float]) -> None:
+    """``cluster/assignments/part-*.parquet``: the rows split over two parts."""
+    table = pa.table({"patch_id": pa.array(patch_ids, pa.string()),
+                      "cluster": pa.array(clusters, pa.int32()),
+                      "cos_sim": pa.array(cos_sim, pa.float32())})
+    out = run_dir / "cluster" / "assignments"
+    out.mkdir(parents=True)
+    half = table.num_rows // 2
+    pq.write_table(table.slice(0, half), out / part_name(0))
+    pq.write_table(table.slice(half), out / part_name(1))
 
 
 def _manifest(run_dir: Path, *, semantic: bool, stages: dict) -> None:
@@ -75,12 +106,8 @@ def _full_run(run_dir: Path, *, semantic: bool) -> None:
     patches = _write_mine(run_dir)
     kept = [p for p in patches if p["kept"]]
     k = 3
-    (run_dir / "cluster").mkdir()
     clusters = [i % k for i in range(len(kept))]
-    pq.write_table(pa.table({"patch_id": [p["patch_id"] for p in kept],
-                             "cluster": pa.array(clusters, pa.int32()),
-                             "cos_sim": pa.array(np.full(len(kept), 0.9), pa.float32())}),
-                   run_dir / "cluster" / "assignments.parquet")
+    _write_assignments(run_dir, [p["patch_id"] for p in kept], clusters, [0.9] * len(kept))
     selected = []
     for c in range(k):
         members = [p for p, cl in zip(kept, clusters) if cl == c][:10]
@@ -206,17 +233,11 @@ def _synth_run(run_dir: Path, *, kind: str = "dit", synthesized: bool = True,
         members = [a for a in assign if a["cluster"] == c]
         members[-1]["cos_sim"], members[-2]["cos_sim"] = 0.99, 0.95
     if synthesized:
-        by_id = {p["patch_id"]: p for p in patches}
         best2 = {a["patch_id"] for a in assign if a["cluster"] == 2 and a["cos_sim"] > 0.9}
-        rows = [{**p, "source": MISSING} if p["patch_id"] in best2 else p for p in by_id.values()]
-        schema = pq.read_schema(run_dir / "mine" / "patches.parquet")
-        pq.write_table(pa.Table.from_pylist(rows, schema=schema),
-                       run_dir / "mine" / "patches.parquet")
-    (run_dir / "cluster").mkdir()
-    pq.write_table(pa.table({"patch_id": [a["patch_id"] for a in assign],
-                             "cluster": pa.array([a["cluster"] for a in assign], pa.int32()),
-                             "cos_sim": pa.array([a["cos_sim"] for a in assign], pa.float32())}),
-                   run_dir / "cluster" / "assignments.parquet")
+        _write_patch_parts(run_dir, [{**p, "source": MISSING} if p["patch_id"] in best2 else p
+                                     for p in patches])
+    _write_assignments(run_dir, [a["patch_id"] for a in assign], [a["cluster"] for a in assign],
+                       [a["cos_sim"] for a in assign])
 
     if kind == "dit":
         source = {"dit_path": "/models/DiT-XL-2-256", "vae_path": "/models/DiT-XL-2-256/vae",
@@ -364,3 +385,66 @@ def test_coreset_report_has_no_synthesis(tmp_path):
     assert not (tmp_path / "report" / "finetune_loss.png").exists()
     with Image.open(tmp_path / "report" / "clusters.png") as im:
         assert im.size == _grid_size(3, 8)
+
+
+def test_skipped_inputs_beyond_the_manifest_list(tmp_path):
+    """The manifest lists the first skipped inputs only; the total comes from the mine counts."""
+    _full_run(tmp_path, semantic=True)
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    manifest["stages"]["mine"]["counts"]["images_skipped"] = 1234
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    md = write_report(tmp_path).read_text()
+    assert "## Skipped inputs (1234)\n\n1234 skipped (first 1 listed; all in mine/skipped.parquet)" in md
+    assert "broken.png" in md
+
+    manifest["stages"]["mine"]["counts"]["images_skipped"] = 1  # all listed: no note
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    md = write_report(tmp_path).read_text()
+    assert "## Skipped inputs (1)\n\n| file | reason |" in md and "first 1 listed" not in md
+
+
+def _without_date(md: str) -> str:
+    return "\n".join(line for line in md.splitlines() if not line.startswith(("- report date:", "- run dir:")))
+
+
+def _move_tables(run_dir: Path, dest: str) -> None:
+    """Move the partitioned tables (``mine/``, ``cluster/``) of ``run_dir`` to ``dest``."""
+    for sub in ("mine", "cluster"):
+        storage.copy_dir(str(run_dir / sub), storage.join(dest, sub))
+        storage.delete(str(run_dir / sub))
+
+
+@pytest.mark.parametrize("synth", [False, True])
+def test_tables_at_run_uri(tmp_path, synth):
+    """The big tables may live only at ``run_uri``: the same report as with them in ``run_dir``."""
+    here, there = tmp_path / "here", tmp_path / "there"
+    for d in (here, there):
+        d.mkdir()
+        _synth_run(d) if synth else _full_run(d, semantic=True)
+    want = _without_date(write_report(here).read_text())
+    _move_tables(there, str(tmp_path / "remote"))
+    assert not (there / "mine").exists()
+    assert "the `mine` stage has not run" in write_report(there).read_text()
+    assert _without_date(write_report(there, str(tmp_path / "remote")).read_text()) == want
+    for png in ("scores.png", "synthesis.png" if synth else "clusters.png"):
+        assert np.array_equal(np.asarray(Image.open(here / "report" / png)),
+                              np.asarray(Image.open(there / "report" / png)))
+
+
+def test_tables_on_s3(tmp_path, s3_server):
+    import uuid
+
+    _synth_run(tmp_path)
+    want = _without_date(write_report(tmp_path).read_text())
+    uri = s3_server.uri(f"run-{uuid.uuid4().hex[:8]}")
+    _move_tables(tmp_path, uri)
+    assert _without_date(write_report(tmp_path, uri).read_text()) == want
+
+
+def test_mine_without_parts_is_an_empty_table(tmp_path):
+    """A finished ``mine`` stage over a corpus without a single shard: keep.json, no parts."""
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "keep.json").write_text(json.dumps(KEEP))
+    _manifest(tmp_path, semantic=True, stages={"mine": _stage(0.1, patches=0)})
+    md = write_report(tmp_path).read_text()
+    assert "The patch table is empty" in md

@@ -201,6 +201,8 @@ def test_retries_survive_transient_faults(faulty_s3, mode):
 @pytest.mark.parametrize("mode", ["503", "reset"])
 def test_gives_up_after_max_attempts(faulty_s3, mode, monkeypatch):
     monkeypatch.setenv("AWS_MAX_ATTEMPTS", "2")
+    monkeypatch.setattr(storage, "RETRIES", 1)  # one outer re-issue, without the real waits
+    monkeypatch.setattr(storage, "RETRY_WAIT_S", 0.01)
     uri = faulty_s3.uri(f"giveup-{mode}/x.json")
     faulty_s3.proxy.fail_next(100, mode)
     with pytest.raises(OSError) as ei:
@@ -209,7 +211,8 @@ def test_gives_up_after_max_attempts(faulty_s3, mode, monkeypatch):
     msg = str(ei.value)
     assert "S3 write failed" in msg and uri in msg
     assert os.environ["AWS_SECRET_ACCESS_KEY"] not in msg and os.environ["AWS_ACCESS_KEY_ID"] not in msg
-    assert len(faulty_s3.proxy.faults()) == 2  # max_attempts = attempts in all, not retries
+    # AWS_MAX_ATTEMPTS = SDK attempts in all (not retries), each operation issued 1 + RETRIES times
+    assert len(faulty_s3.proxy.faults()) == 2 * 2
     with pytest.raises(OSError, match="S3 read failed for " + uri):
         storage.read_json(uri)
     faulty_s3.proxy.fail_next(0, mode)

@@ -1,0 +1,419 @@
+"""Storage benchmark: mining and embedding from S3 vs local disk, and memory over large manifests.
+
+    python bench/bench_storage.py --images 120 --repeats 2 --sizes 10000 100000 1000000
+
+Part ``memory`` (run first, before any S3 server exists in this process): a synthetic manifest
+(parquet, one ``uri`` column) of N URIs for each of ``--sizes``, cycling over ``--tiles``
+distinct small PNGs (48x48 random crops of T91) on local disk, so URI i names tile
+``i % tiles``: the images repeat, which changes nothing for memory (every URI is fetched,
+decoded and scored like a distinct image). For each N, on a freshly started local Ray (its
+workers warmed up by an untimed mining of a few tiles): ``corpus.plan_corpus`` ->
+``runner.mine_plan`` (``images_per_shard`` 1000) -> ``mining.summarize_parts``, with a
+thread sampling every 0.2 s the RSS of the driver, of each Ray worker process (``ray::*``)
+and of Ray's own daemons (raylet, GCS, agents). The kernel's own peaks (``VmHWM``) are read
+too: the driver's is reset before each N (``/proc/self/clear_refs``); the workers' are fresh,
+since Ray is restarted per N.
+
+Part ``throughput``: a corpus of real images (T91, then BSD200, ``--images`` in all) copied
+to a local temp dir and uploaded to moto's S3 server running in this process on 127.0.0.1
+(fake credentials; ``AWS_ENDPOINT_URL`` is set before Ray starts so the workers reach it).
+For each source, disk and s3, in ABBA order, ``--repeats`` times, with the run outputs on
+the same kind of storage as the input (a fresh run dir / prefix each time), it times the
+plan (listing), mining (``runner.mine_plan`` over all shards + ``mining.summarize_parts``)
+and embedding (``runner.embed_parts_ray``, random-init CLIP ViT-B/32 unless weights are in
+the HF cache), with the demo preset's mine and embed settings. Upload time is not counted;
+one untimed mining pass per source warms Ray's workers first. Prints markdown tables (medians)
+and writes JSON with ``--json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from srdistill import runner, storage
+from srdistill.config import MineConfig, RayConfig, load_config
+from srdistill.corpus import plan_corpus
+from srdistill.imaging import read_image, write_png
+from srdistill.mining import summarize_parts
+
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+MiB = 1 << 20
+
+
+# --------------------------------------------------------------------------- memory sampling
+
+
+def _hwm_bytes(pid: int) -> int:
+    """The kernel's peak RSS (``VmHWM``) of process ``pid``, 0 if unreadable."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def reset_own_hwm() -> bool:
+    """Reset this process' ``VmHWM`` to its current RSS (Linux >= 4.0); False if not possible."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+class RssSampler:
+    """Background thread: every ``interval`` s, the RSS of this process and of every process
+    below it (Ray's daemons, and the workers below the raylet), keeping peaks.
+
+    A process counts as a Ray worker when its command line starts with ``ray::`` (Ray sets
+    ``ray::IDLE``, ``ray::MapBatches(...)``, ...) or runs ``default_worker.py``; any other
+    descendant (raylet, gcs_server, agents, log monitor) is a Ray daemon.
+    """
+
+    def __init__(self, interval: float = 0.2):
+        self.interval = interval
+        self.me = psutil.Process()
+        self.peak = {"driver": 0, "worker_max": 0, "worker_sum": 0, "daemons_sum": 0, "workers_seen": 0}
+        self.worker_hwm: dict[int, int] = {}
+        self.samples = 0
+        self.first: dict[str, int] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._kind: dict[int, str] = {}
+
+    def _classify(self, p: psutil.Process) -> str:
+        kind = self._kind.get(p.pid)
+        if kind is None or kind == "daemon":  # a worker renames itself once started
+            cmd = p.cmdline()
+            head = cmd[0] if cmd else ""
+            kind = "worker" if head.startswith("ray::") or any("default_worker.py" in c for c in cmd) else "daemon"
+            self._kind[p.pid] = kind
+        return kind
+
+    def sample(self) -> None:
+        driver = self.me.memory_info().rss
+        workers, daemons = [], 0
+        for p in self.me.children(recursive=True):
+            try:
+                kind = self._classify(p)
+                rss = p.memory_info().rss
+            except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+                continue
+            if kind == "worker":
+                workers.append(rss)
+                self.worker_hwm[p.pid] = max(self.worker_hwm.get(p.pid, 0), _hwm_bytes(p.pid))
+            else:
+                daemons += rss
+        pk = self.peak
+        pk["driver"] = max(pk["driver"], driver)
+        pk["worker_max"] = max(pk["worker_max"], max(workers, default=0))
+        pk["worker_sum"] = max(pk["worker_sum"], sum(workers))
+        pk["daemons_sum"] = max(pk["daemons_sum"], daemons)
+        pk["workers_seen"] = len(self.worker_hwm)
+        if not self.samples:
+            self.first = {"driver": driver, "worker_sum": sum(workers), "daemons_sum": daemons}
+        self.samples += 1
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.sample()
+            except psutil.Error:
+                pass
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> "RssSampler":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.sample()  # a last look, before Ray is shut down
+
+
+# --------------------------------------------------------------------------- part: memory
+
+
+def make_tiles(n: int, side: int, out_dir: Path, seed: int = 0) -> list[str]:
+    """``n`` distinct ``side`` x ``side`` PNGs: random crops of T91's images."""
+    sources = sorted((DATA / "T91" / "HR").glob("*.png")) or sorted((Path(__file__).resolve().parents[1] / "data" / "T91" / "HR").glob("*.png"))
+    images = [read_image(str(p)) for p in sources]
+    rng = np.random.default_rng(seed)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(n):
+        img = images[i % len(images)]
+        y = int(rng.integers(0, img.shape[0] - side + 1))
+        x = int(rng.integers(0, img.shape[1] - side + 1))
+        path = out_dir / f"tile_{i:05d}.png"
+        write_png(path, img[y : y + side, x : x + side])
+        paths.append(str(path))
+    return paths
+
+
+def write_manifest(path: Path, n: int, tiles: list[str], chunk: int = 65_536) -> None:
+    """A parquet manifest of ``n`` URIs, entry i = ``tiles[i % len(tiles)]``, written in
+    chunks (the driver never holds it whole)."""
+    schema = pa.schema([("uri", pa.string())])
+    pool = np.asarray(tiles, dtype=object)
+    with pq.ParquetWriter(path, schema) as writer:
+        for start in range(0, n, chunk):
+            idx = np.arange(start, min(n, start + chunk)) % len(pool)
+            writer.write_table(pa.table({"uri": pa.array(pool[idx].tolist(), pa.string())}, schema=schema))
+
+
+def memory_part(args, work: Path) -> list[dict]:
+    tiles = make_tiles(args.tiles, args.tile_side, work / "tiles")
+    cfg = MineConfig(patch_size=args.tile_patch, stride=args.tile_stride, images_per_shard=args.images_per_shard)
+    rows = []
+    for n in args.sizes:
+        manifest = work / f"manifest_{n}.parquet"
+        write_manifest(manifest, n, tiles)
+        run = work / f"mem_{n}"
+        runner.init_ray(RayConfig(num_cpus=args.cpus))  # a fresh Ray (and fresh workers) per N
+        warm = work / "warmup"  # untimed: start the workers and their imports
+        write_manifest(work / "warmup.parquet", 4 * args.cpus, tiles)
+        plan_corpus(str(work / "warmup.parquet"), str(warm / "plan.parquet"), extensions=cfg.extensions, images_per_shard=2)
+        runner.mine_plan(str(warm / "plan.parquet"), str(warm / "patches"), cfg, list(range(2 * args.cpus)))
+        shutil.rmtree(warm)
+        time.sleep(1.0)
+        driver_base = psutil.Process().memory_info().rss
+        hwm_reset = reset_own_hwm()
+        with RssSampler(args.interval) as sampler:
+            t0 = time.perf_counter()
+            plan = plan_corpus(str(manifest), str(run / "plan" / "files.parquet"),
+                               extensions=cfg.extensions, images_per_shard=cfg.images_per_shard)  # fmt: skip
+            t_plan = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            runner.mine_plan(str(run / "plan" / "files.parquet"), str(run / "mine" / "patches"), cfg,
+                             list(range(plan.shards)))  # fmt: skip
+            t_mine = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            rule, counts = summarize_parts(str(run / "mine" / "patches"), cfg, str(run / "mine" / "skipped.parquet"))
+            t_sum = time.perf_counter() - t0
+        driver_hwm = _hwm_bytes(os.getpid()) if hwm_reset else 0
+        runner.shutdown_ray()
+        row = {
+            "n": n, "shards": plan.shards, "plan_s": t_plan, "plan_bytes": (run / "plan" / "files.parquet").stat().st_size,
+            "manifest_bytes": manifest.stat().st_size, "mine_s": t_mine, "summarize_s": t_sum,
+            "images_per_s": n / (t_mine + t_sum), "patches": counts["patches"], "skipped": counts["images_skipped"],
+            "driver_base": driver_base, "driver_peak": sampler.peak["driver"], "driver_hwm": driver_hwm,
+            "worker_max": sampler.peak["worker_max"], "worker_sum": sampler.peak["worker_sum"],
+            "worker_hwm_max": max(sampler.worker_hwm.values(), default=0), "workers": sampler.peak["workers_seen"],
+            "daemons_sum": sampler.peak["daemons_sum"], "samples": sampler.samples,
+            "worker_sum_start": sampler.first.get("worker_sum", 0),
+        }  # fmt: skip
+        rows.append(row)
+        print(f"[memory] N={n}: {json.dumps(row)}", flush=True)
+        shutil.rmtree(run, ignore_errors=True)
+        manifest.unlink()
+    return rows
+
+
+# --------------------------------------------------------------------------- part: throughput
+
+
+def start_s3(work: Path, bucket: str):
+    """moto's S3 server on 127.0.0.1 (free port) in this process, the environment pointed at it
+    with fake credentials (the user's AWS profile files masked), and ``bucket`` created."""
+    import logging
+
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    for var in ("AWS_PROFILE", "AWS_DEFAULT_PROFILE", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN", "AWS_ENDPOINT_URL_S3",
+                "AWS_DEFAULT_REGION", "AWS_MAX_ATTEMPTS", "AWS_ROLE_ARN", "AWS_WEB_IDENTITY_TOKEN_FILE"):  # fmt: skip
+        os.environ.pop(var, None)
+    nowhere = str(work / "no-aws-config")
+    os.environ.update({
+        "AWS_ACCESS_KEY_ID": "AKIAIOSFODNN7EXAMPLE",  # fake, AWS's documentation example
+        "AWS_SECRET_ACCESS_KEY": "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY",
+        "AWS_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true",
+        "AWS_CONFIG_FILE": nowhere, "AWS_SHARED_CREDENTIALS_FILE": nowhere,
+        "AWS_ENDPOINT_URL": endpoint,
+    })  # fmt: skip
+    boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1").create_bucket(Bucket=bucket)
+    return server, endpoint
+
+
+def make_corpus(n: int, out_dir: Path) -> list[Path]:
+    """The first ``n`` images of T91 then BSD200 (sorted by name), copied to ``out_dir``."""
+    files = [p for d in ("T91", "BSD200") for p in sorted((DATA / d / "HR").glob("*.png"))][:n]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    out = []
+    for p in files:
+        dst = out_dir / f"{p.parent.parent.name}_{p.name}"
+        shutil.copyfile(p, dst)
+        out.append(dst)
+    return out
+
+
+def run_once(input_uri: str, run_uri: str, mine_cfg: MineConfig, embed_cfg, source, embed: bool = True) -> dict:
+    """plan -> mine (+ summarize, keep.json) -> embed, as ``pipeline._plan/_mine/_embed`` do,
+    with every output under ``run_uri``. Returns seconds per stage and the counts."""
+    at = lambda *parts: storage.join(run_uri, *parts)  # noqa: E731
+    t0 = time.perf_counter()
+    plan = plan_corpus(input_uri, at("plan", "files.parquet"), extensions=mine_cfg.extensions,
+                       images_per_shard=mine_cfg.images_per_shard)  # fmt: skip
+    t_plan = time.perf_counter() - t0
+    shards = list(range(plan.shards))
+    t0 = time.perf_counter()
+    runner.mine_plan(at("plan", "files.parquet"), at("mine", "patches"), mine_cfg, shards)
+    rule, counts = summarize_parts(at("mine", "patches"), mine_cfg, at("mine", "skipped.parquet"))
+    storage.write_json(at("mine", "keep.json"), rule)
+    t_mine = time.perf_counter() - t0
+    out = {"plan_s": t_plan, "mine_s": t_mine, "images": plan.images, "shards": plan.shards, **counts}
+    if embed:
+        t0 = time.perf_counter()
+        runner.embed_parts_ray(at("mine"), at("embed", "parts"), shards, embed_cfg, source)
+        out["embed_s"] = time.perf_counter() - t0
+        out["embedded"] = storage.read_dataset(at("embed", "parts"), columns=["patch_id"]).num_rows
+    return out
+
+
+def throughput_part(args, work: Path) -> dict:
+    from srdistill.embedding import resolve_clip
+
+    bucket = "srdistill-bench"
+    server, endpoint = start_s3(work, bucket)
+    try:
+        files = make_corpus(args.images, work / "corpus")
+        megapixels = sum(int(np.prod(read_image(str(p)).shape[:2])) for p in files) / 1e6
+        t0 = time.perf_counter()
+        storage.copy_dir(str(work / "corpus"), f"s3://{bucket}/corpus")
+        upload_s = time.perf_counter() - t0
+        demo = load_config("demo", overrides=["embed.allow_random_init=true"])
+        mine_cfg, embed_cfg = demo.mine, demo.embed
+        source = resolve_clip(embed_cfg)
+        inputs = {"disk": str(work / "corpus"), "s3": f"s3://{bucket}/corpus"}
+        runs = {"disk": str(work / "runs"), "s3": f"s3://{bucket}/runs"}
+        runner.init_ray(RayConfig(num_cpus=args.cpus))  # after the S3 environment: workers inherit it
+        for name in ("disk", "s3"):  # untimed warm-up: worker start-up and imports
+            run_once(inputs[name], storage.join(runs[name], "warmup"), mine_cfg, embed_cfg, source, embed=False)
+        results: dict[str, list[dict]] = {"disk": [], "s3": []}
+        for r in range(args.repeats):
+            for name in (("disk", "s3") if r % 2 == 0 else ("s3", "disk")):
+                res = run_once(inputs[name], storage.join(runs[name], f"r{r}"), mine_cfg, embed_cfg, source)
+                results[name].append(res)
+                print(f"[throughput] repeat {r} {name}: {json.dumps(res)}", flush=True)
+        runner.shutdown_ray()
+    finally:
+        server.stop()
+    return {"images": len(files), "megapixels": megapixels, "upload_s": upload_s, "endpoint": endpoint,
+            "mine": mine_cfg.model_dump(), "embed": embed_cfg.model_dump(), "clip": source.note, "results": results}  # fmt: skip
+
+
+# --------------------------------------------------------------------------- report
+
+
+def _med(rows: list[dict], key: str) -> float:
+    return statistics.median(r[key] for r in rows)
+
+
+def print_throughput(t: dict, repeats: int) -> None:
+    res = t["results"]
+    first = res["disk"][0]
+    print(f"\n### Throughput: {t['images']} images, {t['megapixels']:.2f} MP, {first['shards']} shards of "
+          f"{t['mine']['images_per_shard']}; mine {t['mine']['patch_size']}/{t['mine']['stride']} "
+          f"{t['mine']['keep_rule']}; {first['patches']} patches, {first['patches_kept']} kept and embedded "
+          f"({t['clip']}); median of {repeats}, ABBA order; upload (not timed in the arms) {t['upload_s']:.1f} s\n")  # fmt: skip
+    print("| source | plan (s) | mine (s) | images/s | MP/s | embed (s) | patches/s |")
+    print("|---|---|---|---|---|---|---|")
+    derived = {}
+    for name in ("disk", "s3"):
+        rows = res[name]
+        plan, mine, emb = _med(rows, "plan_s"), _med(rows, "mine_s"), _med(rows, "embed_s")
+        images = rows[0]["images"]
+        mp = rows[0]["corpus_pixels"] / 1e6
+        kept = rows[0]["embedded"]
+        derived[name] = {"plan": plan, "ips": images / mine, "mps": mp / mine, "pps": kept / emb}
+        print(f"| {name} | {plan:.3f} | {mine:.2f} | {images / mine:.1f} | {mp / mine:.2f} | {emb:.1f} | {kept / emb:.1f} |")
+    d, s = derived["disk"], derived["s3"]
+    print(f"| S3/disk | {s['plan'] / d['plan']:.2f}x time | | {s['ips'] / d['ips']:.2f}x | {s['mps'] / d['mps']:.2f}x "
+          f"| | {s['pps'] / d['pps']:.2f}x |")  # fmt: skip
+    same = all(r["patches"] == first["patches"] and r["patches_kept"] == first["patches_kept"]
+               for rows in res.values() for r in rows)  # fmt: skip
+    print(f"\nSame patches and kept counts from both sources in every repeat: {same}")
+
+
+def print_memory(rows: list[dict], args) -> None:
+    print(f"\n### Memory: manifests of N URIs over {args.tiles} distinct {args.tile_side}x{args.tile_side} PNGs, "
+          f"patch {args.tile_patch}/{args.tile_stride}, {args.images_per_shard} images per shard, Ray restarted per N\n")  # fmt: skip
+    print("| N | shards | manifest (MiB) | plan (s) | plan file (MiB) | mine + summarize (s) | images/s "
+          "| driver RSS before / peak (MiB) | driver VmHWM (MiB) | worker RSS peak, max (MiB) | worker VmHWM max (MiB) "
+          "| workers' RSS sum, start / peak (MiB) "
+          "| Ray daemons peak (MiB) |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['n']:,} | {r['shards']} | {r['manifest_bytes'] / MiB:.1f} | {r['plan_s']:.2f} | {r['plan_bytes'] / MiB:.1f} "
+              f"| {r['mine_s'] + r['summarize_s']:.1f} | {r['images_per_s']:.0f} "
+              f"| {r['driver_base'] / MiB:.0f} / {r['driver_peak'] / MiB:.0f} | {r['driver_hwm'] / MiB:.0f} "
+              f"| {r['worker_max'] / MiB:.0f} | {r['worker_hwm_max'] / MiB:.0f} "
+              f"| {r['worker_sum_start'] / MiB:.0f} / {r['worker_sum'] / MiB:.0f} ({r['workers']} workers) "
+              f"| {r['daemons_sum'] / MiB:.0f} |")  # fmt: skip
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--part", choices=("all", "memory", "throughput"), default="all")
+    ap.add_argument("--images", type=int, default=120, help="throughput corpus: first N of T91 then BSD200")
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000], help="manifest sizes N")
+    ap.add_argument("--tiles", type=int, default=1000, help="distinct PNGs the manifests cycle over")
+    ap.add_argument("--tile-side", type=int, default=48)
+    ap.add_argument("--tile-patch", type=int, default=32, help="patch size mined from the tiles")
+    ap.add_argument("--tile-stride", type=int, default=16)
+    ap.add_argument("--images-per-shard", type=int, default=1000, help="memory part's shard size")
+    ap.add_argument("--interval", type=float, default=0.2, help="RSS sampling period (s)")
+    ap.add_argument("--cpus", type=int, default=os.cpu_count())
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args()
+
+    work = Path(tempfile.mkdtemp(prefix="bench_storage_"))
+    out: dict = {"cpus": args.cpus, "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"}
+    try:
+        if args.part in ("all", "memory"):  # first: no moto server holding objects in this process yet
+            out["memory"] = memory_part(args, work)
+        if args.part in ("all", "throughput"):
+            out["throughput"] = throughput_part(args, work)
+    finally:
+        runner.shutdown_ray()
+        shutil.rmtree(work, ignore_errors=True)
+    print(f"\n{out['machine']}, {args.cpus} Ray CPUs")
+    if "throughput" in out:
+        print_throughput(out["throughput"], args.repeats)
+    if "memory" in out:
+        print_memory(out["memory"], args)
+    if args.json:
+        args.json.write_text(json.dumps(out, indent=2, default=str))
+
+
+if __name__ == "__main__":
+    main()

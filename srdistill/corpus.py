@@ -1,0 +1,239 @@
+"""The corpus plan: which images a run mines, fixed once, in shards.
+
+A corpus is given either as a directory / S3 prefix (listed recursively, once) or as a
+*manifest file* of image URIs (parquet, CSV or plain text), which is read in batches and never
+listed or stat'ed object by object, so a corpus of millions of objects is planned in one
+streaming pass. The plan (``plan/files.parquet``) holds one row per image:
+
+* ``uri``: where to read it (local path or ``s3://bucket/key``);
+* ``key``: the name the patch ids are derived from (``mining.patch_id``): the path relative to
+  the corpus root for a directory, the entry as written for a manifest (relative entries are
+  resolved against the manifest's folder but keep their relative key), so ids survive moving
+  the corpus.
+
+Each parquet row group of the plan is one *shard* of ``images_per_shard`` images, the unit of
+work of mining: a shard's output is one part file named after the shard, written atomically,
+so a retried or resumed shard replaces nothing and duplicates nothing.
+
+Memory: planning a manifest holds one shard and one read batch; planning a directory holds the
+listing (pyarrow's ``get_file_info``), which is why manifests are the way to give ~10^6 files.
+
+No Ray here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import posixpath
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from . import storage
+
+__all__ = ["PLAN_SCHEMA", "MANIFEST_SUFFIXES", "CorpusPlan", "is_manifest", "input_signature", "plan_corpus",
+           "read_shard", "num_shards"]  # fmt: skip
+
+PLAN_SCHEMA = pa.schema([("uri", pa.string()), ("key", pa.string())])
+#: File names taken as a manifest of URIs rather than a single image.
+MANIFEST_SUFFIXES = (".parquet", ".csv", ".txt")
+#: Column names looked for in a manifest, in order (else its only column).
+_URI_COLUMNS = ("uri", "url", "path", "file")
+_READ_ROWS = 65_536
+
+
+@dataclass(frozen=True)
+class CorpusPlan:
+    """What ``plan_corpus`` wrote.
+
+    Attributes:
+        images: rows of the plan (images to mine).
+        shards: row groups of the plan (``ceil(images / images_per_shard)``).
+        other_files_ignored: listed files or manifest entries without an image extension.
+        source: ``"listing"`` (a directory or prefix) or ``"manifest"``.
+        digest: 20 hex digits identifying the planned content (URIs, and sizes and mtimes for a
+            listing), for stage fingerprints.
+    """
+
+    images: int
+    shards: int
+    other_files_ignored: int
+    source: str
+    digest: str
+
+
+def is_manifest(uri: str) -> bool:
+    """Whether ``uri`` names a manifest file (suffix ``.parquet``, ``.csv`` or ``.txt``)."""
+    return os.fspath(uri).lower().endswith(MANIFEST_SUFFIXES)
+
+
+def _has_extension(name: str, exts: tuple[str, ...]) -> bool:
+    return name.lower().endswith(exts)
+
+
+def _listing(root: str, exts: tuple[str, ...]) -> Iterator[tuple[list[str], list[str], str, int]]:
+    """``(uris, keys, digest text, files ignored)`` of the image files under ``root``, sorted,
+    as a single batch (the listing is held in memory)."""
+    fs, path = storage.filesystem(root)
+    with storage.errors("list", root):
+        if fs.get_file_info(path).type != pafs.FileType.Directory:
+            raise FileNotFoundError(f"input {root!r} is not a directory, S3 prefix or manifest file "
+                                    f"({', '.join(MANIFEST_SUFFIXES)})")  # fmt: skip
+        infos = fs.get_file_info(pafs.FileSelector(path, recursive=True))
+    files = sorted((i for i in infos if i.type == pafs.FileType.File), key=lambda i: i.path)
+    uris, keys, lines = [], [], []
+    for i in files:
+        rel = posixpath.relpath(i.path.replace(os.sep, "/"), path.replace(os.sep, "/"))
+        if _has_extension(rel, exts):
+            uris.append(storage.join(root, rel))
+            keys.append(rel)
+            lines.append(f"{rel}\x1f{i.size}\x1f{i.mtime_ns}\n")
+    yield uris, keys, "".join(lines), len(files) - len(uris)
+
+
+def _manifest_column(names: list[str], uri: str) -> str:
+    lowered = {n.lower(): n for n in names}
+    for want in _URI_COLUMNS:
+        if want in lowered:
+            return lowered[want]
+    if len(names) == 1:
+        return names[0]
+    raise ValueError(f"manifest {uri!r} has columns {names}: name one of them {list(_URI_COLUMNS)} "
+                     f"or give a single column")  # fmt: skip
+
+
+def _manifest_batches(uri: str) -> Iterator[pa.Array]:
+    """The URI column of a manifest, in batches (never the whole file in memory)."""
+    fs, path = storage.filesystem(uri)
+    lower = uri.lower()
+    with storage.errors("read", uri), fs.open_input_file(path) as f:
+        if lower.endswith(".parquet"):
+            pf = pq.ParquetFile(f)
+            col = _manifest_column(pf.schema_arrow.names, uri)
+            for batch in pf.iter_batches(batch_size=_READ_ROWS, columns=[col]):
+                yield batch.column(0)
+            return
+        if lower.endswith(".txt"):
+            opts = pacsv.ReadOptions(column_names=["uri"], block_size=1 << 22)
+            parse = pacsv.ParseOptions(delimiter="\x1f", quote_char=False)  # one entry per line
+        else:
+            opts, parse = pacsv.ReadOptions(block_size=1 << 22), pacsv.ParseOptions()
+        conv = pacsv.ConvertOptions(strings_can_be_null=False)
+        reader = pacsv.open_csv(f, read_options=opts, parse_options=parse, convert_options=conv)
+        col = _manifest_column(reader.schema.names, uri)
+        for batch in reader:
+            yield batch.column(col)
+
+
+def _manifest(uri: str, exts: tuple[str, ...]) -> Iterator[tuple[list[str], list[str], str, int]]:
+    base = storage.parent(uri)
+    row = 0
+    for column in _manifest_batches(uri):
+        entries = [("" if v is None else str(v)).strip() for v in column.to_pylist()]
+        uris, keys, ignored = [], [], 0
+        for i, entry in enumerate(entries):
+            if not entry:
+                raise ValueError(f"manifest {uri!r}: entry {row + i} (0-based, header excluded) is empty")
+            if not _has_extension(entry, exts):
+                ignored += 1
+                continue
+            absolute = storage.is_s3(entry) or entry.startswith(("/", "file://"))
+            uris.append(entry if absolute else storage.join(base, entry))
+            keys.append(entry)
+        row += len(entries)
+        yield uris, keys, "\n".join(keys) + "\n", ignored
+
+
+@storage.retry
+def plan_corpus(input_uri: str, plan_uri: str, *, extensions: tuple[str, ...],
+                images_per_shard: int) -> CorpusPlan:  # fmt: skip
+    """Write the plan of the corpus ``input_uri`` to ``plan_uri`` (parquet, atomically).
+
+    Args:
+        input_uri: a directory or S3 prefix of images (listed recursively), or a manifest file
+            (``.parquet``: a column ``uri``/``url``/``path``/``file`` or a single column;
+            ``.csv``: the same with a header row; ``.txt``: one entry per line).
+        plan_uri: where the plan goes (local path or ``s3://``).
+        extensions: image suffixes kept (case-insensitive, with the dot).
+        images_per_shard: images per row group (shard), >= 1.
+
+    Returns:
+        ``CorpusPlan``.
+
+    Raises:
+        FileNotFoundError: the input is neither an existing directory/prefix nor a manifest.
+        ValueError: a manifest without a usable column or with an empty entry.
+        OSError: reading the input or writing the plan failed.
+    """
+    if images_per_shard < 1:
+        raise ValueError(f"images_per_shard must be >= 1, got {images_per_shard}")
+    exts = tuple(e.lower() for e in extensions)
+    manifest = is_manifest(input_uri)
+    if manifest and not storage.exists(input_uri):
+        raise FileNotFoundError(f"manifest {input_uri!r} does not exist")
+    batches = _manifest(input_uri, exts) if manifest else _listing(input_uri, exts)
+    digest = hashlib.sha256()
+    pending: list[pa.Table] = []
+    n_pending = images = ignored = 0
+    with storage.atomic_writer(plan_uri) as sink, pq.ParquetWriter(sink, PLAN_SCHEMA) as writer:
+        for uris, keys, lines, n_ignored in batches:
+            digest.update(lines.encode())
+            ignored += n_ignored
+            images += len(uris)
+            pending.append(pa.table({"uri": uris, "key": keys}, schema=PLAN_SCHEMA))
+            n_pending += len(uris)
+            while n_pending >= images_per_shard:  # write whole shards as row groups
+                table = pa.concat_tables(pending)
+                writer.write_table(table.slice(0, images_per_shard), row_group_size=images_per_shard)
+                rest = table.slice(images_per_shard)
+                pending, n_pending = [rest], rest.num_rows
+        if n_pending:
+            writer.write_table(pa.concat_tables(pending), row_group_size=images_per_shard)
+    return CorpusPlan(images=images, shards=-(-images // images_per_shard), other_files_ignored=ignored,
+                      source="manifest" if manifest else "listing", digest=digest.hexdigest()[:20])  # fmt: skip
+
+
+@storage.retry
+def input_signature(input_uri: str, extensions: tuple[str, ...]) -> str:
+    """What decides whether a corpus must be planned again, cheaply: for a local directory, the
+    digest of its listing (paths, sizes, mtimes; local listing is cheap); for a manifest file,
+    its size and mtime (one stat); for an S3 prefix, nothing: it is listed once per run
+    directory (start a new run directory to pick up new objects)."""
+    if is_manifest(input_uri):
+        fs, path = storage.filesystem(input_uri)
+        with storage.errors("stat", input_uri):
+            info = fs.get_file_info(path)
+        return f"{info.size}:{info.mtime_ns}"
+    if storage.is_s3(input_uri):
+        return ""
+    _, _, text, _ = next(_listing(input_uri, tuple(e.lower() for e in extensions)))
+    return hashlib.sha256(text.encode()).hexdigest()[:20]
+
+
+@storage.retry
+def num_shards(plan_uri: str) -> int:
+    """Shards (row groups) of the plan at ``plan_uri``."""
+    fs, path = storage.filesystem(plan_uri)
+    with storage.errors("read", plan_uri), fs.open_input_file(path) as f:
+        return pq.ParquetFile(f).num_row_groups
+
+
+@storage.retry
+def read_shard(plan_uri: str, shard: int) -> pa.Table:
+    """Shard ``shard`` of the plan: a ``PLAN_SCHEMA`` table (one ranged read on S3).
+
+    Raises:
+        IndexError: no such shard.
+        OSError: the read failed.
+    """
+    fs, path = storage.filesystem(plan_uri)
+    with storage.errors("read", plan_uri), fs.open_input_file(path) as f:
+        pf = pq.ParquetFile(f)
+        if not 0 <= shard < pf.num_row_groups:
+            raise IndexError(f"plan {plan_uri!r} has {pf.num_row_groups} shards, no shard {shard}")
+        return pf.read_row_group(shard)
