@@ -84,39 +84,45 @@ def reset_own_hwm() -> bool:
 
 class RssSampler:
     """Background thread: every ``interval`` s, the RSS of this process and of every process
-    below it (Ray's daemons, and the workers below the raylet), keeping peaks.
+    below it (Ray's daemons, and the workers below the raylet), keeping peaks per phase.
 
     A process counts as a Ray worker when its command line starts with ``ray::`` (Ray sets
-    ``ray::IDLE``, ``ray::MapBatches(...)``, ...) or runs ``default_worker.py``; any other
-    descendant (raylet, gcs_server, agents, log monitor) is a Ray daemon.
+    ``ray::IDLE``, ``ray::MapBatches(...)``, ``ray::_StatsActor``, ...) or runs
+    ``default_worker.py``; any other descendant (raylet, gcs_server, agents, log monitor) is a
+    Ray daemon. A worker that ever ran a ``MapBatches`` task is a *task worker* (the miners);
+    the others are idle workers and Ray Data's helper actors.
     """
+
+    KEYS = ("driver", "worker_max", "worker_sum", "daemons_sum")
 
     def __init__(self, interval: float = 0.2):
         self.interval = interval
         self.me = psutil.Process()
-        self.peak = {"driver": 0, "worker_max": 0, "worker_sum": 0, "daemons_sum": 0, "workers_seen": 0}
+        self.phase = "start"
+        self.peak: dict[str, dict[str, int]] = {}
         self.worker_hwm: dict[int, int] = {}
+        self.task_workers: set[int] = set()
         self.samples = 0
         self.first: dict[str, int] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
-        self._kind: dict[int, str] = {}
+        self._lock = threading.Lock()
 
-    def _classify(self, p: psutil.Process) -> str:
-        kind = self._kind.get(p.pid)
-        if kind is None or kind == "daemon":  # a worker renames itself once started
-            cmd = p.cmdline()
-            head = cmd[0] if cmd else ""
-            kind = "worker" if head.startswith("ray::") or any("default_worker.py" in c for c in cmd) else "daemon"
-            self._kind[p.pid] = kind
-        return kind
+    def _kind(self, p: psutil.Process) -> str:
+        cmd = p.cmdline()
+        head = cmd[0] if cmd else ""
+        if head.startswith("ray::") or any("default_worker.py" in c for c in cmd):
+            if "MapBatches" in head:
+                self.task_workers.add(p.pid)
+            return "worker"
+        return "daemon"
 
     def sample(self) -> None:
         driver = self.me.memory_info().rss
         workers, daemons = [], 0
         for p in self.me.children(recursive=True):
             try:
-                kind = self._classify(p)
+                kind = self._kind(p)
                 rss = p.memory_info().rss
             except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
                 continue
@@ -125,15 +131,26 @@ class RssSampler:
                 self.worker_hwm[p.pid] = max(self.worker_hwm.get(p.pid, 0), _hwm_bytes(p.pid))
             else:
                 daemons += rss
-        pk = self.peak
-        pk["driver"] = max(pk["driver"], driver)
-        pk["worker_max"] = max(pk["worker_max"], max(workers, default=0))
-        pk["worker_sum"] = max(pk["worker_sum"], sum(workers))
-        pk["daemons_sum"] = max(pk["daemons_sum"], daemons)
-        pk["workers_seen"] = len(self.worker_hwm)
-        if not self.samples:
-            self.first = {"driver": driver, "worker_sum": sum(workers), "daemons_sum": daemons}
-        self.samples += 1
+        now = {"driver": driver, "worker_max": max(workers, default=0), "worker_sum": sum(workers),
+               "daemons_sum": daemons}  # fmt: skip
+        with self._lock:
+            for phase in (self.phase, "all"):
+                pk = self.peak.setdefault(phase, dict.fromkeys(self.KEYS, 0))
+                for k in self.KEYS:
+                    pk[k] = max(pk[k], now[k])
+            if not self.samples:
+                self.first = now
+            self.samples += 1
+
+    def set_phase(self, name: str) -> None:
+        self.sample()  # the end of the previous phase
+        with self._lock:
+            self.phase = name
+        self.sample()
+
+    def hwm(self, task_workers: bool) -> int:
+        """The largest kernel peak RSS of the task workers (or of the other workers)."""
+        return max((v for pid, v in self.worker_hwm.items() if (pid in self.task_workers) == task_workers), default=0)
 
     def _run(self) -> None:
         while not self._stop.is_set():
@@ -202,27 +219,35 @@ def memory_part(args, work: Path) -> list[dict]:
         driver_base = psutil.Process().memory_info().rss
         hwm_reset = reset_own_hwm()
         with RssSampler(args.interval) as sampler:
+            sampler.set_phase("plan")
             t0 = time.perf_counter()
             plan = plan_corpus(str(manifest), str(run / "plan" / "files.parquet"),
                                extensions=cfg.extensions, images_per_shard=cfg.images_per_shard)  # fmt: skip
             t_plan = time.perf_counter() - t0
+            sampler.set_phase("mine")
             t0 = time.perf_counter()
             runner.mine_plan(str(run / "plan" / "files.parquet"), str(run / "mine" / "patches"), cfg,
                              list(range(plan.shards)))  # fmt: skip
             t_mine = time.perf_counter() - t0
+            sampler.set_phase("summarize")
+            driver_after_mine = psutil.Process().memory_info().rss
             t0 = time.perf_counter()
             rule, counts = summarize_parts(str(run / "mine" / "patches"), cfg, str(run / "mine" / "skipped.parquet"))
             t_sum = time.perf_counter() - t0
         driver_hwm = _hwm_bytes(os.getpid()) if hwm_reset else 0
         runner.shutdown_ray()
+        pk = sampler.peak
         row = {
             "n": n, "shards": plan.shards, "plan_s": t_plan, "plan_bytes": (run / "plan" / "files.parquet").stat().st_size,
             "manifest_bytes": manifest.stat().st_size, "mine_s": t_mine, "summarize_s": t_sum,
             "images_per_s": n / (t_mine + t_sum), "patches": counts["patches"], "skipped": counts["images_skipped"],
-            "driver_base": driver_base, "driver_peak": sampler.peak["driver"], "driver_hwm": driver_hwm,
-            "worker_max": sampler.peak["worker_max"], "worker_sum": sampler.peak["worker_sum"],
-            "worker_hwm_max": max(sampler.worker_hwm.values(), default=0), "workers": sampler.peak["workers_seen"],
-            "daemons_sum": sampler.peak["daemons_sum"], "samples": sampler.samples,
+            "driver_base": driver_base, "driver_peak": pk["all"]["driver"], "driver_hwm": driver_hwm,
+            "driver_peak_by_phase": {ph: pk[ph]["driver"] for ph in ("plan", "mine", "summarize")},
+            "driver_after_mine": driver_after_mine,
+            "worker_max": pk["all"]["worker_max"], "worker_sum": pk["all"]["worker_sum"],
+            "task_worker_hwm_max": sampler.hwm(True), "other_worker_hwm_max": sampler.hwm(False),
+            "task_workers": len(sampler.task_workers), "workers": len(sampler.worker_hwm),
+            "daemons_sum": pk["all"]["daemons_sum"], "samples": sampler.samples,
             "worker_sum_start": sampler.first.get("worker_sum", 0),
         }  # fmt: skip
         rows.append(row)
@@ -366,18 +391,24 @@ def print_throughput(t: dict, repeats: int) -> None:
 def print_memory(rows: list[dict], args) -> None:
     print(f"\n### Memory: manifests of N URIs over {args.tiles} distinct {args.tile_side}x{args.tile_side} PNGs, "
           f"patch {args.tile_patch}/{args.tile_stride}, {args.images_per_shard} images per shard, Ray restarted per N\n")  # fmt: skip
-    print("| N | shards | manifest (MiB) | plan (s) | plan file (MiB) | mine + summarize (s) | images/s "
-          "| driver RSS before / peak (MiB) | driver VmHWM (MiB) | worker RSS peak, max (MiB) | worker VmHWM max (MiB) "
-          "| workers' RSS sum, start / peak (MiB) "
-          "| Ray daemons peak (MiB) |")  # fmt: skip
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| N | shards | manifest (MiB) | plan (s) | plan file (MiB) | mine (s) | summarize (s) | images/s |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['n']:,} | {r['shards']} | {r['manifest_bytes'] / MiB:.1f} | {r['plan_s']:.2f} | {r['plan_bytes'] / MiB:.1f} "
-              f"| {r['mine_s'] + r['summarize_s']:.1f} | {r['images_per_s']:.0f} "
-              f"| {r['driver_base'] / MiB:.0f} / {r['driver_peak'] / MiB:.0f} | {r['driver_hwm'] / MiB:.0f} "
-              f"| {r['worker_max'] / MiB:.0f} | {r['worker_hwm_max'] / MiB:.0f} "
-              f"| {r['worker_sum_start'] / MiB:.0f} / {r['worker_sum'] / MiB:.0f} ({r['workers']} workers) "
-              f"| {r['daemons_sum'] / MiB:.0f} |")  # fmt: skip
+        print(f"| {r['n']:,} | {r['shards']} | {r['manifest_bytes'] / MiB:.2f} | {r['plan_s']:.2f} "
+              f"| {r['plan_bytes'] / MiB:.2f} | {r['mine_s']:.1f} | {r['summarize_s']:.2f} | {r['images_per_s']:.0f} |")  # fmt: skip
+    print("\nMiB; peaks of the 0.2 s samples unless VmHWM (the kernel's peak)\n")
+    print("| N | driver RSS before | driver peak in plan / mine / summarize | driver VmHWM | driver after mine "
+          "| mining worker VmHWM, max | other Ray workers VmHWM, max | all workers' RSS, start / peak sum "
+          "| Ray daemons, peak sum |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        ph = r["driver_peak_by_phase"]
+        print(f"| {r['n']:,} | {r['driver_base'] / MiB:.0f} "
+              f"| {ph['plan'] / MiB:.0f} / {ph['mine'] / MiB:.0f} / {ph['summarize'] / MiB:.0f} "
+              f"| {r['driver_hwm'] / MiB:.0f} | {r['driver_after_mine'] / MiB:.0f} "
+              f"| {r['task_worker_hwm_max'] / MiB:.0f} ({r['task_workers']} workers) "
+              f"| {r['other_worker_hwm_max'] / MiB:.0f} ({r['workers'] - r['task_workers']}) "
+              f"| {r['worker_sum_start'] / MiB:.0f} / {r['worker_sum'] / MiB:.0f} | {r['daemons_sum'] / MiB:.0f} |")  # fmt: skip
 
 
 def main() -> None:

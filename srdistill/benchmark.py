@@ -36,7 +36,7 @@ from . import storage
 from .config import RunConfig, SelectConfig
 from .evaluation import evaluate, list_images, resolve_dataset
 from .mining import read_patches
-from .pipeline import EXECUTION_ONLY, run_pipeline, write_json
+from .pipeline import EXECUTION_ONLY, run_pipeline
 from .selection import budget_patches, export_distilled, select_patches
 from .synthesis import image_name, per_cluster_counts, synthesize
 from .training import load_checkpoint, train_sr
@@ -203,7 +203,7 @@ def train_and_evaluate(job: dict) -> dict:
     evals = {d: evaluate(model, d, cfg.scale, device=cfg.evaluate.device) for d in job["datasets"]}
     row = {**job["row"], "psnr_y": {d: e["psnr_y"] for d, e in evals.items()},
            "ssim_y": {d: e["ssim_y"] for d, e in evals.items()}}  # fmt: skip
-    write_json(Path(job["out"]), row)
+    storage.write_json(job["out"], row)
     return row
 
 

@@ -40,7 +40,6 @@ from typing import Callable
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from . import storage
 from .config import RunConfig
@@ -74,20 +73,6 @@ def _now() -> str:
 
 def _sha(*parts: str) -> str:
     return hashlib.sha256("\x1f".join(parts).encode()).hexdigest()[:20]
-
-
-def write_json(path: Path, data: dict) -> None:
-    """Write JSON atomically (temp file then rename)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=False, default=str))
-    os.replace(tmp, path)
-
-
-def write_parquet(path: Path, table: pa.Table) -> None:
-    """Write a parquet file atomically (temp file then rename)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
 
 
 def package_versions() -> dict[str, str]:
@@ -383,7 +368,7 @@ def _select(run: Run, upstream_fp: str) -> str:
         n_total = budget_patches(cfg, n_clusters=n_clusters, corpus_pixels=corpus,
                                  patch_size=run.cfg.mine.patch_size)  # fmt: skip
         selected = select_patches(kept, cfg, n_total=n_total)
-        write_parquet(sdir / "selected.parquet", selected)
+        storage.write_parquet(sdir / "selected.parquet", selected)
         if distilled.exists():
             shutil.rmtree(distilled)
         files = export_distilled(selected, distilled)
@@ -421,7 +406,7 @@ def _encode(run: Run, cluster_fp: str) -> str:
         # by source: the patches of one batch share their images (each decoded once per batch)
         table = table.sort_by([("source", "ascending"), ("y", "ascending"), ("x", "ascending")])
         n = runner.encode_patches_ray(table, cfg, sdir / "parts")
-        write_json(sdir / "meta.json", {"shape": list(shape), "dtype": dtype, "rows": n,
+        storage.write_json(sdir / "meta.json", {"shape": list(shape), "dtype": dtype, "rows": n,
                                         "num_clusters": _n_clusters(run), "backbone": cfg.resolved_backbone})
         return {"backbone": cfg.resolved_backbone, "patches": n, "sample_shape": list(shape),
                 "dtype": dtype}  # fmt: skip
@@ -540,7 +525,7 @@ def _evaluate(run: Run, train_fp: str) -> dict:
         for ds in run.cfg.evaluate.datasets:
             rows["bicubic"].append(evaluate("bicubic", ds, scale))
             rows[label].append(evaluate(model, ds, scale, device=device))
-        write_json(out, {"scale": scale, "rows": rows})
+        storage.write_json(out, {"scale": scale, "rows": rows})
         return {f"{name} {r['dataset']}": round(r["psnr_y"], 3) for name, rs in rows.items() for r in rs}
 
     run.run_stage("evaluate", fp, ["evaluate/results.json"], stage)
