@@ -1,6 +1,8 @@
 """Storage benchmark: mining and embedding from S3 vs local disk, and memory over large manifests.
 
     python bench/bench_storage.py --images 120 --repeats 2 --sizes 10000 100000 1000000
+    python bench/bench_storage.py --part memory --sizes 100000 --images-per-shard 100
+    python bench/bench_storage.py --part plan --sizes 1000000
 
 Part ``memory`` (run first, before any S3 server exists in this process): a synthetic manifest
 (parquet, one ``uri`` column) of N URIs for each of ``--sizes``, cycling over ``--tiles``
@@ -17,13 +19,20 @@ since Ray is restarted per N.
 Part ``throughput``: a corpus of real images (T91, then BSD200, ``--images`` in all) copied
 to a local temp dir and uploaded to moto's S3 server running in this process on 127.0.0.1
 (fake credentials; ``AWS_ENDPOINT_URL`` is set before Ray starts so the workers reach it).
-For each source, disk and s3, in ABBA order, ``--repeats`` times, with the run outputs on
-the same kind of storage as the input (a fresh run dir / prefix each time), it times the
-plan (listing), mining (``runner.mine_plan`` over all shards + ``mining.summarize_parts``)
-and embedding (``runner.embed_parts_ray``, random-init CLIP ViT-B/32 unless weights are in
-the HF cache), with the demo preset's mine and embed settings. Upload time is not counted;
-one untimed mining pass per source warms Ray's workers first. Prints markdown tables (medians)
-and writes JSON with ``--json``.
+Upload time is not counted. First, one process reads the corpus object by object
+(``storage.read_bytes``, no Ray) from each source. Then, on one local Ray, warmed by an
+untimed mining pass per source, it times for each source (disk, s3) in ABBA order, with the
+run outputs on the same kind of storage as the input (a fresh run dir / prefix each time):
+``--mine-repeats`` runs of plan (listing) + mining (``runner.mine_plan`` over all shards +
+``mining.summarize_parts`` + ``keep.json``), then ``--repeats`` full runs adding embedding
+(``runner.embed_parts_ray``; random-init CLIP ViT-B/32 unless weights are in the HF cache),
+with the demo preset's mine and embed settings. Each stage starts once every Ray CPU is free.
+
+Part ``plan`` (only with ``--part plan``): ``corpus.plan_corpus`` alone over the same kind of
+manifest, no Ray: seconds, plan size, and the driver's RSS before and its ``VmHWM`` (give
+one size per process, so that memory freed by a smaller N cannot hide a larger N's peak).
+
+Prints markdown tables (medians) and writes JSON with ``--json``.
 """
 
 from __future__ import annotations
@@ -175,7 +184,8 @@ class RssSampler:
 
 def make_tiles(n: int, side: int, out_dir: Path, seed: int = 0) -> list[str]:
     """``n`` distinct ``side`` x ``side`` PNGs: random crops of T91's images."""
-    sources = sorted((DATA / "T91" / "HR").glob("*.png")) or sorted((Path(__file__).resolve().parents[1] / "data" / "T91" / "HR").glob("*.png"))
+    vendored = Path(__file__).resolve().parents[1] / "data" / "T91" / "HR"
+    sources = sorted((DATA / "T91" / "HR").glob("*.png")) or sorted(vendored.glob("*.png"))
     images = [read_image(str(p)) for p in sources]
     rng = np.random.default_rng(seed)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -257,6 +267,28 @@ def memory_part(args, work: Path) -> list[dict]:
     return rows
 
 
+def plan_only_part(args, work: Path) -> list[dict]:
+    """``plan_corpus`` alone (no Ray) over the same synthetic manifests: seconds, plan size,
+    and the driver's peak RSS over its RSS before (``VmHWM`` reset first)."""
+    tiles = [str(work / "tiles" / f"tile_{i:05d}.png") for i in range(args.tiles)]  # never opened
+    rows = []
+    for n in args.sizes:
+        manifest = work / f"manifest_{n}.parquet"
+        write_manifest(manifest, n, tiles)
+        base = psutil.Process().memory_info().rss
+        hwm_reset = reset_own_hwm()
+        t0 = time.perf_counter()
+        plan = plan_corpus(str(manifest), str(work / "plan.parquet"), extensions=MineConfig().extensions,
+                           images_per_shard=args.images_per_shard)  # fmt: skip
+        row = {"n": n, "shards": plan.shards, "plan_s": time.perf_counter() - t0, "driver_base": base,
+               "driver_hwm": _hwm_bytes(os.getpid()) if hwm_reset else 0,
+               "plan_bytes": (work / "plan.parquet").stat().st_size}  # fmt: skip
+        rows.append(row)
+        print(f"[plan] N={n}: {json.dumps(row)}", flush=True)
+        manifest.unlink()
+    return rows
+
+
 # --------------------------------------------------------------------------- part: throughput
 
 
@@ -300,10 +332,23 @@ def make_corpus(n: int, out_dir: Path) -> list[Path]:
     return out
 
 
+def wait_for_free_cpus(timeout: float = 60.0) -> None:
+    """Wait until every CPU of the local Ray is free (the embedding actor of the previous arm
+    may still be going away), so that no arm starts with fewer CPUs than the other."""
+    import ray
+
+    total = ray.cluster_resources().get("CPU", 0)
+    t0 = time.perf_counter()
+    while ray.available_resources().get("CPU", 0) < total and time.perf_counter() - t0 < timeout:
+        time.sleep(0.2)
+    time.sleep(1.0)  # and its process a moment to exit
+
+
 def run_once(input_uri: str, run_uri: str, mine_cfg: MineConfig, embed_cfg, source, embed: bool = True) -> dict:
     """plan -> mine (+ summarize, keep.json) -> embed, as ``pipeline._plan/_mine/_embed`` do,
     with every output under ``run_uri``. Returns seconds per stage and the counts."""
     at = lambda *parts: storage.join(run_uri, *parts)  # noqa: E731
+    wait_for_free_cpus()
     t0 = time.perf_counter()
     plan = plan_corpus(input_uri, at("plan", "files.parquet"), extensions=mine_cfg.extensions,
                        images_per_shard=mine_cfg.images_per_shard)  # fmt: skip
@@ -316,11 +361,23 @@ def run_once(input_uri: str, run_uri: str, mine_cfg: MineConfig, embed_cfg, sour
     t_mine = time.perf_counter() - t0
     out = {"plan_s": t_plan, "mine_s": t_mine, "images": plan.images, "shards": plan.shards, **counts}
     if embed:
+        wait_for_free_cpus()
         t0 = time.perf_counter()
         runner.embed_parts_ray(at("mine"), at("embed", "parts"), shards, embed_cfg, source)
         out["embed_s"] = time.perf_counter() - t0
         out["embedded"] = storage.read_dataset(at("embed", "parts"), columns=["patch_id"]).num_rows
     return out
+
+
+def read_pass(uris: list[str]) -> tuple[float, list[float]]:
+    """``storage.read_bytes`` of every URI in turn: (total seconds, seconds per read)."""
+    each = []
+    t_all = time.perf_counter()
+    for u in uris:
+        t0 = time.perf_counter()
+        storage.read_bytes(u)
+        each.append(time.perf_counter() - t0)
+    return time.perf_counter() - t_all, each
 
 
 def throughput_part(args, work: Path) -> dict:
@@ -331,18 +388,29 @@ def throughput_part(args, work: Path) -> dict:
     try:
         files = make_corpus(args.images, work / "corpus")
         megapixels = sum(int(np.prod(read_image(str(p)).shape[:2])) for p in files) / 1e6
+        nbytes = sum(p.stat().st_size for p in files)
         t0 = time.perf_counter()
         storage.copy_dir(str(work / "corpus"), f"s3://{bucket}/corpus")
         upload_s = time.perf_counter() - t0
+        inputs = {"disk": str(work / "corpus"), "s3": f"s3://{bucket}/corpus"}
+        reads: dict[str, list] = {"disk": [], "s3": []}
+        for _ in range(3):  # one process reading the corpus object by object, no Ray
+            for name in ("disk", "s3"):
+                reads[name].append(read_pass(storage.list_files(inputs[name])))
         demo = load_config("demo", overrides=["embed.allow_random_init=true"])
         mine_cfg, embed_cfg = demo.mine, demo.embed
         source = resolve_clip(embed_cfg)
-        inputs = {"disk": str(work / "corpus"), "s3": f"s3://{bucket}/corpus"}
         runs = {"disk": str(work / "runs"), "s3": f"s3://{bucket}/runs"}
         runner.init_ray(RayConfig(num_cpus=args.cpus))  # after the S3 environment: workers inherit it
         for name in ("disk", "s3"):  # untimed warm-up: worker start-up and imports
             run_once(inputs[name], storage.join(runs[name], "warmup"), mine_cfg, embed_cfg, source, embed=False)
         results: dict[str, list[dict]] = {"disk": [], "s3": []}
+        mine_only: dict[str, list[dict]] = {"disk": [], "s3": []}
+        for r in range(args.mine_repeats):  # plan + mine only: short, so repeated more
+            for name in (("disk", "s3") if r % 2 == 0 else ("s3", "disk")):
+                res = run_once(inputs[name], storage.join(runs[name], f"m{r}"), mine_cfg, embed_cfg, source, embed=False)
+                mine_only[name].append(res)
+                print(f"[throughput] mine-only repeat {r} {name}: {json.dumps(res)}", flush=True)
         for r in range(args.repeats):
             for name in (("disk", "s3") if r % 2 == 0 else ("s3", "disk")):
                 res = run_once(inputs[name], storage.join(runs[name], f"r{r}"), mine_cfg, embed_cfg, source)
@@ -351,8 +419,14 @@ def throughput_part(args, work: Path) -> dict:
         runner.shutdown_ray()
     finally:
         server.stop()
-    return {"images": len(files), "megapixels": megapixels, "upload_s": upload_s, "endpoint": endpoint,
-            "mine": mine_cfg.model_dump(), "embed": embed_cfg.model_dump(), "clip": source.note, "results": results}  # fmt: skip
+    read_stats = {
+        name: {"mb_per_s": nbytes / 1e6 / statistics.median(t for t, _ in passes),
+               "ms_per_object": 1e3 * statistics.median(x for _, each in passes for x in each)}
+        for name, passes in reads.items()
+    }  # fmt: skip
+    return {"images": len(files), "megapixels": megapixels, "megabytes": nbytes / 1e6, "upload_s": upload_s,
+            "endpoint": endpoint, "reads": read_stats, "mine": mine_cfg.model_dump(), "embed": embed_cfg.model_dump(),
+            "clip": source.note, "results": results, "mine_only": mine_only}  # fmt: skip
 
 
 # --------------------------------------------------------------------------- report
@@ -362,30 +436,42 @@ def _med(rows: list[dict], key: str) -> float:
     return statistics.median(r[key] for r in rows)
 
 
-def print_throughput(t: dict, repeats: int) -> None:
-    res = t["results"]
+def _range(values: list[float], fmt: str) -> str:
+    return f"{statistics.median(values):{fmt}} ({min(values):{fmt}}-{max(values):{fmt}})"
+
+
+def print_throughput(t: dict, args) -> None:
+    res, mine_only = t["results"], t["mine_only"]
     first = res["disk"][0]
-    print(f"\n### Throughput: {t['images']} images, {t['megapixels']:.2f} MP, {first['shards']} shards of "
-          f"{t['mine']['images_per_shard']}; mine {t['mine']['patch_size']}/{t['mine']['stride']} "
-          f"{t['mine']['keep_rule']}; {first['patches']} patches, {first['patches_kept']} kept and embedded "
-          f"({t['clip']}); median of {repeats}, ABBA order; upload (not timed in the arms) {t['upload_s']:.1f} s\n")  # fmt: skip
+    m = t["mine"]
+    print(f"\n### Throughput: {t['images']} images, {t['megapixels']:.2f} MP, {t['megabytes']:.1f} MB of PNG, "
+          f"{first['shards']} shards of {m['images_per_shard']}; mine {m['patch_size']}/{m['stride']} {m['keep_rule']}; "
+          f"{first['patches']} patches, {first['patches_kept']} kept and embedded ({t['clip']}); upload (untimed) "
+          f"{t['upload_s']:.1f} s. Plan and mine: median (min-max) of {args.mine_repeats} mine-only + {args.repeats} "
+          f"full runs per source; embed: of {args.repeats}; ABBA order\n")  # fmt: skip
     print("| source | plan (s) | mine (s) | images/s | MP/s | embed (s) | patches/s |")
     print("|---|---|---|---|---|---|---|")
     derived = {}
     for name in ("disk", "s3"):
-        rows = res[name]
-        plan, mine, emb = _med(rows, "plan_s"), _med(rows, "mine_s"), _med(rows, "embed_s")
-        images = rows[0]["images"]
-        mp = rows[0]["corpus_pixels"] / 1e6
-        kept = rows[0]["embedded"]
-        derived[name] = {"plan": plan, "ips": images / mine, "mps": mp / mine, "pps": kept / emb}
-        print(f"| {name} | {plan:.3f} | {mine:.2f} | {images / mine:.1f} | {mp / mine:.2f} | {emb:.1f} | {kept / emb:.1f} |")
+        rows = mine_only[name] + res[name]
+        plan, mine = [r["plan_s"] for r in rows], [r["mine_s"] for r in rows]
+        emb = [r["embed_s"] for r in res[name]]
+        images, mp, kept = rows[0]["images"], rows[0]["corpus_pixels"] / 1e6, res[name][0]["embedded"]
+        med_mine, med_emb = statistics.median(mine), statistics.median(emb)
+        derived[name] = {"plan": statistics.median(plan), "ips": images / med_mine, "mps": mp / med_mine,
+                         "pps": kept / med_emb}  # fmt: skip
+        print(f"| {name} | {_range(plan, '.3f')} | {_range(mine, '.2f')} | {images / med_mine:.1f} | {mp / med_mine:.2f} "
+              f"| {_range(emb, '.1f')} | {kept / med_emb:.1f} |")  # fmt: skip
     d, s = derived["disk"], derived["s3"]
-    print(f"| S3/disk | {s['plan'] / d['plan']:.2f}x time | | {s['ips'] / d['ips']:.2f}x | {s['mps'] / d['mps']:.2f}x "
+    print(f"| S3/disk | {s['plan'] / d['plan']:.1f}x the time | | {s['ips'] / d['ips']:.2f}x | {s['mps'] / d['mps']:.2f}x "
           f"| | {s['pps'] / d['pps']:.2f}x |")  # fmt: skip
     same = all(r["patches"] == first["patches"] and r["patches_kept"] == first["patches_kept"]
-               for rows in res.values() for r in rows)  # fmt: skip
-    print(f"\nSame patches and kept counts from both sources in every repeat: {same}")
+               for group in (res, mine_only) for rows in group.values() for r in rows)  # fmt: skip
+    print(f"\nSame patches and kept counts from both sources in every run: {same}")
+    rd = t["reads"]
+    print(f"Reading the corpus object by object in one process (no Ray), median of 3 passes: disk "
+          f"{rd['disk']['mb_per_s']:.0f} MB/s ({rd['disk']['ms_per_object']:.2f} ms per object), S3 "
+          f"{rd['s3']['mb_per_s']:.1f} MB/s ({rd['s3']['ms_per_object']:.1f} ms per object)")  # fmt: skip
 
 
 def print_memory(rows: list[dict], args) -> None:
@@ -413,9 +499,11 @@ def print_memory(rows: list[dict], args) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--part", choices=("all", "memory", "throughput"), default="all")
+    ap.add_argument("--part", choices=("all", "memory", "throughput", "plan"), default="all",
+                    help="plan: plan_corpus alone over the --sizes manifests (not part of all)")
     ap.add_argument("--images", type=int, default=120, help="throughput corpus: first N of T91 then BSD200")
-    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=2, help="full runs (plan, mine, embed) per source")
+    ap.add_argument("--mine-repeats", type=int, default=6, help="extra plan + mine runs per source")
     ap.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000], help="manifest sizes N")
     ap.add_argument("--tiles", type=int, default=1000, help="distinct PNGs the manifests cycle over")
     ap.add_argument("--tile-side", type=int, default=48)
@@ -434,14 +522,22 @@ def main() -> None:
             out["memory"] = memory_part(args, work)
         if args.part in ("all", "throughput"):
             out["throughput"] = throughput_part(args, work)
+        if args.part == "plan":
+            out["plan"] = plan_only_part(args, work)
     finally:
         runner.shutdown_ray()
         shutil.rmtree(work, ignore_errors=True)
     print(f"\n{out['machine']}, {args.cpus} Ray CPUs")
     if "throughput" in out:
-        print_throughput(out["throughput"], args.repeats)
+        print_throughput(out["throughput"], args)
     if "memory" in out:
         print_memory(out["memory"], args)
+    if "plan" in out:
+        print("\n| N | shards | plan (s) | plan file (MiB) | driver RSS before (MiB) | driver VmHWM (MiB) |")
+        print("|---|---|---|---|---|---|")
+        for r in out["plan"]:
+            print(f"| {r['n']:,} | {r['shards']} | {r['plan_s']:.2f} | {r['plan_bytes'] / MiB:.2f} "
+                  f"| {r['driver_base'] / MiB:.0f} | {r['driver_hwm'] / MiB:.0f} |")
     if args.json:
         args.json.write_text(json.dumps(out, indent=2, default=str))
 
