@@ -81,9 +81,11 @@ def _listing(root: str, exts: tuple[str, ...]) -> Iterator[tuple[list[str], list
     as a single batch (the listing is held in memory)."""
     fs, path = storage.filesystem(root)
     with storage.errors("list", root):
-        if fs.get_file_info(path).type != pafs.FileType.Directory:
-            raise FileNotFoundError(f"input {root!r} is not a directory, S3 prefix or manifest file "
-                                    f"({', '.join(MANIFEST_SUFFIXES)})")  # fmt: skip
+        kind = fs.get_file_info(path).type
+    if kind != pafs.FileType.Directory:
+        raise FileNotFoundError(f"input {root!r} is not a directory, S3 prefix or manifest file "
+                                f"({', '.join(MANIFEST_SUFFIXES)})")  # fmt: skip
+    with storage.errors("list", root):
         infos = fs.get_file_info(pafs.FileSelector(path, recursive=True))
     files = sorted((i for i in infos if i.type == pafs.FileType.File), key=lambda i: i.path)
     uris, keys, lines = [], [], []

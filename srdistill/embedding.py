@@ -30,7 +30,6 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import torch
 import torch.nn.functional as F
 
@@ -445,16 +444,12 @@ def embed_shard(embedder: ClipEmbedder, shard: int, *, mine_uri: str, out_uri: s
         OSError: storage failed after retries.
     """
     from . import storage
-    from .mining import kept_mask, part_name
+    from .mining import part_name, read_patches
 
     out = storage.join(out_uri, part_name(shard))
     if storage.exists(out):
         return -1
-    rule = storage.read_json(storage.join(mine_uri, "keep.json"))
-    cols = list(dict.fromkeys(["patch_id", "source", "x", "y", "size", "error", rule["score"]]))
-    part = storage.read_parquet(storage.join(mine_uri, "patches", part_name(shard)), columns=cols)
-    part = part.filter(pc.equal(part.column("error"), ""))
-    part = part.filter(pa.array(kept_mask(part, rule)))
+    part = read_patches(mine_uri, ["patch_id", "source", "x", "y", "size"], kept_only=True, shard=shard)
     arrays = {c: part.column(c).to_numpy(zero_copy_only=False) for c in ("patch_id", "source", "x", "y", "size")}
     embs = [np.empty((0, embedder.dim), np.float32)]
     for start in range(0, part.num_rows, batch_size):

@@ -19,7 +19,7 @@ from __future__ import annotations
 import hashlib
 import os
 from pathlib import Path
-from typing import Literal
+from typing import Callable, Literal
 
 import numpy as np
 import pyarrow as pa
@@ -255,7 +255,7 @@ def mine_shard(plan_uri: str, shard: int, parts_uri: str, cfg: MineConfig) -> in
     image, one skip row per skipped image).
 
     Returns:
-        The number of rows in the part.
+        The number of rows written, or -1 when the part already existed.
 
     Raises:
         OSError: reading the plan or an S3 image, or writing the part, failed after retries.
@@ -271,12 +271,14 @@ def mine_shard(plan_uri: str, shard: int, parts_uri: str, cfg: MineConfig) -> in
     return table.num_rows
 
 
-def keep_rule(cfg: MineConfig, scores: np.ndarray | None = None, ids=None) -> dict:
+def keep_rule(cfg: MineConfig, scores: np.ndarray | None = None,
+              ids: Callable[[float], list[str]] | None = None) -> dict:  # fmt: skip
     """The keep rule of ``cfg`` resolved to a cut, the same for every part of the patch table.
 
     ``threshold``: harder than ``cfg.threshold`` (``psnr_bic < t`` or ``grad > t``);
-    ``top_fraction``: the ``ceil(fraction * N)`` hardest of the N ``scores`` (ties at the cut
-    broken by ascending ``patch_id``: ``ids(score_at_cut) -> ids`` gives the tied ids);
+    ``top_fraction``: the ``ceil(fraction * N)`` hardest of the N ``scores`` ((N,) float, dB for
+    ``psnr_bic``, grey levels/px for ``grad``; ties at the cut broken by ascending ``patch_id``:
+    ``ids(score_at_cut)`` returns the ids of the tied patches);
     ``all``: every patch.
 
     Returns:
@@ -353,29 +355,31 @@ def summarize_parts(parts_uri: str, cfg: MineConfig, skipped_uri: str) -> tuple[
             if skipped.num_rows:
                 writer.write_table(skipped.select(["source", "error"]).cast(SKIPPED_SCHEMA))
             patches = part.filter(pc.invert(bad))
-            per_source = patches.group_by("source").aggregate([("img_w", "max"), ("img_h", "max")])
-            w = per_source.column("img_w_max").to_numpy().astype(np.int64)
-            h = per_source.column("img_h_max").to_numpy().astype(np.int64)
             counts["patches"] += patches.num_rows
             counts["patches_kept"] += int(kept_mask(patches, rule).sum())
-            counts["images_mined"] += per_source.num_rows
+            counts["images_mined"] += pc.count_distinct(patches.column("source")).as_py()
             counts["images_skipped"] += skipped.num_rows
-            counts["corpus_pixels"] += int((w * h).sum())
+            counts["corpus_pixels"] += corpus_pixels(patches)
     return rule, counts
 
 
 def read_patches(mine_uri: str, columns: list[str] | None = None, *, kept_only: bool = False,
-                 filter=None) -> pa.Table:  # fmt: skip
+                 filter=None, shard: int | None = None) -> pa.Table:  # fmt: skip
     """The patch table of a run's ``mine`` stage (``mine_uri/patches/part-*.parquet`` with the
-    keep rule in ``mine_uri/keep.json``), sorted by shard then row.
+    keep rule in ``mine_uri/keep.json``), sorted by shard then row; skipped-image rows dropped.
 
     Args:
         columns: ``PATCH_SCHEMA`` columns and/or ``"kept"`` (default: all, with ``kept``).
         kept_only: only the patches the keep rule kept.
         filter: an extra ``pyarrow.dataset`` expression.
+        shard: read only this shard's part.
 
     Returns:
         A table of the asked columns (``kept`` bool computed from the rule).
+
+    Raises:
+        FileNotFoundError: the stage has not written ``keep.json`` or the parts.
+        OSError: storage failed after retries.
     """
     import pyarrow.dataset as pads
 
@@ -387,7 +391,8 @@ def read_patches(mine_uri: str, columns: list[str] | None = None, *, kept_only: 
     expr = pads.field("error") == ""
     if filter is not None:
         expr = expr & filter
-    table = storage.read_dataset(storage.join(mine_uri, "patches"), columns=need, filter=expr)
+    parts = storage.join(mine_uri, "patches", *([part_name(shard)] if shard is not None else []))
+    table = storage.read_dataset(parts, columns=need, filter=expr)
     if "kept" in want or kept_only:
         mask = kept_mask(table, rule)
         if kept_only:
