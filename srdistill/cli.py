@@ -32,9 +32,9 @@ def _fail(message: str) -> None:
     raise typer.Exit(2)
 
 
-def _config(preset, config, overrides, *, recipe: bool = False):
+def _config(preset, config, overrides, *, recipe: bool = False, data: dict | None = None):
     try:
-        return load_config(preset, config, overrides, recipe=recipe)
+        return load_config(preset, config, overrides, recipe=recipe, data=data)
     except ValueError as exc:  # pydantic's ValidationError is a ValueError
         _fail(str(exc))
 
@@ -44,6 +44,9 @@ def run(
     input: str = typer.Option(..., "--input", help=_INPUT_HELP),
     out: str = typer.Option(..., "--out", help=_OUT_HELP),
     config: Optional[Path] = typer.Option(None, "--config", help="YAML config file"),
+    config_json: Optional[str] = typer.Option(
+        None, "--config-json", help="config as a JSON object, merged after --config (what the "
+        "RayJobs of `srdistill k8s render` and the operator pass)"),  # fmt: skip
     preset: Optional[str] = typer.Option(None, "--preset", help=_PRESET_HELP),
     overrides: list[str] = typer.Option([], "--set", help=_SET_HELP),
     allow_random_init: bool = typer.Option(
@@ -58,10 +61,10 @@ def run(
 ) -> None:
     """Run mine -> embed -> cluster -> select (coreset) or encode -> finetune -> synthesize
     (synth) -> train -> evaluate -> report."""
-    _pipeline(input, out, config, preset, overrides, allow_random_init, until, distill)
+    _pipeline(input, out, config, preset, overrides, allow_random_init, until, distill, config_json)
 
 
-def _pipeline(input, out, config, preset, overrides, allow_random_init, until, distill) -> None:
+def _pipeline(input, out, config, preset, overrides, allow_random_init, until, distill, config_json=None) -> None:
     from .embedding import MissingWeightsError
     from .pipeline import run_pipeline
 
@@ -69,7 +72,11 @@ def _pipeline(input, out, config, preset, overrides, allow_random_init, until, d
         overrides = [*overrides, "embed.allow_random_init=true"]
     if distill is not None:
         overrides = [*overrides, f"distill={distill}"]
-    cfg = _config(preset, config, overrides)
+    try:
+        data = json.loads(config_json) if config_json is not None else None
+    except json.JSONDecodeError as exc:
+        _fail(f"--config-json is not valid JSON: {exc}")
+    cfg = _config(preset, config, overrides, data=data)
     try:
         run_pipeline(input, out, cfg, preset=preset, until=until)
     except (MissingWeightsError, OSError, ValueError, RuntimeError) as exc:  # FileNotFoundError is an OSError
@@ -283,6 +290,60 @@ def bench_quality(
     (out / "results.md").write_text(text)
     (out / "summary.json").write_text(json.dumps(rows, indent=2))
     typer.echo(text)
+
+
+k8s_app = typer.Typer(no_args_is_help=True, help="Kubernetes: the KubeRay RayJob a distillation becomes.")
+app.add_typer(k8s_app, name="k8s")
+
+
+@k8s_app.command("render")
+def k8s_render(
+    input: str = typer.Option(..., "--input", help=_INPUT_HELP),
+    out: str = typer.Option(..., "--out", help="run directory, an s3:// URI"),
+    config: Optional[Path] = typer.Option(None, "--config", help="YAML config file (the schema of `run --config`)"),
+    preset: Optional[str] = typer.Option(None, "--preset", help=_PRESET_HELP),
+    distill: Optional[str] = typer.Option(None, "--distill", help="coreset or synth"),
+    allow_random_init: bool = typer.Option(False, "--allow-random-init", help="random-init CLIP (NOT semantic)"),
+    cluster: Optional[Path] = typer.Option(
+        None, "--cluster", help="YAML of the cluster shape: an SRDistillation's spec.cluster "
+        "(image, s3Secret, env, head, workerGroups, existingCluster)"),  # fmt: skip
+    image: Optional[str] = typer.Option(None, "--image", help="Ray image with srdistill (overrides --cluster)"),
+    s3_secret: Optional[str] = typer.Option(None, "--s3-secret", help="Secret holding AWS_* env vars"),
+    name: str = typer.Option("srdistill", "--name", help="metadata.name of the RayJob"),
+    namespace: Optional[str] = typer.Option(None, "--namespace", help="metadata.namespace (default: none)"),
+) -> None:
+    """Print the RayJob (YAML) for `kubectl apply -f -`: what the operator would create for an
+    SRDistillation with this spec."""
+    import yaml
+
+    from . import k8s
+
+    spec: dict = {"input": input, "output": out, "allowRandomInit": allow_random_init}
+    spec.update({k: v for k, v in {"preset": preset, "distill": distill}.items() if v is not None})
+    try:
+        if config is not None:
+            spec["config"] = _yaml_mapping(config)
+        shape = _yaml_mapping(cluster) if cluster is not None else {}
+    except ValueError as exc:
+        _fail(str(exc))
+    shape.update({k: v for k, v in {"image": image, "s3Secret": s3_secret}.items() if v is not None})
+    spec["cluster"] = shape
+    try:
+        parsed = k8s.parse_spec(spec)
+    except k8s.InvalidSpec as exc:
+        _fail(str(exc))
+    typer.echo(yaml.safe_dump(k8s.rayjob(parsed, name, namespace=namespace), sort_keys=False), nl=False)
+
+
+def _yaml_mapping(path: Path) -> dict:
+    import yaml
+
+    if not path.is_file():
+        raise ValueError(f"{str(path)!r} does not exist")
+    loaded = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(loaded, dict):
+        raise ValueError(f"{str(path)!r} must hold a YAML mapping")
+    return loaded
 
 
 def main() -> None:  # pragma: no cover - console entry

@@ -420,25 +420,28 @@ def load_config(
     overrides: list[str] | tuple[str, ...] = (),
     *,
     recipe: bool = False,
+    data: dict | None = None,
 ) -> RunConfig:
-    """Build a ``RunConfig`` from a preset, a YAML file and ``key=value`` overrides, in that order.
+    """Build a ``RunConfig`` from a preset, a YAML file, a mapping ``data`` (the same schema as
+    the file; ``srdistill run --config-json``, an ``SRDistillation``'s ``spec.config``) and
+    ``key=value`` overrides, in that order.
 
     With ``recipe``, the published training settings of the chosen network (``RECIPES``) are
-    applied after the preset and before the file and overrides.
+    applied after the preset and before the file, data and overrides.
 
     Raises:
         ValueError: unknown preset name, unreadable/invalid YAML, or a pydantic validation
             error naming the offending key.
     """
-    data: dict = {}
+    merged: dict = {}
     if preset is not None:
         path = PRESET_DIR / f"{preset}.yaml"
         if not path.is_file():
             raise ValueError(f"preset {preset!r} is not one of {preset_names()}")
-        data = yaml.safe_load(path.read_text()) or {}
+        merged = yaml.safe_load(path.read_text()) or {}
     if recipe:
-        model = load_config(preset, config_file, overrides).train.model
-        data = _deep_merge(data, {"train": RECIPES[model]})
+        model = load_config(preset, config_file, overrides, data=data).train.model
+        merged = _deep_merge(merged, {"train": RECIPES[model]})
     if config_file is not None:
         path = Path(config_file)
         if not path.is_file():
@@ -446,7 +449,11 @@ def load_config(
         loaded = yaml.safe_load(path.read_text()) or {}
         if not isinstance(loaded, dict):
             raise ValueError(f"config file {str(path)!r} must hold a YAML mapping")
-        data = _deep_merge(data, loaded)
+        merged = _deep_merge(merged, loaded)
+    if data is not None:
+        if not isinstance(data, dict):
+            raise ValueError(f"config data must be a mapping, got {type(data).__name__}")
+        merged = _deep_merge(merged, data)
     for item in overrides:
-        data = _deep_merge(data, parse_override(item))
-    return RunConfig.model_validate(data)
+        merged = _deep_merge(merged, parse_override(item))
+    return RunConfig.model_validate(merged)
