@@ -129,7 +129,9 @@ class ClusterSpec(_Spec):
 
     ``s3_secret`` names a Secret whose keys become environment variables of every Ray pod
     (``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, optionally ``AWS_ENDPOINT_URL``,
-    ``AWS_REGION``): the only way credentials reach the job.
+    ``AWS_REGION``): the only way credentials reach the job. ``volumes`` (Kubernetes ``Volume``
+    objects; no ``hostPath`` under the restricted Pod Security Standard) are added to every Ray
+    pod and mounted by ``volume_mounts``, e.g. a read-only PVC of model weights at ``/models``.
     """
 
     image: Optional[str] = Field(None, description="None: the operator's default image")
@@ -137,6 +139,8 @@ class ClusterSpec(_Spec):
     service_account_name: Optional[str] = None
     s3_secret: Optional[str] = None
     env: list[EnvVar] = []
+    volumes: list[dict[str, Any]] = Field([], description="pod volumes, e.g. a PVC of model weights")
+    volume_mounts: list[dict[str, Any]] = Field([], description="their mounts in every Ray container")
     existing_cluster: Optional[str] = None
     head: Resources = Resources()
     worker_groups: list[WorkerGroup] = Field(default_factory=lambda: [WorkerGroup(name="cpu")])
@@ -148,6 +152,12 @@ class ClusterSpec(_Spec):
             raise ValueError(f"worker group names must be unique, got {names}")
         if not self.worker_groups and self.existing_cluster is None:
             raise ValueError("workerGroups is empty: the job needs at least one worker group")
+        declared = [v.get("name") for v in self.volumes]
+        if any("hostPath" in v for v in self.volumes):
+            raise ValueError("hostPath volumes are not allowed (Pod Security Standard 'restricted')")
+        missing = [m.get("name") for m in self.volume_mounts if m.get("name") not in declared]
+        if missing:
+            raise ValueError(f"volumeMounts {missing} name no volume of {declared}")
         return self
 
 
@@ -272,8 +282,8 @@ def _pod(spec: DistillationSpec, container: str, res: Resources, *, image: str, 
         "env": [{"name": "SRDISTILL_CACHE", "value": "/home/ray/.cache/srdistill"},
                 *({"name": e.name, "value": e.value} for e in cluster.env)],  # fmt: skip
         "securityContext": _restricted_container(),
-        "volumeMounts": [{"name": "shm", "mountPath": "/dev/shm"},
-                         {"name": "cache", "mountPath": "/home/ray/.cache"}],  # fmt: skip
+        "volumeMounts": [{"name": "shm", "mountPath": "/dev/shm"}, {"name": "cache", "mountPath": "/home/ray/.cache"},
+                         *(dict(m) for m in cluster.volume_mounts)],  # fmt: skip
     }
     if cluster.s3_secret:
         ctr["envFrom"] = [{"secretRef": {"name": cluster.s3_secret}}]
@@ -282,7 +292,8 @@ def _pod(spec: DistillationSpec, container: str, res: Resources, *, image: str, 
     pod: dict[str, Any] = {
         "securityContext": _restricted_pod(),
         "containers": [ctr],
-        "volumes": [{"name": "shm", "emptyDir": {"medium": "Memory"}}, {"name": "cache", "emptyDir": {}}],
+        "volumes": [{"name": "shm", "emptyDir": {"medium": "Memory"}}, {"name": "cache", "emptyDir": {}},
+                    *(dict(v) for v in cluster.volumes)],  # fmt: skip
     }
     if cluster.service_account_name:
         pod["serviceAccountName"] = cluster.service_account_name

@@ -1,0 +1,260 @@
+"""srdistill.k8s: spec validation, the rendered RayJob (checked against KubeRay's CRD schema),
+the CRD kept in step with the pydantic spec, status helpers and ``srdistill k8s render``."""
+
+from __future__ import annotations
+
+import json
+import shlex
+from pathlib import Path
+
+import pytest
+import yaml
+from k8s_schema import validate_custom
+from pydantic import BaseModel
+from typer.testing import CliRunner
+
+from srdistill import k8s
+from srdistill.cli import app
+from srdistill.config import load_config
+from srdistill.pipeline import Run
+
+REPO = Path(__file__).resolve().parents[1]
+CRD = REPO / "charts" / "srdistill" / "crds" / "srdistill.io_srdistillations.yaml"
+EXAMPLES = sorted((REPO / "charts" / "srdistill" / "examples").glob("*.yaml"))
+
+FULL = {
+    "input": "s3://corpora/DIV2K/",
+    "output": "s3://runs/div2k",
+    "preset": "demo",
+    "distill": "synth",
+    "config": {"train": {"iterations": 50, "model": "edsr-baseline"}, "cluster": {"k": 5}},
+    "cluster": {
+        "image": "registry.example/srdistill:1-cpu",
+        "s3Secret": "s3-credentials",
+        "env": [{"name": "AWS_ENDPOINT_URL", "value": "http://minio.minio:9000"}],
+        "volumes": [{"name": "models", "persistentVolumeClaim": {"claimName": "models", "readOnly": True}}],
+        "volumeMounts": [{"name": "models", "mountPath": "/models", "readOnly": True}],
+        "head": {"cpu": 2, "memory": "8Gi"},
+        "workerGroups": [
+            {"name": "cpu", "replicas": 2, "minReplicas": 0, "maxReplicas": 4, "cpu": "4", "memory": "16Gi"},
+            {"name": "gpu", "replicas": 1, "minReplicas": 1, "maxReplicas": 1, "cpu": "8", "memory": "64Gi",
+             "gpu": 1, "image": "registry.example/srdistill:1-gpu", "nodeSelector": {"gpu": "h200"},
+             "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]},
+        ],
+    },
+    "job": {"ttlSecondsAfterFinished": 600, "backoffLimit": 3, "activeDeadlineSeconds": 86400},
+}  # fmt: skip
+
+
+def _pods(job: dict) -> list[dict]:
+    spec = job["spec"]
+    pods = [spec["submitterPodTemplate"]]
+    if "rayClusterSpec" in spec:
+        pods.append(spec["rayClusterSpec"]["headGroupSpec"]["template"])
+        pods += [g["template"] for g in spec["rayClusterSpec"]["workerGroupSpecs"]]
+    return pods
+
+
+def test_rayjob_validates_against_kuberay_and_carries_the_spec():
+    spec = k8s.parse_spec(FULL)
+    job = k8s.rayjob(spec, "div2k-1234abcd", namespace="ml")
+    validate_custom(job)
+    body = job["spec"]
+    assert (body["shutdownAfterJobFinishes"], body["ttlSecondsAfterFinished"], body["backoffLimit"],
+            body["activeDeadlineSeconds"]) == (True, 600, 3, 86400)  # fmt: skip
+    cluster = body["rayClusterSpec"]
+    assert cluster["enableInTreeAutoscaling"] is True  # the cpu group scales 0..4
+    assert [(g["groupName"], g["replicas"], g["minReplicas"], g["maxReplicas"]) for g in cluster["workerGroupSpecs"]] == [
+        ("cpu", 2, 0, 4), ("gpu", 1, 1, 1)]  # fmt: skip
+    gpu = cluster["workerGroupSpecs"][1]["template"]["spec"]
+    assert gpu["containers"][0]["resources"]["limits"] == {"cpu": "8", "memory": "64Gi", "nvidia.com/gpu": 1}
+    assert gpu["containers"][0]["image"] == "registry.example/srdistill:1-gpu"
+    assert gpu["nodeSelector"] == {"gpu": "h200"} and gpu["tolerations"][0]["key"] == "nvidia.com/gpu"
+    for pod in _pods(job)[1:]:  # Ray pods: the secret as env, the model volume mounted
+        ctr = pod["spec"]["containers"][0]
+        assert ctr["envFrom"] == [{"secretRef": {"name": "s3-credentials"}}]
+        assert {"name": "AWS_ENDPOINT_URL", "value": "http://minio.minio:9000"} in ctr["env"]
+        assert {"name": "models", "mountPath": "/models", "readOnly": True} in ctr["volumeMounts"]
+    # the entrypoint is `srdistill run` with exactly this spec
+    args = shlex.split(body["entrypoint"])
+    assert args[:2] == ["srdistill", "run"]
+    opts = dict(zip(args[2::2], args[3::2]))
+    assert opts["--input"] == FULL["input"] and opts["--out"] == FULL["output"] and opts["--distill"] == "synth"
+    assert json.loads(opts["--config-json"]) == FULL["config"]
+    assert load_config("demo", None, ["distill=synth"], data=json.loads(opts["--config-json"])) == spec.run_config()
+
+
+def test_every_pod_is_restricted():
+    for job in (k8s.rayjob(k8s.parse_spec(FULL), "a"),
+                k8s.rayjob(k8s.parse_spec({**FULL, "cluster": {"existingCluster": "standing"}}), "b")):  # fmt: skip
+        for pod in _pods(job):
+            spec = pod["spec"]
+            assert spec["securityContext"]["runAsNonRoot"] is True and spec["securityContext"]["runAsUser"] != 0
+            assert spec["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+            assert not spec.get("hostNetwork") and not any("hostPath" in v for v in spec.get("volumes", []))
+            for ctr in spec["containers"]:
+                sc = ctr["securityContext"]
+                assert sc["allowPrivilegeEscalation"] is False and sc["capabilities"] == {"drop": ["ALL"]}
+                assert not sc.get("privileged")
+        if "rayClusterSpec" in job["spec"]:
+            assert job["spec"]["rayClusterSpec"]["autoscalerOptions"]["securityContext"]["allowPrivilegeEscalation"] is False
+
+
+def test_existing_cluster_submits_there_and_keeps_it():
+    job = k8s.rayjob(k8s.parse_spec({**FULL, "cluster": {"existingCluster": "standing"}}), "x")
+    validate_custom(job)
+    assert job["spec"]["clusterSelector"] == {"ray.io/cluster": "standing"}
+    assert "rayClusterSpec" not in job["spec"] and "shutdownAfterJobFinishes" not in job["spec"]
+
+
+def test_fixed_size_groups_do_not_autoscale_and_the_default_image_applies():
+    spec = k8s.parse_spec({"input": "s3://a/", "output": "s3://b/c",
+                           "cluster": {"workerGroups": [{"name": "cpu", "replicas": 2, "minReplicas": 2, "maxReplicas": 2}]}})
+    job = k8s.rayjob(spec, "x", default_image="img:1")
+    validate_custom(job)
+    assert job["spec"]["rayClusterSpec"]["enableInTreeAutoscaling"] is False
+    assert "autoscalerOptions" not in job["spec"]["rayClusterSpec"]
+    assert {p["spec"]["containers"][0]["image"] for p in _pods(job)} == {"img:1"}
+
+
+@pytest.mark.parametrize("patch, expected", [
+    ({"output": "/data/run"}, "spec.output: output '/data/run' must be an s3:// URI"),
+    ({"input": ""}, "spec.input: String should have at least 1 character"),
+    ({"preset": "huge"}, "spec.preset: preset 'huge' is not one of"),
+    ({"distill": "gan"}, "spec.distill: Input should be 'coreset' or 'synth'"),
+    ({"config": {"train": {"iterationz": 5}}}, "spec.config: train.iterationz: Extra inputs are not permitted"),
+    ({"config": {"train": {"model": "srgan"}}}, "spec.config: train.model: Input should be"),
+    ({"colour": "red"}, "spec.colour: Extra inputs are not permitted"),
+    ({"cluster": {"workerGroups": [{"name": "GPU"}]}}, "spec.cluster.workerGroups[0].name: worker group name 'GPU'"),
+    ({"cluster": {"workerGroups": [{"name": "cpu", "replicas": 5, "maxReplicas": 2}]}},
+     "spec.cluster.workerGroups[0]: worker group 'cpu': need minReplicas 0 <= replicas 5 <= maxReplicas 2"),
+    ({"cluster": {"workerGroups": [{"name": "a"}, {"name": "a"}]}}, "worker group names must be unique"),
+    ({"cluster": {"head": {"memory": "lots"}}}, "spec.cluster.head.memory: memory 'lots' is not a Kubernetes quantity"),
+    ({"cluster": {"volumes": [{"name": "h", "hostPath": {"path": "/"}}]}}, "hostPath volumes are not allowed"),
+    ({"cluster": {"volumeMounts": [{"name": "w", "mountPath": "/w"}]}}, "volumeMounts ['w'] name no volume"),
+    ({"job": {"backoffLimit": -1}}, "spec.job.backoffLimit: Input should be greater than or equal to 0"),
+])  # fmt: skip
+def test_invalid_specs_name_the_field(patch, expected):
+    with pytest.raises(k8s.InvalidSpec) as err:
+        k8s.parse_spec({"input": "s3://a/", "output": "s3://b/c", **patch})
+    assert expected in str(err.value)
+
+
+def test_all_problems_are_reported_at_once():
+    with pytest.raises(k8s.InvalidSpec) as err:
+        k8s.parse_spec({"input": "x", "output": "/tmp/x", "config": {"scale": 99}})
+    assert "spec.output" in str(err.value) and "spec.config: scale" in str(err.value)
+
+
+def _crd_spec_schema() -> dict:
+    crd = yaml.safe_load(CRD.read_text())
+    return crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
+
+
+def _compare(model: type[BaseModel], schema: dict, where: str) -> None:
+    """The CRD schema has exactly the model's fields (by alias), recursively into sub-models."""
+    props = schema["properties"]
+    fields = {f.alias or name: f for name, f in model.model_fields.items()}
+    assert set(props) == set(fields), f"{where}: CRD {sorted(props)} vs model {sorted(fields)}"
+    required = {alias for alias, f in fields.items() if f.is_required()}
+    assert set(schema.get("required", [])) == required, where
+    for alias, field in fields.items():
+        sub = field.annotation
+        item = getattr(sub, "__args__", (None,))[0] if getattr(sub, "__origin__", None) is list else None
+        if isinstance(sub, type) and issubclass(sub, BaseModel):
+            _compare(sub, props[alias], f"{where}.{alias}")
+        elif isinstance(item, type) and issubclass(item, BaseModel):
+            _compare(item, props[alias]["items"], f"{where}.{alias}[]")
+
+
+def test_crd_schema_matches_the_pydantic_spec():
+    _compare(k8s.DistillationSpec, _crd_spec_schema(), "spec")
+    crd = yaml.safe_load(CRD.read_text())
+    assert (crd["spec"]["group"], crd["spec"]["names"]["kind"], crd["spec"]["names"]["plural"]) == (
+        k8s.GROUP, k8s.KIND, k8s.PLURAL)  # fmt: skip
+    phases = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["status"]["properties"]["phase"]
+    assert tuple(phases["enum"]) == k8s.PHASES
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
+def test_examples_parse_and_render_valid_rayjobs(path):
+    doc = yaml.safe_load(path.read_text())
+    validate_custom(doc)
+    job = k8s.rayjob(k8s.parse_spec(doc["spec"]), "example", namespace=doc["metadata"]["namespace"])
+    validate_custom(job)
+
+
+def test_spec_hash_and_rayjob_name():
+    a = k8s.rayjob(k8s.parse_spec(FULL), "x")
+    b = k8s.rayjob(k8s.parse_spec({**FULL, "config": {"train": {"iterations": 51}}}), "x")
+    assert a["metadata"]["annotations"][k8s.SPEC_HASH] == k8s.rayjob(k8s.parse_spec(FULL), "y")["metadata"]["annotations"][k8s.SPEC_HASH]
+    assert a["metadata"]["annotations"][k8s.SPEC_HASH] != b["metadata"]["annotations"][k8s.SPEC_HASH]
+    name = k8s.rayjob_name("a-very-long-distillation-name-of-many-words-indeed", "0123456789")
+    assert len(name) <= 39 and name.endswith("-01234567") and "--" not in name
+
+
+def test_stage_progress_from_a_real_run_manifest(tmp_path):
+    run = Run(tmp_path / "corpus", tmp_path / "run", load_config("tiny"), log=lambda _: None)
+    run.run_stage("plan", "fp", [], lambda _d: {"images": 3})
+    assert k8s.stage_progress(run.manifest) == {"stages": {"plan": "done"}, "stagesDone": 1, "stagesTotal": 8,
+                                                "currentStage": None}  # fmt: skip
+    seen = {}
+    run.run_stage("mine", "fp", [], lambda _d: seen.update(k8s.stage_progress(json.loads((tmp_path / "run" / "manifest.json").read_text()))) or {})
+    assert seen["currentStage"] == "mine" and seen["stages"] == {"plan": "done", "mine": "running"}
+    synth = Run(tmp_path / "corpus", tmp_path / "synth", load_config("tiny", overrides=["distill=synth"]), log=lambda _: None)
+    assert k8s.stage_progress(synth.manifest)["stagesTotal"] == 10  # + encode, finetune, synthesize; - select
+    assert k8s.stage_progress(None) == {}
+
+
+@pytest.mark.parametrize("status, phase", [
+    (None, "Pending"), ({}, "Pending"), ({"jobDeploymentStatus": "Initializing"}, "Initializing"),
+    ({"jobDeploymentStatus": "Running", "jobStatus": "RUNNING"}, "Running"),
+    ({"jobDeploymentStatus": "Retrying"}, "Retrying"), ({"jobDeploymentStatus": "Suspended"}, "Suspended"),
+    ({"jobDeploymentStatus": "Complete", "jobStatus": "SUCCEEDED"}, "Succeeded"),
+    ({"jobDeploymentStatus": "Complete", "jobStatus": "STOPPED"}, "Failed"),
+    ({"jobDeploymentStatus": "Failed", "jobStatus": "FAILED"}, "Failed"),
+    ({"jobDeploymentStatus": "ValidationFailed"}, "Failed"),
+])  # fmt: skip
+def test_phase_of_rayjob_status(status, phase):
+    assert k8s.phase_of(status) == phase and phase in k8s.PHASES
+
+
+def test_condition_keeps_its_transition_time_while_unchanged():
+    first = k8s.condition("Complete", False, "Running", now="2026-01-01T00:00:00Z")
+    same = k8s.condition("Complete", False, "Running", now="2026-01-01T00:05:00Z", previous=[first])
+    flipped = k8s.condition("Complete", True, "JobSucceeded", now="2026-01-01T00:09:00Z", previous=[same])
+    assert same["lastTransitionTime"] == "2026-01-01T00:00:00Z"
+    assert flipped["lastTransitionTime"] == "2026-01-01T00:09:00Z" and flipped["status"] == "True"
+
+
+def test_cli_render_prints_a_valid_rayjob(tmp_path):
+    config = tmp_path / "cfg.yaml"
+    config.write_text("train: {iterations: 30}\nselect: {ipc: 2, pixel_fraction: null}\n")
+    cluster = tmp_path / "cluster.yaml"
+    cluster.write_text(yaml.safe_dump({"workerGroups": [{"name": "gpu", "gpu": 1, "replicas": 1}], "s3Secret": "creds"}))
+    result = CliRunner().invoke(app, ["k8s", "render", "--input", "s3://c/HR/", "--out", "s3://r/run1", "--config", str(config),
+                                      "--preset", "demo", "--cluster", str(cluster), "--image", "img:2", "--name", "run1",
+                                      "--namespace", "ml"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    job = yaml.safe_load(result.stdout)
+    validate_custom(job)
+    assert job["metadata"]["name"] == "run1" and job["metadata"]["namespace"] == "ml"
+    assert "--config-json" in job["spec"]["entrypoint"] and '"iterations":30' in job["spec"]["entrypoint"]
+    worker = job["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]
+    assert worker["image"] == "img:2" and worker["resources"]["limits"]["nvidia.com/gpu"] == 1
+
+
+def test_cli_render_rejects_bad_input_with_the_reason(tmp_path):
+    result = CliRunner().invoke(app, ["k8s", "render", "--input", "s3://c/", "--out", "runs/local"])
+    assert result.exit_code == 2 and "must be an s3:// URI" in result.output
+    result = CliRunner().invoke(app, ["k8s", "render", "--input", "s3://c/", "--out", "s3://r/x", "--cluster",
+                                      str(tmp_path / "absent.yaml")])  # fmt: skip
+    assert result.exit_code == 2 and "absent.yaml' does not exist" in result.output
+
+
+def test_run_config_json_is_validated(tmp_path):
+    result = CliRunner().invoke(app, ["run", "--input", str(tmp_path), "--out", str(tmp_path / "o"),
+                                      "--config-json", '{"train": {"iterationz": 1}}'])  # fmt: skip
+    assert result.exit_code == 2 and "iterationz" in result.output
+    result = CliRunner().invoke(app, ["run", "--input", str(tmp_path), "--out", str(tmp_path / "o"), "--config-json", "{"])
+    assert result.exit_code == 2 and "--config-json is not valid JSON" in result.output
