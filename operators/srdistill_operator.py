@@ -78,15 +78,27 @@ def _delete_rayjob(namespace: str, name: str) -> None:
             raise
 
 
-def _read_manifest(output: str) -> tuple[dict | None, str]:
-    """The run manifest at ``output`` and why it is missing ("" when read)."""
+#: Fields of a RayJob's status copied into ``.status``, and those of ``k8s.stage_progress``.
+MIRRORED = ("rayClusterName", "dashboardURL", "jobId", "jobStatus", "jobDeploymentStatus", "startTime", "endTime")
+PROGRESS = ("stages", "stagesDone", "stagesTotal", "currentStage")
+
+
+def _read_manifest(output: str) -> tuple[dict | None, str, str]:
+    """The run manifest at ``output``, and a condition reason and message about reading it."""
     uri = storage.join(output, "manifest.json")
     try:
-        return json.loads(storage.read_text(uri)), ""
+        return json.loads(storage.read_text(uri)), "ManifestRead", uri
     except FileNotFoundError:
-        return None, f"no manifest at {uri} yet"
+        return None, "NoManifest", f"no manifest at {uri} yet"
     except (OSError, ValueError) as exc:
-        return None, f"cannot read {uri}: {exc}"
+        return None, "ManifestUnreadable", f"cannot read {uri}: {exc}"
+
+
+def _apply(patch: kopf.Patch, status: kopf.Status, new: dict) -> None:
+    """Patch only the status fields that change (None removes a field)."""
+    for key, value in new.items():
+        if status.get(key) != value:
+            patch.status[key] = value
 
 
 def _now() -> str:
@@ -103,12 +115,12 @@ def reconcile(name: str, namespace: str, body: kopf.Body, spec: kopf.Spec, statu
     def cond(type_: str, ok: bool, reason: str, message: str = "") -> dict:
         return k8s.condition(type_, ok, reason, message, now=now, previous=before)
 
-    patch.status["observedGeneration"] = meta.get("generation")
     try:
         parsed = k8s.parse_spec(dict(spec))
     except k8s.InvalidSpec as exc:
         # a RayJob of an earlier valid spec is left alone: fix the spec to supersede it
-        patch.status.update(phase="Invalid", message=str(exc), conditions=[cond("Valid", False, "InvalidSpec", str(exc))])
+        _apply(patch, status, {"phase": "Invalid", "message": str(exc), "observedGeneration": meta.get("generation"),
+                               "conditions": [cond("Valid", False, "InvalidSpec", str(exc))]})  # fmt: skip
         if old_phase != "Invalid":
             kopf.warn(body, reason="InvalidSpec", message=str(exc))
         return
@@ -139,27 +151,29 @@ def reconcile(name: str, namespace: str, body: kopf.Body, spec: kopf.Spec, statu
             except kubernetes.client.ApiException as exc:
                 if exc.status != 409:  # 409: it exists already (another pass won the race)
                     message = f"creating RayJob {job_name} failed: {exc.status} {exc.reason}"
-                    patch.status.update(phase="Pending", message=message, conditions=[
-                        *conditions, cond("RayJobCreated", False, "CreateFailed", message)])  # fmt: skip
+                    _apply(patch, status, {"phase": "Pending", "message": message, "conditions": [
+                        *conditions, cond("RayJobCreated", False, "CreateFailed", message)]})  # fmt: skip
                     raise kopf.TemporaryError(message, delay=INTERVAL_S) from None
                 current = _api().get_namespaced_custom_object(*RAYJOBS[:2], namespace, RAYJOBS[2], job_name)
         conditions.append(cond("RayJobCreated", True, "Created", f"RayJob {job_name}"))
         phase = k8s.phase_of(current.get("status"))
 
     job_status = (current or {}).get("status") or {}
-    mirrored = {key: job_status[key] for key in ("rayClusterName", "dashboardURL", "jobId", "jobStatus",
-                                                 "jobDeploymentStatus", "startTime", "endTime") if key in job_status}  # fmt: skip
     message = job_status.get("message") or job_status.get("reason") or ""
-    manifest, why = _read_manifest(parsed.output)
+    manifest, reason, why = _read_manifest(parsed.output)
     progress = k8s.stage_progress(manifest)
     conditions += [
-        cond("ProgressAvailable", manifest is not None, "ManifestRead" if manifest else "NoManifest", why),
+        cond("ProgressAvailable", manifest is not None, reason, why),
         cond("Complete", phase == "Succeeded", "JobSucceeded" if phase == "Succeeded" else phase),
         cond("Failed", phase == "Failed", "JobFailed" if phase == "Failed" else phase,
              message if phase == "Failed" else ""),
     ]  # fmt: skip
-    patch.status.update(phase=phase, specHash=digest, rayJobName=job_name, message=message,
-                        conditions=conditions, **mirrored, **progress)  # fmt: skip
+    new = {"phase": phase, "observedGeneration": meta.get("generation"), "specHash": digest, "rayJobName": job_name,
+           "message": message, "conditions": conditions}  # fmt: skip
+    if current is not None:  # a finished job deleted after its TTL keeps its last figures
+        new.update({key: job_status.get(key) for key in MIRRORED})
+    new.update({key: progress.get(key) for key in PROGRESS} if manifest is not None else {})
+    _apply(patch, status, new)
     if phase != old_phase:
         event = kopf.warn if phase == "Failed" else kopf.info
         event(body, reason=phase, message=f"RayJob {job_name}: {phase}" + (f": {message}" if message else ""))

@@ -460,27 +460,17 @@ def test_notes_explain_submit_watch_and_dashboard():
 
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.stem)
-def test_example_validates(path):
-    from srdistill.config import load_config
+def test_example_validates_and_renders_a_restricted_rayjob(path):
+    """Each example passes the CRD schema and the operator's checks (config included), and what
+    the operator would create for it is a valid, restricted RayJob."""
+    from srdistill import k8s
 
     (doc,) = load_manifests(path.read_text())
     assert doc["kind"] == "SRDistillation" and doc["apiVersion"] == "srdistill.io/v1alpha1"
     validate_custom(doc)
-    spec = doc["spec"]
-    overrides = [f"distill={spec['distill']}"] * ("distill" in spec)
-    overrides += ["embed.allow_random_init=true"] * bool(spec.get("allowRandomInit"))
-    cfg = load_config(spec.get("preset"), None, overrides, data=spec.get("config"))
-    if "distill" in spec:
-        assert cfg.distill == spec["distill"]
-
-
-@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.stem)
-def test_example_renders_a_valid_rayjob(path):
-    """What the operator would create for each example is a valid, restricted RayJob."""
-    k8s = pytest.importorskip("srdistill.k8s")
-    (doc,) = load_manifests(path.read_text())
-    job = k8s.rayjob(k8s.parse_spec(doc["spec"]), f"{doc['metadata']['name']}-0123abcd",
-                     namespace=doc["metadata"]["namespace"])  # fmt: skip
+    spec = k8s.parse_spec(doc["spec"])
+    assert spec.run_config().distill == doc["spec"].get("distill", "coreset")
+    job = k8s.rayjob(spec, f"{doc['metadata']['name']}-0123abcd", namespace=doc["metadata"]["namespace"])
     validate_custom(job)
     for where, pod in pod_specs(job):
         assert restricted_violations(pod) == [], where

@@ -292,7 +292,8 @@ def test_operator_restart_makes_no_duplicate_and_a_spec_change_supersedes(api, o
     _create(api, "steady", _spec(s3_server, "steady"))
     first = _wait("the RayJob", lambda: _rayjobs(api), operator)[0]
     operator.stop()
-    _set_rayjob_status(api, first["metadata"]["name"], jobDeploymentStatus="Running", jobStatus="RUNNING")
+    _set_rayjob_status(api, first["metadata"]["name"], jobDeploymentStatus="Running", jobStatus="RUNNING",
+                       rayClusterName="steady-raycluster-a")  # fmt: skip
     operator.start()  # a new process: nothing in memory, only what the API server holds
     _wait("a pass after the restart", lambda: _status(api, "steady").get("phase") == "Running", operator)
     time.sleep(5 * INTERVAL_S)
@@ -306,5 +307,7 @@ def test_operator_restart_makes_no_duplicate_and_a_spec_change_supersedes(api, o
     new = _wait("the superseding RayJob",
                 lambda: [j for j in _rayjobs(api) if j["metadata"]["name"] != first["metadata"]["name"]], operator)
     _wait("the old RayJob deleted", lambda: len(_rayjobs(api)) == 1, operator)
-    assert "iterations" in new[0]["spec"]["entrypoint"] and '"iterations":40' in new[0]["spec"]["entrypoint"]
-    assert _wait("status on the new RayJob", lambda: _status(api, "steady").get("rayJobName") == new[0]["metadata"]["name"])
+    assert '"iterations":40' in new[0]["spec"]["entrypoint"]
+    status = _wait("status on the new RayJob",
+                   lambda: (s := _status(api, "steady")).get("rayJobName") == new[0]["metadata"]["name"] and s, operator)
+    assert status["phase"] == "Pending" and "rayClusterName" not in status  # nothing left of the old job
