@@ -1,9 +1,12 @@
 """PSNR/SSIM of bicubic or a trained network on benchmark sets (DESIGN §3 protocol).
 
-For every HR image: ``hr = modcrop(hr, s)``; ``lr = imresize(hr, 1/s)`` (MATLAB bicubic, uint8);
-``sr`` = bicubic ``imresize(lr, s)`` or the network's output rounded to uint8; PSNR and SSIM
-on Y (BT.601) with ``border = s`` (``srdistill.metrics``). Bicubic reproduces the published
-figures (Set5 x2 33.67 dB on ``../shared/data``)::
+For every HR image: ``hr = modcrop(hr, s)``; ``lr = imresize(hr, 1/s)`` (MATLAB bicubic, uint8),
+or with a blur ``kernel`` ``lr = degradation.degrade(hr, kernel, s)`` (blur + direct
+subsampling: MZSR's protocol, which reproduces its ``Set5/LR_g20_x2_MZSR`` inputs bit for bit);
+``sr`` = bicubic ``imresize(lr, s)``, the network's output rounded to uint8, or any per-image
+upscaler (e.g. MZSR's test-time adaptation, ZSSR); PSNR and SSIM on Y (BT.601) with
+``border = s`` (``srdistill.metrics``). Bicubic reproduces the published figures (Set5 x2
+33.67 dB on ``../shared/data``)::
 
     from srdistill.evaluation import evaluate_many, format_table
     rows = {"bicubic": evaluate_many("bicubic", ["Set5", "Set14"], 2)}
@@ -13,8 +16,9 @@ figures (Set5 x2 33.67 dB on ``../shared/data``)::
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
-from typing import Literal
+from typing import Callable, Literal, Union
 
 import numpy as np
 import torch
@@ -90,26 +94,35 @@ def _upscale_model(model: nn.Module, lr: np.ndarray, device: torch.device) -> np
     return (sr[0] * 255).round().byte().permute(1, 2, 0).cpu().numpy()
 
 
+#: An upscaler run per image: ``(h, w, 3)`` uint8 LR -> ``(s*h, s*w, 3)`` uint8 SR.
+Upscaler = Callable[[np.ndarray], np.ndarray]
+
+
 def evaluate(
-    model: Literal["bicubic"] | nn.Module,
+    model: Union[Literal["bicubic"], nn.Module, Upscaler],
     dataset: str | Path,
     scale: int,
     *,
     device: str = "auto",
+    kernel: np.ndarray | None = None,
 ) -> dict:
     """PSNR/SSIM on Y (border = ``scale``) of ``model`` on every HR image of ``dataset``.
 
     Args:
-        model: ``"bicubic"`` or a network mapping ``(1, 3, h, w)`` float32 [0, 1] to
-            ``(1, 3, scale*h, scale*w)``; it is moved to ``device`` and run in eval mode under
-            ``no_grad`` on whole images (its train/eval mode is restored afterwards).
+        model: ``"bicubic"``; a network mapping ``(1, 3, h, w)`` float32 [0, 1] to
+            ``(1, 3, scale*h, scale*w)``, moved to ``device`` and run in eval mode under
+            ``no_grad`` on whole images (its train/eval mode is restored afterwards); or an
+            ``Upscaler`` function, called once per LR image (e.g. test-time adaptation).
         dataset: benchmark name or folder (see ``resolve_dataset``).
         scale: SR factor.
-        device: ``"auto"``, ``"cpu"`` or ``"cuda"`` (ignored for bicubic).
+        device: ``"auto"``, ``"cpu"`` or ``"cuda"`` (for a network).
+        kernel: ``(k, k)`` blur kernel summing to 1: the LR images are
+            ``degradation.degrade(hr, kernel, scale)`` instead of MATLAB bicubic downscaling.
 
     Returns:
         ``{"dataset", "scale", "n_images", "psnr_y" (mean dB), "ssim_y" (mean),
-        "per_image": [{"name", "psnr_y", "ssim_y"}, ...]}``, images sorted by file name.
+        "seconds_per_image" (mean wall time of the upscaling), "per_image": [{"name",
+        "psnr_y", "ssim_y", "seconds"}, ...]}``, images sorted by file name.
 
     Raises:
         FileNotFoundError: dataset not found.
@@ -118,7 +131,7 @@ def evaluate(
         imaging.ImageReadError: an image cannot be read.
     """
     if isinstance(model, str) and model != "bicubic":
-        raise ValueError(f"model must be 'bicubic' or an nn.Module, got {model!r}")
+        raise ValueError(f"model must be 'bicubic', an nn.Module or a function, got {model!r}")
     if isinstance(model, nn.Module) and getattr(model, "scale", scale) != scale:
         raise ValueError(f"model is x{model.scale} but scale={scale} was requested")
     hr_dir = resolve_dataset(dataset)
@@ -130,21 +143,32 @@ def evaluate(
         dev = resolve_device(device)
         was_training = model.training
         model.to(dev).eval()
+    if kernel is not None:
+        from srdistill import degradation
     per_image = []
     try:
         for f in files:
             hr = imaging.modcrop(imaging.read_image(f), scale)  # (H, W, 3) uint8
-            lr = imaging.imresize(hr, 1 / scale)  # (H/s, W/s, 3) uint8
-            sr = (
-                upscale_bicubic(lr, scale)
-                if isinstance(model, str)
-                else _upscale_model(model, lr, dev)
-            )
+            if kernel is None:
+                lr = imaging.imresize(hr, 1 / scale)  # (H/s, W/s, 3) uint8
+            else:
+                lr = degradation.degrade(hr, kernel, scale)  # (H/s, W/s, 3) uint8
+            t0 = time.perf_counter()
+            if isinstance(model, str):
+                sr = upscale_bicubic(lr, scale)
+            elif isinstance(model, nn.Module):
+                sr = _upscale_model(model, lr, dev)
+            else:
+                sr = model(lr)
+            seconds = time.perf_counter() - t0
+            if sr.shape != hr.shape:
+                raise ValueError(f"{f.name}: the upscaler returned {sr.shape}, expected {hr.shape}")
             per_image.append(
                 {
                     "name": f.stem,
                     "psnr_y": metrics.psnr_y(sr, hr, scale),
                     "ssim_y": metrics.ssim_y(sr, hr, scale),
+                    "seconds": seconds,
                 }
             )
     finally:
@@ -156,19 +180,21 @@ def evaluate(
         "n_images": len(per_image),
         "psnr_y": float(np.mean([r["psnr_y"] for r in per_image])),
         "ssim_y": float(np.mean([r["ssim_y"] for r in per_image])),
+        "seconds_per_image": float(np.mean([r["seconds"] for r in per_image])),
         "per_image": per_image,
     }
 
 
 def evaluate_many(
-    model: Literal["bicubic"] | nn.Module,
+    model: Union[Literal["bicubic"], nn.Module, Upscaler],
     datasets: list[str | Path] | tuple[str | Path, ...],
     scale: int,
     *,
     device: str = "auto",
+    kernel: np.ndarray | None = None,
 ) -> list[dict]:
     """``evaluate`` on each dataset in order; one result dict per dataset."""
-    return [evaluate(model, d, scale, device=device) for d in datasets]
+    return [evaluate(model, d, scale, device=device, kernel=kernel) for d in datasets]
 
 
 def format_table(rows: dict[str, list[dict]]) -> str:
