@@ -239,6 +239,111 @@ RECIPES: dict[str, dict] = {
 }  # fmt: skip
 
 
+class MZSRConfig(_Strict):
+    """MZSR's meta-transfer learning, its test-time adaptation, and the ZSSR baseline
+    (``srdistill.mzsr``).
+
+    MZSR: Soh, Cho, Cho, "Meta-Transfer Learning for Zero-Shot Super-Resolution", CVPR 2020,
+    arXiv:2002.12213, official code JWSoh/MZSR (``config.py``, ``train.py``, ``test.py``,
+    ``dataGenerator.py``). ZSSR: Shocher, Cohen, Irani, "Zero-Shot Super-Resolution using
+    Deep Internal Learning", CVPR 2018, arXiv:1712.06087, official code assafshocher/ZSSR
+    (``configs.py``, ``ZSSR.py``). Defaults are those releases' settings; the source of each is
+    in its field description. The large-scale bicubic pretraining that precedes the
+    meta-transfer is ``training.train_sr`` with ``RECIPES["mzsr"]``, not part of this config.
+
+    A task is one random anisotropic Gaussian kernel (``degradation.random_kernel``); its
+    support and query sets are ``support`` and ``query`` HR crops of ``hr_patch`` pixels whose LR
+    (blur + subsampling) is bicubic-upsampled back to ``hr_patch`` before entering the network.
+    ``workers``/``use_gpu`` are read only by the Ray Train runner; ``tasks_per_batch`` is the
+    global meta-batch, split evenly across the workers.
+    """
+
+    scale: int = Field(2, ge=2, le=8, description="SR factor (MZSR's released models: x2, x4)")
+    n_feats: int = Field(64, ge=1, description="hidden channels of MZSRNet (MZSR: 64); used "
+                         "when no init checkpoint is given")  # fmt: skip
+    n_layers: int = Field(8, ge=2, description="convolutions of MZSRNet (MZSR: 8)")
+    # --- tasks (MZSR config.py / dataGenerator.py / gkernel.py)
+    kernel_size: int = Field(15, ge=3, description="side of the random task kernels (MZSR: 15)")
+    hr_patch: int = Field(64, ge=4, description="HR side of a support/query patch (MZSR: 64x64 "
+                          "HR; the network sees the LR bicubic-upsampled back to this size)")  # fmt: skip
+    tasks_per_batch: int = Field(5, ge=1, description="tasks per meta-update (META_BATCH_SIZE 5)")
+    support: int = Field(8, ge=1, description="support patches per task (TASK_BATCH_SIZE 8)")
+    query: int = Field(8, ge=1, description="query patches per task (TASK_BATCH_SIZE 8)")
+    subsample: Literal["direct", "bicubic"] = Field(
+        "direct", description="how a task's blurred HR is subsampled (MZSR's main models: direct)")
+    noise_sigma: float = Field(0.0, ge=0.0, description="std of Gaussian noise added to the task "
+                               "LR, in [0, 255] pixel units (MZSR: 0)")  # fmt: skip
+    # --- inner loop (MZSR config.py)
+    inner_steps: int = Field(5, ge=1, description="SGD steps on the support set (TASK_ITER 5)")
+    inner_lr: float = Field(1e-2, gt=0.0, description="inner-loop SGD lr (TASK_LR 1e-2)")
+    first_order: bool = Field(False, description="first-order MAML (no gradient through the inner "
+                              "gradients); MZSR uses second order from step 0")  # fmt: skip
+    # --- outer loop (MZSR config.py / train.py)
+    meta_lr: float = Field(1e-4, gt=0.0, description="Adam lr of the meta-update (META_LR 1e-4)")
+    meta_iterations: int = Field(100_000, ge=1, description="meta-updates (META_ITER 100000)")
+    msl_anneal_iterations: float = Field(
+        10_000 / 3, ge=0.0,
+        description="multi-step loss (MAML++): the per-inner-step query-loss weights go linearly "
+        "from uniform to their final values over about this many meta-updates (MZSR "
+        "train.py get_loss_weights: 10000/3); 0 = final weights from the start",
+    )  # fmt: skip
+    msl_min_weight: float = Field(
+        0.03, ge=0.0, le=1.0,
+        description="final weight of each non-last inner step is msl_min_weight / inner_steps, the "
+        "last step gets the rest (MZSR/MAML++: 0.03); 0 = plain MAML on the last step",
+    )  # fmt: skip
+    log_every: int = Field(100, ge=1, description="meta-updates per log.jsonl line (PRINT_ITER)")
+    checkpoint_every: int = Field(2500, ge=1, description="meta-updates per last.safetensors "
+                                  "(SAVE_ITER 2500)")  # fmt: skip
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    workers: int = Field(0, ge=0, description="Ray Train data-parallel workers; 0 = in-process")
+    use_gpu: bool = False
+    # --- test-time adaptation (MZSR test.py)
+    adapt_steps: int = Field(10, ge=0, description="SGD steps on (I_son, LR) at test time "
+                             "(MZSR(1) / MZSR(10))")  # fmt: skip
+    adapt_lr: tuple[float, ...] = Field(
+        (2e-2, 1e-2, 1e-2, 1e-2, 5e-3),
+        description="lr of adaptation step i (the last value repeats): MZSR test.py for its "
+        "direct-subsampling x2 model: 2e-2, then 1e-2 for steps 1-3, then 5e-3",
+    )  # fmt: skip
+    # --- ZSSR baseline (ZSSR configs.py)
+    zssr_iterations: int = Field(3000, ge=1, description="max Adam steps (max_iters 3000)")
+    zssr_min_iterations: int = Field(256, ge=0, description="steps between lr drops at least "
+                                     "(min_iters 256)")  # fmt: skip
+    zssr_lr: float = Field(1e-3, gt=0.0, description="initial Adam lr (learning_rate 1e-3)")
+    zssr_min_lr: float = Field(9e-6, gt=0.0, description="stop once the lr falls below this "
+                               "(min_learning_rate 9e-6)")  # fmt: skip
+    zssr_crop: int = Field(128, ge=4, description="side of a father crop (crop_size 128)")
+    zssr_init_variance: float = Field(0.1, gt=0.0, description="conv weights ~ N(0, v/fan_in), "
+                                      "zero biases (init_variance 0.1)")  # fmt: skip
+    zssr_dihedral_augment: bool = Field(True, description="random flips/rot90 of the fathers "
+                                        "(ZSSR: on, off in its given-kernel config)")  # fmt: skip
+    zssr_scale_augment: bool = Field(True, description="half of the fathers come from the LR "
+                                     "image downscaled by U[zssr_min_scale, 1)")  # fmt: skip
+    zssr_min_scale: float = Field(0.5, gt=0.0, le=1.0, description="augment_min_scale 0.5")
+    zssr_ensemble: Literal["median", "mean", "none"] = Field(
+        "median", description="geometric self-ensemble over the 8 flips/rot90 of the input, fused "
+        "by the median (ZSSR output_flip) or mean; none = one pass")  # fmt: skip
+    zssr_back_projection: int = Field(
+        10, ge=0, description="back-projection iterations per ensemble member and on the fused "
+        "result (ZSSR back_projection_iters: 10 default, 2 in its given-kernel config)")  # fmt: skip
+
+    @model_validator(mode="after")
+    def _check(self) -> "MZSRConfig":
+        for name in ("hr_patch", "zssr_crop"):
+            if getattr(self, name) % self.scale:
+                raise ValueError(f"{name} {getattr(self, name)} must be a multiple of scale {self.scale}")
+        if not self.adapt_lr or min(self.adapt_lr) <= 0:
+            raise ValueError(f"adapt_lr {list(self.adapt_lr)} must be one or more positive lrs")
+        if self.zssr_min_lr >= self.zssr_lr:
+            raise ValueError(f"zssr_min_lr {self.zssr_min_lr} must be below zssr_lr {self.zssr_lr}")
+        if self.workers and self.tasks_per_batch % self.workers:
+            raise ValueError(f"tasks_per_batch {self.tasks_per_batch} must be a multiple of "
+                             f"workers {self.workers} (tasks are split evenly)")  # fmt: skip
+        return self
+
+
 class FinetuneConfig(_Strict):
     """Cluster-conditioned diffusion fine-tuning (SRDD §3.3; ``srdistill.diffusion``).
 
