@@ -16,7 +16,7 @@ from typing import Optional
 
 import typer
 
-from .config import load_config, preset_names
+from .config import RayConfig, load_config, preset_names
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.split("\n")[0])
 
@@ -183,20 +183,27 @@ def train(
 @app.command("eval")
 def eval_(
     model: str = typer.Option("bicubic", "--model",
-                              help="'bicubic', a srdistill .safetensors checkpoint, or with --weights "
-                              "a network name (edsr-baseline, rcan, swinir-light, ...)"),  # fmt: skip
+                              help="'bicubic', 'zssr' (with --kernel), a srdistill .safetensors checkpoint, or "
+                              "with --weights a network name (edsr-baseline, rcan, swinir-light, ...)"),  # fmt: skip
     weights: Optional[Path] = typer.Option(None, "--weights", help="official released weights of --model"),
     datasets: list[str] = typer.Option(
         ..., "--dataset", help="HR folder or benchmark name (Set5, Set14, B100); repeatable"
     ),
     scale: int = typer.Option(..., "--scale", help="SR scale"),
+    kernel: Optional[Path] = typer.Option(None, "--kernel", help="blur kernel file: LR = blur + direct "
+                                          "subsampling (MZSR's protocol) instead of bicubic"),  # fmt: skip
+    adapt_steps: int = typer.Option(0, "--adapt-steps", help="MZSR test-time adaptation steps per image "
+                                    "(a meta-trained checkpoint and --kernel)"),  # fmt: skip
+    zssr_iterations: int = typer.Option(3000, "--zssr-iterations", help="at most this many ZSSR steps per image"),
     as_json: bool = typer.Option(False, "--json", help="one JSON object per dataset on stdout"),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda"),
 ) -> None:
-    """PSNR/SSIM on Y (border = scale) of bicubic or a trained checkpoint."""
+    """PSNR/SSIM on Y (border = scale) of bicubic, a trained checkpoint, MZSR with per-image
+    adaptation or ZSSR, on bicubic or kernel-degraded LR images; seconds per image."""
     from .evaluation import evaluate, format_table
     from .training import load_checkpoint, load_released_weights
 
+    k = _kernel(kernel) if kernel is not None else None
     label = "bicubic"
     net = "bicubic"
     if weights is not None:
@@ -205,6 +212,10 @@ def eval_(
         except (FileNotFoundError, ValueError) as exc:
             _fail(str(exc))
         label = f"{model} ({weights.name})"
+    elif model == "zssr":
+        if k is None:
+            _fail("--model zssr needs --kernel (ZSSR trains on the image's own blur)")
+        net, label = _zssr_upscaler(k, scale, zssr_iterations, device), f"ZSSR (<= {zssr_iterations} steps)"
     elif model != "bicubic":
         try:
             net, meta = load_checkpoint(model)
@@ -213,10 +224,14 @@ def eval_(
         label = f"{meta.get('arch', 'model')} ({Path(model).name})"
         if int(meta.get("scale", scale)) != scale:
             _fail(f"checkpoint {model!r} is for x{meta['scale']}, not --scale {scale}")
+        if "mzsr_config" in meta:  # meta-trained: MZSR's input convention, optional adaptation
+            if adapt_steps and k is None:
+                _fail("--adapt-steps needs --kernel (the son is made with the image's blur)")
+            net, label = _mzsr_upscaler(net, meta, k, scale, adapt_steps), f"MZSR({adapt_steps}) ({Path(model).name})"
     rows = []
     for ds in datasets:
         try:
-            rows.append(evaluate(net, ds, scale, device=device))
+            rows.append(evaluate(net, ds, scale, device=device, kernel=k))
         except (FileNotFoundError, ValueError) as exc:
             _fail(str(exc))
     if as_json:
@@ -224,8 +239,34 @@ def eval_(
             summary = {k: v for k, v in r.items() if k != "per_image"}
             print(json.dumps({"model": label, **summary, "per_image": r.get("per_image", [])}))
     else:
-        typer.echo(f"PSNR / SSIM on Y, x{scale}, border = scale")
+        degraded = f", LR = {kernel.name} blur + direct subsampling" if kernel is not None else ""
+        typer.echo(f"PSNR / SSIM on Y, x{scale}, border = scale{degraded}")
         typer.echo(format_table({label: rows}))
+        timing = ", ".join(f"{r['dataset']} {r['seconds_per_image']:.2f}" for r in rows)
+        typer.echo(f"seconds per image: {timing}")
+
+
+def _mzsr_upscaler(net, meta: dict, kernel, scale: int, steps: int):
+    """Per image: ``steps`` of MZSR's adaptation (none for 0), then ``mzsr.super_resolve``."""
+    from . import mzsr
+    from .config import MZSRConfig
+
+    cfg = MZSRConfig.model_validate(meta["mzsr_config"])
+
+    def upscale(lr):
+        adapted = mzsr.adapt(net, lr, kernel, scale, steps=steps, lr=cfg.adapt_lr) if steps else net
+        return mzsr.super_resolve(adapted, lr, scale)
+
+    return upscale
+
+
+def _zssr_upscaler(kernel, scale: int, iterations: int, device: str):
+    """Per image: ZSSR from scratch (``mzsr.zssr``, ZSSR's default settings), seed 0."""
+    from . import mzsr
+    from .config import MZSRConfig
+
+    cfg = MZSRConfig(scale=scale, zssr_iterations=iterations, device=device)
+    return lambda lr: mzsr.zssr(lr, kernel, scale, cfg, seed=0)[0]
 
 
 bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks that write their results to a folder.")
@@ -290,6 +331,148 @@ def bench_quality(
     (out / "results.md").write_text(text)
     (out / "summary.json").write_text(json.dumps(rows, indent=2))
     typer.echo(text)
+
+
+mzsr_app = typer.Typer(no_args_is_help=True, help="MZSR: meta-transfer learning for zero-shot SR.")
+app.add_typer(mzsr_app, name="mzsr")
+zssr_app = typer.Typer(no_args_is_help=True, help="Zero-shot SR of one image: MZSR adaptation or ZSSR.")
+app.add_typer(zssr_app, name="zssr")
+_MZSR_SET_HELP = "override an MZSRConfig value, e.g. --set meta_iterations=2000 (repeatable)"
+
+
+def _mzsr_config(config: Optional[Path], overrides: list[str], **fixed):
+    """``MZSRConfig`` from a YAML file of its fields, ``--set`` overrides and CLI options."""
+    from .config import MZSRConfig, _deep_merge, parse_override
+
+    try:
+        data = _yaml_mapping(config) if config is not None else {}
+        for item in overrides:
+            data = _deep_merge(data, parse_override(item))
+        data.update({k: v for k, v in fixed.items() if v is not None})
+        return MZSRConfig.model_validate(data)
+    except ValueError as exc:
+        _fail(str(exc))
+
+
+def _kernel(path: Path):
+    from .degradation import load_kernel
+
+    try:
+        return load_kernel(path)
+    except (FileNotFoundError, ValueError, ImportError) as exc:
+        _fail(str(exc))
+
+
+@mzsr_app.command("train")
+def mzsr_train(
+    data: list[Path] = typer.Option(..., "--data", help="folder of HR training images (a corpus or "
+                                    "a run's distilled/ set); repeatable"),  # fmt: skip
+    out: Path = typer.Option(..., "--out", help="work folder (an existing one is resumed)"),
+    scale: int = typer.Option(2, "--scale", help="SR scale"),
+    pretrained: Optional[Path] = typer.Option(None, "--pretrained", help="bicubic-pretrained mzsr "
+                                              "checkpoint; without it one is trained first"),  # fmt: skip
+    pretrain_iterations: int = typer.Option(20_000, "--pretrain-iterations",
+                                            help="steps of the bicubic pretraining (RECIPES['mzsr'])"),  # fmt: skip
+    config: Optional[Path] = typer.Option(None, "--config", help="YAML file of MZSRConfig fields"),
+    overrides: list[str] = typer.Option([], "--set", help=_MZSR_SET_HELP),
+    workers: int = typer.Option(0, "--workers", help="Ray Train data-parallel workers; 0 = in-process"),
+    use_gpu: bool = typer.Option(False, "--use-gpu", help="one GPU per Ray Train worker"),
+) -> None:
+    """Bicubic pretraining (L1, Adam 4e-4), then meta-transfer learning over random anisotropic
+    Gaussian kernels (MZSR, arXiv 2002.12213). Writes OUT/pretrain/ and OUT/meta/; the result
+    is OUT/mzsr.safetensors."""
+    import shutil
+
+    from .config import RECIPES, TrainConfig
+    from .evaluation import list_images
+
+    cfg = _mzsr_config(config, overrides, scale=scale, workers=workers, use_gpu=use_gpu)
+    images = [str(p) for d in data for p in (list_images(d) if d.is_dir() else [])]
+    missing = [str(d) for d in data if not d.is_dir()]
+    if missing or not images:
+        _fail(f"no HR images in {missing or [str(d) for d in data]}")
+    from . import runner
+
+    try:
+        if pretrained is None:
+            pre = TrainConfig(**{**RECIPES["mzsr"], "model": "mzsr", "iterations": pretrain_iterations,
+                                 "workers": workers, "use_gpu": use_gpu, "device": cfg.device})  # fmt: skip
+            if workers:
+                runner.init_ray(RayConfig())
+                pretrained = runner.train_ray(pre, scale, images, out / "pretrain")
+            else:
+                from .training import train_sr
+
+                pretrained = train_sr(pre, scale, images, out / "pretrain")
+        if workers:
+            runner.init_ray(RayConfig())
+            model = runner.meta_train_ray(cfg, images, out / "meta", init=str(pretrained))
+        else:
+            from .mzsr import meta_train
+
+            model = meta_train(cfg, images, out / "meta", init=pretrained)
+    except (FileNotFoundError, ValueError) as exc:
+        _fail(str(exc))
+    shutil.copy2(model, out / "mzsr.safetensors")
+    typer.echo(f"wrote {out / 'mzsr.safetensors'} (pretrained: {pretrained})")
+
+
+@zssr_app.command("adapt")
+def zssr_adapt(
+    lr_image: Path = typer.Option(..., "--lr-image", help="the LR test image"),
+    kernel: Path = typer.Option(..., "--kernel", help="its blur kernel (.mat, .npy or image)"),
+    scale: int = typer.Option(2, "--scale", help="SR scale"),
+    steps: Optional[int] = typer.Option(None, "--steps", help="gradient steps (MZSR: 1 or 10; "
+                                        "ZSSR: at most this many, default 3000)"),  # fmt: skip
+    out: Path = typer.Option(..., "--out", help="the SR image (.png)"),
+    model: Optional[Path] = typer.Option(None, "--model", help="meta-trained mzsr.safetensors; "
+                                         "without it: ZSSR, a network trained from scratch on the image"),  # fmt: skip
+    config: Optional[Path] = typer.Option(None, "--config", help="YAML file of MZSRConfig fields"),
+    overrides: list[str] = typer.Option([], "--set", help=_MZSR_SET_HELP),
+    seed: int = typer.Option(0, "--seed", help="ZSSR's initialisation and crops"),
+) -> None:
+    """Super-resolve one image of a known (or estimated) blur kernel: MZSR's test-time
+    adaptation of a meta-trained model, or the ZSSR baseline."""
+    import time
+
+    from . import imaging, mzsr
+
+    cfg = _mzsr_config(config, overrides, scale=scale)
+    k = _kernel(kernel)
+    try:
+        lr = imaging.read_image(lr_image)
+        t0 = time.perf_counter()
+        if model is not None:
+            net = _load_mzsr(model, scale)
+            steps = cfg.adapt_steps if steps is None else steps
+            sr = mzsr.super_resolve(mzsr.adapt(net, lr, k, scale, steps=steps, lr=cfg.adapt_lr), lr, scale)
+            what = f"MZSR({steps})"
+        else:
+            if steps is not None:
+                cfg = cfg.model_copy(update={"zssr_iterations": steps})
+            sr, info = mzsr.zssr(lr, k, scale, cfg, seed=seed, progress=True)
+            what = f"ZSSR ({info['iterations']} steps)"
+    except (FileNotFoundError, ValueError) as exc:  # ImageReadError is a ValueError
+        _fail(str(exc))
+    imaging.write_png(out, sr)
+    typer.echo(f"{what}: {lr.shape[1]}x{lr.shape[0]} -> {sr.shape[1]}x{sr.shape[0]} in "
+               f"{time.perf_counter() - t0:.1f} s, wrote {out}")  # fmt: skip
+
+
+def _load_mzsr(path: Path, scale: int):
+    """A meta-trained MZSR checkpoint (``mzsr.meta_train``), checked."""
+    from .training import load_checkpoint
+
+    try:
+        net, meta = load_checkpoint(path)
+    except (FileNotFoundError, ValueError) as exc:
+        _fail(str(exc))
+    if meta["arch"] != "mzsr" or "mzsr_config" not in meta:
+        _fail(f"{str(path)!r} is not a meta-trained MZSR checkpoint (arch {meta['arch']!r}); "
+              "train one with `srdistill mzsr train`")  # fmt: skip
+    if meta["scale"] != scale:
+        _fail(f"{str(path)!r} is for x{meta['scale']}, not --scale {scale}")
+    return net
 
 
 k8s_app = typer.Typer(no_args_is_help=True, help="Kubernetes: the KubeRay RayJob a distillation becomes.")

@@ -26,7 +26,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
-from .config import EmbedConfig, FinetuneConfig, MineConfig, RayConfig, SynthConfig, TrainConfig
+from .config import EmbedConfig, FinetuneConfig, MineConfig, MZSRConfig, RayConfig, SynthConfig, TrainConfig
 
 if TYPE_CHECKING:  # torch/transformers are imported only by the embedding actors
     from .embedding import ClipSource
@@ -211,8 +211,9 @@ def embed_parts_ray(mine_uri: str, out_uri: str, shards: list[int], cfg: EmbedCo
 
 
 def _train_worker(config: dict) -> None:
-    """Ray Train's per-worker loop: ``training.train_sr`` with this worker's rank, device, DDP
-    wrapper, checkpoint reporting and restored checkpoint."""
+    """Ray Train's per-worker loop: ``training.train_sr``, or ``mzsr.meta_train`` when
+    ``config["meta"]``, with this worker's rank, device, DDP wrapper (``meta_train`` all-reduces
+    its meta-gradients itself), checkpoint reporting and restored checkpoint."""
     import ray.train
     import ray.train.torch
 
@@ -237,7 +238,12 @@ def _train_worker(config: dict) -> None:
     local = Path(tempfile.mkdtemp(prefix=f"srdistill-train-rank{dp.rank}-"))
     if resume is not None and dp.rank == 0 and (resume.parent / "log.jsonl").is_file():
         shutil.copy2(resume.parent / "log.jsonl", local / "log.jsonl")  # keep the whole history
-    train_sr(config["cfg"], config["scale"], config["images"], local, progress=False, dp=dp)
+    if config.get("meta"):
+        from .mzsr import meta_train
+
+        meta_train(config["cfg"], config["images"], local, init=config["init"], progress=False, dp=dp)
+    else:
+        train_sr(config["cfg"], config["scale"], config["images"], local, progress=False, dp=dp)
 
 
 def _fit(worker: Callable, config: dict, name: str, out_dir: Path, workers: int, use_gpu: bool,
@@ -287,6 +293,31 @@ def train_ray(cfg: TrainConfig, scale: int, hr_images: list[str], out_dir: Path,
     out_dir = Path(out_dir).resolve()
     config = {"cfg": cfg, "scale": scale, "images": [str(p) for p in hr_images]}
     result = _fit(_train_worker, config, "train", out_dir, cfg.workers, cfg.use_gpu, max_failures, checkpoint_uri)
+    return _copy_final(result, out_dir)
+
+
+def meta_train_ray(cfg: MZSRConfig, hr_images: list[str], out_dir: Path, *, init: str | None = None,
+                   max_failures: int = 2, checkpoint_uri: str | None = None) -> Path:  # fmt: skip
+    """Data-parallel ``mzsr.meta_train`` (MZSR's meta-transfer learning) on Ray Train:
+    ``cfg.workers`` workers (gloo on CPU, NCCL with ``cfg.use_gpu``) each take
+    ``tasks_per_batch // workers`` tasks of every meta-batch, and their meta-gradients are
+    all-reduced before the Adam step. Checkpoints, failures and resumption as ``train_ray``.
+
+    Returns:
+        ``out_dir / "model.safetensors"``.
+
+    Raises:
+        ray.train.TrainingFailedError: the workers failed more than ``max_failures`` times.
+    """
+    out_dir = Path(out_dir).resolve()
+    config = {"meta": True, "cfg": cfg, "init": init, "images": [str(p) for p in hr_images]}
+    result = _fit(_train_worker, config, "meta_train", out_dir, cfg.workers, cfg.use_gpu, max_failures,
+                  checkpoint_uri)  # fmt: skip
+    return _copy_final(result, out_dir)
+
+
+def _copy_final(result, out_dir: Path) -> Path:
+    """Copy the final model, its resumable state and the log from a Ray Train result."""
     with result.checkpoint.as_directory() as ckpt:
         for name in ("model.safetensors", "last.safetensors", "log.jsonl"):
             shutil.copy2(Path(ckpt) / name, out_dir / name)

@@ -29,3 +29,20 @@ def test_two_worker_ray_train_completes_and_resumes(tmp_path, ray_local):
     log = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == list(range(1, 10))
     assert load_checkpoint(out / "model.safetensors")[1]["step"] == 9
+
+
+def test_two_worker_mzsr_meta_training_on_ray_train(tmp_path, ray_local):
+    """MZSR's meta-transfer learning data-parallel: each of 2 workers takes one of the 2 tasks
+    of a meta-batch; the meta-gradients are all-reduced; a rerun with more steps resumes."""
+    from srdistill.config import MZSRConfig
+
+    images = sorted(T91.glob("*.png"))[:4]
+    cfg = dict(n_feats=8, hr_patch=16, tasks_per_batch=2, support=2, query=2, inner_steps=1, workers=2,
+               log_every=1, checkpoint_every=2)  # fmt: skip
+    out = tmp_path / "meta"
+    path = runner.meta_train_ray(MZSRConfig(meta_iterations=2, **cfg), images, out)
+    model, meta = load_checkpoint(path)
+    assert meta["arch"] == "mzsr" and meta["step"] == 2 and meta["mzsr_config"]["workers"] == 2
+    runner.meta_train_ray(MZSRConfig(meta_iterations=4, **cfg), images, out)
+    log = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2, 3, 4]
