@@ -2,7 +2,7 @@
 0 / 1 / 10 adaptation steps and ZSSR, PSNR/SSIM on Y (border = scale) and seconds per image.
 
     python bench/bench_zero_shot.py --pretrained runs/mzsr_cpu/pretrain/model.safetensors \
-        --meta runs/mzsr_cpu/meta/model.safetensors --datasets Set5 B100 --zssr-datasets Set5 \
+        --meta runs/mzsr_cpu/meta/model.safetensors --datasets Set5 B100 --slow-datasets Set5 \
         --out runs/mzsr_cpu/results
 
 The LR images are ``degradation.degrade(modcrop(HR), kernel, 2)`` with MZSR's g20 kernel
@@ -39,7 +39,8 @@ def main() -> None:
     ap.add_argument("--pretrained", type=Path, required=True, help="bicubic-pretrained mzsr checkpoint")
     ap.add_argument("--meta", type=Path, required=True, help="meta-trained checkpoint (mzsr train)")
     ap.add_argument("--datasets", nargs="+", default=["Set5", "B100"])
-    ap.add_argument("--zssr-datasets", nargs="*", default=["Set5"], help="ZSSR is slow: where to run it")
+    ap.add_argument("--slow-datasets", nargs="*", default=["Set5"],
+                    help="where MZSR(10) and ZSSR run (seconds to minutes per image on a CPU)")
     ap.add_argument("--zssr-iterations", type=int, default=3000)
     ap.add_argument("--kernel", type=Path, default=G20)
     ap.add_argument("--scale", type=int, default=2)
@@ -71,7 +72,7 @@ def main() -> None:
     results = []
     for name, method in methods.items():
         for ds in args.datasets:
-            if name == "ZSSR" and ds not in args.zssr_datasets:
+            if name in ("MZSR(10)", "ZSSR") and ds not in args.slow_datasets:
                 continue
             t0 = time.perf_counter()
             r = evaluate(method, ds, s, kernel=kernel, device="cpu")
