@@ -54,10 +54,7 @@ def main() -> None:
     s = args.scale
 
     def mzsr_upscaler(steps: int):
-        def up(lr):
-            net = mzsr.adapt(meta_net, lr, kernel, s, steps=steps, lr=cfg.adapt_lr) if steps else meta_net
-            return mzsr.super_resolve(net, lr, s)
-        return up
+        return lambda lr: mzsr.zero_shot(meta_net, lr, kernel, s, steps=steps, lr=cfg.adapt_lr)
 
     zcfg = MZSRConfig(scale=s, zssr_iterations=args.zssr_iterations)
     methods = {

@@ -16,7 +16,7 @@ from typing import Optional
 
 import typer
 
-from .config import RayConfig, load_config, preset_names
+from .config import RayConfig, load_config, preset_names, read_yaml_mapping
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.split("\n")[0])
 
@@ -252,12 +252,7 @@ def _mzsr_upscaler(net, meta: dict, kernel, scale: int, steps: int):
     from .config import MZSRConfig
 
     cfg = MZSRConfig.model_validate(meta["mzsr_config"])
-
-    def upscale(lr):
-        adapted = mzsr.adapt(net, lr, kernel, scale, steps=steps, lr=cfg.adapt_lr) if steps else net
-        return mzsr.super_resolve(adapted, lr, scale)
-
-    return upscale
+    return lambda lr: mzsr.zero_shot(net, lr, kernel, scale, steps=steps, lr=cfg.adapt_lr)
 
 
 def _zssr_upscaler(kernel, scale: int, iterations: int, device: str):
@@ -345,7 +340,7 @@ def _mzsr_config(config: Optional[Path], overrides: list[str], **fixed):
     from .config import MZSRConfig, _deep_merge, parse_override
 
     try:
-        data = _yaml_mapping(config) if config is not None else {}
+        data = read_yaml_mapping(config) if config is not None else {}
         for item in overrides:
             data = _deep_merge(data, parse_override(item))
         data.update({k: v for k, v in fixed.items() if v is not None})
@@ -392,25 +387,19 @@ def mzsr_train(
     if missing or not images:
         _fail(f"no HR images in {missing or [str(d) for d in data]}")
     from . import runner
+    from .mzsr import meta_train
+    from .training import train_sr
 
+    if workers:
+        runner.init_ray(RayConfig())
     try:
         if pretrained is None:
             pre = TrainConfig(**{**RECIPES["mzsr"], "model": "mzsr", "iterations": pretrain_iterations,
                                  "workers": workers, "use_gpu": use_gpu, "device": cfg.device})  # fmt: skip
-            if workers:
-                runner.init_ray(RayConfig())
-                pretrained = runner.train_ray(pre, scale, images, out / "pretrain")
-            else:
-                from .training import train_sr
-
-                pretrained = train_sr(pre, scale, images, out / "pretrain")
-        if workers:
-            runner.init_ray(RayConfig())
-            model = runner.meta_train_ray(cfg, images, out / "meta", init=str(pretrained))
-        else:
-            from .mzsr import meta_train
-
-            model = meta_train(cfg, images, out / "meta", init=pretrained)
+            train = runner.train_ray if workers else train_sr
+            pretrained = train(pre, scale, images, out / "pretrain")
+        meta = runner.meta_train_ray if workers else meta_train
+        model = meta(cfg, images, out / "meta", init=str(pretrained))
     except (FileNotFoundError, ValueError) as exc:
         _fail(str(exc))
     shutil.copy2(model, out / "mzsr.safetensors")
@@ -445,7 +434,7 @@ def zssr_adapt(
         if model is not None:
             net = _load_mzsr(model, scale)
             steps = cfg.adapt_steps if steps is None else steps
-            sr = mzsr.super_resolve(mzsr.adapt(net, lr, k, scale, steps=steps, lr=cfg.adapt_lr), lr, scale)
+            sr = mzsr.zero_shot(net, lr, k, scale, steps=steps, lr=cfg.adapt_lr)
             what = f"MZSR({steps})"
         else:
             if steps is not None:
@@ -505,8 +494,8 @@ def k8s_render(
     spec.update({k: v for k, v in {"preset": preset, "distill": distill}.items() if v is not None})
     try:
         if config is not None:
-            spec["config"] = _yaml_mapping(config)
-        shape = _yaml_mapping(cluster) if cluster is not None else {}
+            spec["config"] = read_yaml_mapping(config)
+        shape = read_yaml_mapping(cluster) if cluster is not None else {}
     except ValueError as exc:
         _fail(str(exc))
     shape.update({k: v for k, v in {"image": image, "s3Secret": s3_secret}.items() if v is not None})
@@ -516,17 +505,6 @@ def k8s_render(
     except k8s.InvalidSpec as exc:
         _fail(str(exc))
     typer.echo(yaml.safe_dump(k8s.rayjob(parsed, name, namespace=namespace), sort_keys=False), nl=False)
-
-
-def _yaml_mapping(path: Path) -> dict:
-    import yaml
-
-    if not path.is_file():
-        raise ValueError(f"{str(path)!r} does not exist")
-    loaded = yaml.safe_load(path.read_text()) or {}
-    if not isinstance(loaded, dict):
-        raise ValueError(f"{str(path)!r} must hold a YAML mapping")
-    return loaded
 
 
 def main() -> None:  # pragma: no cover - console entry

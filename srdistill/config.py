@@ -519,6 +519,21 @@ def parse_override(item: str) -> dict:
     return value
 
 
+def read_yaml_mapping(path: str | Path) -> dict:
+    """The YAML mapping in file ``path`` (an empty file is ``{}``).
+
+    Raises:
+        ValueError: the file does not exist, or holds something other than a mapping.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"file {str(path)!r} does not exist")
+    loaded = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(loaded, dict):
+        raise ValueError(f"file {str(path)!r} must hold a YAML mapping")
+    return loaded
+
+
 def load_config(
     preset: str | None = None,
     config_file: str | Path | None = None,
@@ -548,13 +563,7 @@ def load_config(
         model = load_config(preset, config_file, overrides, data=data).train.model
         merged = _deep_merge(merged, {"train": RECIPES[model]})
     if config_file is not None:
-        path = Path(config_file)
-        if not path.is_file():
-            raise ValueError(f"config file {str(path)!r} does not exist")
-        loaded = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(loaded, dict):
-            raise ValueError(f"config file {str(path)!r} must hold a YAML mapping")
-        merged = _deep_merge(merged, loaded)
+        merged = _deep_merge(merged, read_yaml_mapping(config_file))
     if data is not None:
         if not isinstance(data, dict):
             raise ValueError(f"config data must be a mapping, got {type(data).__name__}")

@@ -537,23 +537,62 @@ def degrade(
         uint8, ``hr``'s layout with H and W replaced by ``ceil(H / s)``, ``ceil(W / s)``.
 
     Raises:
-        TypeError: ``hr`` is not uint8 (use ``blur`` for float images).
+        TypeError: ``hr`` is not uint8 (``degrade_float`` takes float images).
         ValueError: bad shape, kernel, scale, ``subsample`` or ``noise_sigma``, or an image
             smaller than ``scale``.
     """
     hr = np.asarray(hr)
     if hr.dtype != np.uint8:
-        raise TypeError(f"degrade expects a uint8 image, got dtype {hr.dtype} (use blur() for floats)")
-    ah, aw = _spatial_axes(hr.ndim, hr.shape)
+        raise TypeError(f"degrade expects a uint8 image, got dtype {hr.dtype} (degrade_float takes floats)")
+    x = _degrade(hr, kernel, scale, subsample, noise_sigma, rng)
+    return np.clip(np.round(x), 0, 255).astype(np.uint8)
+
+
+def degrade_float(
+    img: np.ndarray,
+    kernel: np.ndarray,
+    scale: int,
+    *,
+    subsample: Literal["direct", "bicubic"] = "direct",
+    noise_sigma: float = 0.0,
+    rng: np.random.Generator | None = None,
+) -> np.ndarray:
+    """``degrade`` on float images in [0, 1], without the rounding: blur, subsample, noise of
+    std ``noise_sigma / 255``, clip to [0, 1]. MZSR (``dataGenerator.py``, ``test.py``) and ZSSR
+    (``father_to_son``) keep their LR images as such floats; rounded to uint8 (``round(x *
+    255)``) they are ``degrade``'s output.
+
+    Args:
+        img: float ``(H, W)``, ``(H, W, C)`` or ``(B, H, W, C)`` in [0, 1].
+        kernel, scale, subsample, rng: as ``degrade``.
+        noise_sigma: noise std in [0, 255] grey levels, as ``degrade``.
+
+    Returns:
+        float64 in [0, 1], ``img``'s layout with H and W replaced by ``ceil(H/s)``, ``ceil(W/s)``.
+
+    Raises:
+        TypeError: ``img`` is not a float array.
+        ValueError: as ``degrade``.
+    """
+    img = np.asarray(img)
+    if not np.issubdtype(img.dtype, np.floating):
+        raise TypeError(f"degrade_float expects a float image in [0, 1], got dtype {img.dtype}")
+    return np.clip(_degrade(img, kernel, scale, subsample, noise_sigma / 255.0, rng), 0.0, 1.0)
+
+
+def _degrade(x: np.ndarray, kernel: np.ndarray, scale: int, subsample: str, noise_sigma: float,
+             rng: np.random.Generator | None) -> np.ndarray:  # fmt: skip
+    """Blur, subsample and add noise (std in ``x``'s units); float64, neither rounded nor clipped."""
+    ah, aw = _spatial_axes(x.ndim, x.shape)
     s = _check_scale(scale)
     if subsample not in ("direct", "bicubic"):
         raise ValueError(f"subsample must be 'direct' or 'bicubic', got {subsample!r}")
     noise_sigma = float(noise_sigma)
     if not np.isfinite(noise_sigma) or noise_sigma < 0:
         raise ValueError(f"noise_sigma must be a finite number >= 0, got {noise_sigma!r}")
-    if min(hr.shape[ah], hr.shape[aw]) < s:
-        raise ValueError(f"image of size {hr.shape[ah]}x{hr.shape[aw]} is smaller than scale {s}")
-    x = blur(hr, kernel)
+    if min(x.shape[ah], x.shape[aw]) < s:
+        raise ValueError(f"image of size {x.shape[ah]}x{x.shape[aw]} is smaller than scale {s}")
+    x = blur(x, kernel)
     if subsample == "direct":
         index = [slice(None)] * x.ndim
         index[ah] = index[aw] = slice(None, None, s)
@@ -565,4 +604,4 @@ def degrade(
     if noise_sigma > 0:
         rng = np.random.default_rng() if rng is None else rng
         x = x + rng.normal(0.0, noise_sigma, size=x.shape)
-    return np.clip(np.round(x), 0, 255).astype(np.uint8)
+    return x

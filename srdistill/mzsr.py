@@ -34,9 +34,9 @@ the meta-transfer stage adapts the pretrained weights to the MATLAB-upsampled in
 MZSR model must be evaluated with ``super_resolve``, not ``model(lr)``. Through this path a
 zero residual gives the paper's bicubic baseline (Set5, g20 x2: 28.74 dB; paper 28.73).
 
-LR images made here (task LR, test-time sons, ZSSR sons, back-projection) are floats:
-``degradation.blur`` + ``degrade``'s subsampling without its uint8 rounding, clipped to [0, 1],
-as MZSR and ZSSR keep them; rounded, they are ``degrade``'s output bit for bit (``_down``).
+LR images made here (task LR, test-time sons, ZSSR sons, back-projection) are floats in [0, 1]
+(``degradation.degrade_float``), as MZSR and ZSSR keep them; rounded, they are ``degrade``'s
+output bit for bit.
 Test-time adaptation trains on the whole LR image, as MZSR ``test.py``.
 
 What differs from the papers / official code:
@@ -106,6 +106,7 @@ __all__ = [
     "super_resolve",
     "undo_dihedral",
     "upsample",
+    "zero_shot",
     "zssr",
 ]
 
@@ -205,44 +206,6 @@ def _to_uint8(x: np.ndarray) -> np.ndarray:
     return np.round(np.clip(x, 0.0, 1.0) * 255.0).astype(np.uint8)
 
 
-def _down(
-    img: np.ndarray,
-    kernel: np.ndarray,
-    scale: int,
-    subsample: str,
-    noise_sigma: float = 0.0,
-    rng: np.random.Generator | None = None,
-) -> np.ndarray:
-    """``degradation.degrade`` on floats: blur, subsample, noise, clip to [0, 1]; no rounding.
-
-    ``degrade`` rounds to uint8; MZSR (``dataGenerator.py``, ``test.py``) and ZSSR
-    (``father_to_son``) keep their LR sons as floats, so this uses ``degradation.blur`` (the
-    same correlation with reflect padding) and the same subsampling (``direct``: ``[::s, ::s]``;
-    ``bicubic``: MATLAB ``imresize(., 1/s)``), then adds ``N(0, (noise_sigma/255)^2)`` and clips
-    to [0, 1] as MZSR does.
-
-    Args:
-        img: ``(H, W, 3)`` or ``(B, H, W, 3)`` float in [0, 1].
-        kernel: ``(kh, kw)`` blur kernel, used as given.
-        scale: integer factor.
-        subsample: ``direct`` or ``bicubic``.
-        noise_sigma: noise std in [0, 255] units (0: none).
-        rng: the noise's generator (needed when ``noise_sigma > 0``).
-
-    Returns:
-        float64 ``(ceil(H/s), ceil(W/s), 3)`` (or batched) in [0, 1].
-    """
-    x = degradation.blur(img, kernel)
-    axes = (0, 1) if x.ndim == 3 else (1, 2)
-    if subsample == "direct":
-        x = x[..., :: scale, :: scale, :]
-    else:
-        x = imaging.imresize(x, 1.0 / scale, spatial_axes=axes)
-    if noise_sigma > 0:
-        x = x + rng.normal(0.0, noise_sigma / 255.0, size=x.shape)
-    return np.clip(x, 0.0, 1.0)
-
-
 class _Upsampled(nn.Module):
     """``net.forward_upsampled`` as ``forward``, so that ``torch.func.functional_call`` can run
     the network on a dict of fast weights (names prefixed ``net.``)."""
@@ -294,8 +257,8 @@ def sample_task(
     anisotropic Gaussians: theta ~ U[0, pi], lambda1 ~ U[1, 2.5*scale], lambda2 ~ U[1, lambda1]).
     Each of the ``cfg.support + cfg.query`` patches is an ``hr_patch`` HR crop of a uniformly
     drawn image at a uniform position, in one of its 8 flips/rotations; its LR is
-    ``degrade(crop, kernel, scale)`` (``cfg.subsample``, ``cfg.noise_sigma``) on floats without
-    rounding (``_down``), and the network input is that LR upsampled back by MATLAB bicubic
+    ``degrade_float(crop, kernel, scale)`` (``cfg.subsample``, ``cfg.noise_sigma``), and the
+    network input is that LR upsampled back by MATLAB bicubic
     (``upsample``), as in MZSR's ``dataGenerator.py``.
 
     Args:
@@ -331,7 +294,8 @@ def sample_task(
         x = rng.integers(img.shape[1] - p + 1)
         crops.append(dihedral(img[y : y + p, x : x + p], int(rng.integers(8))))
     hr = np.stack(crops) / 255.0  # (N, P, P, 3) float64 in [0, 1]
-    lr = _down(hr, kernel, cfg.scale, cfg.subsample, cfg.noise_sigma, rng)  # (N, P/s, P/s, 3)
+    lr = degradation.degrade_float(hr, kernel, cfg.scale, subsample=cfg.subsample,
+                                   noise_sigma=cfg.noise_sigma, rng=rng)  # (N, P/s, P/s, 3)
     inp = upsample(lr, output_shape=(p, p))  # (N, P, P, 3) float32
     inp_t, hr_t = _nchw(inp, device), _nchw(hr, device)
     n = cfg.support
@@ -615,7 +579,7 @@ def son_pair(
     img = _check_image(lr_image, "lr_image", 2 * scale)
     k = _check_kernel(kernel)
     father = imaging.modcrop(img, scale) / 255.0  # (h', w', 3) float64
-    son = _down(father, k, scale, subsample)  # (h'/s, w'/s, 3)
+    son = degradation.degrade_float(father, k, scale, subsample=subsample)  # (h'/s, w'/s, 3)
     inp = upsample(son, output_shape=father.shape[:2])
     return _nchw(inp, device), _nchw(father, device)
 
@@ -737,6 +701,23 @@ def super_resolve(
     return _to_uint8(_ensemble(model, img / 255.0, scale, ensemble))
 
 
+def zero_shot(
+    model: MZSRNet,
+    lr_image: np.ndarray,
+    kernel: np.ndarray,
+    scale: int,
+    *,
+    steps: int,
+    lr: float | Sequence[float],
+    subsample: Literal["direct", "bicubic"] = "direct",
+) -> np.ndarray:
+    """MZSR(``steps``) on one image: ``adapt`` a copy of ``model`` (no copy for 0 steps), then
+    ``super_resolve``. ``(h, w, 3)`` uint8 -> ``(scale*h, scale*w, 3)`` uint8; errors as
+    ``adapt`` and ``super_resolve``."""
+    adapted = adapt(model, lr_image, kernel, scale, steps=steps, lr=lr, subsample=subsample) if steps else model
+    return super_resolve(adapted, lr_image, scale)
+
+
 # --------------------------------------------------------------------------- ZSSR
 
 
@@ -854,7 +835,7 @@ def zssr(
     it = 0
     for it in tqdm(range(cfg.zssr_iterations), disable=not progress, desc="ZSSR"):
         father = _zssr_father(lr_f, rng, cfg, scale)  # (H, W, 3) float64
-        son = _down(father, k, scale, subsample)
+        son = degradation.degrade_float(father, k, scale, subsample=subsample)
         inp = _nchw(upsample(son, output_shape=father.shape[:2]), dev)
         loss = F.l1_loss(net.forward_upsampled(inp), _nchw(father, dev))
         optimizer.zero_grad(set_to_none=True)
@@ -876,7 +857,7 @@ def zssr(
 
     def back_project(sr: np.ndarray) -> np.ndarray:
         for _ in range(cfg.zssr_back_projection):
-            residual = lr_f - _down(sr, k, scale, subsample)  # (h, w, 3)
+            residual = lr_f - degradation.degrade_float(sr, k, scale, subsample=subsample)  # (h, w, 3)
             sr = np.clip(sr + imaging.imresize(residual, output_shape=sr.shape[:2]), 0.0, 1.0)
         return sr
 

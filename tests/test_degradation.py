@@ -10,6 +10,7 @@ from srdistill.degradation import (
     anisotropic_gaussian,
     blur,
     degrade,
+    degrade_float,
     isotropic_gaussian,
     kernel_covariance,
     load_kernel,
@@ -200,6 +201,18 @@ def test_noise_has_the_requested_std():
     # saturation instead of wrap-around
     bright = np.full((8, 8), 250, np.uint8)
     assert degrade(bright, k, 2, noise_sigma=50.0, rng=np.random.default_rng(0)).max() == 255
+
+
+def test_degrade_float_is_degrade_without_rounding():
+    rng = np.random.default_rng(3)
+    img = rng.integers(0, 256, (2, 20, 18, 3), dtype=np.uint8)
+    k = anisotropic_gaussian(9, 0.7, 3.0, 1.2)
+    for subsample in ("direct", "bicubic"):
+        out = degrade_float(img / 255.0, k, 2, subsample=subsample)
+        assert out.dtype == np.float64 and out.min() >= 0 and out.max() <= 1
+        assert np.array_equal(np.round(out * 255).astype(np.uint8), degrade(img, k, 2, subsample=subsample))
+    with pytest.raises(TypeError, match="float"):
+        degrade_float(img, k, 2)
 
 
 def test_degrade_errors():

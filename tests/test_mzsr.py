@@ -206,7 +206,7 @@ def test_float_degradation_and_input_convention_match_mzsr_g20(shared_data):
         lr_img = imaging.read_image(folder / "LR_g20_x2_MZSR" / f"{name}.png")
         hr = imaging.modcrop(imaging.read_image(folder / "HR" / f"{name}.png"), 2)
         if name in ("bird", "woman"):
-            down = mzsr._down(hr / 255.0, kernel, 2, "direct")
+            down = degradation.degrade_float(hr / 255.0, kernel, 2)
             assert np.array_equal(np.round(down * 255).astype(np.uint8), lr_img)
         psnrs.append(metrics.psnr_y(mzsr.super_resolve(net, lr_img, 2), hr, border=2))
     assert np.mean(psnrs) == pytest.approx(28.74, abs=0.02)
@@ -278,3 +278,14 @@ def test_bad_inputs_raise_clear_errors(g20):
         mzsr.adapt(net, lr_img, kernel, 3, steps=1, lr=1e-2)
     with pytest.raises(ValueError, match="lr must be positive"):
         mzsr.adapt(net, lr_img, kernel, 2, steps=1, lr=())
+
+
+def test_zero_shot_is_adapt_then_super_resolve(g20):
+    lr_img, kernel = g20
+    lr_img = lr_img[:32, :40]
+    torch.manual_seed(0)
+    net = MZSRNet(2, n_feats=8, n_layers=4)
+    assert np.array_equal(mzsr.zero_shot(net, lr_img, kernel, 2, steps=0, lr=1e-2), mzsr.super_resolve(net, lr_img, 2))
+    adapted = mzsr.adapt(net, lr_img, kernel, 2, steps=2, lr=(2e-2, 1e-2))
+    out = mzsr.zero_shot(net, lr_img, kernel, 2, steps=2, lr=(2e-2, 1e-2))
+    assert out.shape == (64, 80, 3) and np.array_equal(out, mzsr.super_resolve(adapted, lr_img, 2))
