@@ -26,8 +26,12 @@ PATCH_PRESETS: dict[str, tuple[int, int]] = {
 }
 
 Score = Literal["psnr_bic", "grad"]
+#: Complexity scores of a patch (``srdistill.complexity``; TripleD): all higher = more complex.
+ComplexityScore = Literal["vit_complexity", "entropy", "grad_energy"]
 #: For each patch score, whether a lower value means a harder (more valuable) patch.
-LOWER_IS_HARDER: dict[str, bool] = {"psnr_bic": True, "grad": False}
+LOWER_IS_HARDER: dict[str, bool] = {
+    "psnr_bic": True, "grad": False, "vit_complexity": False, "entropy": False, "grad_energy": False,
+}  # fmt: skip
 
 
 class _Strict(BaseModel):
@@ -100,6 +104,30 @@ class EmbedConfig(_Strict):
     seed: int = 0
 
 
+class ComplexityConfig(_Strict):
+    """ViT complexity scoring of every mined patch (TripleD step 1; ``srdistill.complexity``).
+
+    ``model`` is a transformers ViT-style checkpoint (``ViTModel``, DeiT, DINO, DINOv2: any
+    ``AutoModel`` whose output has ``last_hidden_state`` with a leading CLS token) in a local
+    directory, or a Hugging Face id resolved offline from the HF cache. Without weights the
+    stage stops unless ``allow_random_init`` is set; ``random_init`` then picks the
+    architecture and the scores measure a random ViT's features (no learned notion of
+    complexity). ``image_size`` is the side patches are resized to (``None``: the model's own;
+    another size interpolates the position embeddings).
+    """
+
+    model: str = "google/vit-base-patch16-224"
+    allow_random_init: bool = False
+    random_init: Literal["vit-s-16", "tiny"] = "vit-s-16"
+    image_size: int | None = Field(None, ge=8, description="patch side fed to the ViT; None: the model's")
+    batch_size: int = Field(32, ge=1)
+    num_actors: int = Field(1, ge=1)
+    actor_num_cpus: float = Field(0.5, gt=0.0, description="fractional CPUs per actor")
+    num_threads: int | None = Field(None, ge=1, description="torch threads per actor; None: Ray's")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    seed: int = 0
+
+
 class ClusterConfig(_Strict):
     """faiss spherical k-means on L2-normalised embeddings (trained on a sample, all assigned).
 
@@ -153,10 +181,16 @@ class SelectConfig(_Strict):
     near-duplicate crops.
     """
 
-    method: Literal["clip-kmeans", "random", "score-topk"] = "clip-kmeans"
+    method: Literal["clip-kmeans", "random", "score-topk", "tripled"] = "clip-kmeans"
     ipc: int | None = Field(None, ge=1)
     pixel_fraction: float | None = Field(None, gt=0.0, le=1.0)
     score: Score = "psnr_bic"
+    complexity_score: ComplexityScore = Field(
+        "vit_complexity", description="tripled: the complexity score whose quantiles are the strata")
+    strata: int = Field(
+        8, ge=1, description="tripled: complexity strata (quantile bins of complexity_score); the "
+        "budget is shared in proportion to their sizes, and an IPC budget is ipc per stratum",
+    )  # fmt: skip
     max_overlap: float = Field(
         0.25, ge=0.0, le=1.0,
         description="drop a patch overlapping a harder one of the same image by more than this "
@@ -172,6 +206,53 @@ class SelectConfig(_Strict):
 
 
 Arch = Literal["edsr-baseline", "espcn", "rcan", "swinir-light", "mzsr"]
+
+
+class AlignConfig(_Strict):
+    """Feature-level distribution alignment of the selected set (TripleD step 3;
+    ``srdistill.alignment``).
+
+    A small residual CNN (``blocks`` 3x3 convolutions of ``channels``, the last one
+    zero-initialised so it starts as the identity) is trained on the selected images to
+    minimise ``loss`` (``mmd``: squared MMD with a multi-bandwidth Gaussian kernel; ``moments``:
+    squared distance of feature means and standard deviations) between their ViT features and
+    a sample of ``corpus_features`` corpus features, plus ``fidelity_weight`` x L1 to the
+    original pixels; the transformed images are the distilled set. ``enabled: false`` skips it.
+    """
+
+    enabled: bool = False
+    loss: Literal["mmd", "moments"] = "mmd"
+    channels: int = Field(32, ge=1)
+    blocks: int = Field(3, ge=2, description="3x3 convolutions, ReLU between them")
+    iterations: int = Field(200, ge=1)
+    batch_size: int = Field(16, ge=1, description="selected images per step (random crops of crop)")
+    crop: int | None = Field(None, ge=8, description="side of the training crops; None: whole images")
+    lr: float = Field(1e-3, gt=0.0)
+    fidelity_weight: float = Field(10.0, ge=0.0, description="weight of the L1 fidelity term "
+                                   "(images in [0, 1])")  # fmt: skip
+    corpus_features: int = Field(4096, ge=2, description="corpus features sampled as the target")
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
+class CurriculumConfig(_Strict):
+    """Two-stage training schedule (TripleD step 4; ``srdistill.curriculum``).
+
+    Stage 1 (the first ``switch`` of the iterations) draws crops only from the ``easy_fraction``
+    lowest-complexity images by ``score``. At the switch, the network's L1 loss is measured on
+    every image; stage 2 draws from the remaining (complex) images plus the
+    ``uncertain_fraction`` of the easy images with the highest loss. ``score``
+    ``vit_complexity`` is read from the ``complexity`` column of the training folder's
+    ``provenance.csv`` (written by the ``tripled`` selection); ``entropy`` and ``grad_energy``
+    are computed from the images.
+    """
+
+    enabled: bool = False
+    switch: float = Field(0.5, gt=0.0, lt=1.0, description="fraction of the iterations in stage 1")
+    easy_fraction: float = Field(0.5, gt=0.0, lt=1.0, description="share of the images in stage 1")
+    uncertain_fraction: float = Field(0.25, ge=0.0, le=1.0, description="share of the easy images "
+                                      "(highest loss at the switch) kept in stage 2")  # fmt: skip
+    score: ComplexityScore = "grad_energy"
 
 
 class TrainConfig(_Strict):
@@ -205,6 +286,7 @@ class TrainConfig(_Strict):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     log_every: int = Field(100, ge=1)
     checkpoint_every: int = Field(500, ge=1)
+    curriculum: CurriculumConfig = CurriculumConfig()
 
     @model_validator(mode="after")
     def _check(self) -> "TrainConfig":
@@ -470,7 +552,9 @@ class RunConfig(_Strict):
     mine: MineConfig = MineConfig()
     embed: EmbedConfig = EmbedConfig()
     cluster: ClusterConfig = ClusterConfig()
+    complexity: ComplexityConfig = ComplexityConfig()
     select: SelectConfig = SelectConfig(ipc=10)
+    align: AlignConfig = AlignConfig()
     finetune: FinetuneConfig = FinetuneConfig()
     synthesize: SynthConfig = SynthConfig()
     train: TrainConfig = TrainConfig()
@@ -484,6 +568,8 @@ class RunConfig(_Strict):
             part["patch_size"] = self.mine.patch_size
         else:
             part = getattr(self, stage).model_dump(mode="json")
+        if stage == "train" and not self.train.curriculum.enabled:
+            del part["curriculum"]  # off trains exactly as before the option existed
         if stage in ("train", "evaluate"):
             part = {"scale": self.scale, **part}
         return json.dumps(part, sort_keys=True)
