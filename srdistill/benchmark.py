@@ -10,7 +10,16 @@ protocol. Arms:
 * ``clip-kmeans``: the pipeline's coreset (CLIP k-means groups, hardest first in each);
 * ``synth``: SRDD's synthetic set: images sampled from the cluster-conditioned diffusion model
   fine-tuned on the kept patches (``cfg.finetune``, ``cfg.synthesize``), the same budget spent
-  on ``finetune.resolution``-sided images.
+  on ``finetune.resolution``-sided images;
+* ``tripled``: TripleD's complexity-aware selection (ViT complexity strata, kernel herding on
+  ViT features; ``cfg.complexity``, ``select.strata``) from every patch; ``tripled+align``: the
+  same patches transformed by the alignment CNN (``cfg.align``); ``tripled+curriculum`` and
+  ``tripled+align+curriculum``: those sets trained with the two-stage curriculum
+  (``cfg.train.curriculum``, enabled for these arms only).
+
+Every arm's set is also measured by its feature distance to the corpus: the squared MMD
+between the ViT features of its images and of a sample of all patches
+(``selection.subset_mmd``), when any ``tripled`` arm runs (the ViT scores every patch).
 
 Budgets: a fraction of the corpus' HR pixels (``"1%"``, ``"5%"``) or SRDD's images per
 cluster (``"ipc10"``: 10 x ``cluster.k`` patches). The selection arms draw from the same patch
@@ -37,16 +46,19 @@ from .config import RunConfig, SelectConfig
 from .evaluation import evaluate, list_images, resolve_dataset
 from .mining import read_patches
 from .pipeline import EXECUTION_ONLY, run_pipeline
-from .selection import budget_patches, export_distilled, select_patches
+from .selection import budget_patches, export_distilled, select_patches, subset_mmd
 from .synthesis import image_name, per_cluster_counts, synthesize
 from .training import load_checkpoint, train_sr
 
-ARMS = ("full", "random", "psnr_bic-topk", "grad-topk", "clip-kmeans", "synth")
+ARMS = ("full", "random", "psnr_bic-topk", "grad-topk", "clip-kmeans", "tripled", "tripled+align",
+        "tripled+curriculum", "tripled+align+curriculum", "synth")  # fmt: skip
+TRIPLED_ARMS = tuple(a for a in ARMS if a.startswith("tripled"))
 _SELECT = {  # arm -> (selection method, score)
     "random": ("random", "psnr_bic"),
     "psnr_bic-topk": ("score-topk", "psnr_bic"),
     "grad-topk": ("score-topk", "grad"),
     "clip-kmeans": ("clip-kmeans", "psnr_bic"),
+    "tripled": ("tripled", "psnr_bic"),
 }
 
 
@@ -144,12 +156,15 @@ def run_quality_bench(
         sampler = synth_map(model_dir, cfg.synthesize, pool) if synth_map else None
         synthesize(model_dir, cfg.synthesize, pool, most, map_fn=sampler)
 
+    tripled = TripledSets(cfg, out, run_uri, every, log) if set(bench.arms) & set(TRIPLED_ARMS) else None
+
     # results are kept per training setting: another step budget or network never reuses them
     tag = hashlib.sha256(f"{cfg.stage_json('train')}|{bench.datasets}".encode()).hexdigest()[:10]
     (out / "results" / tag).mkdir(parents=True, exist_ok=True)
-    jobs = []
+    jobs, set_mmd = [], {}
     for budget in bench.budgets:
         for arm in bench.arms:
+            run_cfg, name = cfg, f"{arm}_{'all' if arm == 'full' else budget}"
             if arm == "full":
                 if budget != bench.budgets[0]:
                     continue
@@ -158,6 +173,15 @@ def run_quality_bench(
                 counts = synth_counts[budget]
                 images = [pool / image_name(c, i) for c, n in counts.items() for i in range(n)]
                 frac = len(images) * cfg.finetune.resolution**2 / corpus_pixels
+                name = f"{_synth_tag(cfg)}_{name}"  # another diffusion setting is another synthetic set
+            elif arm in TRIPLED_ARMS:
+                images, mmd = tripled.images(budget, k_used, corpus_pixels, align="align" in arm)
+                frac = len(images) * cfg.mine.patch_size**2 / corpus_pixels
+                if "curriculum" in arm:
+                    curriculum = cfg.train.curriculum.model_copy(update={"enabled": True})
+                    run_cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"curriculum": curriculum})})
+                name = f"{tripled.tag(run_cfg, align='align' in arm)}_{name}"
+                set_mmd[(arm, budget)] = mmd
             else:
                 method, score = _SELECT[arm]
                 sel_cfg = SelectConfig(method=method, score=score, seed=cfg.select.seed,
@@ -167,20 +191,93 @@ def run_quality_bench(
                 chosen = select_patches(kept if arm == "clip-kmeans" else every, sel_cfg, n_total=n_total)
                 images = export_distilled(chosen, out / "sets" / f"{arm}_{budget}")
                 frac = len(images) * cfg.mine.patch_size**2 / corpus_pixels
+                if tripled is not None:
+                    set_mmd[(arm, budget)] = tripled.mmd_of_patches(chosen.column("patch_id"))
+            if arm == "synth" and tripled is not None:
+                set_mmd[(arm, budget)] = tripled.mmd_of_images(images)
             for seed in bench.seeds:
-                name = f"{arm}_{'all' if arm == 'full' else budget}_seed{seed}"
-                if arm == "synth":  # another diffusion setting is another synthetic set
-                    name = f"{_synth_tag(cfg)}_{name}"
                 row = {"arm": arm, "budget": "all" if arm == "full" else budget, "seed": seed,
                        "patches": len(images), "pixel_fraction": frac, "clip_semantic": semantic,
                        "model": cfg.train.model, "iterations": cfg.train.iterations, "scale": cfg.scale}  # fmt: skip
-                jobs.append({"row": row, "images": [str(p) for p in images], "cfg": cfg,
-                             "datasets": bench.datasets, "out": str(out / "results" / tag / f"{name}.json"),
-                             "model_dir": str(out / "models" / tag / name)})  # fmt: skip
+                jobs.append({"row": row, "images": [str(p) for p in images], "cfg": run_cfg,
+                             "datasets": bench.datasets, "out": str(out / "results" / tag / f"{name}_seed{seed}.json"),
+                             "model_dir": str(out / "models" / tag / f"{name}_seed{seed}")})  # fmt: skip
     pending = [j for j in jobs if not Path(j["out"]).is_file()]
     log(f"[bench] {len(jobs)} runs, {len(pending)} to do")
     map_fn(train_and_evaluate, pending)
-    return [json.loads(Path(j["out"]).read_text()) for j in jobs]
+    results = [json.loads(Path(j["out"]).read_text()) for j in jobs]
+    for r in results:  # properties of the set, measured in this run (older results lack them)
+        r["feature_mmd"] = set_mmd.get((r["arm"], r["budget"]))
+        r["vit_pretrained"] = tripled.source.pretrained if tripled else None
+    return results
+
+
+class TripledSets:
+    """The ``tripled`` arms' sets and every set's feature distance to the corpus.
+
+    Scores every patch with the ViT (the pipeline's ``complexity`` stage, run once), selects
+    with ``select.method = tripled`` per budget, aligns the selection with ``cfg.align`` on
+    request, and measures sets by ``selection.subset_mmd`` against the same corpus sample.
+    """
+
+    def __init__(self, cfg: RunConfig, out: Path, run_uri: str, every: pa.Table, log: Callable[[str], None]):
+        from .complexity import attach_scores, feature_matrix, load_vit, read_scores, resolve_vit
+
+        self.cfg = cfg.model_copy(update={"select": cfg.select.model_copy(update={"method": "tripled"})})
+        self.out = out
+        run_pipeline(out / "corpus", out / "pipeline", self.cfg, until="complexity", log=log)
+        scores = read_scores(storage.join(run_uri, "complexity", "parts"))
+        self.table = attach_scores(every, scores)
+        self.features = feature_matrix(self.table)  # (N, D) float32, rows of self.table
+        self.row_of = {pid: i for i, pid in enumerate(self.table.column("patch_id").to_pylist())}
+        self.source = resolve_vit(cfg.complexity)
+        self.vit = load_vit(self.source, cfg.complexity)
+
+    def mmd_of_patches(self, patch_ids: pa.ChunkedArray) -> float:
+        """``subset_mmd`` of the given patches' stored features."""
+        rows = [self.row_of[p] for p in patch_ids.to_pylist()]
+        return subset_mmd(self.features[rows], self.features, seed=self.cfg.select.seed)
+
+    def mmd_of_images(self, images: list[Path]) -> float:
+        """``subset_mmd`` of image files (aligned or synthetic sets), features from the ViT."""
+        from .complexity import image_features
+
+        return subset_mmd(image_features(self.vit, images), self.features, seed=self.cfg.select.seed)
+
+    def images(self, budget: str, k_used: int, corpus_pixels: int, *, align: bool) -> tuple[list[Path], float]:
+        """The tripled set of ``budget`` (aligned with ``cfg.align`` if ``align``) and its MMD."""
+        from .alignment import align_folder
+        from .clustering import sample_rows
+
+        sel_cfg = self.cfg.select.model_copy(update={"ipc": None, "pixel_fraction": None, **_parse_budget(budget)})
+        n_total = budget_patches(sel_cfg, n_clusters=sel_cfg.strata, corpus_pixels=corpus_pixels,
+                                 patch_size=self.cfg.mine.patch_size)  # fmt: skip
+        chosen = select_patches(self.table, sel_cfg, n_total=n_total)
+        folder = self.out / "sets" / f"tripled_{budget}"
+        images = export_distilled(chosen, folder)
+        if not align:
+            return images, self.mmd_of_patches(chosen.column("patch_id"))
+        aligned = self.out / "sets" / f"{self.tag(self.cfg, align=True)}_tripled+align_{budget}"
+        if not (aligned / "align.json").is_file():
+            target = sample_rows([self.features], len(self.features), self.cfg.align.corpus_features,
+                                 self.cfg.align.seed)  # the pipeline's align stage takes the same sample
+            align_folder(folder, aligned, target, lambda x: self.vit(x)[0], self.cfg.align)
+        images = [aligned / p.name for p in images]
+        return images, self.mmd_of_images(images)
+
+    @staticmethod
+    def tag(cfg: RunConfig, *, align: bool) -> str:
+        """Hash of what a tripled arm's set and schedule depend on (complexity scoring, the
+        tripled selection, the alignment if ``align``, the curriculum if enabled)."""
+        parts = [json.loads(cfg.stage_json("complexity")),
+                 cfg.select.model_dump(mode="json", include={"complexity_score", "strata", "max_overlap", "seed"})]
+        for key in EXECUTION_ONLY.get("complexity", ()):
+            parts[0].pop(key, None)
+        if align:
+            parts.append(cfg.align.model_dump(mode="json", exclude={"device"}))
+        if cfg.train.curriculum.enabled:
+            parts.append(cfg.train.curriculum.model_dump(mode="json"))
+        return "t" + hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:8]
 
 
 def _synth_tag(cfg: RunConfig) -> str:
@@ -223,6 +320,7 @@ def summarize(results: list[dict], datasets: tuple[str, ...]) -> list[dict]:
             row["psnr_y"][d] = (statistics.mean(p), statistics.stdev(p) if len(p) > 1 else 0.0)
             row["ssim_y"][d] = (statistics.mean(s), statistics.stdev(s) if len(s) > 1 else 0.0)
         row["mean_psnr"] = statistics.mean(row["psnr_y"][d][0] for d in datasets)
+        row["feature_mmd"] = rs[0].get("feature_mmd")
         rows.append(row)
     full = next((r["mean_psnr"] for r in rows if r["arm"] == "full"), None)
     random = {r["budget"]: r["mean_psnr"] for r in rows if r["arm"] == "random"}
@@ -234,13 +332,18 @@ def summarize(results: list[dict], datasets: tuple[str, ...]) -> list[dict]:
 
 
 def markdown_table(rows: list[dict], datasets: tuple[str, ...]) -> str:
-    """The summary as a markdown table: PSNR mean +- std (dB) / SSIM mean per dataset."""
+    """The summary as a markdown table: PSNR mean +- std (dB) / SSIM mean per dataset, and the
+    set's squared feature MMD to the corpus where measured."""
+    mmd = any(r.get("feature_mmd") is not None for r in rows)
     head = ["arm", "budget", "patches", "% pixels", *datasets, "gap to full (dB)", "vs random (dB)"]
+    head += ["MMD² to corpus"] * mmd
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [r["arm"], r["budget"], str(r["patches"]), f"{100 * r['pixel_fraction']:.2f}"]
         cells += [f"{r['psnr_y'][d][0]:.2f} ± {r['psnr_y'][d][1]:.2f} / {r['ssim_y'][d][0]:.4f}" for d in datasets]
         cells += [f"{v:+.2f}" if v is not None else "" for v in (r["gap_to_full"], r["gain_over_random"])]
+        if mmd:
+            cells.append(f"{r['feature_mmd']:.4f}" if r.get("feature_mmd") is not None else "")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -51,8 +51,8 @@ def run(
     overrides: list[str] = typer.Option([], "--set", help=_SET_HELP),
     allow_random_init: bool = typer.Option(
         False, "--allow-random-init",
-        help="run with randomly initialised CLIP when no weights are found (clusters are then "
-        "NOT semantic)",
+        help="run with randomly initialised CLIP / ViT when no weights are found (clusters, "
+        "complexity scores and ViT features are then NOT semantic/learned)",
     ),  # fmt: skip
     until: Optional[str] = typer.Option(None, "--until", help="stop after this stage"),
     distill: Optional[str] = typer.Option(
@@ -69,7 +69,7 @@ def _pipeline(input, out, config, preset, overrides, allow_random_init, until, d
     from .pipeline import run_pipeline
 
     if allow_random_init:
-        overrides = [*overrides, "embed.allow_random_init=true"]
+        overrides = [*overrides, "embed.allow_random_init=true", "complexity.allow_random_init=true"]
     if distill is not None:
         overrides = [*overrides, f"distill={distill}"]
     try:
@@ -299,7 +299,7 @@ def bench_quality(
 
     extra = [f"train.model={model}"] * bool(model) + [f"scale={scale}"] * bool(scale)
     extra += [f"train.iterations={iterations}"] * bool(iterations)
-    extra += ["embed.allow_random_init=true"] * allow_random_init
+    extra += ["embed.allow_random_init=true", "complexity.allow_random_init=true"] * allow_random_init
     cfg = _config(preset, config, [*overrides, *extra], recipe=recipe)
     given = {"corpus": corpus, "arms": arms, "budgets": budgets, "datasets": datasets}
     options = {k: _csv(v) for k, v in given.items() if v is not None}
@@ -318,7 +318,10 @@ def bench_quality(
     table = markdown_table(rows, bench.datasets)
     plot(rows, bench.datasets, out / "quality.png")
     semantic = {r["clip_semantic"] for r in results if r["arm"] == "clip-kmeans"}
-    note = "random-init CLIP: the clip-kmeans clusters are NOT semantic" if False in semantic else ""
+    notes = ["random-init CLIP: the clip-kmeans clusters are NOT semantic"] * (False in semantic)
+    if any(r.get("vit_pretrained") is False for r in results):
+        notes.append("random-init ViT: the tripled complexity scores and feature distances are NOT learned")
+    note = "; ".join(notes)
     command = "srdistill " + " ".join(sys.argv[1:])
     text = (f"Command: `{command}`\n\n{cfg.train.model} x{cfg.scale}, {cfg.train.iterations} steps per "
             f"arm, seeds {list(bench.seeds)}; PSNR (dB, mean ± std over seeds) / SSIM on Y.\n"

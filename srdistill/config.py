@@ -225,7 +225,8 @@ class AlignConfig(_Strict):
     channels: int = Field(32, ge=1)
     blocks: int = Field(3, ge=2, description="3x3 convolutions, ReLU between them")
     iterations: int = Field(200, ge=1)
-    batch_size: int = Field(16, ge=1, description="selected images per step (random crops of crop)")
+    batch_size: int = Field(16, ge=1, description="images per step: random crops of crop, or whole "
+                            "images drawn without replacement when crop is None")  # fmt: skip
     crop: int | None = Field(None, ge=8, description="side of the training crops; None: whole images")
     lr: float = Field(1e-3, gt=0.0)
     fidelity_weight: float = Field(10.0, ge=0.0, description="weight of the L1 fidelity term "
@@ -241,10 +242,10 @@ class CurriculumConfig(_Strict):
     Stage 1 (the first ``switch`` of the iterations) draws crops only from the ``easy_fraction``
     lowest-complexity images by ``score``. At the switch, the network's L1 loss is measured on
     every image; stage 2 draws from the remaining (complex) images plus the
-    ``uncertain_fraction`` of the easy images with the highest loss. ``score``
-    ``vit_complexity`` is read from the ``complexity`` column of the training folder's
-    ``provenance.csv`` (written by the ``tripled`` selection); ``entropy`` and ``grad_energy``
-    are computed from the images.
+    ``uncertain_fraction`` of the easy images with the highest loss. Each image's ``score``
+    is read from the column of that name in its folder's ``provenance.csv`` (the ``tripled``
+    selection writes all three); ``entropy`` and ``grad_energy`` are otherwise computed from
+    the image, ``vit_complexity`` has to be there.
     """
 
     enabled: bool = False

@@ -45,6 +45,7 @@ __all__ = [
     "embed_shard",
     "MissingWeightsError",
     "embed_patches",
+    "find_transformers_weights",
     "load_clip",
     "resolve_clip",
 ]
@@ -83,7 +84,8 @@ _RANDOM_NOTE = "random-init CLIP: clusters are NOT semantic"
 
 
 class MissingWeightsError(RuntimeError):
-    """CLIP weights were not found locally and random initialisation was not allowed."""
+    """Model weights (CLIP here, the ViT of ``srdistill.complexity``) were not found locally
+    and random initialisation was not allowed."""
 
 
 @dataclass(frozen=True)
@@ -134,27 +136,48 @@ def _random_source(cfg: EmbedConfig) -> ClipSource:
                       note=_RANDOM_NOTE)
 
 
-def _resolve_transformers(cfg: EmbedConfig) -> ClipSource:
-    local = Path(cfg.model).expanduser()
+def find_transformers_weights(model: str) -> tuple[Path | None, bool, list[str]]:
+    """Find a transformers checkpoint offline: a local directory, else a Hugging Face id's
+    snapshot in the HF cache (``snapshot_download(..., local_files_only=True)``).
+
+    A place counts only if it holds ``config.json`` and model weights (safetensors or
+    ``pytorch_model.bin``, single file or sharded index). Shared by ``resolve_clip`` and
+    ``complexity.resolve_vit``; never touches the network.
+
+    Args:
+        model: a directory path (``~`` expanded) or a Hugging Face repo id.
+
+    Returns:
+        ``(path, from_cache, looked)``: the resolved directory (``None`` when not found),
+        whether it came from the HF cache, and one human-readable line per place searched
+        (for ``MissingWeightsError`` messages).
+    """
+    local = Path(model).expanduser()
     looked = [f"local directory {str(local.resolve())!r}"
               + (" (exists but lacks config.json or model weights)" if local.is_dir()
                  else " (does not exist)")]
     if _has_weights(local):
-        path = str(local.resolve())
-        return ClipSource("transformers", cfg.model, path, True, True,
-                          f"pretrained CLIP from {path}")
+        return local.resolve(), False, looked
     from huggingface_hub import constants, snapshot_download
     from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
 
-    looked.append(f"Hugging Face cache {constants.HF_HUB_CACHE!r} (repo id {cfg.model!r})")
+    looked.append(f"Hugging Face cache {constants.HF_HUB_CACHE!r} (repo id {model!r})")
     if not local.exists():
         try:
-            snap = Path(snapshot_download(cfg.model, local_files_only=True))
+            snap = Path(snapshot_download(model, local_files_only=True))
         except (HFValidationError, LocalEntryNotFoundError, FileNotFoundError, OSError):
             snap = None
         if snap is not None and _has_weights(snap):
-            return ClipSource("transformers", cfg.model, str(snap), True, True,
-                              f"pretrained CLIP {cfg.model} from the HF cache ({snap})")
+            return snap, True, looked
+    return None, False, looked
+
+
+def _resolve_transformers(cfg: EmbedConfig) -> ClipSource:
+    path, from_cache, looked = find_transformers_weights(cfg.model)
+    if path is not None:
+        note = (f"pretrained CLIP {cfg.model} from the HF cache ({path})" if from_cache
+                else f"pretrained CLIP from {path}")
+        return ClipSource("transformers", cfg.model, str(path), True, True, note)
     if cfg.allow_random_init:
         return _random_source(cfg)
     how = (
@@ -316,11 +339,11 @@ def load_clip(
     return model.eval(), image_size, mean, std
 
 
-def _device(name: str) -> torch.device:
+def _device(name: str, field: str = "embed.device") -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("embed.device='cuda' but torch sees no CUDA device; use 'auto' or 'cpu'")
+        raise RuntimeError(f"{field}='cuda' but torch sees no CUDA device; use 'auto' or 'cpu'")
     return torch.device(name)
 
 

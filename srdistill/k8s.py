@@ -228,7 +228,8 @@ class DistillationSpec(_Spec):
 
 
 def _run_config(preset: str | None, distill: str | None, allow_random_init: bool | None, config: dict) -> RunConfig:
-    overrides = [f"distill={distill}"] * bool(distill) + ["embed.allow_random_init=true"] * bool(allow_random_init)
+    overrides = [f"distill={distill}"] * bool(distill)
+    overrides += ["embed.allow_random_init=true", "complexity.allow_random_init=true"] * bool(allow_random_init)
     return load_config(preset, None, overrides, data=config)
 
 
@@ -412,15 +413,27 @@ def stage_progress(manifest: dict | None) -> dict:
         ``{"stages": {stage: "done"|"running"|..., in pipeline order}, "stagesDone": int,
         "stagesTotal": int, "currentStage": str | None}``; the total counts the stages this
         run's config executes (``distill: synth`` adds encode/finetune/synthesize, ``select``
-        is coreset-only), and ``{}`` without a manifest.
+        is coreset-only, embed/cluster run for ``clip-kmeans`` and synth, ``complexity`` for
+        a coreset with ``select.method: tripled`` or ``align.enabled``, ``align`` with
+        ``align.enabled``), and ``{}`` without a
+        manifest.
     """
     from .pipeline import STAGES, SYNTH_ONLY
 
     if not manifest:
         return {}
     stages = manifest.get("stages") or {}
-    synth = (manifest.get("config") or {}).get("distill") == "synth"
-    planned = [s for s in STAGES if (s in SYNTH_ONLY) == synth or s not in (*SYNTH_ONLY, "select")]
+    config = manifest.get("config") or {}
+    synth = config.get("distill") == "synth"
+    method = (config.get("select") or {}).get("method", "clip-kmeans")
+    skip = set() if synth or method == "clip-kmeans" else {"embed", "cluster"}
+    align = bool((config.get("align") or {}).get("enabled"))
+    if synth or not (method == "tripled" or align):
+        skip.add("complexity")
+    if synth or not align:
+        skip.add("align")
+    planned = [s for s in STAGES if s not in skip
+               and ((s in SYNTH_ONLY) == synth or s not in (*SYNTH_ONLY, "select"))]  # fmt: skip
     status = {s: str(stages[s].get("status", "unknown")) for s in STAGES if s in stages}
     running = [s for s, v in status.items() if v == "running"]
     return {

@@ -1,5 +1,7 @@
 """The main job: plan -> mine -> embed -> cluster -> select -> train -> evaluate -> report
-(``distill: coreset``), or plan -> mine -> embed -> cluster -> encode -> finetune -> synthesize
+(``distill: coreset``; ``select.method: tripled`` scores complexity instead of embedding and
+clustering: plan -> mine -> complexity -> select -> ..., and ``align.enabled`` adds the
+complexity stage to any coreset method), or plan -> mine -> embed -> cluster -> encode -> finetune -> synthesize
 -> train -> evaluate -> report (``distill: synth``, SRDD's synthetic distilled set).
 
 Input and run directory are local paths or ``s3://`` URIs (``storage``). Each stage reads and
@@ -19,7 +21,7 @@ its fingerprint and so reruns everything downstream. A stage folder left by an a
 another fingerprint is deleted before the stage runs.
 
 The manifest (``manifest.json``) records the resolved config, package versions, per-stage
-fingerprint/counts/timings, the first skipped inputs with their reasons, and the CLIP
+fingerprint/counts/timings, the first skipped inputs with their reasons, and the CLIP and ViT
 provenance; it is passed through ``storage.redact`` before it is written.
 """
 
@@ -44,13 +46,15 @@ import pyarrow.compute as pc
 from . import storage
 from .config import RunConfig
 
-STAGES = ("plan", "mine", "embed", "cluster", "select", "encode", "finetune", "synthesize", "train",
-          "evaluate", "report")  # fmt: skip
+STAGES = ("plan", "mine", "embed", "cluster", "complexity", "select", "align", "encode", "finetune", "synthesize",
+          "train", "evaluate", "report")  # fmt: skip
 SYNTH_ONLY = ("encode", "finetune", "synthesize")
 #: Config fields that change how a stage runs but not what it produces (not fingerprinted).
 EXECUTION_ONLY = {
     "mine": {"images_per_task", "images_per_shard"},
     "embed": {"batch_size", "num_actors", "actor_num_cpus", "num_threads", "device"},
+    "complexity": {"batch_size", "num_actors", "actor_num_cpus", "num_threads", "device"},
+    "align": {"device"},
     "train": {"device", "log_every", "checkpoint_every", "val_every", "val_dataset", "workers", "use_gpu"},
     "evaluate": {"device"},
     "encode": {"encode_batch_size", "device", "use_gpu"},
@@ -59,12 +63,16 @@ EXECUTION_ONLY = {
     "synthesize": {"batch_size", "num_actors", "actor_num_cpus", "device"},
 }
 #: Partitioned outputs written straight to the run URI (never mirrored locally).
-_PARTITIONED = ("mine/patches", "embed/parts", "cluster/assignments")
+_PARTITIONED = ("mine/patches", "embed/parts", "cluster/assignments", "complexity/parts")
 #: Skipped inputs listed in the manifest (all of them are in ``mine/skipped.parquet``).
 MAX_SKIPPED_LISTED = 1000
 _PACKAGES = ("srdistill", "torch", "ray", "faiss-cpu", "transformers", "diffusers", "deepspeed", "numpy",
              "pyarrow", "pillow")
 NOT_SEMANTIC = "CLIP is randomly initialised (--allow-random-init): the clusters are NOT semantic"
+NOT_LEARNED = ("the ViT is randomly initialised (--allow-random-init): complexity scores and ViT "
+               "features are NOT learned")  # fmt: skip
+#: Corpus features sampled as the reference of the select stage's ``feature_mmd``.
+FEATURE_MMD_SAMPLE = 4096
 
 
 def _now() -> str:
@@ -139,8 +147,9 @@ class Run:
             "stages": old.get("stages", {}),
             "skipped_inputs": old.get("skipped_inputs", []),
         }
-        if "clip" in old:
-            self.manifest["clip"] = old["clip"]
+        for key in ("clip", "vit"):
+            if key in old:
+                self.manifest[key] = old[key]
         self.save()
 
     def at(self, *parts: str) -> str:
@@ -349,7 +358,105 @@ def _cluster(run: Run, embed_fp: str) -> str:
     return fp
 
 
-def _select(run: Run, upstream_fp: str) -> str:
+def _complexity(run: Run, upstream_fp: str, mine_fp: str, source) -> str:
+    """The ViT complexity scores of every mined patch (``complexity/parts``, one part per
+    shard). Its fingerprint depends on the mined patches and the ViT only (not on embed or
+    cluster); the returned one chains ``upstream_fp`` too, for the stages after it."""
+    from . import runner
+
+    cfg = run.cfg.complexity
+    run.manifest["vit"] = {"model": source.model, "path": source.path, "pretrained": source.pretrained,
+                           "note": source.note}  # fmt: skip
+    if not source.pretrained:
+        run.log(f"WARNING: {NOT_LEARNED}")
+    fp = run.fingerprint("complexity", mine_fp, str(source.path), str(source.pretrained))
+
+    def stage(sdir: Path) -> dict:
+        shards = list(range(run.manifest["stages"]["plan"]["counts"]["shards"]))
+        now = runner.complexity_parts_ray(run.at("mine"), run.at("complexity", "parts"), shards, cfg, source)
+        ids = storage.read_dataset(run.at("complexity", "parts"), columns=["patch_id"])
+        first = storage.read_parquet(run.at("complexity", "parts", "part-000000.parquet"), columns=["feature"])
+        counts = {"patches": ids.num_rows, "dim": first.schema.field("feature").type.list_size,
+                  "pretrained": source.pretrained, "shards_scored_now": now}  # fmt: skip
+        storage.write_json(run.at("complexity", "meta.json"), counts)
+        return counts
+
+    run.run_stage("complexity", fp, ["complexity/meta.json"], stage)
+    return _sha(upstream_fp, fp)
+
+
+def _feature_mmd(run: Run, patch_ids: pa.Array, seed: int) -> float | None:
+    """``selection.subset_mmd`` of the ViT features of ``patch_ids`` against a seeded sample of
+    at most ``FEATURE_MMD_SAMPLE`` features of all patches (``clustering.sample_rows``),
+    streaming the complexity parts once; ``None`` for no patch.
+
+    Raises:
+        ValueError: a patch has no complexity score (stale complexity stage).
+    """
+    from .clustering import sample_rows
+    from .complexity import feature_matrix
+    from .selection import subset_mmd
+
+    parts = storage.list_files(run.at("complexity", "parts"), [".parquet"])
+    n = run.manifest["stages"]["complexity"]["counts"]["patches"]
+    chosen: list[np.ndarray] = []
+
+    def features():
+        for uri in parts:  # one part in memory at a time
+            table = storage.read_parquet(uri, columns=["patch_id", "feature"])
+            x = feature_matrix(table)
+            chosen.append(x[pc.is_in(table.column("patch_id"), value_set=patch_ids).to_numpy(zero_copy_only=False)])
+            yield x
+
+    reference = sample_rows(features(), n, FEATURE_MMD_SAMPLE, seed)
+    subset = np.concatenate(chosen)
+    if len(subset) != len(patch_ids):
+        raise ValueError(f"{len(patch_ids) - len(subset)} selected patches have no ViT features; "
+                         "rerun the complexity stage")  # fmt: skip
+    if not len(subset):
+        return None
+    return round(subset_mmd(subset, reference, max_corpus=FEATURE_MMD_SAMPLE, seed=seed), 6)
+
+
+def _corpus_features(run: Run, k: int, seed: int) -> np.ndarray:
+    """A ``seed``-seeded sample of at most ``k`` rows of every patch's ViT features
+    (``clustering.sample_rows`` over the complexity parts, one part in memory at a time)."""
+    from .clustering import sample_rows
+    from .complexity import feature_matrix
+
+    parts = storage.list_files(run.at("complexity", "parts"), [".parquet"])
+    n = run.manifest["stages"]["complexity"]["counts"]["patches"]
+    return sample_rows((feature_matrix(storage.read_parquet(p, columns=["feature"])) for p in parts), n, k, seed)
+
+
+def _align(run: Run, select_fp: str, source) -> str:
+    """The distilled set transformed by the alignment CNN (``alignment.align_folder``) towards
+    the corpus' ViT feature distribution: ``align/*.png``, ``align/align.json``."""
+    from .alignment import align_folder
+    from .complexity import image_features, load_vit
+    from .selection import subset_mmd
+    from .training import resolve_device
+
+    cfg = run.cfg.align
+    fp = run.fingerprint("align", select_fp)
+
+    def stage(sdir: Path) -> dict:
+        run.pull("distilled")
+        target = _corpus_features(run, cfg.corpus_features, cfg.seed)
+        vit = load_vit(source, run.cfg.complexity).to(resolve_device(cfg.device))
+        report = align_folder(run.dir / "distilled", sdir, target, lambda x: vit(x)[0], cfg)
+        reference = _corpus_features(run, FEATURE_MMD_SAMPLE, run.cfg.select.seed)
+        aligned = image_features(vit, sorted(sdir.glob("*.png")))
+        return {**{k: report[k] for k in ("images", "iterations", "mmd_before", "mmd_after", "fidelity_l1",
+                                          "psnr_to_original", "seconds")},
+                "feature_mmd": round(subset_mmd(aligned, reference, max_corpus=FEATURE_MMD_SAMPLE,
+                                                seed=run.cfg.select.seed), 6)}  # fmt: skip
+
+    run.run_stage("align", fp, ["align/align.json"], stage)
+    return fp
+
+
+def _select(run: Run, upstream_fp: str, *, scored: bool = False) -> str:
     from .selection import budget_patches, export_distilled, select_patches
 
     cfg = run.cfg.select
@@ -357,11 +464,19 @@ def _select(run: Run, upstream_fp: str) -> str:
     distilled = run.dir / "distilled"
 
     def stage(sdir: Path) -> dict:
-        kept = _kept(run)
-        if cfg.method == "clip-kmeans":
-            kept = kept.join(_assignments(run), "patch_id")
+        if cfg.method == "tripled":  # every patch (the corpus distribution), with its scores
+            from .complexity import attach_scores, read_scores
+            from .mining import read_patches
+
+            kept = attach_scores(read_patches(run.at("mine"), kept_only=False),
+                                 read_scores(run.at("complexity", "parts")))  # fmt: skip
+            kept = kept.append_column("cluster", pa.array(np.full(kept.num_rows, -1, np.int32)))
+            n_clusters = cfg.strata  # the selector writes the stratum into "cluster"
+        elif cfg.method == "clip-kmeans":
+            kept = _kept(run).join(_assignments(run), "patch_id")
             n_clusters = _n_clusters(run)
         else:
+            kept = _kept(run)
             kept = kept.append_column("cluster", pa.array(np.full(kept.num_rows, -1, np.int32)))
             n_clusters = run.cfg.cluster.k  # IPC baselines take the same budget as clip-kmeans
         corpus = run.manifest["stages"]["mine"]["counts"]["corpus_pixels"]
@@ -379,6 +494,8 @@ def _select(run: Run, upstream_fp: str) -> str:
             "available": kept.num_rows, "images_written": len(files),
             "pixel_fraction": round(selected.num_rows * size * size / max(corpus, 1), 6),
             "per_cluster": {str(d["values"]): d["counts"] for d in per_cluster},
+            **({"feature_mmd": _feature_mmd(run, selected.column("patch_id").combine_chunks(), cfg.seed)}
+               if scored else {}),
         }  # fmt: skip
 
     run.run_stage("select", fp, ["select/selected.parquet", "distilled/provenance.csv"], stage, also=("distilled",))
@@ -484,7 +601,7 @@ def _synthesize(run: Run, finetune_fp: str) -> str:
 
 
 def _train_images(run: Run) -> list[Path]:
-    folder = "synthesize" if run.cfg.distill == "synth" else "distilled"
+    folder = "synthesize" if run.cfg.distill == "synth" else "align" if run.cfg.align.enabled else "distilled"
     run.pull(folder)
     return sorted((run.dir / folder).glob("*.png"))
 
@@ -559,7 +676,8 @@ def run_pipeline(input_dir: str | Path, run_dir: str | Path, cfg: RunConfig, *,
     Raises:
         ValueError: unknown ``until``.
         FileNotFoundError: the input does not exist or holds no images.
-        embedding.MissingWeightsError: no CLIP weights and random init not allowed.
+        embedding.MissingWeightsError: no CLIP weights (clip-kmeans, synth) or no ViT weights
+            (tripled, align) and random init not allowed.
         diffusion.MissingBackboneError: ``distill: synth`` with a ``dit`` backbone whose
             directories are missing.
         OSError: storage failed after its retries (rerunning resumes).
@@ -574,8 +692,14 @@ def run_pipeline(input_dir: str | Path, run_dir: str | Path, cfg: RunConfig, *,
     clusters = synth or cfg.select.method == "clip-kmeans"
     if until in ("embed", "cluster") and not clusters:
         raise ValueError(f"until={until!r}: select.method {cfg.select.method!r} runs no {until} stage")
+    if until == "align" and (synth or not cfg.align.enabled):
+        raise ValueError("until='align': the align stage runs only with align.enabled and distill 'coreset'")
     if (until in SYNTH_ONLY and not synth) or (until == "select" and synth):
         raise ValueError(f"until={until!r}: distill {cfg.distill!r} runs no {until} stage")
+    scored = not synth and (cfg.select.method == "tripled" or cfg.align.enabled)
+    if until == "complexity" and not scored:
+        raise ValueError("until='complexity': the complexity stage runs only for distill 'coreset' with "
+                         "select.method 'tripled' or align.enabled")  # fmt: skip
     if not storage.exists(input_dir):
         raise FileNotFoundError(f"input {str(input_dir)!r} does not exist")
     if not storage.is_s3(input_dir) and not is_manifest(str(input_dir)) and not Path(input_dir).is_dir():
@@ -585,19 +709,34 @@ def run_pipeline(input_dir: str | Path, run_dir: str | Path, cfg: RunConfig, *,
         from .embedding import resolve_clip
 
         clip_source = resolve_clip(cfg.embed)  # before any work: MissingWeightsError, with help
+    vit_source = None
+    if scored:
+        from .complexity import resolve_vit
+
+        vit_source = resolve_vit(cfg.complexity)  # before any work: MissingWeightsError, with help
     if synth:
         from .diffusion import check_backbone
 
         check_backbone(cfg.finetune)  # before any work: MissingBackboneError, with help
     run = Run(input_dir, run_dir, cfg, preset=preset, log=log)
-    steps: list[tuple[str, Callable[[str], str]]] = [("mine", lambda f: _mine(run, f))]
+    fps: dict[str, str] = {}
+
+    def mine(f: str) -> str:
+        fps["mine"] = _mine(run, f)
+        return fps["mine"]
+
+    steps: list[tuple[str, Callable[[str], str]]] = [("mine", mine)]
     if clip_source is not None:
         steps += [("embed", lambda f: _embed(run, f, clip_source)), ("cluster", lambda f: _cluster(run, f))]
+    if vit_source is not None:
+        steps.append(("complexity", lambda f: _complexity(run, f, fps["mine"], vit_source)))
     if synth:
         steps += [("encode", lambda f: _encode(run, f)), ("finetune", lambda f: _finetune(run, f)),
                   ("synthesize", lambda f: _synthesize(run, f))]  # fmt: skip
     else:
-        steps.append(("select", lambda f: _select(run, f)))
+        steps.append(("select", lambda f: _select(run, f, scored=vit_source is not None)))
+        if cfg.align.enabled:
+            steps.append(("align", lambda f: _align(run, f, vit_source)))
     steps.append(("train", lambda f: _train(run, f)))
     runner.init_ray(cfg.ray)
     fp = _plan(run)
@@ -619,4 +758,6 @@ def run_pipeline(input_dir: str | Path, run_dir: str | Path, cfg: RunConfig, *,
     log(f"report: {run.at('report', 'report.md')}")
     if "clip" in run.manifest and not run.manifest["clip"]["semantic"]:
         print(f"WARNING: {NOT_SEMANTIC}", file=sys.stderr)
+    if "vit" in run.manifest and not run.manifest["vit"]["pretrained"]:
+        print(f"WARNING: {NOT_LEARNED}", file=sys.stderr)
     return run.manifest

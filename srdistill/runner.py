@@ -26,12 +26,15 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
-from .config import EmbedConfig, FinetuneConfig, MineConfig, MZSRConfig, RayConfig, SynthConfig, TrainConfig
+from .config import (ComplexityConfig, EmbedConfig, FinetuneConfig, MineConfig, MZSRConfig, RayConfig,
+                     SynthConfig, TrainConfig)  # fmt: skip
 
-if TYPE_CHECKING:  # torch/transformers are imported only by the embedding actors
+if TYPE_CHECKING:  # torch/transformers are imported only by the embedding and scoring actors
+    from .complexity import VitSource
     from .embedding import ClipSource
 
-__all__ = ["init_ray", "shutdown_ray", "map_images", "map_shards", "mine_plan", "embed_parts_ray", "train_ray",
+__all__ = ["init_ray", "shutdown_ray", "map_images", "map_shards", "mine_plan", "embed_parts_ray",
+           "complexity_parts_ray", "train_ray",
            "map_tasks", "encode_patches_ray", "finetune_ray", "synthesize_ray"]
 
 
@@ -206,6 +209,28 @@ def embed_parts_ray(mine_uri: str, out_uri: str, shards: list[int], cfg: EmbedCo
 
     make = partial(ClipEmbedder, cfg, source, num_threads=cfg.num_threads)
     return map_shards(shards, _embed_one, desc="embed", make_state=make, num_actors=cfg.num_actors,
+                      num_cpus=cfg.actor_num_cpus, num_gpus=1 if cfg.device == "cuda" else 0,
+                      mine_uri=mine_uri, out_uri=out_uri, batch_size=cfg.batch_size)  # fmt: skip
+
+
+def _score_one(scorer, shard: int, **kwargs) -> int:
+    from .complexity import score_shard
+
+    return score_shard(scorer, shard, **kwargs)
+
+
+def complexity_parts_ray(mine_uri: str, out_uri: str, shards: list[int], cfg: ComplexityConfig,
+                         source: "VitSource") -> int:  # fmt: skip
+    """ViT complexity scores of every mined patch, shard by shard (``complexity.score_shard``:
+    mine part in, score part out, atomically, skipped when done) on a pool of
+    ``cfg.num_actors`` Ray Data actors (``cfg.actor_num_cpus`` CPUs each; one GPU each when
+    ``cfg.device == "cuda"``). Returns the shards scored now."""
+    from functools import partial
+
+    from .complexity import ComplexityScorer
+
+    make = partial(ComplexityScorer, cfg, source, num_threads=cfg.num_threads)
+    return map_shards(shards, _score_one, desc="complexity", make_state=make, num_actors=cfg.num_actors,
                       num_cpus=cfg.actor_num_cpus, num_gpus=1 if cfg.device == "cuda" else 0,
                       mine_uri=mine_uri, out_uri=out_uri, batch_size=cfg.batch_size)  # fmt: skip
 

@@ -3,12 +3,25 @@
 SRDD (Cho, Jung, Cho, Soh; arXiv 2509.14777) mines hard patches, clusters them by CLIP
 embedding (k = 7) and synthesises IPC ("images per cluster", 1 or 10) images per cluster with a
 cluster-conditioned diffusion model. This module is the real-data counterpart of that budget:
-it picks actual patches, under the same budget, with three methods:
+it picks actual patches, under the same budget, with four methods:
 
 * ``clip-kmeans``: per cluster, the hardest patches by ``score`` (``psnr_bic`` lowest or
   ``grad`` highest first), the budget shared as evenly as possible across clusters.
+* ``tripled``: complexity-stratified kernel herding, our design of TripleD's selection step
+  ("Distribution-aware Dataset Distillation for Efficient Image Restoration", 2025; only the
+  abstract is public: a pre-trained ViT scores image complexity, a subset is chosen by
+  complexity, its feature distribution is aligned with the full set). The candidates are cut
+  into ``strata`` equal-count quantile bins of ``complexity_score``; the budget is shared in
+  proportion to the bins' sizes (largest remainder), so the subset's complexity histogram
+  matches the corpus'; under these quotas, kernel herding (Chen, Welling, Smola, "Super-Samples
+  from Kernel Herding", UAI 2010) on the ViT features greedily minimises the MMD between the
+  picks and all candidates, with random Fourier features (Rahimi, Recht, "Random Features for
+  Large-Scale Kernel Machines", NIPS 2007) of a Gaussian kernel of median-heuristic width.
 * ``score-topk``: the globally hardest patches, ignoring clusters (a baseline).
 * ``random``: a uniform random sample (a baseline).
+
+``subset_mmd`` measures how well a subset's features represent the corpus' (squared MMD), the
+same yardstick for every method.
 
 Budgets are ``ipc * n_clusters`` patches, or a fraction of the corpus' HR pixels (SRDD reports
 0.68% of OST). Ties are broken by ``patch_id`` and rows are put in ``patch_id`` order first,
@@ -30,7 +43,15 @@ from PIL import Image
 from srdistill import imaging
 from srdistill.config import LOWER_IS_HARDER, SelectConfig
 
-__all__ = ["budget_patches", "non_overlapping", "select_patches", "export_distilled"]
+__all__ = [
+    "budget_patches", "non_overlapping", "select_patches", "subset_mmd", "export_distilled",
+]
+
+METHODS = ("clip-kmeans", "random", "score-topk", "tripled")
+#: Complexity columns copied into ``provenance.csv`` when the selection has them.
+COMPLEXITY_COLUMNS = ("vit_complexity", "entropy", "grad_energy")
+#: Random Fourier features of the herding kernel (``tripled``).
+RFF_FEATURES = 512
 
 _PNG_NAME = re.compile(r"^c-?\d{3,}_r\d{4,}_[0-9A-Za-z]+\.png$")
 
@@ -105,34 +126,170 @@ def non_overlapping(table: pa.Table, key: np.ndarray, max_overlap: float) -> np.
     return keep
 
 
+def _feature_matrix(table: pa.Table) -> np.ndarray:
+    """``feature`` column -> ``(N, D)`` float32 array (fixed-size or equal-length lists)."""
+    col = table.column("feature")
+    if col.null_count:
+        raise ValueError(f"select: {col.null_count} row(s) have no feature")
+    n = table.num_rows
+    flat = col.combine_chunks().flatten().to_numpy(zero_copy_only=False).astype(np.float32)
+    if n == 0 or flat.size % n or flat.size == 0:
+        raise ValueError(f"select: features of {n} rows do not form an (N, D) matrix ({flat.size} values)")
+    return flat.reshape(n, -1)
+
+
+def _random_fourier_features(x: np.ndarray, omega: np.ndarray, phase: np.ndarray) -> np.ndarray:
+    """``(N, D)`` -> ``(N, R)`` float64 ``sqrt(2/R) cos(x omega + phase)``: for ``omega`` with
+    i.i.d. N(0, 1/sigma^2) entries and ``phase`` uniform in [0, 2 pi), ``phi(a) . phi(b)`` is an
+    unbiased estimate of the Gaussian kernel ``exp(-|a - b|^2 / (2 sigma^2))`` (Rahimi & Recht
+    2007, Algorithm 1)."""
+    r = omega.shape[1]
+    return np.sqrt(2.0 / r) * np.cos(x.astype(np.float64) @ omega + phase)
+
+
+def _herd(phi: np.ndarray, group: np.ndarray, quotas: np.ndarray) -> np.ndarray:
+    """Kernel herding (Chen, Welling, Smola, UAI 2010, eq. 4-5) over a finite candidate set,
+    with a quota per group.
+
+    With ``mu`` the mean embedding of all candidates, ``w_0 = mu``; step ``t`` picks the
+    unpicked candidate maximising ``<w_t, phi(x)>`` among the groups whose quota is not filled
+    and sets ``w_{t+1} = w_t + mu - phi(x_pick)``, i.e. ``<w_t, phi(x)> = (t + 1) E_y k(x, y) -
+    sum_{s < t} k(x, x_s)``: the greedy step that most reduces the MMD of the picks to all
+    candidates (for a kernel with constant ``k(x, x)``) under the quotas.
+
+    Args:
+        phi: ``(N, R)`` feature map of the candidates, rows in tie-break order.
+        group: ``(N,)`` int64 group of each row, in ``[0, len(quotas))``.
+        quotas: ``(G,)`` int64 picks per group, each ``<=`` the group's size.
+
+    Returns:
+        ``(quotas.sum(),)`` int64 row indices in pick order, no repeats; ties go to the lowest
+        row. O(m N R) time for m picks.
+    """
+    mu = phi.mean(axis=0)
+    w = mu.copy()
+    left = quotas.astype(np.int64).copy()
+    open_ = left[group] > 0
+    picks = np.empty(int(left.sum()), dtype=np.int64)
+    for t in range(len(picks)):
+        gain = phi @ w
+        gain[~open_] = -np.inf
+        i = int(np.argmax(gain))  # first maximum: lowest row = lowest patch_id
+        picks[t], open_[i] = i, False
+        left[group[i]] -= 1
+        if not left[group[i]]:
+            open_[group == group[i]] = False
+        w += mu - phi[i]
+    return picks
+
+
+def _proportional_quotas(sizes: np.ndarray, m: int) -> np.ndarray:
+    """Share ``m <= sizes.sum()`` slots in proportion to ``sizes`` by largest remainder
+    (Hamilton's method); equal remainders favour the later (more complex) stratum. Each quota
+    is within 1 of ``m * size / total`` and never exceeds its size (``ceil(m s / n) <= s``)."""
+    total = int(sizes.sum())
+    base, rem = np.divmod(m * sizes, total)
+    extra = np.lexsort((-np.arange(len(sizes)), -rem))[: m - int(base.sum())]
+    base[extra] += 1
+    assert (base <= sizes).all() and base.sum() == m
+    return base
+
+
+def _tripled(table: pa.Table, scores: np.ndarray, m: int, cfg: SelectConfig):
+    """``tripled`` on candidates in ``patch_id`` order: (chosen rows, rank, stratum)."""
+    n = table.num_rows
+    n_strata = min(cfg.strata, n)
+    # Equal-count quantile bins of the complexity: by rank, ascending, ties by patch_id
+    # (NaN ranks as the most complex).
+    order = np.lexsort((np.arange(n), scores.astype(np.float64)))
+    stratum = np.empty(n, dtype=np.int64)
+    stratum[order] = np.arange(n) * n_strata // n
+    sizes = np.bincount(stratum, minlength=n_strata)
+    quotas = _proportional_quotas(sizes, m)
+
+    feats = _feature_matrix(table)
+    rng = np.random.default_rng(cfg.seed)
+    sample = np.sort(rng.choice(n, size=min(n, 2048), replace=False))
+    import torch
+
+    from srdistill.metrics import median_bandwidth
+
+    sigma = median_bandwidth(torch.from_numpy(feats[sample]))
+    omega = rng.standard_normal((feats.shape[1], RFF_FEATURES)) / sigma
+    phase = rng.uniform(0.0, 2.0 * np.pi, RFF_FEATURES)
+
+    phi = _random_fourier_features(feats, omega, phase).astype(np.float32)
+    chosen = _herd(phi, stratum, quotas)
+    strat = stratum[chosen]
+    rank = np.empty(len(chosen), dtype=np.int64)  # pick order within the stratum
+    for s in range(n_strata):
+        rank[strat == s] = np.arange(int(quotas[s]))
+    order = np.lexsort((rank, strat))  # by (stratum, rank)
+    return chosen[order], rank[order], strat[order]
+
+
 def select_patches(table: pa.Table, cfg: SelectConfig, *, n_total: int) -> pa.Table:
     """Choose ``n_total`` patches by ``cfg.method``.
 
     Args:
         table: kept patches with the patch-table columns (``patch_id``, ``cfg.score``, ...)
-            plus ``cluster`` (int32; required by ``clip-kmeans``).
+            plus ``cluster`` (int32; required by ``clip-kmeans``). ``tripled`` needs
+            ``cfg.complexity_score`` (float, higher = more complex) and ``feature``
+            (``fixed_size_list<float32>[D]``, the ViT features; unit L2 norm expected) instead
+            of ``cfg.score``.
         cfg: ``method``, ``score`` (``psnr_bic``: lower is harder; ``grad``: higher is
-            harder), ``seed`` (``random``).
+            harder), ``seed`` (``random``, ``tripled``), ``complexity_score`` and ``strata``
+            (``tripled``).
         n_total: budget in patches (``budget_patches``), >= 0. If it exceeds the rows
             available, all rows are returned; the caller records the shortfall.
 
     Returns:
         The chosen rows with all input columns plus ``rank`` (int32: within its cluster,
-        0 = hardest, for ``clip-kmeans``; global order otherwise) and ``score`` (float32, the
-        value of ``cfg.score``). ``clip-kmeans`` rows are ordered by (cluster, rank), others by
-        rank.
+        0 = hardest, for ``clip-kmeans``; pick order within its stratum for ``tripled``; global
+        order otherwise) and ``score`` (float32, the value of ``cfg.score``, or of
+        ``cfg.complexity_score`` for ``tripled``). For ``tripled``, ``cluster`` (int32, added
+        if absent) is the complexity stratum, 0 = least complex. ``clip-kmeans`` and
+        ``tripled`` rows are ordered by (cluster, rank), others by rank.
 
     First, windows overlapping a harder window of the same image by more than
-    ``cfg.max_overlap`` of their area are dropped (``non_overlapping``), for every method.
+    ``cfg.max_overlap`` of their area are dropped (``non_overlapping``), for every method;
+    ``tripled`` counts the more complex window (by ``cfg.complexity_score``) as the harder.
     ``clip-kmeans`` takes patches round-robin over clusters in hardness order: every cluster
     gets ``n_total // n_clusters`` or one more; a cluster with fewer patches than its share
     gives all it has and the rest goes to the others; leftover slots go to the clusters whose
     next candidate is hardest. Ties are broken by ``patch_id``. Deterministic.
 
+    ``tripled`` (our design of TripleD's complexity-aware selection; see the module docstring):
+
+    1. Strata: the N remaining candidates, sorted by ``cfg.complexity_score`` ascending (ties
+       by ``patch_id``, NaN last), are cut into ``S = min(cfg.strata, N)`` equal-count bins
+       (rank ``r`` goes to bin ``floor(r S / N)``).
+    2. Budget: ``m = min(n_total, N)`` is shared in proportion to the bin sizes by largest
+       remainder (ties to the more complex bin), so each bin gets ``m * N_s / N`` rounded up or
+       down and the subset's complexity histogram matches the candidates'. A proportional
+       quota never exceeds its bin, so nothing needs redistributing.
+    3. Herding: one Gaussian kernel ``k(a, b) = exp(-|a - b|^2 / (2 sigma^2))`` for all bins,
+       ``sigma`` = ``metrics.median_bandwidth`` of a ``cfg.seed``-seeded sample of at most 2048
+       candidates' features, approximated by ``RFF_FEATURES`` = 512 random Fourier features
+       ``phi`` (seeded by ``cfg.seed``). With ``mu`` the mean embedding of all candidates, kernel
+       herding (Chen, Welling, Smola, UAI 2010) picks greedily, without repeats, the candidate
+       maximising ``<w, phi(x)>`` among the bins whose quota is not yet filled, starting from
+       ``w = mu`` and updating ``w += mu - phi(x_pick)``: each pick most reduces the MMD
+       between the picks and all candidates while the bins keep their quotas. (Herding each
+       bin towards its own mean instead gave 2-3x higher MMD to the corpus on the test data:
+       a bin's few picks were spent on matching that bin alone.) Ties go to the lowest
+       ``patch_id``. O(m N R) time, ``(N, R)`` float32 memory, numpy.
+
     Raises:
-        ValueError: a required column is missing or ``n_total < 0``.
+        ValueError: a required column is missing, ``n_total < 0`` or an unknown method, or
+            (``tripled``) a null feature or features that do not form an (N, D) matrix.
     """
-    required = {"patch_id", cfg.score} | ({"cluster"} if cfg.method == "clip-kmeans" else set())
+    if cfg.method not in METHODS:
+        raise ValueError(f"select.method {cfg.method!r} is not one of {list(METHODS)}")
+    tripled = cfg.method == "tripled"
+    score_col = cfg.complexity_score if tripled else cfg.score
+    required = {"patch_id", score_col} | ({"cluster"} if cfg.method == "clip-kmeans" else set())
+    required |= {"feature"} if tripled else set()
     required |= {"source", "x", "y", "size"} if cfg.max_overlap < 1.0 else set()
     missing = sorted(required - set(table.column_names))
     if missing:
@@ -143,14 +300,15 @@ def select_patches(table: pa.Table, cfg: SelectConfig, *, n_total: int) -> pa.Ta
     # Canonical row order (patch_id), independent of how the table was assembled.
     pids = table.column("patch_id").to_numpy(zero_copy_only=False).astype(str)
     table = table.take(pa.array(np.argsort(pids, kind="stable")))
-    key = _hardness_key(table.column(cfg.score).to_numpy(zero_copy_only=False), cfg.score)
+    key = _hardness_key(table.column(score_col).to_numpy(zero_copy_only=False), score_col)
     table = table.filter(pa.array(non_overlapping(table, key, cfg.max_overlap)))
     n = table.num_rows
-    scores = table.column(cfg.score).to_numpy(zero_copy_only=False).astype(np.float32)
-    key = _hardness_key(scores, cfg.score)
+    scores = table.column(score_col).to_numpy(zero_copy_only=False).astype(np.float32)
+    key = _hardness_key(scores, score_col)
     tie = np.arange(n)  # rows are in patch_id order now
     m = min(n_total, n)
 
+    stratum = None
     if cfg.method == "random":
         chosen = np.random.default_rng(cfg.seed).choice(n, size=m, replace=False)
         rank = np.arange(m)
@@ -169,13 +327,67 @@ def select_patches(table: pa.Table, cfg: SelectConfig, *, n_total: int) -> pa.Ta
         chosen = np.lexsort((tie, key, within))[:m]
         chosen = chosen[np.lexsort((within[chosen], cluster[chosen]))]
         rank = within[chosen]
-    else:
-        raise ValueError(
-            f"select.method {cfg.method!r} is not one of ['clip-kmeans', 'random', 'score-topk']"
-        )
+    elif m == 0:  # tripled, nothing to pick
+        chosen = rank = stratum = np.empty(0, dtype=np.int64)
+    else:  # tripled
+        chosen, rank, stratum = _tripled(table, scores, m, cfg)
     out = table.take(pa.array(chosen, type=pa.int64()))
+    if stratum is not None:
+        strata = pa.array(stratum.astype(np.int32), type=pa.int32())
+        if "cluster" in out.column_names:
+            out = out.set_column(out.column_names.index("cluster"), "cluster", strata)
+        else:
+            out = out.append_column("cluster", strata)
     out = out.append_column("rank", pa.array(rank.astype(np.int32), type=pa.int32()))
     return out.append_column("score", pa.array(scores[chosen], type=pa.float32()))
+
+
+def subset_mmd(
+    selected_features: np.ndarray,
+    corpus_features: np.ndarray,
+    *,
+    max_corpus: int = 4096,
+    seed: int = 0,
+) -> float:
+    """Squared MMD between a subset's features and the corpus' (lower = more representative).
+
+    ``metrics.feature_mmd2`` (Gretton et al., JMLR 2012, eq. 5, biased V-statistic; sum of
+    Gaussian kernels at 0.5, 1 and 2 times the bandwidth) between the subset and a
+    ``seed``-seeded uniform sample, without replacement, of at most ``max_corpus`` corpus rows;
+    the bandwidth is the median heuristic (``metrics.median_bandwidth``) on that sample, so
+    values are comparable across subsets of the same corpus with the same ``max_corpus`` and
+    ``seed``. Used for every selection method, so they are measured by one yardstick.
+
+    Args:
+        selected_features: ``(n, D)`` float array (e.g. the selected patches' ViT features),
+            n >= 1.
+        corpus_features: ``(N, D)`` float array (all candidates' features), N >= 1.
+        max_corpus: corpus rows kept, >= 1 (the kernel matrices are ``max_corpus^2``).
+        seed: seed of the corpus sample.
+
+    Returns:
+        MMD^2 as a float in ``[0, 6]`` (computed in float32); 0 iff the two distributions agree.
+
+    Raises:
+        ValueError: not 2-D, empty, different D, or ``max_corpus < 1``.
+    """
+    import torch
+
+    from srdistill.metrics import feature_mmd2, median_bandwidth
+
+    x = np.asarray(selected_features, dtype=np.float32)
+    y = np.asarray(corpus_features, dtype=np.float32)
+    if x.ndim != 2 or y.ndim != 2 or not len(x) or not len(y) or x.shape[1] != y.shape[1]:
+        raise ValueError(
+            f"subset_mmd needs (n, D) and (N, D) features, n, N >= 1; got {x.shape} and {y.shape}"
+        )
+    if max_corpus < 1:
+        raise ValueError(f"subset_mmd: max_corpus must be >= 1, got {max_corpus}")
+    if len(y) > max_corpus:
+        y = y[np.sort(np.random.default_rng(seed).choice(len(y), size=max_corpus, replace=False))]
+    ty = torch.tensor(y)
+    sigma = median_bandwidth(ty, max_points=len(ty))
+    return float(feature_mmd2(torch.tensor(x), ty, bandwidth=sigma))
 
 
 def _png_bytes(img: np.ndarray) -> bytes:
@@ -200,9 +412,16 @@ def export_distilled(selected: pa.Table, out_dir: Path) -> list[Path]:
     naming pattern that are not in ``selected`` (left by an earlier selection) are removed, so
     ``out_dir`` holds exactly the distilled set.
 
+    ``provenance.csv`` has one row per PNG: ``file, patch_id, source, x, y, size, cluster,
+    score`` (``score`` as ``str(np.float32(v))``), then, for those of ``COMPLEXITY_COLUMNS``
+    (``vit_complexity``, ``entropy``, ``grad_energy``) that ``selected`` has, one column each,
+    same format (null -> ``nan``), so training can read each image's complexity. For
+    ``tripled`` the ``cluster`` of a file name is its complexity stratum.
+
     Args:
         selected: ``select_patches`` output (``patch_id``, ``source``, ``x``, ``y``, ``size``,
-            ``cluster``, ``rank``, ``score``).
+            ``cluster``, ``rank``, ``score``; optionally complexity columns; other columns
+            such as ``feature`` are ignored).
         out_dir: directory, created if missing.
 
     Returns:
@@ -218,7 +437,8 @@ def export_distilled(selected: pa.Table, out_dir: Path) -> list[Path]:
         raise ValueError(f"export: table lacks column(s) {missing}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    rows = selected.select(list(cols)).to_pylist()
+    extra = [c for c in COMPLEXITY_COLUMNS if c in selected.column_names]
+    rows = selected.select(list(cols) + extra).to_pylist()
     names = [f"c{r['cluster']:03d}_r{r['rank']:04d}_{r['patch_id']}.png" for r in rows]
     by_source: dict[str, list[int]] = {}
     for i, r in enumerate(rows):
@@ -243,9 +463,10 @@ def export_distilled(selected: pa.Table, out_dir: Path) -> list[Path]:
             path.unlink()
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(["file", "patch_id", "source", "x", "y", "size", "cluster", "score"])
+    writer.writerow(["file", "patch_id", "source", "x", "y", "size", "cluster", "score"] + extra)
     for name, r in zip(names, rows):
         writer.writerow([name, r["patch_id"], r["source"], r["x"], r["y"], r["size"],
-                         r["cluster"], str(np.float32(r["score"]))])
+                         r["cluster"], str(np.float32(r["score"]))]
+                        + [str(np.float32(np.nan if r[c] is None else r[c])) for c in extra])
     _write_atomic(out_dir / "provenance.csv", buf.getvalue().encode())
     return [out_dir / name for name in names]

@@ -16,7 +16,8 @@ Files written in ``out_dir``:
 * ``last.safetensors``: weights + Adam state + step + sampler RNG state, replaced atomically
   every ``cfg.checkpoint_every`` steps and at the end; a later call resumes from it.
 * ``log.jsonl``: one line per ``cfg.log_every`` steps: step, mean L1 loss (on [0, 1] pixels)
-  over those steps, learning rate, elapsed seconds.
+  over those steps, learning rate, elapsed seconds; with ``cfg.curriculum.enabled`` also one
+  line at the start of each stage (see ``train_sr``).
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from srdistill import imaging
+from srdistill import curriculum, imaging
 from srdistill.config import TrainConfig
 from srdistill.models import ARCHS, build_model
 
@@ -191,6 +192,21 @@ def train_sr(
     (plus the worker rank); a resumed run restores the Adam, EMA and sampler state, so it ends
     with the same weights as an uninterrupted one (on the same device and threads).
 
+    Curriculum (``cfg.curriculum.enabled``, TripleD step 4; ``srdistill.curriculum``): the
+    usable images are scored (``curriculum.image_complexity``) and steps before
+    ``curriculum.switch_step(cfg)`` draw only from the easy ones (``split_easy``); at the
+    switch the current network's loss on each image (``per_image_loss``, centre crop of the
+    HR crop size) picks the stage-2 pool (``stage2_pool``), which the remaining steps draw
+    from. ``log.jsonl`` gets ``{"step": 0, "curriculum_stage": 1, "images", "easy",
+    "switch_step"}`` at the start and ``{"step": switch, "curriculum_stage": 2, "pool", "easy",
+    "uncertain", "easy_loss", "hard_loss"}`` at the switch; ``last.safetensors`` keeps the pool
+    (``curriculum_pool``, indices into the usable images in ``hr_images`` order), so a run
+    resumed past the switch reuses it, and ``model.safetensors`` records ``curriculum``
+    (``Schedule.summary``). Data parallel: each rank schedules its own shard; only rank 0's
+    pool is saved, so on resume with ``world_size > 1`` each rank rebuilds its pool with the
+    restored network (the sampler is reseeded then too). Disabled, nothing changes: the same
+    random draws and weights as without the option.
+
     Args:
         cfg: training settings.
         scale: SR factor (2, 3, 4, ...).
@@ -205,7 +221,8 @@ def train_sr(
         ``out_dir / "model.safetensors"``.
 
     Raises:
-        ValueError: no usable image, or ``last.safetensors`` belongs to another arch/scale.
+        ValueError: no usable image, ``last.safetensors`` belongs to another arch/scale, or
+            the curriculum cannot score the images (``curriculum.image_complexity``).
         imaging.ImageReadError: an image cannot be read.
     """
     out_dir = Path(out_dir)
@@ -220,6 +237,11 @@ def train_sr(
             f"no training image is at least {hr_size}x{hr_size} (lr_patch {cfg.lr_patch} x scale "
             f"{scale}); {len(skipped)} image(s) given"
         )
+    schedule = None
+    if cfg.curriculum.enabled:
+        dropped = {s["file"] for s in skipped}
+        usable = [p for p in shard if str(p) not in dropped]  # aligned with ``images``
+        schedule = curriculum.Schedule.plan(cfg, usable, images)
 
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng([cfg.seed, dp.rank])
@@ -246,6 +268,10 @@ def train_sr(
         step, rng_state = _resume(resume, net, optimizer, ema, arch=cfg.model, scale=scale)
         if dp.world_size == 1:
             rng.bit_generator.state = rng_state  # exactly where the sampler stopped
+            if schedule is not None and step >= schedule.switch_step:
+                pool = _metadata(resume).get("curriculum_pool")  # the pool chosen at the switch
+                if pool is not None:
+                    schedule.restore_pool(json.loads(pool))
         else:  # only rank 0's sampler state is saved: every rank reseeds from the step
             rng = np.random.default_rng([cfg.seed, dp.rank, step])
         log.info("resuming %s from step %d", resume, step)
@@ -255,11 +281,15 @@ def train_sr(
     def checkpoint() -> None:
         extra = {"step": step, "rng_state": rng.bit_generator.state,
                  "train_config": cfg.model_dump(mode="json")}  # fmt: skip
+        if schedule is not None and schedule.pool is not None:
+            extra["curriculum_pool"] = schedule.pool.tolist()
         save_checkpoint(net, last, arch=cfg.model, scale=scale, model_kwargs=model_kwargs,
                         extra=extra, optimizer=optimizer, ema=ema)  # fmt: skip
         if step >= cfg.iterations:  # the trained network (the EMA if kept)
             extra = {"step": step, "train_config": cfg.model_dump(mode="json"), "ema": ema is not None,
                      "n_train_images": len(images), "skipped_images": skipped}  # fmt: skip
+            if schedule is not None:
+                extra["curriculum"] = schedule.summary()
             save_checkpoint(ema.module if ema else net, final, arch=cfg.model, scale=scale,
                             model_kwargs=model_kwargs, extra=extra)  # fmt: skip
 
@@ -269,12 +299,36 @@ def train_sr(
     t0, loss_sum, loss_n = time.perf_counter(), 0.0, 0
     metrics: dict = {}
     log_file = open(out_dir / "log.jsonl", "a") if lead else None
+
+    def note(record: dict) -> None:
+        if log_file:
+            log_file.write(json.dumps(record) + "\n")
+            log_file.flush()
+
+    def draw_from(step: int) -> list[np.ndarray]:
+        """The images step ``step`` samples from: all, or those of its curriculum stage."""
+        if schedule is None:
+            return images
+        if schedule.needs_pool(step):  # the switch: measure the network, then pick the pool
+            if step > schedule.switch_step:
+                log.warning("curriculum pool not restored from %s: rebuilt at step %d", resume, step)
+            losses = curriculum.per_image_loss(net, images, scale, device, crop=hr_size)
+            pool = schedule.build_pool(losses)
+            easy = schedule.easy
+            note({"step": step, "curriculum_stage": 2, "pool": len(pool), "easy": int(easy.sum()),
+                  "uncertain": int(easy[pool].sum()), "easy_loss": float(losses[easy].mean()),
+                  "hard_loss": float(losses[~easy].mean()) if (~easy).any() else None})  # fmt: skip
+        return [images[i] for i in schedule.indices_at(step)]
+
     try:
+        if schedule is not None and step == 0:
+            note({"step": 0, "curriculum_stage": 1, "images": len(images), "easy": int(schedule.easy.sum()),
+                  "switch_step": schedule.switch_step})  # fmt: skip
         while step < cfg.iterations:
             lr_now = lr_at(cfg, step)
             for group in optimizer.param_groups:
                 group["lr"] = lr_now
-            lr_np, hr_np = sample_batch(images, rng, batch_size=cfg.batch_size // dp.world_size,
+            lr_np, hr_np = sample_batch(draw_from(step), rng, batch_size=cfg.batch_size // dp.world_size,
                                         hr_size=hr_size, scale=scale)  # fmt: skip
             lr_t = to_tensor(lr_np, device)  # (B, 3, p, p) float32 in [0, 1]
             hr_t = to_tensor(hr_np, device)  # (B, 3, s*p, s*p)
@@ -299,9 +353,7 @@ def train_sr(
                 loss_sum, loss_n = 0.0, 0
                 if lead and cfg.val_every and (step % cfg.val_every == 0 or step == cfg.iterations):
                     metrics["val_psnr_y"] = _validate(ema.module if ema else net, cfg, scale, device)
-                if log_file:
-                    log_file.write(json.dumps(metrics) + "\n")
-                    log_file.flush()
+                note(metrics)
                 bar.set_postfix({k: f"{v:.4g}" for k, v in metrics.items() if k in ("loss", "val_psnr_y")})
             if step % cfg.checkpoint_every == 0 or step == cfg.iterations:
                 if lead:
@@ -487,6 +539,12 @@ def load_released_weights(arch: str, scale: int, path: str | Path) -> nn.Module:
     except RuntimeError as exc:
         raise ValueError(f"{str(path)!r} does not match {arch} x{scale}: {exc}") from None
     return model.eval()
+
+
+def _metadata(path: Path) -> dict[str, str]:
+    """The raw (JSON-string) metadata of a safetensors file, without reading its tensors."""
+    with safe_open(str(path), framework="pt") as f:
+        return f.metadata() or {}
 
 
 def _resume(

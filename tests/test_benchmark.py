@@ -31,10 +31,11 @@ def test_quality_bench_runs_every_arm_and_resumes(tmp_path, ray_local):
     corpus.mkdir()
     for f in sorted(T91.glob("*.png"))[:6]:
         shutil.copy(f, corpus / f.name)
-    cfg = load_config("tiny", overrides=["embed.allow_random_init=true", "train.iterations=3"])
+    cfg = load_config("tiny", overrides=["embed.allow_random_init=true", "complexity.allow_random_init=true",
+                                         "train.iterations=3"])  # fmt: skip
     bench = QualityBench(cfg, corpus=(str(corpus),), budgets=("20%", "ipc1"), seeds=(0, 1), datasets=("Set5",))
     results = run_quality_bench(bench, tmp_path / "bench", log=lambda s: None)
-    assert len(results) == 2 + 5 * 2 * 2  # full once per seed; 5 arms x 2 budgets x 2 seeds
+    assert len(results) == 2 + 9 * 2 * 2  # full once per seed; 9 arms x 2 budgets x 2 seeds
     by_arm = {(r["arm"], r["budget"]) for r in results}
     assert ("full", "all") in by_arm and ("clip-kmeans", "ipc1") in by_arm and ("grad-topk", "20%") in by_arm
     assert ("synth", "20%") in by_arm and (tmp_path / "bench" / "pipeline" / "finetune" / "model").is_dir()
@@ -44,6 +45,18 @@ def test_quality_bench_runs_every_arm_and_resumes(tmp_path, ray_local):
     assert len({r["patches"] for r in ipc}) == 1  # every arm gets the same budget
     assert all(20 < r["psnr_y"]["Set5"] < 45 for r in results)
     assert all(r["clip_semantic"] is False for r in results)
+    # every set but the corpus itself is measured by its ViT feature distance to the corpus
+    assert all((r["feature_mmd"] is None) == (r["arm"] == "full") for r in results)
+    assert all(r["vit_pretrained"] is False for r in results)
+    tri = {r["arm"]: r for r in results if r["arm"].startswith("tripled") and r["budget"] == "ipc1" and r["seed"] == 0}
+    assert len(tri) == 4 and len({r["patches"] for r in tri.values()}) == 1
+    assert tri["tripled"]["feature_mmd"] == tri["tripled+curriculum"]["feature_mmd"]  # the same set
+    assert tri["tripled"]["feature_mmd"] != tri["tripled+align"]["feature_mmd"]  # transformed by the CNN
+    aligned = next((tmp_path / "bench" / "sets").glob("*_tripled+align_ipc1"))
+    assert (aligned / "align.json").is_file()
+    assert len(list(aligned.glob("*.png"))) == tri["tripled+align"]["patches"]
+    cur = next((tmp_path / "bench" / "models").rglob("*_tripled+curriculum_ipc1_seed0"))
+    assert '"curriculum_stage": 2' in (cur / "log.jsonl").read_text()
 
     rows = summarize(results, ("Set5",))
     full = next(r for r in rows if r["arm"] == "full")
@@ -63,6 +76,7 @@ def test_quality_bench_runs_every_arm_and_resumes(tmp_path, ray_local):
     assert (tmp_path / "bench" / "quality.png").is_file()
     text = (tmp_path / "bench" / "results.md").read_text()
     assert "NOT semantic" in text and "| clip-kmeans | ipc1 |" in text
+    assert "NOT learned" in text and "MMD² to corpus" in text and "| tripled+align+curriculum | ipc1 |" in text
     assert len(list((tmp_path / "bench" / "results").rglob("*.json"))) == len(results)  # reused
 
     other = QualityBench(cfg.model_copy(update={"train": cfg.train.model_copy(update={"iterations": 4})}),
