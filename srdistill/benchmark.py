@@ -250,7 +250,8 @@ class TripledSets:
         from .clustering import sample_rows
 
         sel_cfg = self.cfg.select.model_copy(update={"ipc": None, "pixel_fraction": None, **_parse_budget(budget)})
-        n_total = budget_patches(sel_cfg, n_clusters=sel_cfg.strata, corpus_pixels=corpus_pixels,
+        # the same number of patches as every other arm: an IPC budget is ipc x the CLIP clusters
+        n_total = budget_patches(sel_cfg, n_clusters=k_used, corpus_pixels=corpus_pixels,
                                  patch_size=self.cfg.mine.patch_size)  # fmt: skip
         chosen = select_patches(self.table, sel_cfg, n_total=n_total)
         folder = self.out / "sets" / f"tripled_{budget}"

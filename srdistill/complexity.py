@@ -69,6 +69,9 @@ RANDOM_INIT_CONFIGS: dict[str, dict[str, int]] = {
     # ViT-S/16 (DeiT-S / DINO ViT-S/16 shape)
     "vit-s-16": dict(hidden_size=384, num_hidden_layers=12, num_attention_heads=6, patch_size=16,
                      image_size=224, intermediate_size=1536),
+    # ViT-Ti/16 (DeiT-Ti shape): a quarter of ViT-S/16's compute, for CPU benchmarks
+    "vit-ti-16": dict(hidden_size=192, num_hidden_layers=12, num_attention_heads=3, patch_size=16,
+                      image_size=224, intermediate_size=768),
     # for tests and smoke runs
     "tiny": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, patch_size=8,
                  image_size=32, intermediate_size=64),

@@ -159,6 +159,12 @@ def _header(manifest: dict, run_dir: Path) -> str:
             ]
             if clip.get("note"):
                 lines.append(f"> (recorded note: {_cell(clip['note'])})")
+    vit = manifest.get("vit")
+    if vit:
+        lines.append(f"- ViT (complexity): model `{vit.get('model')}`, pretrained {vit.get('pretrained')}")
+        if vit.get("pretrained") is False:
+            lines += ["", "> **WARNING: the ViT was randomly initialised: complexity scores and feature "
+                      "distances are NOT learned.**"]  # fmt: skip
     return "\n".join(lines)
 
 

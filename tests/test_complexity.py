@@ -401,6 +401,8 @@ def test_pipeline_scores_every_patch_then_selects_tripled(small_corpus, tmp_path
     log = [json.loads(x) for x in (run_dir / "train" / "log.jsonl").read_text().splitlines()]
     assert [r["curriculum_stage"] for r in log if "curriculum_stage" in r] == [1, 2]
     assert "evaluate" in manifest["stages"]
+    report = (run_dir / "report" / "report.md").read_text()
+    assert "NOT learned" in report and "feature_mmd=" in report
 
 
 @pytest.mark.slow
