@@ -48,7 +48,7 @@ from .mining import read_patches
 from .pipeline import EXECUTION_ONLY, run_pipeline
 from .selection import budget_patches, export_distilled, select_patches, subset_mmd
 from .synthesis import image_name, per_cluster_counts, synthesize
-from .training import load_checkpoint, train_sr
+from .training import load_checkpoint, resolve_device, train_sr
 
 ARMS = ("full", "random", "psnr_bic-topk", "grad-topk", "clip-kmeans", "tripled", "tripled+align",
         "tripled+curriculum", "tripled+align+curriculum", "synth")  # fmt: skip
@@ -231,7 +231,7 @@ class TripledSets:
         self.features = feature_matrix(self.table)  # (N, D) float32, rows of self.table
         self.row_of = {pid: i for i, pid in enumerate(self.table.column("patch_id").to_pylist())}
         self.source = resolve_vit(cfg.complexity)
-        self.vit = load_vit(self.source, cfg.complexity)
+        self.vit = load_vit(self.source, cfg.complexity).to(resolve_device(cfg.align.device))
 
     def mmd_of_patches(self, patch_ids: pa.ChunkedArray) -> float:
         """``subset_mmd`` of the given patches' stored features."""
