@@ -73,7 +73,7 @@ def main() -> None:
                 continue
             t0 = time.perf_counter()
             r = evaluate(method, ds, s, kernel=kernel, device="cpu")
-            r.update(method=name, wall_s=time.perf_counter() - t0)
+            r.update(method=name, wall_s=time.perf_counter() - t0, requested=ds)  # ds: a name or a folder
             results.append(r)
             print(f"{name:28s} {ds:6s} {r['psnr_y']:.2f} / {r['ssim_y']:.4f}  {r['seconds_per_image']:.2f} s/image",
                   flush=True)  # fmt: skip
@@ -84,7 +84,7 @@ def main() -> None:
     for name in methods:
         cells = []
         for ds in args.datasets:
-            r = next((x for x in results if x["method"] == name and x["dataset"] == ds), None)
+            r = next((x for x in results if x["method"] == name and x["requested"] == ds), None)
             paper = PAPER.get(name, {}).get(ds)
             cells += [f"{r['psnr_y']:.2f} / {r['ssim_y']:.4f}" if r else "not run",
                       f"{paper:.2f}" if paper else "", f"{r['seconds_per_image']:.2f}" if r else ""]  # fmt: skip
