@@ -45,7 +45,7 @@ from . import storage
 from .config import RunConfig, SelectConfig
 from .evaluation import evaluate, list_images, resolve_dataset
 from .mining import read_patches
-from .pipeline import EXECUTION_ONLY, run_pipeline
+from .pipeline import run_pipeline, stage_config
 from .selection import budget_patches, export_distilled, select_patches, subset_mmd
 from .synthesis import image_name, per_cluster_counts, synthesize
 from .training import load_checkpoint, resolve_device, train_sr
@@ -232,6 +232,7 @@ class TripledSets:
         self.row_of = {pid: i for i, pid in enumerate(self.table.column("patch_id").to_pylist())}
         self.source = resolve_vit(cfg.complexity)
         self.vit = load_vit(self.source, cfg.complexity).to(resolve_device(cfg.align.device))
+        self._sets: dict[tuple[str, bool], tuple[list[Path], float]] = {}
 
     def mmd_of_patches(self, patch_ids: pa.ChunkedArray) -> float:
         """``subset_mmd`` of the given patches' stored features."""
@@ -245,7 +246,13 @@ class TripledSets:
         return subset_mmd(image_features(self.vit, images), self.features, seed=self.cfg.select.seed)
 
     def images(self, budget: str, k_used: int, corpus_pixels: int, *, align: bool) -> tuple[list[Path], float]:
-        """The tripled set of ``budget`` (aligned with ``cfg.align`` if ``align``) and its MMD."""
+        """The tripled set of ``budget`` (aligned with ``cfg.align`` if ``align``) and its MMD,
+        made once per run (the curriculum arms train on the same sets)."""
+        if (budget, align) not in self._sets:
+            self._sets[budget, align] = self._make(budget, k_used, corpus_pixels, align)
+        return self._sets[budget, align]
+
+    def _make(self, budget: str, k_used: int, corpus_pixels: int, align: bool) -> tuple[list[Path], float]:
         from .alignment import align_folder
         from .clustering import sample_rows
 
@@ -270,10 +277,8 @@ class TripledSets:
     def tag(cfg: RunConfig, *, align: bool) -> str:
         """Hash of what a tripled arm's set and schedule depend on (complexity scoring, the
         tripled selection, the alignment if ``align``, the curriculum if enabled)."""
-        parts = [json.loads(cfg.stage_json("complexity")),
+        parts = [stage_config(cfg, "complexity"),
                  cfg.select.model_dump(mode="json", include={"complexity_score", "strata", "max_overlap", "seed"})]
-        for key in EXECUTION_ONLY.get("complexity", ()):
-            parts[0].pop(key, None)
         if align:
             parts.append(cfg.align.model_dump(mode="json", exclude={"device"}))
         if cfg.train.curriculum.enabled:
@@ -284,10 +289,7 @@ class TripledSets:
 def _synth_tag(cfg: RunConfig) -> str:
     """Hash of what the synthetic set depends on (fine-tuning and sampling settings, minus
     execution-only fields such as actor counts)."""
-    parts = []
-    for stage in ("finetune", "synthesize"):
-        part = json.loads(cfg.stage_json(stage))
-        parts.append({k: v for k, v in part.items() if k not in EXECUTION_ONLY[stage]})
+    parts = [stage_config(cfg, stage) for stage in ("finetune", "synthesize")]
     return "s" + hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:8]
 
 

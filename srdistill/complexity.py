@@ -361,19 +361,10 @@ class ComplexityScorer:
         n = len(pids)
         out = {"patch_id": pids, "vit_complexity": np.empty(n, np.float32), "entropy": np.empty(n, np.float32),
                "grad_energy": np.empty(n, np.float32), "feature": np.empty((n, self.dim), np.float32)}  # fmt: skip
-        rows_by_source: dict[str, list[int]] = {}
-        for i, src in enumerate(sources):
-            rows_by_source.setdefault(str(src), []).append(i)
-        crops: list[np.ndarray | None] = [None] * n
-        for src, rows in rows_by_source.items():
-            img = imaging.read_image(src)  # (H, W, 3) uint8, read once per batch
-            for i in rows:
-                try:
-                    crops[i] = imaging.crop(img, int(xs[i]), int(ys[i]), int(sizes[i]))
-                except ValueError as exc:
-                    raise ValueError(f"{src}: {exc}") from None
-                stats = image_statistics(crops[i])
-                out["entropy"][i], out["grad_energy"][i] = stats["entropy"], stats["grad_energy"]
+        crops = imaging.read_crops(sources, xs, ys, sizes)  # each source decoded once
+        for i, patch in enumerate(crops):
+            stats = image_statistics(patch)
+            out["entropy"][i], out["grad_energy"][i] = stats["entropy"], stats["grad_energy"]
         by_size: dict[int, list[int]] = {}
         for i in range(n):
             by_size.setdefault(int(sizes[i]), []).append(i)
@@ -384,11 +375,6 @@ class ComplexityScorer:
                 out["feature"][idx] = features.cpu().numpy()
                 out["vit_complexity"][idx] = complexity.cpu().numpy()
         return out
-
-
-def _fixed_list(values: np.ndarray) -> pa.FixedSizeListArray:
-    """``(N, D)`` float32 -> ``fixed_size_list<float32>[D]``."""
-    return pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1), type=pa.float32()), values.shape[1])
 
 
 def score_shard(scorer: ComplexityScorer, shard: int, *, mine_uri: str, out_uri: str, batch_size: int) -> int:
@@ -408,27 +394,9 @@ def score_shard(scorer: ComplexityScorer, shard: int, *, mine_uri: str, out_uri:
         imaging.ImageReadError: a source image cannot be read (it was readable when mined).
         OSError: storage failed after retries.
     """
-    from . import storage
-    from .mining import part_name, read_patches
+    from .mining import map_patch_part
 
-    out = storage.join(out_uri, part_name(shard))
-    if storage.exists(out):
-        return -1
-    cols = ["patch_id", "source", "x", "y", "size"]
-    part = read_patches(mine_uri, cols, kept_only=False, shard=shard)
-    arrays = {c: part.column(c).to_numpy(zero_copy_only=False) for c in cols}
-    empty = scorer({c: v[:0] for c, v in arrays.items()})
-    results = [empty] + [scorer({c: v[start : start + batch_size] for c, v in arrays.items()})
-                         for start in range(0, part.num_rows, batch_size)]  # fmt: skip
-    merged = {k: np.concatenate([r[k] for r in results]) for k in SCORE_COLUMNS}
-    storage.write_parquet(out, pa.table({
-        "patch_id": pa.array(arrays["patch_id"], pa.string()),
-        "vit_complexity": pa.array(merged["vit_complexity"], pa.float32()),
-        "entropy": pa.array(merged["entropy"], pa.float32()),
-        "grad_energy": pa.array(merged["grad_energy"], pa.float32()),
-        "feature": _fixed_list(merged["feature"]),
-    }))  # fmt: skip
-    return part.num_rows
+    return map_patch_part(scorer, shard, mine_uri=mine_uri, out_uri=out_uri, batch_size=batch_size, kept_only=False)
 
 
 def read_scores(uri: str, columns: list[str] | None = None) -> pa.Table:

@@ -82,7 +82,20 @@ class MineConfig(_Strict):
         return self
 
 
-class EmbedConfig(_Strict):
+class _ActorStage(_Strict):
+    """Execution settings shared by the stages that run a model in Ray Data actors over the
+    mined shards (``embed``, ``complexity``): patches per forward pass, the actor pool, torch
+    threads and device, and the seed of a random-init model."""
+
+    batch_size: int = Field(32, ge=1)
+    num_actors: int = Field(1, ge=1)
+    actor_num_cpus: float = Field(0.5, gt=0.0, description="fractional CPUs per actor")
+    num_threads: int | None = Field(None, ge=1, description="torch threads per actor; None: Ray's")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    seed: int = 0
+
+
+class EmbedConfig(_ActorStage):
     """CLIP image embeddings of the kept patches.
 
     ``model`` is a local directory or a Hugging Face id resolved offline from the HF cache
@@ -96,15 +109,9 @@ class EmbedConfig(_Strict):
     pretrained: str | None = None
     allow_random_init: bool = False
     random_init: Literal["vit-b-32", "tiny"] = "vit-b-32"
-    batch_size: int = Field(32, ge=1)
-    num_actors: int = Field(1, ge=1)
-    actor_num_cpus: float = Field(0.5, gt=0.0, description="fractional CPUs per actor")
-    num_threads: int | None = Field(None, ge=1, description="torch threads per actor; None: Ray's")
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    seed: int = 0
 
 
-class ComplexityConfig(_Strict):
+class ComplexityConfig(_ActorStage):
     """ViT complexity scoring of every mined patch (TripleD step 1; ``srdistill.complexity``).
 
     ``model`` is a transformers ViT-style checkpoint (``ViTModel``, DeiT, DINO, DINOv2: any
@@ -120,12 +127,6 @@ class ComplexityConfig(_Strict):
     allow_random_init: bool = False
     random_init: Literal["vit-s-16", "vit-ti-16", "tiny"] = "vit-s-16"
     image_size: int | None = Field(None, ge=8, description="patch side fed to the ViT; None: the model's")
-    batch_size: int = Field(32, ge=1)
-    num_actors: int = Field(1, ge=1)
-    actor_num_cpus: float = Field(0.5, gt=0.0, description="fractional CPUs per actor")
-    num_threads: int | None = Field(None, ge=1, description="torch threads per actor; None: Ray's")
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    seed: int = 0
 
 
 class ClusterConfig(_Strict):

@@ -407,23 +407,15 @@ class ClipEmbedder:
         n = len(pids)
         if n == 0:
             return {"patch_id": pids, "embedding": np.empty((0, self.dim), dtype=np.float32)}
-        rows_by_source: dict[str, list[int]] = {}
-        for i, src in enumerate(sources):
-            rows_by_source.setdefault(str(src), []).append(i)
+        crops = imaging.read_crops(sources, xs, ys, sizes)  # each source decoded once
+        by_size: dict[int, list[int]] = {}
+        for i, patch in enumerate(crops):
+            by_size.setdefault(patch.shape[0], []).append(i)
         side = self.image_size
         pixels = torch.empty((n, 3, side, side), dtype=torch.float32, device=self.device)
         with torch.inference_mode():
-            for src, rows in rows_by_source.items():
-                img = imaging.read_image(src)  # (H, W, 3) uint8, read once per batch
-                by_size: dict[int, list[int]] = {}
-                for i in rows:
-                    by_size.setdefault(int(sizes[i]), []).append(i)
-                for size, idx in by_size.items():
-                    try:
-                        crops = [imaging.crop(img, int(xs[i]), int(ys[i]), size) for i in idx]
-                    except ValueError as exc:
-                        raise ValueError(f"{src}: {exc}") from None
-                    pixels[idx] = self._preprocess(crops)
+            for idx in by_size.values():
+                pixels[idx] = self._preprocess([crops[i] for i in idx])
             emb = F.normalize(self._forward(pixels).float(), dim=-1)  # one forward per batch
         return {"patch_id": pids, "embedding": emb.cpu().numpy()}
 
@@ -466,21 +458,6 @@ def embed_shard(embedder: ClipEmbedder, shard: int, *, mine_uri: str, out_uri: s
         imaging.ImageReadError: a source image cannot be read (it was readable when mined).
         OSError: storage failed after retries.
     """
-    from . import storage
-    from .mining import part_name, read_patches
+    from .mining import map_patch_part
 
-    out = storage.join(out_uri, part_name(shard))
-    if storage.exists(out):
-        return -1
-    part = read_patches(mine_uri, ["patch_id", "source", "x", "y", "size"], kept_only=True, shard=shard)
-    arrays = {c: part.column(c).to_numpy(zero_copy_only=False) for c in ("patch_id", "source", "x", "y", "size")}
-    embs = [np.empty((0, embedder.dim), np.float32)]
-    for start in range(0, part.num_rows, batch_size):
-        embs.append(embedder({c: v[start : start + batch_size] for c, v in arrays.items()})["embedding"])
-    emb = np.concatenate(embs)
-    flat = pa.array(emb.reshape(-1), type=pa.float32())
-    storage.write_parquet(out, pa.table({
-        "patch_id": pa.array(arrays["patch_id"], pa.string()),
-        "embedding": pa.FixedSizeListArray.from_arrays(flat, embedder.dim),
-    }))  # fmt: skip
-    return part.num_rows
+    return map_patch_part(embedder, shard, mine_uri=mine_uri, out_uri=out_uri, batch_size=batch_size, kept_only=True)

@@ -34,6 +34,7 @@ __all__ = [
     "PATCH_SCHEMA",
     "MINED_SCHEMA",
     "part_name",
+    "map_patch_part",
     "mine_shard",
     "keep_rule",
     "kept_mask",
@@ -244,6 +245,51 @@ def mine_images(paths: list[str] | np.ndarray, cfg: MineConfig, *, root: str | N
 def part_name(shard: int) -> str:
     """File name of a shard's output part: ``part-000123.parquet`` (also for embeddings)."""
     return f"part-{shard:06d}.parquet"
+
+
+def _arrow_column(values: np.ndarray) -> pa.Array:
+    """``(N,)`` strings -> string, ``(N,)`` numbers -> their type, ``(N, D)`` ->
+    ``fixed_size_list<float32>[D]``."""
+    values = np.asarray(values)
+    if values.ndim == 2:
+        flat = pa.array(values.astype(np.float32, copy=False).reshape(-1), type=pa.float32())
+        return pa.FixedSizeListArray.from_arrays(flat, values.shape[1])
+    if values.dtype.kind in "OUS":
+        return pa.array(values.astype(str), type=pa.string())
+    return pa.array(values)
+
+
+def map_patch_part(fn: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]], shard: int, *, mine_uri: str,
+                   out_uri: str, batch_size: int, kept_only: bool) -> int:  # fmt: skip
+    """Run ``fn`` over one mined shard's patches in batches and write ``out_uri/part-<shard>.parquet``
+    (the per-shard outputs of embedding and complexity scoring).
+
+    Reads ``read_patches(mine_uri, [patch_id, source, x, y, size], kept_only=kept_only,
+    shard=shard)``; calls ``fn`` on batches of at most ``batch_size`` rows (numpy arrays of those
+    columns) and once on an empty batch, so a shard without patches still gets a part with
+    the full schema. ``fn`` returns a dict of ``(n,)`` or ``(n, D)`` arrays, rows in input
+    order; they are concatenated and written atomically in that column order: ``(n, D)`` as
+    ``fixed_size_list<float32>[D]``, strings as ``string``, numbers as their dtype.
+    Idempotent: a shard whose part exists is skipped, so a retried or resumed shard neither
+    loses nor duplicates rows.
+
+    Returns:
+        Rows written, or -1 when the part already existed.
+
+    Raises:
+        Whatever ``fn`` raises (e.g. ``ImageReadError``); OSError: storage failed after retries.
+    """
+    out = storage.join(out_uri, part_name(shard))
+    if storage.exists(out):
+        return -1
+    cols = ["patch_id", "source", "x", "y", "size"]
+    part = read_patches(mine_uri, cols, kept_only=kept_only, shard=shard)
+    arrays = {c: part.column(c).to_numpy(zero_copy_only=False) for c in cols}
+    results = [fn({c: v[:0] for c, v in arrays.items()})]
+    results += [fn({c: v[i : i + batch_size] for c, v in arrays.items()}) for i in range(0, part.num_rows, batch_size)]
+    table = pa.table({k: _arrow_column(np.concatenate([r[k] for r in results])) for k in results[0]})
+    storage.write_parquet(out, table)
+    return part.num_rows
 
 
 def mine_shard(plan_uri: str, shard: int, parts_uri: str, cfg: MineConfig) -> int:

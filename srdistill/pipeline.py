@@ -49,11 +49,12 @@ from .config import RunConfig
 STAGES = ("plan", "mine", "embed", "cluster", "complexity", "select", "align", "encode", "finetune", "synthesize",
           "train", "evaluate", "report")  # fmt: skip
 SYNTH_ONLY = ("encode", "finetune", "synthesize")
+_ACTOR_EXECUTION = {"batch_size", "num_actors", "actor_num_cpus", "num_threads", "device"}
 #: Config fields that change how a stage runs but not what it produces (not fingerprinted).
 EXECUTION_ONLY = {
     "mine": {"images_per_task", "images_per_shard"},
-    "embed": {"batch_size", "num_actors", "actor_num_cpus", "num_threads", "device"},
-    "complexity": {"batch_size", "num_actors", "actor_num_cpus", "num_threads", "device"},
+    "embed": _ACTOR_EXECUTION,
+    "complexity": _ACTOR_EXECUTION,
     "align": {"device"},
     "train": {"device", "log_every", "checkpoint_every", "val_every", "val_dataset", "workers", "use_gpu"},
     "evaluate": {"device"},
@@ -73,6 +74,13 @@ NOT_LEARNED = ("the ViT is randomly initialised (--allow-random-init): complexit
                "features are NOT learned")  # fmt: skip
 #: Corpus features sampled as the reference of the select stage's ``feature_mmd``.
 FEATURE_MMD_SAMPLE = 4096
+
+
+def stage_config(cfg: RunConfig, stage: str) -> dict:
+    """The settings of ``cfg`` that ``stage``'s output depends on: ``cfg.stage_json(stage)``
+    without the ``EXECUTION_ONLY`` fields (the part of the stage's fingerprint that is config)."""
+    part = json.loads(cfg.stage_json(stage))
+    return {k: v for k, v in part.items() if k not in EXECUTION_ONLY.get(stage, ())}
 
 
 def _now() -> str:
@@ -172,10 +180,7 @@ class Run:
                 storage.copy_dir(self.at(rel), self.dir / rel, skip_existing=True)
 
     def config_part(self, stage: str) -> str:
-        part = json.loads(self.cfg.stage_json(stage))
-        for key in EXECUTION_ONLY.get(stage, ()):
-            part.pop(key, None)
-        return json.dumps(part, sort_keys=True)
+        return json.dumps(stage_config(self.cfg, stage), sort_keys=True)
 
     def fingerprint(self, stage: str, *extra: str) -> str:
         return _sha(stage, self.config_part(stage), *extra)
@@ -385,48 +390,45 @@ def _complexity(run: Run, upstream_fp: str, mine_fp: str, source) -> str:
     return _sha(upstream_fp, fp)
 
 
-def _feature_mmd(run: Run, patch_ids: pa.Array, seed: int) -> float | None:
-    """``selection.subset_mmd`` of the ViT features of ``patch_ids`` against a seeded sample of
-    at most ``FEATURE_MMD_SAMPLE`` features of all patches (``clustering.sample_rows``),
-    streaming the complexity parts once; ``None`` for no patch.
-
-    Raises:
-        ValueError: a patch has no complexity score (stale complexity stage).
-    """
+def _corpus_features(run: Run, k: int, seed: int, patch_ids: pa.Array | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """In one pass over the complexity parts (one in memory at a time): a ``seed``-seeded
+    sample of at most ``k`` rows of every patch's ViT features (``clustering.sample_rows``),
+    and the features of ``patch_ids`` (empty without them). Both ``(n, D)`` float32."""
     from .clustering import sample_rows
     from .complexity import feature_matrix
-    from .selection import subset_mmd
 
     parts = storage.list_files(run.at("complexity", "parts"), [".parquet"])
     n = run.manifest["stages"]["complexity"]["counts"]["patches"]
     chosen: list[np.ndarray] = []
 
     def features():
-        for uri in parts:  # one part in memory at a time
+        for uri in parts:
             table = storage.read_parquet(uri, columns=["patch_id", "feature"])
             x = feature_matrix(table)
-            chosen.append(x[pc.is_in(table.column("patch_id"), value_set=patch_ids).to_numpy(zero_copy_only=False)])
+            if patch_ids is not None:
+                chosen.append(x[pc.is_in(table.column("patch_id"), value_set=patch_ids).to_numpy(zero_copy_only=False)])
             yield x
 
-    reference = sample_rows(features(), n, FEATURE_MMD_SAMPLE, seed)
-    subset = np.concatenate(chosen)
+    sample = sample_rows(features(), n, k, seed)
+    return sample, np.concatenate(chosen) if chosen else np.empty((0, sample.shape[1]), np.float32)
+
+
+def _feature_mmd(run: Run, patch_ids: pa.Array, seed: int) -> float | None:
+    """``selection.subset_mmd`` of the ViT features of ``patch_ids`` against a seeded sample of
+    at most ``FEATURE_MMD_SAMPLE`` features of all patches; ``None`` for no patch.
+
+    Raises:
+        ValueError: a patch has no complexity score (stale complexity stage).
+    """
+    from .selection import subset_mmd
+
+    reference, subset = _corpus_features(run, FEATURE_MMD_SAMPLE, seed, patch_ids)
     if len(subset) != len(patch_ids):
         raise ValueError(f"{len(patch_ids) - len(subset)} selected patches have no ViT features; "
                          "rerun the complexity stage")  # fmt: skip
     if not len(subset):
         return None
     return round(subset_mmd(subset, reference, max_corpus=FEATURE_MMD_SAMPLE, seed=seed), 6)
-
-
-def _corpus_features(run: Run, k: int, seed: int) -> np.ndarray:
-    """A ``seed``-seeded sample of at most ``k`` rows of every patch's ViT features
-    (``clustering.sample_rows`` over the complexity parts, one part in memory at a time)."""
-    from .clustering import sample_rows
-    from .complexity import feature_matrix
-
-    parts = storage.list_files(run.at("complexity", "parts"), [".parquet"])
-    n = run.manifest["stages"]["complexity"]["counts"]["patches"]
-    return sample_rows((feature_matrix(storage.read_parquet(p, columns=["feature"])) for p in parts), n, k, seed)
 
 
 def _align(run: Run, select_fp: str, source) -> str:
@@ -442,10 +444,10 @@ def _align(run: Run, select_fp: str, source) -> str:
 
     def stage(sdir: Path) -> dict:
         run.pull("distilled")
-        target = _corpus_features(run, cfg.corpus_features, cfg.seed)
+        target, _ = _corpus_features(run, cfg.corpus_features, cfg.seed)
         vit = load_vit(source, run.cfg.complexity).to(resolve_device(cfg.device))
         report = align_folder(run.dir / "distilled", sdir, target, lambda x: vit(x)[0], cfg)
-        reference = _corpus_features(run, FEATURE_MMD_SAMPLE, run.cfg.select.seed)
+        reference, _ = _corpus_features(run, FEATURE_MMD_SAMPLE, run.cfg.select.seed)
         aligned = image_features(vit, sorted(sdir.glob("*.png")))
         return {**{k: report[k] for k in ("images", "iterations", "mmd_before", "mmd_after", "fidelity_l1",
                                           "psnr_to_original", "seconds")},

@@ -191,48 +191,44 @@ def mine_plan(plan_uri: str, parts_uri: str, cfg: MineConfig, shards: list[int])
     return map_shards(shards, _mine_one, desc="mine", plan_uri=plan_uri, parts_uri=parts_uri, cfg=cfg)
 
 
-def _embed_one(embedder, shard: int, **kwargs) -> int:
-    from .embedding import embed_shard
+def _write_part(state, shard: int, *, shard_fn: Callable, **kwargs) -> int:
+    return shard_fn(state, shard, **kwargs)
 
-    return embed_shard(embedder, shard, **kwargs)
+
+def _patch_parts_ray(make: Callable, shard_fn: Callable, cfg: "EmbedConfig | ComplexityConfig", desc: str,
+                     shards: list[int], **kwargs) -> int:  # fmt: skip
+    """``shard_fn(make(), shard, **kwargs, batch_size=cfg.batch_size)`` for every shard on a pool of
+    ``cfg.num_actors`` Ray Data actors (``cfg.actor_num_cpus`` CPUs each, fractional so a small
+    machine cannot deadlock; one GPU each when ``cfg.device == "cuda"``)."""
+    return map_shards(shards, _write_part, desc=desc, make_state=make, num_actors=cfg.num_actors,
+                      num_cpus=cfg.actor_num_cpus, num_gpus=1 if cfg.device == "cuda" else 0,
+                      shard_fn=shard_fn, batch_size=cfg.batch_size, **kwargs)  # fmt: skip
 
 
 def embed_parts_ray(mine_uri: str, out_uri: str, shards: list[int], cfg: EmbedConfig,
                     source: "ClipSource") -> int:  # fmt: skip
     """CLIP embeddings of the kept patches, shard by shard (``embedding.embed_shard``: mine part
-    in, embedding part out, atomically, skipped when done) on a pool of ``cfg.num_actors`` Ray
-    Data actors (``cfg.actor_num_cpus`` CPUs each, fractional so a small machine cannot
-    deadlock; one GPU each when ``cfg.device == "cuda"``). Returns the shards embedded now."""
+    in, embedding part out, atomically, skipped when done) on Ray Data actors
+    (``_patch_parts_ray``). Returns the shards embedded now."""
     from functools import partial
 
-    from .embedding import ClipEmbedder
+    from .embedding import ClipEmbedder, embed_shard
 
     make = partial(ClipEmbedder, cfg, source, num_threads=cfg.num_threads)
-    return map_shards(shards, _embed_one, desc="embed", make_state=make, num_actors=cfg.num_actors,
-                      num_cpus=cfg.actor_num_cpus, num_gpus=1 if cfg.device == "cuda" else 0,
-                      mine_uri=mine_uri, out_uri=out_uri, batch_size=cfg.batch_size)  # fmt: skip
-
-
-def _score_one(scorer, shard: int, **kwargs) -> int:
-    from .complexity import score_shard
-
-    return score_shard(scorer, shard, **kwargs)
+    return _patch_parts_ray(make, embed_shard, cfg, "embed", shards, mine_uri=mine_uri, out_uri=out_uri)
 
 
 def complexity_parts_ray(mine_uri: str, out_uri: str, shards: list[int], cfg: ComplexityConfig,
                          source: "VitSource") -> int:  # fmt: skip
     """ViT complexity scores of every mined patch, shard by shard (``complexity.score_shard``:
-    mine part in, score part out, atomically, skipped when done) on a pool of
-    ``cfg.num_actors`` Ray Data actors (``cfg.actor_num_cpus`` CPUs each; one GPU each when
-    ``cfg.device == "cuda"``). Returns the shards scored now."""
+    mine part in, score part out, atomically, skipped when done) on Ray Data actors
+    (``_patch_parts_ray``). Returns the shards scored now."""
     from functools import partial
 
-    from .complexity import ComplexityScorer
+    from .complexity import ComplexityScorer, score_shard
 
     make = partial(ComplexityScorer, cfg, source, num_threads=cfg.num_threads)
-    return map_shards(shards, _score_one, desc="complexity", make_state=make, num_actors=cfg.num_actors,
-                      num_cpus=cfg.actor_num_cpus, num_gpus=1 if cfg.device == "cuda" else 0,
-                      mine_uri=mine_uri, out_uri=out_uri, batch_size=cfg.batch_size)  # fmt: skip
+    return _patch_parts_ray(make, score_shard, cfg, "complexity", shards, mine_uri=mine_uri, out_uri=out_uri)
 
 
 def _train_worker(config: dict) -> None:
