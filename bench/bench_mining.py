@@ -1,6 +1,6 @@
 """Mining throughput vs decode-only, and the Ray Data pipeline vs a plain loop, side by side.
 
-    python bench/bench_mining.py --input ../shared/data/BSD200/HR --repeats 3
+    python bench/bench_mining.py --input BSD200 --repeats 3
 
 Arms (each over the same images, interleaved per repeat, median reported):
   * ``decode``: ``imaging.read_image`` of every image (the floor any miner pays);
@@ -27,6 +27,7 @@ import pyarrow as pa
 
 from srdistill import runner, storage
 from srdistill.config import MineConfig, RayConfig
+from srdistill.evaluation import resolve_dataset
 from srdistill.imaging import read_image, write_png
 from srdistill.mining import MINED_SCHEMA, mine_images
 
@@ -64,7 +65,7 @@ def _timed(fn) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--input", default=str(Path(__file__).resolve().parents[2] / "shared/data/BSD200/HR"))
+    ap.add_argument("--input", default="BSD200", help="HR folder or benchmark name (srdistill data get BSD200)")
     ap.add_argument("--patch-size", type=int, default=192)
     ap.add_argument("--stride", type=int, default=96)
     ap.add_argument("--images-per-task", type=int, default=8)
@@ -77,7 +78,7 @@ def main() -> None:
     args = ap.parse_args()
 
     # every image below --input (recursive, the corpus' default extensions), sorted
-    paths = storage.list_files(args.input, MineConfig().extensions)
+    paths = storage.list_files(str(resolve_dataset(args.input)), MineConfig().extensions)
     if not paths:
         ap.error(f"no images ({', '.join(MineConfig().extensions)}) under {args.input!r}")
     if args.tile > 1:

@@ -56,13 +56,13 @@ import pyarrow.parquet as pq
 from srdistill import runner, storage
 from srdistill.config import MineConfig, RayConfig, load_config
 from srdistill.corpus import plan_corpus
+from srdistill.evaluation import resolve_dataset
 from srdistill.imaging import read_image, write_png
 from srdistill.mining import summarize_parts
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 MiB = 1 << 20
 
 
@@ -185,7 +185,7 @@ class RssSampler:
 def make_tiles(n: int, side: int, out_dir: Path, seed: int = 0) -> list[str]:
     """``n`` distinct ``side`` x ``side`` PNGs: random crops of T91's images."""
     vendored = Path(__file__).resolve().parents[1] / "data" / "T91" / "HR"
-    sources = sorted((DATA / "T91" / "HR").glob("*.png")) or sorted(vendored.glob("*.png"))
+    sources = sorted(resolve_dataset("T91").glob("*.png")) or sorted(vendored.glob("*.png"))
     images = [read_image(str(p)) for p in sources]
     rng = np.random.default_rng(seed)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -322,7 +322,7 @@ def start_s3(work: Path, bucket: str):
 
 def make_corpus(n: int, out_dir: Path) -> list[Path]:
     """The first ``n`` images of T91 then BSD200 (sorted by name), copied to ``out_dir``."""
-    files = [p for d in ("T91", "BSD200") for p in sorted((DATA / d / "HR").glob("*.png"))][:n]
+    files = [p for d in ("T91", "BSD200") for p in sorted(resolve_dataset(d).glob("*.png"))][:n]
     out_dir.mkdir(parents=True, exist_ok=True)
     out = []
     for p in files:

@@ -24,7 +24,6 @@ from srdistill.evaluation import evaluate
 from srdistill.training import load_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
-G20 = REPO.parent / "shared" / "data" / "Set5" / "LR_g20_x2_MZSR" / "kernel.mat"
 #: MZSR's Table 2, x2, g^d_2.0 (PSNR on Y, dB).
 PAPER = {
     "bicubic": {"Set5": 28.73, "B100": 26.51},
@@ -42,7 +41,8 @@ def main() -> None:
     ap.add_argument("--slow-datasets", nargs="*", default=["Set5"],
                     help="where MZSR(10) and ZSSR run (seconds to minutes per image on a CPU)")
     ap.add_argument("--zssr-iterations", type=int, default=3000)
-    ap.add_argument("--kernel", type=Path, default=G20)
+    ap.add_argument("--kernel", type=Path, required=True,
+                    help="MZSR's g20 kernel.mat (e.g. $SRDISTILL_DATA/Set5/LR_g20_x2_MZSR/kernel.mat)")
     ap.add_argument("--scale", type=int, default=2)
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()

@@ -159,7 +159,9 @@ def run_quality_bench(
     tripled = TripledSets(cfg, out, run_uri, every, log) if set(bench.arms) & set(TRIPLED_ARMS) else None
 
     # results are kept per training setting: another step budget or network never reuses them
-    tag = hashlib.sha256(f"{cfg.stage_json('train')}|{bench.datasets}".encode()).hexdigest()[:10]
+    # (execution-only fields such as the device or GPU use do not change the tag)
+    train_part = json.dumps(stage_config(cfg, "train"), sort_keys=True)
+    tag = hashlib.sha256(f"{train_part}|{bench.datasets}".encode()).hexdigest()[:10]
     (out / "results" / tag).mkdir(parents=True, exist_ok=True)
     jobs, set_mmd = [], {}
     for budget in bench.budgets:

@@ -20,11 +20,34 @@ from .config import RayConfig, load_config, preset_names, read_yaml_mapping
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.split("\n")[0])
 
+
+def _print_version(value: bool) -> None:
+    if value:
+        from . import __version__
+
+        typer.echo(f"srdistill {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+                                 help="print the version and exit"),  # fmt: skip
+) -> None:
+    """srdistill: dataset distillation for super-resolution."""
+
 _INPUT_HELP = ("HR corpus: a folder or s3:// prefix of images (searched recursively), or a manifest file of "
                "image URIs (.parquet/.csv/.txt)")
 _OUT_HELP = "run directory, local or s3:// (an existing one is resumed)"
 _PRESET_HELP = "bundled preset: " + ", ".join(preset_names())
 _SET_HELP = "override a config value, e.g. --set train.iterations=500 (repeatable)"
+#: The same spelling on every command that starts Ray (README, "Usage").
+_GPUS_HELP = ("GPUs Ray may use: a local Ray gets N, a joined cluster is counted on having N (e.g. while "
+              "its GPU nodes are scaled to zero); 0 = CPU only; default: the GPUs the cluster has")
+_TRAIN_GPUS_HELP = ("GPUs to train on, one per Ray Train worker (--workers defaults to N and must equal it); "
+                    "0 = CPU only; default: GPUs when the Ray cluster has them")
+_ADDRESS_HELP = ("join the Ray cluster at this address (ray.address; default $RAY_ADDRESS, else a new local "
+                 "Ray, never a cluster that a `ray start` left on this machine)")
 
 
 def _fail(message: str) -> None:
@@ -58,10 +81,39 @@ def run(
     distill: Optional[str] = typer.Option(
         None, "--distill", help="coreset: train on selected real patches; synth: on images "
         "synthesized by the cluster-conditioned diffusion model (SRDD)"),  # fmt: skip
+    gpus: Optional[int] = typer.Option(None, "--gpus", min=0, help=_GPUS_HELP),
+    workers: Optional[int] = typer.Option(None, "--workers", min=0,
+                                          help="Ray Train workers of train and finetune (0: in-process)"),
+    address: Optional[str] = typer.Option(None, "--address", help=_ADDRESS_HELP),
 ) -> None:
     """Run mine -> embed -> cluster -> select (coreset) or encode -> finetune -> synthesize
-    (synth) -> train -> evaluate -> report."""
-    _pipeline(input, out, config, preset, overrides, allow_random_init, until, distill, config_json)
+    (synth) -> train -> evaluate -> report. Every stage runs on GPUs where the Ray cluster has
+    them (``device: auto``), unless ``--gpus 0`` or its ``device: cpu``."""
+    extra = _ray_overrides(gpus, address)
+    extra += [f"{s}.workers={workers}" for s in ("train", "finetune")] * (workers is not None)
+    _pipeline(input, out, config, preset, [*overrides, *extra], allow_random_init, until, distill, config_json)
+
+
+def _ray_overrides(gpus: Optional[int], address: Optional[str]) -> list[str]:
+    """``--gpus``/``--address`` as ``ray.*`` overrides (``RayConfig``)."""
+    return [f"ray.num_gpus={gpus}"] * (gpus is not None) + [f"ray.address={json.dumps(address)}"] * bool(address)
+
+
+def _training_overrides(section: str, workers: Optional[int], gpus: Optional[int]) -> list[str]:
+    """``--workers``/``--gpus`` of a training command as overrides of ``section`` (``train``,
+    ``finetune``, or MZSR's top level ``""``): ``--gpus 0`` is CPU only (``use_gpu`` false,
+    ``device`` cpu); ``--gpus N`` is N Ray Train workers with a GPU each (``--workers``, if
+    given, must be N); no ``--gpus`` leaves ``use_gpu`` to its config (auto by default)."""
+    key = f"{section}." if section else ""
+    if gpus is not None and gpus > 0:
+        if workers is not None and workers != gpus:
+            _fail(f"--gpus {gpus} trains on {gpus} GPUs, one per Ray Train worker: leave out --workers "
+                  f"or give --workers {gpus} (got {workers})")  # fmt: skip
+        return [f"{key}workers={gpus}", f"{key}use_gpu=true"]
+    out = [f"{key}workers={workers}"] * (workers is not None)
+    if gpus == 0:
+        out += [f"{key}use_gpu=false", f"{key}device=cpu"]
+    return out
 
 
 def _pipeline(input, out, config, preset, overrides, allow_random_init, until, distill, config_json=None) -> None:
@@ -79,7 +131,7 @@ def _pipeline(input, out, config, preset, overrides, allow_random_init, until, d
     cfg = _config(preset, config, overrides, data=data)
     try:
         run_pipeline(input, out, cfg, preset=preset, until=until)
-    except (MissingWeightsError, OSError, ValueError, RuntimeError) as exc:  # FileNotFoundError is an OSError
+    except (MissingWeightsError, OSError, ValueError, RuntimeError, ImportError) as exc:  # FileNotFoundError is an OSError
         _fail(str(exc))
 
 
@@ -92,14 +144,14 @@ def finetune(
     overrides: list[str] = typer.Option([], "--set", help=_SET_HELP),
     allow_random_init: bool = typer.Option(False, "--allow-random-init",
                                            help="random-init CLIP when no weights are found"),
-    workers: Optional[int] = typer.Option(None, "--workers",
+    workers: Optional[int] = typer.Option(None, "--workers", min=0,
                                           help="Ray Train workers (DeepSpeed); 0: in-process"),
-    gpus: bool = typer.Option(False, "--gpus", help="one GPU per Ray Train worker"),
+    gpus: Optional[int] = typer.Option(None, "--gpus", min=0, help=_TRAIN_GPUS_HELP + " (0: every stage on CPU)"),
+    address: Optional[str] = typer.Option(None, "--address", help=_ADDRESS_HELP),
 ) -> None:
     """Fine-tune the cluster-conditioned diffusion model of a run (mine -> embed -> cluster ->
     encode -> finetune); writes OUT/finetune/model."""
-    extra = [f"finetune.workers={workers}"] * (workers is not None)
-    extra += ["finetune.use_gpu=true"] * gpus
+    extra = _training_overrides("finetune", workers, gpus) + _ray_overrides(0 if gpus == 0 else None, address)
     _pipeline(input, out, config, preset, [*overrides, *extra], allow_random_init, "finetune", "synth")
 
 
@@ -113,7 +165,10 @@ def synthesize(
     steps: int = typer.Option(50, "--steps", help="sampling steps"),
     guidance: float = typer.Option(4.0, "--guidance", help="classifier-free guidance scale"),
     seed: int = typer.Option(0, "--seed"),
-    actors: int = typer.Option(1, "--actors", help="Ray Data sampling actors (one GPU each)"),
+    workers: int = typer.Option(1, "--workers", "--actors", min=1,
+                                help="Ray Data sampling actors (a GPU each where the cluster has GPUs)"),
+    gpus: Optional[int] = typer.Option(None, "--gpus", min=0, help=_GPUS_HELP),
+    address: Optional[str] = typer.Option(None, "--address", help=_ADDRESS_HELP),
 ) -> None:
     """Synthesize IPC images per cluster from a fine-tuned model (PNGs + provenance.csv)."""
     from pydantic import ValidationError
@@ -124,7 +179,8 @@ def synthesize(
 
     try:
         cfg = SynthConfig(sampler=sampler, steps=steps, guidance_scale=guidance, ipc=ipc,
-                          seed=seed, num_actors=actors)  # fmt: skip
+                          seed=seed, num_actors=workers, device="cpu" if gpus == 0 else "auto")  # fmt: skip
+        ray_cfg = RayConfig(address=address, num_gpus=gpus)
     except ValidationError as exc:
         _fail(str(exc))
     meta_file = model / "backbone.json"
@@ -132,10 +188,11 @@ def synthesize(
         _fail(f"--model {str(model)!r} is not a fine-tuned model (no backbone.json)")
     k = json.loads(meta_file.read_text())["num_clusters"]
     ids = [int(c) for c in clusters.split(",")] if clusters else list(range(k))
-    runner.init_ray(RayConfig())
+    runner.init_ray(ray_cfg)
     try:
+        num_gpus = runner.actor_gpus(cfg.device, cfg.actor_num_gpus, runner.cluster_gpus(ray_cfg), "synthesize.device")
         rows = run_synthesis(model, cfg, out, dict.fromkeys(ids, ipc),
-                             map_fn=runner.synthesize_ray(model, cfg, out))  # fmt: skip
+                             map_fn=runner.synthesize_ray(model, cfg, out, num_gpus=num_gpus))  # fmt: skip
     except (FileNotFoundError, ValueError) as exc:
         _fail(str(exc))
     typer.echo(f"{len(rows)} images in {out}")
@@ -153,16 +210,19 @@ def train(
     iterations: Optional[int] = typer.Option(None, "--iterations"),
     recipe: bool = typer.Option(False, "--recipe", help="the network's published settings "
                                 "(config.RECIPES), under --config/--set/--iterations"),  # fmt: skip
-    workers: int = typer.Option(0, "--workers", help="Ray Train data-parallel workers (0: in-process)"),
-    gpus: bool = typer.Option(False, "--gpus", help="one GPU per Ray Train worker (NCCL)"),
+    workers: Optional[int] = typer.Option(None, "--workers", min=0,
+                                          help="Ray Train data-parallel workers (0: in-process)"),
+    gpus: Optional[int] = typer.Option(None, "--gpus", min=0, help=_TRAIN_GPUS_HELP + " (NCCL)"),
+    address: Optional[str] = typer.Option(None, "--address", help=_ADDRESS_HELP),
 ) -> None:
-    """Train an SR network on a folder of HR images; writes OUT/model.safetensors."""
+    """Train an SR network on a folder of HR images; writes OUT/model.safetensors. In-process
+    (``device: auto``: the local GPU if any) or, with ``--workers``/``--gpus N``, on Ray Train."""
     from .evaluation import list_images
     from .training import train_sr
 
     extra = [f"train.model={model}"] * bool(model) + [f"scale={scale}"] * bool(scale)
     extra += [f"train.iterations={iterations}"] * bool(iterations)
-    extra += [f"train.workers={workers}", f"train.use_gpu={str(gpus).lower()}"]
+    extra += _training_overrides("train", workers, gpus) + _ray_overrides(None, address)
     cfg = _config(preset, config, [*overrides, *extra], recipe=recipe)
     if not data.is_dir():
         _fail(f"--data {str(data)!r} is not a directory")
@@ -185,7 +245,9 @@ def eval_(
     model: str = typer.Option("bicubic", "--model",
                               help="'bicubic', 'zssr' (with --kernel), a srdistill .safetensors checkpoint, or "
                               "with --weights a network name (edsr-baseline, rcan, swinir-light, ...)"),  # fmt: skip
-    weights: Optional[Path] = typer.Option(None, "--weights", help="official released weights of --model"),
+    weights: Optional[str] = typer.Option(
+        None, "--weights", help="official released weights of --model: a file, or an http(s) URL, "
+        "optionally pinned as URL#sha256=HEX (downloaded once into $SRDISTILL_CACHE/weights)"),  # fmt: skip
     datasets: list[str] = typer.Option(
         ..., "--dataset", help="HR folder or benchmark name (Set5, Set14, B100); repeatable"
     ),
@@ -202,16 +264,19 @@ def eval_(
     adaptation or ZSSR, on bicubic or kernel-degraded LR images; seconds per image."""
     from .evaluation import evaluate, format_table
     from .training import load_checkpoint, load_released_weights
+    from urllib.parse import urlsplit
+
+    from .weights import fetch_weights, is_url
 
     k = _kernel(kernel) if kernel is not None else None
     label = "bicubic"
     net = "bicubic"
     if weights is not None:
         try:
-            net = load_released_weights(model, scale, weights)
-        except (FileNotFoundError, ValueError) as exc:
+            net = load_released_weights(model, scale, fetch_weights(weights))
+        except (OSError, ValueError) as exc:  # FileNotFoundError and download failures are OSErrors
             _fail(str(exc))
-        label = f"{model} ({weights.name})"
+        label = f"{model} ({Path(urlsplit(weights).path if is_url(weights) else weights).name})"
     elif model == "zssr":
         if k is None:
             _fail("--model zssr needs --kernel (ZSSR trains on the image's own blur)")
@@ -289,9 +354,11 @@ def bench_quality(
     datasets: Optional[str] = typer.Option(None, "--datasets", help="evaluation sets (Set5,Set14,B100)"),
     allow_random_init: bool = typer.Option(False, "--allow-random-init",
                                            help="random-init CLIP for clip-kmeans (NOT semantic)"),  # fmt: skip
-    gpus_per_run: float = typer.Option(0.0, "--gpus-per-run",
-                                       help="GPUs per training run (e.g. 0.25: four share a GPU); "
-                                       "set train.device=cuda too"),  # fmt: skip
+    gpus: Optional[int] = typer.Option(None, "--gpus", min=0, help=_GPUS_HELP),
+    gpus_per_run: Optional[float] = typer.Option(
+        None, "--gpus-per-run", min=0.0, help="GPUs per training run (e.g. 0.25: four share a GPU); "
+        "default: 1 when the cluster has GPUs, else 0"),  # fmt: skip
+    address: Optional[str] = typer.Option(None, "--address", help=_ADDRESS_HELP),
 ) -> None:
     """Distillation benchmark: arms x budgets x seeds, same step budget, PSNR/SSIM table + plot."""
     from . import runner
@@ -300,6 +367,9 @@ def bench_quality(
     extra = [f"train.model={model}"] * bool(model) + [f"scale={scale}"] * bool(scale)
     extra += [f"train.iterations={iterations}"] * bool(iterations)
     extra += ["embed.allow_random_init=true", "complexity.allow_random_init=true"] * allow_random_init
+    extra += _ray_overrides(gpus, address)
+    if gpus == 0 or gpus_per_run == 0:  # runs without a GPU must not pick up one Ray does not hide
+        extra += ["train.device=cpu", "evaluate.device=cpu"]
     cfg = _config(preset, config, [*overrides, *extra], recipe=recipe)
     given = {"corpus": corpus, "arms": arms, "budgets": budgets, "datasets": datasets}
     options = {k: _csv(v) for k, v in given.items() if v is not None}
@@ -308,6 +378,12 @@ def bench_quality(
     try:
         bench = QualityBench(cfg, **options)
         runner.init_ray(cfg.ray)
+        if gpus_per_run is None:
+            gpus_per_run = 1.0 if runner.cluster_gpus(cfg.ray) > 0 else 0.0
+            if not gpus_per_run:
+                cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"device": "cpu"}),
+                                             "evaluate": cfg.evaluate.model_copy(update={"device": "cpu"})})
+                bench = QualityBench(cfg, **options)
         results = run_quality_bench(
             bench, out, map_fn=lambda f, jobs: runner.map_tasks(f, jobs, num_gpus=gpus_per_run),
             synth_map=runner.synthesize_ray,
@@ -373,8 +449,10 @@ def mzsr_train(
                                             help="steps of the bicubic pretraining (RECIPES['mzsr'])"),  # fmt: skip
     config: Optional[Path] = typer.Option(None, "--config", help="YAML file of MZSRConfig fields"),
     overrides: list[str] = typer.Option([], "--set", help=_MZSR_SET_HELP),
-    workers: int = typer.Option(0, "--workers", help="Ray Train data-parallel workers; 0 = in-process"),
-    use_gpu: bool = typer.Option(False, "--use-gpu", help="one GPU per Ray Train worker"),
+    workers: Optional[int] = typer.Option(None, "--workers", min=0,
+                                          help="Ray Train data-parallel workers; 0 = in-process"),
+    gpus: Optional[int] = typer.Option(None, "--gpus", min=0, help=_TRAIN_GPUS_HELP),
+    address: Optional[str] = typer.Option(None, "--address", help=_ADDRESS_HELP),
 ) -> None:
     """Bicubic pretraining (L1, Adam 4e-4), then meta-transfer learning over random anisotropic
     Gaussian kernels (MZSR, arXiv 2002.12213). Writes OUT/pretrain/ and OUT/meta/; the result
@@ -384,7 +462,7 @@ def mzsr_train(
     from .config import RECIPES, TrainConfig
     from .evaluation import list_images
 
-    cfg = _mzsr_config(config, overrides, scale=scale, workers=workers, use_gpu=use_gpu)
+    cfg = _mzsr_config(config, [*overrides, *_training_overrides("", workers, gpus)], scale=scale)
     images = [str(p) for d in data for p in (list_images(d) if d.is_dir() else [])]
     missing = [str(d) for d in data if not d.is_dir()]
     if missing or not images:
@@ -393,12 +471,13 @@ def mzsr_train(
     from .mzsr import meta_train
     from .training import train_sr
 
+    workers = cfg.workers
     if workers:
-        runner.init_ray(RayConfig())
+        runner.init_ray(RayConfig(address=address))
     try:
         if pretrained is None:
             pre = TrainConfig(**{**RECIPES["mzsr"], "model": "mzsr", "iterations": pretrain_iterations,
-                                 "workers": workers, "use_gpu": use_gpu, "device": cfg.device})  # fmt: skip
+                                 "workers": workers, "use_gpu": cfg.use_gpu, "device": cfg.device})  # fmt: skip
             train = runner.train_ray if workers else train_sr
             pretrained = train(pre, scale, images, out / "pretrain")
         meta = runner.meta_train_ray if workers else meta_train
@@ -508,6 +587,49 @@ def k8s_render(
     except k8s.InvalidSpec as exc:
         _fail(str(exc))
     typer.echo(yaml.safe_dump(k8s.rayjob(parsed, name, namespace=namespace), sort_keys=False), nl=False)
+
+
+data_app = typer.Typer(no_args_is_help=True, help="Standard SR datasets: list the catalogue, download sets.")
+app.add_typer(data_app, name="data")
+
+
+@data_app.command("list")
+def data_list() -> None:
+    """The catalogue: images, size, licence, checksum status, where each set is present.
+
+    Presence is looked up as eval does: $SRDISTILL_DATA, then the cache, then the vendored data/.
+    Sources of the URLs and checksums: docs/DATASETS.md."""
+    from . import datasets
+
+    header = ["name", "images", "size", "licence", "checksum", "present"]
+    rows = [[r["name"], "?" if r["images"] is None else f"{r['images']:,}", r["size"], r["licence"],
+             r["checksum"], str(r["present"]) if r["present"] else "-"] for r in datasets.catalog_rows()]  # fmt: skip
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+    for row in [header, *rows]:
+        typer.echo("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
+    typer.echo(f"\nsrdistill data get NAME... [--dest DIR] (default DIR: {datasets.cache_root() / 'datasets'}); "
+               "checksum 'unconfirmed': get records the sha256 it computed")  # fmt: skip
+
+
+@data_app.command("get")
+def data_get(
+    names: list[str] = typer.Argument(..., help="catalogue names (see `srdistill data list`)"),
+    dest: Optional[Path] = typer.Option(None, "--dest", help="data root to lay out DEST/NAME/HR/*.png in "
+                                        "(default: <cache>/datasets, which eval searches)"),  # fmt: skip
+    keep_archives: bool = typer.Option(False, "--keep-archives", help="keep the archives in <cache>/downloads"),
+) -> None:
+    """Download, verify and lay out sets as DEST/NAME/HR/*.png.
+
+    An interrupted download resumes from its .part file; a set already present is left alone;
+    a set whose checksum is unconfirmed gets a warning and its computed sha256 recorded."""
+    from . import datasets
+
+    try:
+        datasets.get_many(names, dest, keep_archives=keep_archives, log=typer.echo)
+    except (datasets.DatasetError, OSError) as exc:  # requests' errors are OSErrors
+        _fail(str(exc))
+    if dest is not None and dest.expanduser().resolve() not in {r.resolve() for r in datasets.data_roots()}:
+        typer.echo(f"note: {dest} is not searched by default; export SRDISTILL_DATA={dest} for eval to find it")
 
 
 def main() -> None:  # pragma: no cover - console entry

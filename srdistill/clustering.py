@@ -44,7 +44,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Iterable
 
-import faiss
+try:
+    import faiss
+except ImportError as exc:  # faiss comes from one of two extras (two builds of one package)
+    raise ImportError("clustering needs faiss: pip install 'srdistill[cpu]' (faiss-cpu) or "
+                      "'srdistill[gpu]' (faiss-gpu)") from exc
 import numpy as np
 
 from srdistill.config import ClusterConfig

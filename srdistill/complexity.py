@@ -13,10 +13,12 @@ here is this project's design (docs/RESULTS.md, "TripleD: what is ours"):
 * ``entropy`` and ``grad_energy`` (``image_statistics``): cheap statistics of the pixels.
 
 The ViT is any transformers checkpoint of a ViT-style model (``ViTModel``, DeiT, DINO,
-DINOv2) found offline (``embedding.find_transformers_weights``: a local directory or the
-Hugging Face cache); without one, ``resolve_vit`` raises ``MissingWeightsError`` unless random
-initialisation is explicitly allowed (``complexity.allow_random_init``), in which case the
-scores are NOT learned and ``VitSource.note`` says so.
+DINOv2) in a local directory or by Hugging Face id (``embedding.find_transformers_weights``:
+downloaded into the Hugging Face cache, or, with ``HF_HUB_OFFLINE=1``, looked up there only);
+without one, ``resolve_vit`` raises ``MissingWeightsError`` unless random initialisation is
+explicitly allowed (``complexity.allow_random_init``), in which case the scores are NOT learned
+and ``VitSource.note`` says so. ``resolve_vit`` runs once, on the driver; the actors load the
+resolved local directory (on another node, the same Hub id at the same commit).
 
 No Ray import: ``ComplexityScorer`` is a plain callable that ``runner.py`` hands to Ray Data;
 ``score_shard`` writes one part per mined shard.
@@ -38,7 +40,8 @@ import torch.nn.functional as F
 
 from srdistill import imaging
 from srdistill.config import ComplexityConfig
-from srdistill.embedding import MissingWeightsError, _device, find_transformers_weights
+from srdistill.embedding import MissingWeightsError, _device, find_transformers_weights, transformers_dir
+from srdistill.weights import hub_hint
 from srdistill.mining import sobel_magnitude
 
 __all__ = [
@@ -124,19 +127,27 @@ class VitSource:
         path: resolved local directory; ``None`` for random init.
         pretrained: whether real weights are loaded.
         note: one human-readable line for logs and the manifest.
+        repo_id: the Hugging Face id the weights came by; ``None`` for a local directory given
+            as such, and random init.
+        revision: the commit of that snapshot: ``load_vit`` on a node without ``path`` fetches
+            exactly this commit.
     """
 
     model: str
     path: str | None
     pretrained: bool
     note: str
+    repo_id: str | None = None
+    revision: str | None = None
 
 
 def resolve_vit(cfg: ComplexityConfig) -> VitSource:
-    """Find the ViT weights for ``cfg`` without network access.
+    """Find the ViT weights for ``cfg``, downloading them by Hugging Face id if needed.
 
     ``cfg.model`` is a local directory holding ``config.json`` and the weights, or a Hugging
-    Face id looked up in the HF cache (``local_files_only``), as ``embedding.resolve_clip``.
+    Face id (downloaded into the HF cache when the network is allowed, the cache only with
+    ``HF_HUB_OFFLINE=1``), as ``embedding.resolve_clip``. Call it once, on the driver:
+    ``VitSource.path`` is then a local directory for the actors.
 
     Returns:
         ``VitSource`` with ``pretrained=True`` when weights were found, or, if they were not
@@ -144,15 +155,18 @@ def resolve_vit(cfg: ComplexityConfig) -> VitSource:
         ``"random-init ViT: complexity scores and features are NOT learned"``.
 
     Raises:
-        MissingWeightsError: weights not found and random init not allowed; the message names
-            the model, the places searched, how to provide weights and ``--allow-random-init``
-            / ``complexity.allow_random_init=true``.
+        MissingWeightsError: weights not found (not a local directory, not in the HF cache
+            offline, or the download failed: unknown repository, network error) and random init
+            not allowed; the message names the model, the places searched (with the endpoint or
+            cache and the reason), how to provide weights and ``--allow-random-init`` /
+            ``complexity.allow_random_init=true``.
     """
     path, from_cache, looked = find_transformers_weights(cfg.model)
     if path is not None:
         note = (f"pretrained ViT {cfg.model} from the HF cache ({path})" if from_cache
                 else f"pretrained ViT from {path}")
-        return VitSource(cfg.model, str(path), True, note)
+        hub = (cfg.model, path.name) if from_cache else (None, None)  # snapshots/<commit>
+        return VitSource(cfg.model, str(path), True, note, *hub)
     if cfg.allow_random_init:
         return VitSource(cfg.model, None, False, _RANDOM_NOTE)
     places = "\n".join(f"  - {p}" for p in looked)
@@ -160,10 +174,9 @@ def resolve_vit(cfg: ComplexityConfig) -> VitSource:
         f"ViT weights for {cfg.model!r} (complexity.model) were not found; looked in:\n{places}\n"
         "Provide them: set complexity.model to a local directory holding config.json and "
         "model.safetensors (a transformers ViT, DeiT, DINO or DINOv2 checkpoint, e.g. a copy of "
-        "google/vit-base-patch16-224 or facebook/dino-vits16, or model.save_pretrained(dir)), or "
-        "populate the Hugging Face cache on a machine with network "
-        f"(`hf download {cfg.model}`) and copy it to $HF_HOME. Weights are never downloaded "
-        "(offline).\n"
+        "google/vit-base-patch16-224 or facebook/dino-vits16, or model.save_pretrained(dir)), or to "
+        f"a Hugging Face id: {hub_hint(cfg.model)}."
+        "\n"
         "Or pass --allow-random-init (complexity.allow_random_init=true) to score with a randomly "
         "initialised ViT, whose complexity scores and features are NOT learned."
     )
@@ -275,7 +288,9 @@ class ViTFeatures(torch.nn.Module):
 def load_vit(source: VitSource, cfg: ComplexityConfig) -> ViTFeatures:
     """Build the frozen ViT described by ``source`` (on CPU, eval mode, no parameter grads).
 
-    Pretrained: ``transformers.AutoModel.from_pretrained(path, local_files_only=True)``
+    Pretrained: ``transformers.AutoModel.from_pretrained(path, local_files_only=True)`` on the
+    local directory ``resolve_vit`` resolved (on a node without it, a Ray actor's, the Hub id
+    at the same commit: ``source.repo_id``/``source.revision``, ``weights.local_dir``)
     (float32), normalisation from the directory's ``preprocessor_config.json``
     (``image_mean``/``image_std``), else ImageNet's. Random init: ``transformers.ViTModel``
     (no pooler) of ``RANDOM_INIT_CONFIGS[cfg.random_init]``, built under
@@ -286,7 +301,8 @@ def load_vit(source: VitSource, cfg: ComplexityConfig) -> ViTFeatures:
         ``ViTFeatures`` fed ``cfg.image_size`` (``None``: the checkpoint's image size).
 
     Raises:
-        MissingWeightsError: the checkpoint lacks encoder weights (not this architecture).
+        MissingWeightsError: the checkpoint lacks encoder weights (not this architecture), or
+            the Hub weights are neither downloadable nor cached on this node.
         ValueError: not a ViT-style model (no patch_size/image_size/hidden_size config).
         OSError: the checkpoint cannot be read.
     """
@@ -298,20 +314,21 @@ def load_vit(source: VitSource, cfg: ComplexityConfig) -> ViTFeatures:
 
         # A classification checkpoint's head keys are "unexpected" and a base model saved
         # without a pooler misses it: silence the load report and check the keys here.
+        directory = transformers_dir(source.path, source.repo_id, source.revision)  # on this node
         verbosity = hf_logging.get_verbosity()
         hf_logging.set_verbosity_error()
         try:
-            model, info = AutoModel.from_pretrained(source.path, local_files_only=True, dtype=torch.float32,
+            model, info = AutoModel.from_pretrained(directory, local_files_only=True, dtype=torch.float32,
                                                     output_loading_info=True)  # fmt: skip
         finally:
             hf_logging.set_verbosity(verbosity)
         missing = sorted(k for k in info["missing_keys"] if not k.startswith("pooler."))
         if missing:
             raise MissingWeightsError(
-                f"ViT checkpoint {source.path} lacks {len(missing)} weights of "
+                f"ViT checkpoint {directory} lacks {len(missing)} weights of "
                 f"{type(model).__name__} (e.g. {missing[:3]})"
             )
-        mean, std = _norm_from_preprocessor(Path(source.path))
+        mean, std = _norm_from_preprocessor(directory)
     else:
         config = ViTConfig(**RANDOM_INIT_CONFIGS[cfg.random_init])
         with torch.random.fork_rng(devices=[]):

@@ -38,6 +38,16 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+_USE_GPU_HELP = ("Ray Train workers on GPUs: None (auto) = when the Ray cluster has GPUs, true = "
+                 "required (an error without GPUs), false = CPU only")
+
+
+def _check_gpu_flags(cfg: Any, section: str) -> None:
+    """``use_gpu: true`` with ``device: cpu`` contradicts itself: a ValueError naming both."""
+    if cfg.use_gpu is True and cfg.device == "cpu":
+        raise ValueError(f"{section}.use_gpu true contradicts {section}.device 'cpu'")
+
+
 class MineConfig(_Strict):
     """Sliding-window patch mining and scoring (SRDD §3.1).
 
@@ -85,11 +95,18 @@ class MineConfig(_Strict):
 class _ActorStage(_Strict):
     """Execution settings shared by the stages that run a model in Ray Data actors over the
     mined shards (``embed``, ``complexity``): patches per forward pass, the actor pool, torch
-    threads and device, and the seed of a random-init model."""
+    threads and device, and the seed of a random-init model.
+
+    ``device``: ``auto`` places the actors on GPUs (``actor_num_gpus`` each) when the Ray
+    cluster has GPUs, else on CPUs; ``cpu`` never asks for a GPU; ``cuda`` needs GPUs in the
+    cluster (an error before any work otherwise). See ``runner.plan_placement``.
+    """
 
     batch_size: int = Field(32, ge=1)
     num_actors: int = Field(1, ge=1)
     actor_num_cpus: float = Field(0.5, gt=0.0, description="fractional CPUs per actor")
+    actor_num_gpus: float = Field(1.0, gt=0.0, description="GPUs per actor when the stage runs on GPUs "
+                                  "(a fraction lets actors share one)")  # fmt: skip
     num_threads: int | None = Field(None, ge=1, description="torch threads per actor; None: Ray's")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     seed: int = 0
@@ -98,9 +115,10 @@ class _ActorStage(_Strict):
 class EmbedConfig(_ActorStage):
     """CLIP image embeddings of the kept patches.
 
-    ``model`` is a local directory or a Hugging Face id resolved offline from the HF cache
-    (transformers backend), or an open_clip architecture name with ``pretrained`` a local
-    weights file (open_clip backend). Without weights the stage stops unless
+    ``model`` is a local directory or a Hugging Face id (transformers backend; downloaded into
+    the HF cache, or from the cache only with ``HF_HUB_OFFLINE=1``), or an open_clip
+    architecture name with ``pretrained`` a local weights file (open_clip backend). Without
+    weights the stage stops unless
     ``allow_random_init`` is set; ``random_init`` then picks the architecture size.
     """
 
@@ -116,7 +134,8 @@ class ComplexityConfig(_ActorStage):
 
     ``model`` is a transformers ViT-style checkpoint (``ViTModel``, DeiT, DINO, DINOv2: any
     ``AutoModel`` whose output has ``last_hidden_state`` with a leading CLS token) in a local
-    directory, or a Hugging Face id resolved offline from the HF cache. Without weights the
+    directory, or a Hugging Face id (downloaded into the HF cache, or from the cache only with
+    ``HF_HUB_OFFLINE=1``). Without weights the
     stage stops unless ``allow_random_init`` is set; ``random_init`` then picks the
     architecture and the scores measure a random ViT's features (no learned notion of
     complexity). ``image_size`` is the side patches are resized to (``None``: the model's own;
@@ -288,7 +307,7 @@ class TrainConfig(_Strict):
     val_every: int | None = Field(None, ge=1, description="PSNR on val_dataset every N steps")
     val_dataset: str = "Set5"
     workers: int = Field(0, ge=0, description="Ray Train data-parallel workers; 0 = in-process")
-    use_gpu: bool = False
+    use_gpu: bool | None = Field(None, description=_USE_GPU_HELP)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     log_every: int = Field(100, ge=1)
     checkpoint_every: int = Field(500, ge=1)
@@ -300,6 +319,7 @@ class TrainConfig(_Strict):
             raise ValueError(f"lr_milestones {list(self.lr_milestones)} must be increasing")
         if self.workers and self.batch_size < self.workers:
             raise ValueError(f"batch_size {self.batch_size} < workers {self.workers}")
+        _check_gpu_flags(self, "train")
         return self
 
 
@@ -386,7 +406,7 @@ class MZSRConfig(_Strict):
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
     workers: int = Field(0, ge=0, description="Ray Train data-parallel workers; 0 = in-process")
-    use_gpu: bool = False
+    use_gpu: bool | None = Field(None, description=_USE_GPU_HELP)
     # --- test-time adaptation (MZSR test.py)
     adapt_steps: int = Field(10, ge=0, description="SGD steps on (I_son, LR) at test time "
                              "(MZSR(1) / MZSR(10))")  # fmt: skip
@@ -429,6 +449,7 @@ class MZSRConfig(_Strict):
         if self.workers and self.tasks_per_batch % self.workers:
             raise ValueError(f"tasks_per_batch {self.tasks_per_batch} must be a multiple of "
                              f"workers {self.workers} (tasks are split evenly)")  # fmt: skip
+        _check_gpu_flags(self, "mzsr")
         return self
 
 
@@ -436,10 +457,12 @@ class FinetuneConfig(_Strict):
     """Cluster-conditioned diffusion fine-tuning (SRDD §3.3; ``srdistill.diffusion``).
 
     Backbones: ``dit`` is a diffusers ``DiTTransformer2DModel`` + ``AutoencoderKL`` loaded
-    offline from ``dit_path`` (the layout of ``facebook/DiT-XL-2-512``: ``transformer/``,
-    ``vae/``, ``scheduler/``) and ``vae_path`` (the layout of ``stabilityai/sd-vae-ft-ema``,
-    overriding ``dit_path/vae``), fine-tuned with DiffFit; ``unet`` is a class-conditional
-    pixel-space ``UNet2DModel`` trained from scratch (the offline backbone); ``auto`` takes
+    from ``dit_path`` (the layout of ``facebook/DiT-XL-2-512``: ``transformer/``, ``vae/``,
+    ``scheduler/``) and ``vae_path`` (the layout of ``stabilityai/sd-vae-ft-ema``, overriding
+    ``dit_path/vae``), each a local directory or a Hugging Face id (downloaded into the HF
+    cache, or from the cache only with ``HF_HUB_OFFLINE=1``; ``diffusion.resolve_backbone``),
+    fine-tuned with DiffFit; ``unet`` is a class-conditional pixel-space ``UNet2DModel``
+    trained from scratch (no pretrained weights needed); ``auto`` takes
     ``dit`` when ``dit_path`` is set, else ``unet``. ``trainable`` ``auto`` means DiffFit for
     ``dit`` and all parameters for ``unet``.
 
@@ -474,7 +497,7 @@ class FinetuneConfig(_Strict):
     seed: int = 0
     workers: int = Field(0, ge=0, description="Ray Train + DeepSpeed workers; 0 = in-process PyTorch")
     zero_stage: int = Field(2, ge=0, le=3)
-    use_gpu: bool = False
+    use_gpu: bool | None = Field(None, description=_USE_GPU_HELP)
     precision: Literal["bf16", "fp32"] = Field("bf16", description="on CUDA; a CPU runs fp32")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     log_every: int = Field(50, ge=1)
@@ -489,11 +512,13 @@ class FinetuneConfig(_Strict):
         if self.resolved_backbone == "dit" and self.crop == "random":
             raise ValueError("finetune.crop 'random' needs the unet backbone: DiT latents are "
                              "encoded once from centre crops")  # fmt: skip
+        _check_gpu_flags(self, "finetune")
         return self
 
     @property
     def vae_dir(self) -> Path | None:
-        """The VAE directory of a ``dit`` config: ``vae_path``, else ``dit_path/vae``."""
+        """The VAE directory of a ``dit`` config: ``vae_path``, else ``dit_path/vae``; a local
+        path only once Hugging Face ids are resolved (``diffusion.resolve_backbone``)."""
         if self.vae_path:
             return Path(self.vae_path)
         return Path(self.dit_path) / "vae" if self.dit_path else None
@@ -520,8 +545,9 @@ class SynthConfig(_Strict):
     guidance_scale: float = Field(4.0, ge=1.0)
     ipc: int | None = Field(None, ge=1)
     batch_size: int = Field(8, ge=1)
-    num_actors: int = Field(1, ge=1, description="Ray Data sampling actors (one GPU each on CUDA)")
+    num_actors: int = Field(1, ge=1, description="Ray Data sampling actors (actor_num_gpus each on GPUs)")
     actor_num_cpus: float = Field(1.0, gt=0.0)
+    actor_num_gpus: float = Field(1.0, gt=0.0, description="GPUs per actor when sampling runs on GPUs")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     seed: int = 0
 
@@ -529,8 +555,11 @@ class SynthConfig(_Strict):
 class EvalConfig(_Strict):
     """Evaluation datasets: HR folders or benchmark names (Set5, Set14, B100, ...).
 
-    Names are looked up as ``<root>/<name>/HR`` under ``$SRDISTILL_DATA`` (``:``-separated),
-    the repository's ``data/`` and ``../shared/data``.
+    Names are looked up as ``<root>/<name>/HR`` under ``$SRDISTILL_DATA`` (``os.pathsep``-separated),
+    the user cache (``~/.cache/srdistill/datasets``, filled by ``srdistill data get NAME``) and the
+    repository's ``data/`` (``srdistill.datasets.data_roots``). ``device`` ``auto`` runs the evaluation
+    as a Ray task with one GPU when the cluster has GPUs, else in the driver on CPU; ``cuda``
+    needs GPUs in the cluster (not on the head); ``cpu`` runs it in the driver.
     """
 
     datasets: tuple[str, ...] = ("Set5", "Set14", "B100")
@@ -538,10 +567,19 @@ class EvalConfig(_Strict):
 
 
 class RayConfig(_Strict):
-    """Embedded default: a local Ray started in-process. ``address`` joins a running cluster."""
+    """Embedded default: a local Ray started in-process (``address="local"``: never a cluster
+    that a ``ray start`` on this machine left running). ``address`` (or ``$RAY_ADDRESS``, as
+    ``ray job submit`` sets) joins a running cluster instead.
+
+    ``num_gpus``: for a local Ray, the GPUs it gets (None: all it detects); for a joined
+    cluster, the GPUs placement counts on (None: those ``ray.cluster_resources()`` shows now;
+    give the autoscaled total so that stages still ask for GPUs while GPU nodes are scaled to
+    zero). 0 runs every stage on CPU.
+    """
 
     address: str | None = None
     num_cpus: int | None = Field(None, ge=1)
+    num_gpus: int | None = Field(None, ge=0)
 
 
 _ENCODE_FIELDS = {"backbone", "dit_path", "vae_path", "resolution", "max_patches", "seed"}

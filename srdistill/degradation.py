@@ -18,7 +18,7 @@ CVPR 2020, arXiv 2002.12213)::
   rounded half to even (``np.round``) and saturated to uint8.
 
 ``degrade(modcrop(HR, 2), isotropic_gaussian(21, 2.0), 2)`` reproduces MZSR's own test inputs
-``Input/g20/Set5/*.png`` (``../shared/data/Set5/LR_g20_x2_MZSR``) bit for bit; the kernel
+``Input/g20/Set5/*.png`` (tested on a copy of them, ``Set5/LR_g20_x2_MZSR``) bit for bit; the kernel
 matches their ``kernel.mat`` to 5e-29 (max abs). On those images no blurred value lies within 2e-6 of a
 .5 tie, so half-to-even and half-away-from-zero rounding agree; float32 arithmetic does not
 (1-3 pixels differ per image).

@@ -4,14 +4,18 @@ The "classes" of a class-conditional diffusion model are the CLIP k-means cluste
 mined patches. Two backbones, both diffusers classes:
 
 * ``dit``: ``DiTTransformer2DModel`` (Peebles & Xie, arXiv 2212.09748) in the latent space of
-  an ``AutoencoderKL`` (latents x 0.18215), loaded offline from a directory in the layout of
-  ``facebook/DiT-XL-2-512``; its class-embedding tables are resized to ``k`` clusters (+ the
+  an ``AutoencoderKL`` (latents x 0.18215), loaded from a local directory or a Hugging Face id
+  in the layout of ``facebook/DiT-XL-2-512`` (and optionally a VAE such as
+  ``stabilityai/sd-vae-ft-ema``); ids are downloaded into the Hugging Face cache, or with
+  ``HF_HUB_OFFLINE=1`` looked up there only (``resolve_backbone``, once on the driver: actors
+  get the local directories); its class-embedding tables are resized to ``k`` clusters (+ the
   null class of classifier-free guidance) and it is fine-tuned with DiffFit (Xie et al., arXiv
   2304.06648): only biases, norm parameters, a per-channel scale ``gamma`` on every attention
   and MLP branch (initialised to 1, so the model starts unchanged) and the class embeddings
   train; every other weight stays bit-identical.
 * ``unet``: a class-conditional pixel-space ``UNet2DModel`` trained from scratch (all
-  parameters): the offline backbone, so the whole SRDD path runs on a CPU with no download.
+  parameters): the backbone without pretrained weights, so the whole SRDD path runs on a CPU
+  with no download.
 
 The loss is SRDD's: the DDPM noise-prediction loss L_simple (Ho et al. 2020, Eq. 14) plus two
 memory-bank terms on the predicted clean sample x0_hat = (x_t - sqrt(1 - a_t) eps_hat) /
@@ -48,6 +52,8 @@ from tqdm.auto import tqdm
 
 from .config import FinetuneConfig
 from .training import resolve_device
+from .weights import (MissingWeightsError, diffusers_patterns, is_repo_id, local_dir, resolve_hf_weights,
+                      snapshot_ref)
 
 __all__ = [
     "Backbone",
@@ -68,6 +74,7 @@ __all__ = [
     "load_encoded",
     "load_finetuned",
     "resize_class_embedding",
+    "resolve_backbone",
     "save_finetuned",
     "srdd_loss",
     "MemoryBank",
@@ -83,7 +90,74 @@ WEIGHTS_FILE = "weights.safetensors"
 
 
 class MissingBackboneError(FileNotFoundError):
-    """A DiT/VAE directory is missing or not in the expected diffusers layout."""
+    """A DiT/VAE directory is missing or not in the expected diffusers layout, or its Hugging
+    Face id could not be resolved (not cached offline, unknown repository, network error)."""
+
+
+_LAYOUT_HELP = (
+    "finetune.dit_path must be a local directory or Hugging Face id in the layout of "
+    "facebook/DiT-XL-2-512 (transformer/, vae/, scheduler/) and finetune.vae_path, if set, one "
+    "in the layout of stabilityai/sd-vae-ft-ema; without them use finetune.backbone=unet "
+    "(trained from scratch)"
+)
+
+
+def _has_diffusers_weights(folder: Path) -> bool:
+    """A diffusers model folder with its config and weights (safetensors or .bin, sharded or not)."""
+    weights = (*folder.glob("diffusion_pytorch_model*.safetensors"), *folder.glob("diffusion_pytorch_model*.bin"))
+    return (folder / "config.json").is_file() and bool(weights)
+
+
+def _resolve_dir(name: str, what: str, folders: tuple[str, ...], extra: tuple[str, ...] = ()) -> str:
+    """``name`` as a local directory: unchanged if it exists or is neither a repo id nor a
+    Hugging Face cache snapshot (the layout check reports it), else the snapshot of the Hugging
+    Face id holding ``folders``. A snapshot path missing on this node (resolved on the driver,
+    read by a Ray actor or worker on another node) is the same id at the same commit
+    (``weights.local_dir``)."""
+    if Path(name).expanduser().exists() or not (is_repo_id(name) or snapshot_ref(name)):
+        return name
+    patterns = [diffusers_patterns(f) for f in folders]
+    spec = dict(what=what, allow_patterns=[*extra, *(p for st, _ in patterns for p in st)],
+                fallback_patterns=[p for _, b in patterns for p in b],
+                complete=lambda d: all(_has_diffusers_weights(d / f) for f in folders))
+    try:
+        path = resolve_hf_weights(name, **spec) if is_repo_id(name) else local_dir(name, **spec)
+    except MissingWeightsError as exc:
+        raise MissingBackboneError(f"{exc}\n{_LAYOUT_HELP}") from None
+    return str(path)
+
+
+def resolve_backbone(cfg: FinetuneConfig) -> FinetuneConfig:
+    """``cfg`` with ``dit_path``/``vae_path`` as local directories, checked.
+
+    Hugging Face ids are resolved with ``weights.resolve_hf_weights`` (downloaded into the HF
+    cache when the network is allowed, from the cache only with ``HF_HUB_OFFLINE=1``): for
+    ``dit_path`` ``transformer/``, ``scheduler/scheduler_config.json`` and, without
+    ``vae_path``, ``vae/`` (configs and safetensors weights, ``.bin`` only where there are no
+    safetensors); for ``vae_path`` the repository root. Local paths are kept as given. Call it
+    once on the driver and hand the result to actors and workers, which then read local
+    files only; on a node where a resolved snapshot path
+    (``$HF_HUB_CACHE/models--org--name/snapshots/<commit>``) does not exist, it is resolved
+    again there by its id at that commit (downloaded, or this node's cache offline). A
+    ``unet`` config is returned unchanged.
+
+    Raises:
+        MissingBackboneError: an id cannot be resolved (message: the id, the endpoint or cache,
+            the reason and the alternatives), or a directory or its ``config.json`` is missing
+            (naming which, and the expected layout).
+    """
+    if cfg.resolved_backbone != "dit":
+        return cfg
+    folders = ("transformer/",) if cfg.vae_path else ("transformer/", "vae/")
+    dit = _resolve_dir(cfg.dit_path, "DiT", folders, extra=("scheduler/scheduler_config.json",))
+    vae = _resolve_dir(cfg.vae_path, "VAE", ("",)) if cfg.vae_path else None
+    if (dit, vae) != (cfg.dit_path, cfg.vae_path):
+        cfg = cfg.model_copy(update={"dit_path": dit, "vae_path": vae})
+    for what, d in (("DiT transformer", Path(cfg.dit_path).expanduser() / "transformer"),
+                    ("VAE", cfg.vae_dir.expanduser())):  # fmt: skip
+        if not (d / "config.json").is_file():
+            raise MissingBackboneError(f"{what}: no {d / 'config.json'}. {_LAYOUT_HELP}")
+    return cfg
 
 
 @dataclass
@@ -215,15 +289,18 @@ def apply_difffit(model: nn.Module) -> list[str]:
 def load_dit(dit_path: str | Path, vae_path: str | Path | None = None) -> tuple[nn.Module, nn.Module, dict]:
     """Load ``DiTTransformer2DModel`` (``dit_path/transformer``), ``AutoencoderKL``
     (``vae_path``, else ``dit_path/vae``) and the DDPM schedule (``dit_path/scheduler``, else
-    DiT's) offline, in float32.
+    DiT's), in float32. Each path is a local directory or a Hugging Face id
+    (``resolve_backbone``); loading itself reads local files only.
 
     Raises:
-        MissingBackboneError: a directory or its ``config.json`` is missing, naming which.
+        MissingBackboneError: an id cannot be resolved, or a directory or its ``config.json``
+            is missing, naming which.
     """
     from diffusers import DiTTransformer2DModel
 
-    root = Path(dit_path)
-    vae = load_vae(FinetuneConfig(dit_path=str(root), vae_path=str(vae_path) if vae_path else None))
+    cfg = resolve_backbone(FinetuneConfig(dit_path=str(dit_path), vae_path=str(vae_path) if vae_path else None))
+    root = Path(cfg.dit_path).expanduser()
+    vae = load_vae(cfg)
     dit = DiTTransformer2DModel.from_pretrained(root / "transformer", local_files_only=True)
     schedule = dict(DEFAULT_SCHEDULE)
     sched_file = root / "scheduler" / "scheduler_config.json"
@@ -292,16 +369,23 @@ def build_backbone(cfg: FinetuneConfig, num_clusters: int) -> Backbone:
     """The backbone ``cfg`` asks for, ready to train (``cfg.resolved_backbone``).
 
     Raises:
-        MissingBackboneError: ``dit`` requested and its directories are missing.
+        MissingBackboneError: ``dit`` requested and its directories are missing or its ids
+            cannot be resolved.
         ValueError: resolution incompatible with the backbone.
     """
     kind = cfg.resolved_backbone
     trainable = cfg.trainable if cfg.trainable != "auto" else ("difffit" if kind == "dit" else "full")
+    if kind == "dit":
+        cfg = resolve_backbone(cfg)  # a no-op when the driver resolved it already
     torch.manual_seed(cfg.seed)
     if kind == "dit":
         dit, vae, schedule = load_dit(cfg.dit_path, cfg.vae_path)
-        source = {"dit_path": str(Path(cfg.dit_path).resolve()),
-                  "vae_path": str(cfg.vae_dir.resolve())}  # fmt: skip
+        source = {"dit_path": str(Path(cfg.dit_path).expanduser().resolve()),
+                  "vae_path": str(cfg.vae_dir.expanduser().resolve())}  # fmt: skip
+        for key, path in (("dit", cfg.dit_path), ("vae", cfg.vae_path)):  # Hub id and commit
+            ref = snapshot_ref(path)
+            if ref:
+                source[f"{key}_repo"], source[f"{key}_revision"] = ref
         return make_dit_backbone(dit, vae, schedule, num_clusters=num_clusters,
                                  resolution=cfg.resolution, trainable=trainable,
                                  latent_scale=cfg.latent_scale, source=source)  # fmt: skip
@@ -406,22 +490,24 @@ def _to_signed(pixels: np.ndarray, device: torch.device) -> torch.Tensor:
 
 
 def check_backbone(cfg: FinetuneConfig) -> str:
-    """Fail fast, before any work, when the DiT/VAE directories of a ``dit`` config are
-    missing. Returns the backbone kind (``dit`` or ``unet``).
+    """Fail fast, before any work, when the DiT/VAE of a ``dit`` config cannot be had:
+    resolves (downloads, or finds in the HF cache) Hugging Face ids and checks the
+    directories (``resolve_backbone``). Returns the backbone kind (``dit`` or ``unet``).
 
     Raises:
-        MissingBackboneError: naming the missing directory and the expected layout.
+        ImportError: the ``synth`` extra (diffusers; DeepSpeed with ``workers``) is not installed.
+        MissingBackboneError: naming the missing directory or the unresolvable id, and the
+            expected layout.
     """
+    import importlib.util
+
+    needed = ["diffusers"] + ["deepspeed"] * bool(cfg.workers)
+    absent = [m for m in needed if importlib.util.find_spec(m) is None]
+    if absent:
+        raise ImportError(f"the synthetic path needs {', '.join(absent)}: pip install 'srdistill[synth]'")
     kind = cfg.resolved_backbone
     if kind == "dit":
-        for what, d in (("DiT transformer", Path(cfg.dit_path) / "transformer"), ("VAE", cfg.vae_dir)):
-            if not (d / "config.json").is_file():
-                raise MissingBackboneError(
-                    f"{what}: no {d / 'config.json'}. finetune.dit_path must be a local directory "
-                    "in the layout of facebook/DiT-XL-2-512 (transformer/, vae/, scheduler/) and "
-                    "finetune.vae_path, if set, one of stabilityai/sd-vae-ft-ema; without them "
-                    "use finetune.backbone=unet (trained from scratch)"
-                )
+        resolve_backbone(cfg)
     return kind
 
 
@@ -430,14 +516,16 @@ def load_vae(cfg: FinetuneConfig) -> nn.Module | None:
     eval mode, float32; ``None`` for ``unet`` (pixel space).
 
     Raises:
-        MissingBackboneError: the VAE directory or its config.json is missing.
+        MissingBackboneError: the VAE directory or its config.json is missing, or an id cannot
+            be resolved (``resolve_backbone``; pass a resolved config to read local files only).
     """
     from diffusers import AutoencoderKL
 
     if cfg.resolved_backbone != "dit":
         return None
-    check_backbone(cfg)
-    return AutoencoderKL.from_pretrained(cfg.vae_dir, local_files_only=True).float().eval().requires_grad_(False)
+    cfg = resolve_backbone(cfg)
+    vae = AutoencoderKL.from_pretrained(cfg.vae_dir.expanduser(), local_files_only=True)
+    return vae.float().eval().requires_grad_(False)
 
 
 def encoded_spec(cfg: FinetuneConfig, patch_size: int) -> tuple[tuple[int, ...], str]:
@@ -453,8 +541,8 @@ def encoded_spec(cfg: FinetuneConfig, patch_size: int) -> tuple[tuple[int, ...],
                          "the training crops must fit in a patch")  # fmt: skip
     if cfg.resolved_backbone != "dit":
         return (patch_size, patch_size, 3), "uint8"
-    check_backbone(cfg)
-    conf = json.loads((cfg.vae_dir / "config.json").read_text())
+    cfg = resolve_backbone(cfg)
+    conf = json.loads((cfg.vae_dir.expanduser() / "config.json").read_text())
     f = 2 ** (len(conf["block_out_channels"]) - 1)
     c = conf.get("latent_channels", 4)
     return (2, 2 * c, cfg.resolution // f, cfg.resolution // f), "float16"

@@ -9,10 +9,13 @@ that embedding step, with two backends:
 * ``open_clip``: an open_clip architecture (``ViT-B-32``) with a local weights file; used only
   where ``open_clip`` imports (it needs torchvision, which has no CPU build here).
 
-Weights are never downloaded: ``resolve_clip`` finds them in a local directory or in the
-Hugging Face cache (offline) and otherwise raises ``MissingWeightsError``, unless random
-initialisation is explicitly allowed, in which case the resulting clusters are NOT semantic
-and ``ClipSource.note`` says so.
+``resolve_clip`` finds the weights in a local directory or by Hugging Face id
+(``weights.resolve_hf_weights``: downloaded into the Hugging Face cache, or, with
+``HF_HUB_OFFLINE=1``, looked up there only) and otherwise raises ``MissingWeightsError``,
+unless random initialisation is explicitly allowed, in which case the resulting clusters are
+NOT semantic and ``ClipSource.note`` says so. It runs once, on the driver; the actors load the
+resolved local directory, or, on a node where that directory does not exist (its own Hugging
+Face cache), the same Hub id at the same commit (``weights.local_dir``).
 
 Differences from SRDD's code: patches are cropped from their source image and resized to the
 model's input size with antialiased bicubic in torch (not PIL), which for square patches is
@@ -35,6 +38,15 @@ import torch.nn.functional as F
 
 from srdistill import imaging
 from srdistill.config import EmbedConfig
+from srdistill.weights import (
+    TRANSFORMERS_BIN_PATTERNS,
+    TRANSFORMERS_PATTERNS,
+    MissingWeightsError,
+    hub_hint,
+    is_repo_id,
+    local_dir,
+    resolve_hf_weights,
+)
 
 
 __all__ = [
@@ -48,6 +60,7 @@ __all__ = [
     "find_transformers_weights",
     "load_clip",
     "resolve_clip",
+    "transformers_dir",
 ]
 
 #: CLIP's normalisation (OpenAI's preprocessing), per RGB channel on [0, 1] input.
@@ -83,11 +96,6 @@ _WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_m
 _RANDOM_NOTE = "random-init CLIP: clusters are NOT semantic"
 
 
-class MissingWeightsError(RuntimeError):
-    """Model weights (CLIP here, the ViT of ``srdistill.complexity``) were not found locally
-    and random initialisation was not allowed."""
-
-
 @dataclass(frozen=True)
 class ClipSource:
     """Where the CLIP weights come from; recorded in the run manifest.
@@ -101,6 +109,10 @@ class ClipSource:
         semantic: whether the embeddings (and thus clusters) carry semantic meaning; false for
             random init.
         note: one human-readable line for logs and the manifest.
+        repo_id: the Hugging Face id the weights were downloaded or taken from the cache by;
+            ``None`` for a local directory (or file) given as such, and random init.
+        revision: the commit of that snapshot (``path``'s last component): ``load_clip`` on a
+            node without ``path`` fetches exactly this commit.
     """
 
     backend: str
@@ -109,6 +121,8 @@ class ClipSource:
     pretrained: bool
     semantic: bool
     note: str
+    repo_id: str | None = None
+    revision: str | None = None
 
 
 # --------------------------------------------------------------------------- resolution
@@ -120,12 +134,21 @@ def _has_weights(directory: Path) -> bool:
     )
 
 
+def transformers_dir(path: str, repo_id: str | None, revision: str | None) -> Path:
+    """The resolved transformers checkpoint ``path`` on this node (``weights.local_dir``: on a
+    node without it, the Hub id ``repo_id`` at commit ``revision``, fetched with the patterns
+    of ``find_transformers_weights``). Shared by ``load_clip`` and ``complexity.load_vit``."""
+    return local_dir(path, repo_id, revision, what="transformers checkpoint",
+                     allow_patterns=TRANSFORMERS_PATTERNS, fallback_patterns=TRANSFORMERS_BIN_PATTERNS,
+                     complete=_has_weights)
+
+
 def _missing(cfg: EmbedConfig, looked: list[str], how: str) -> MissingWeightsError:
     places = "\n".join(f"  - {p}" for p in looked)
     return MissingWeightsError(
         f"CLIP weights for {cfg.model!r} (backend {cfg.backend}) were not found; looked in:\n"
         f"{places}\n"
-        f"Provide them: {how}. Weights are never downloaded (offline).\n"
+        f"Provide them: {how}.\n"
         "Or pass --allow-random-init (embed.allow_random_init=true) to run with a randomly "
         "initialised CLIP, whose clusters are NOT semantic."
     )
@@ -137,12 +160,14 @@ def _random_source(cfg: EmbedConfig) -> ClipSource:
 
 
 def find_transformers_weights(model: str) -> tuple[Path | None, bool, list[str]]:
-    """Find a transformers checkpoint offline: a local directory, else a Hugging Face id's
-    snapshot in the HF cache (``snapshot_download(..., local_files_only=True)``).
+    """Find a transformers checkpoint: a local directory, else a Hugging Face id resolved by
+    ``weights.resolve_hf_weights`` (downloaded into the HF cache when the network is allowed,
+    looked up in the cache only with ``HF_HUB_OFFLINE=1``; configs, ``preprocessor_config.json``
+    and safetensors weights, ``.bin`` weights only when the repository has no safetensors).
 
     A place counts only if it holds ``config.json`` and model weights (safetensors or
     ``pytorch_model.bin``, single file or sharded index). Shared by ``resolve_clip`` and
-    ``complexity.resolve_vit``; never touches the network.
+    ``complexity.resolve_vit``; call it once, on the driver.
 
     Args:
         model: a directory path (``~`` expanded) or a Hugging Face repo id.
@@ -150,7 +175,7 @@ def find_transformers_weights(model: str) -> tuple[Path | None, bool, list[str]]
     Returns:
         ``(path, from_cache, looked)``: the resolved directory (``None`` when not found),
         whether it came from the HF cache, and one human-readable line per place searched
-        (for ``MissingWeightsError`` messages).
+        (for ``MissingWeightsError`` messages; a failed download says why there).
     """
     local = Path(model).expanduser()
     looked = [f"local directory {str(local.resolve())!r}"
@@ -158,18 +183,18 @@ def find_transformers_weights(model: str) -> tuple[Path | None, bool, list[str]]
                  else " (does not exist)")]
     if _has_weights(local):
         return local.resolve(), False, looked
-    from huggingface_hub import constants, snapshot_download
-    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
-
-    looked.append(f"Hugging Face cache {constants.HF_HUB_CACHE!r} (repo id {model!r})")
-    if not local.exists():
-        try:
-            snap = Path(snapshot_download(model, local_files_only=True))
-        except (HFValidationError, LocalEntryNotFoundError, FileNotFoundError, OSError):
-            snap = None
-        if snap is not None and _has_weights(snap):
-            return snap, True, looked
-    return None, False, looked
+    if local.exists():
+        return None, False, looked
+    if not is_repo_id(model):
+        looked.append(f"Hugging Face: {model!r} is not a repo id (org/name)")
+        return None, False, looked
+    try:
+        snap = resolve_hf_weights(model, what="transformers checkpoint", allow_patterns=TRANSFORMERS_PATTERNS,
+                                  fallback_patterns=TRANSFORMERS_BIN_PATTERNS, complete=_has_weights)
+    except MissingWeightsError as exc:
+        looked.append(exc.place)
+        return None, False, looked
+    return snap, True, looked
 
 
 def _resolve_transformers(cfg: EmbedConfig) -> ClipSource:
@@ -177,14 +202,14 @@ def _resolve_transformers(cfg: EmbedConfig) -> ClipSource:
     if path is not None:
         note = (f"pretrained CLIP {cfg.model} from the HF cache ({path})" if from_cache
                 else f"pretrained CLIP from {path}")
-        return ClipSource("transformers", cfg.model, str(path), True, True, note)
+        hub = (cfg.model, path.name) if from_cache else (None, None)  # snapshots/<commit>
+        return ClipSource("transformers", cfg.model, str(path), True, True, note, *hub)
     if cfg.allow_random_init:
         return _random_source(cfg)
     how = (
         "set embed.model to a local directory holding config.json and model.safetensors "
-        "(e.g. a copy of openai/clip-vit-base-patch32, or model.save_pretrained(dir)), or "
-        "populate the Hugging Face cache on a machine with network "
-        f"(`hf download {cfg.model}`) and copy it to $HF_HOME"
+        "(e.g. a copy of openai/clip-vit-base-patch32, or model.save_pretrained(dir)), or to a "
+        f"Hugging Face id: {hub_hint(cfg.model)}"
     )
     raise _missing(cfg, looked, how)
 
@@ -221,17 +246,18 @@ def _resolve_open_clip(cfg: EmbedConfig) -> ClipSource:
     if cfg.allow_random_init:
         return _random_source(cfg)
     how = ("set embed.pretrained to a local open_clip weights file (.bin/.pt/.safetensors) "
-           f"for architecture {cfg.model!r}")
+           f"for architecture {cfg.model!r} (open_clip weights are not downloaded)")
     raise _missing(cfg, looked, how)
 
 
 def resolve_clip(cfg: EmbedConfig) -> ClipSource:
-    """Find the CLIP weights for ``cfg`` without network access.
+    """Find the CLIP weights for ``cfg``, downloading them by Hugging Face id if needed.
 
     transformers backend: ``cfg.model`` is a local directory holding ``config.json`` and the
-    weights, or a Hugging Face id looked up in the HF cache with ``local_files_only=True``.
-    open_clip backend: ``cfg.model`` is an open_clip architecture name and ``cfg.pretrained``
-    a local weights file.
+    weights, or a Hugging Face id (``find_transformers_weights``: downloaded into the HF cache
+    when the network is allowed, the cache only with ``HF_HUB_OFFLINE=1``). open_clip backend:
+    ``cfg.model`` is an open_clip architecture name and ``cfg.pretrained`` a local weights file.
+    Call it once, on the driver: ``ClipSource.path`` is then a local directory for the actors.
 
     Returns:
         ``ClipSource`` with ``pretrained=semantic=True`` when weights were found, or, if they
@@ -239,8 +265,11 @@ def resolve_clip(cfg: EmbedConfig) -> ClipSource:
         note ``"random-init CLIP: clusters are NOT semantic"``.
 
     Raises:
-        MissingWeightsError: weights not found and random init not allowed; the message names
-            the model, the places searched, how to provide weights and ``--allow-random-init``.
+        MissingWeightsError: weights not found (not a local directory, not in the HF cache
+            offline, or the download failed: unknown repository, network error) and random init
+            not allowed; the message names the model, the places searched (with the endpoint or
+            cache and the reason), how to provide weights (a local directory, ``HF_HUB_OFFLINE``
+            and pre-fetching) and ``--allow-random-init``.
         RuntimeError: open_clip backend requested but ``open_clip`` does not import.
         ValueError: unknown open_clip architecture name.
     """
@@ -283,8 +312,12 @@ def load_clip(
 ) -> tuple[torch.nn.Module, int, tuple[float, ...], tuple[float, ...]]:
     """Build the CLIP image tower described by ``source`` (on CPU, eval mode).
 
-    Pretrained weights load with ``local_files_only=True``. Random init builds the
-    ``cfg.random_init`` architecture (``RANDOM_INIT_CONFIGS``; open_clip: the ``cfg.model``
+    Pretrained weights load from ``source.path``, the local directory ``resolve_clip`` resolved
+    (``local_files_only=True``). On a node where it does not exist (a Ray actor on another
+    node than the driver), weights from the Hub are resolved again there at the same commit
+    (``source.repo_id``/``source.revision``; ``weights.local_dir``): downloaded, or from that
+    node's Hugging Face cache with ``HF_HUB_OFFLINE=1``, else ``MissingWeightsError``.
+    Random init builds the ``cfg.random_init`` architecture (``RANDOM_INIT_CONFIGS``; open_clip: the ``cfg.model``
     architecture) under ``torch.manual_seed(cfg.seed)`` in a forked RNG, so random-init
     embeddings are deterministic and the caller's RNG state is untouched.
 
@@ -300,13 +333,14 @@ def load_clip(
         if source.pretrained:
             from transformers.utils import logging as hf_logging
 
+            directory = transformers_dir(source.path, source.repo_id, source.revision)  # on this node
             # The load report lists every text-tower key of a full CLIP checkpoint as
             # "unexpected"; silence it and check the keys that matter (missing ones) here.
             verbosity = hf_logging.get_verbosity()
             hf_logging.set_verbosity_error()
             try:
                 model, info = CLIPVisionModelWithProjection.from_pretrained(
-                    source.path, config=_vision_config(Path(source.path)),
+                    directory, config=_vision_config(directory),
                     local_files_only=True, dtype=torch.float32, output_loading_info=True,
                 )
             finally:
@@ -314,10 +348,10 @@ def load_clip(
             if info["missing_keys"]:
                 missing = sorted(info["missing_keys"])
                 raise MissingWeightsError(
-                    f"CLIP checkpoint {source.path} lacks {len(missing)} vision weights "
+                    f"CLIP checkpoint {directory} lacks {len(missing)} vision weights "
                     f"(e.g. {missing[:3]}); it is not a CLIP vision checkpoint"
                 )
-            mean, std = _norm_from_preprocessor(Path(source.path))
+            mean, std = _norm_from_preprocessor(directory)
         else:
             config = CLIPVisionConfig(**RANDOM_INIT_CONFIGS[cfg.random_init])
             with torch.random.fork_rng(devices=[]):

@@ -6,7 +6,7 @@ subsampling: MZSR's protocol, which reproduces its ``Set5/LR_g20_x2_MZSR`` input
 ``sr`` = bicubic ``imresize(lr, s)``, the network's output rounded to uint8, or any per-image
 upscaler (e.g. MZSR's test-time adaptation, ZSSR); PSNR and SSIM on Y (BT.601) with
 ``border = s`` (``srdistill.metrics``). Bicubic reproduces the published figures (Set5 x2
-33.67 dB on ``../shared/data``)::
+33.67 dB on the standard Set5 HR images)::
 
     from srdistill.evaluation import evaluate_many, format_table
     rows = {"bicubic": evaluate_many("bicubic", ["Set5", "Set14"], 2)}
@@ -15,7 +15,6 @@ upscaler (e.g. MZSR's test-time adaptation, ZSSR); PSNR and SSIM on Y (BT.601) w
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 from typing import Callable, Literal, Union
@@ -24,7 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from srdistill import imaging, metrics
+from srdistill import datasets, imaging, metrics
 from srdistill.training import resolve_device, to_tensor
 
 __all__ = [
@@ -37,24 +36,25 @@ __all__ = [
 ]
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
-_REPO = Path(__file__).resolve().parents[1]
 
 
 def _data_roots() -> list[Path]:
-    """Lookup order: ``$SRDISTILL_DATA`` roots, ``<repo>/data``, ``<repo>/../shared/data``."""
-    env = [Path(p) for p in os.environ.get("SRDISTILL_DATA", "").split(os.pathsep) if p]
-    return [*env, _REPO / "data", _REPO.parent / "shared" / "data"]
+    """Lookup order of benchmark names: ``srdistill.datasets.data_roots()``."""
+    return datasets.data_roots()
 
 
 def resolve_dataset(name_or_path: str | Path) -> Path:
     """The folder of HR images of a benchmark name (``"Set5"``) or a directory.
 
     An existing directory is used as is, or its ``HR`` subfolder if it has one. Otherwise the
-    name is looked up as ``<root>/<name>/HR`` for each root of ``$SRDISTILL_DATA``
-    (``os.pathsep``-separated), ``<repo>/data`` and ``<repo>/../shared/data``, first hit wins.
+    name is looked up as ``<root>/<name>/HR`` for each root of ``datasets.data_roots()``:
+    ``$SRDISTILL_DATA`` (``os.pathsep``-separated), the user cache
+    (``$SRDISTILL_CACHE/datasets``, default ``~/.cache/srdistill/datasets``, where
+    ``srdistill data get`` puts sets) and the repository's vendored ``data/``; first hit wins.
 
     Raises:
-        FileNotFoundError: nothing found; the message lists every place tried.
+        FileNotFoundError: nothing found; the message lists every place tried and, for a set
+            of the catalogue (``datasets.CATALOG``), ends with ``run: srdistill data get NAME``.
     """
     path = Path(name_or_path)
     if path.is_dir():
@@ -65,7 +65,13 @@ def resolve_dataset(name_or_path: str | Path) -> Path:
         if candidate.is_dir():
             return candidate
         tried.append(str(candidate))
-    raise FileNotFoundError(f"dataset {str(name_or_path)!r} not found; tried: {', '.join(tried)}")
+    message = f"dataset {str(name_or_path)!r} not found; tried: {', '.join(tried)}"
+    try:
+        spec = datasets.lookup(str(name_or_path))
+    except datasets.UnknownDataset:
+        raise FileNotFoundError(message) from None
+    also = f" and use the name {spec.name!r}" if spec.name != str(name_or_path) else ""
+    raise FileNotFoundError(f"{message}; run: srdistill data get {spec.name}{also}")
 
 
 def _dataset_name(name_or_path: str | Path, hr_dir: Path) -> str:

@@ -36,6 +36,8 @@ RAYJOB_API = "ray.io/v1"
 RAY_VERSION = "2.60.0"
 #: The image a resource runs when it names none (``docker/Dockerfile``; the chart sets the operator's).
 DEFAULT_IMAGE = "ghcr.io/srdistill/srdistill:0.1.0-cpu"
+#: Tag suffixes of the image's two variants (``docker/README.md``).
+CPU_SUFFIX, GPU_SUFFIX = "-cpu", "-gpu"
 
 #: Label on every object made for a distillation: the ``SRDistillation``'s name.
 LABEL = f"{GROUP}/distillation"
@@ -160,6 +162,13 @@ class ClusterSpec(_Spec):
             raise ValueError(f"volumeMounts {missing} name no volume of {declared}")
         return self
 
+    def max_gpus(self) -> int:
+        """The most GPUs a cluster made for the job can have (head + every group at
+        ``maxReplicas``); 0 for an ``existing_cluster`` (its own resources decide)."""
+        if self.existing_cluster:
+            return 0
+        return self.head.gpu + sum(g.gpu * g.upper for g in self.worker_groups)
+
 
 class JobSpec(_Spec):
     """The RayJob's lifecycle: retries of the whole job (``backoff_limit``; a retry resumes the
@@ -217,11 +226,15 @@ class DistillationSpec(_Spec):
         return _run_config(self.preset, self.distill, self.allow_random_init, self.config)
 
     def entrypoint(self) -> str:
-        """The shell command the RayJob runs on the head: ``srdistill run`` with this spec."""
+        """The shell command the RayJob runs on the head: ``srdistill run`` with this spec, plus
+        ``--gpus N`` when the cluster made for the job has GPUs (N: the most its groups can
+        bring up), so stages ask for GPUs even while autoscaled GPU groups are at zero."""
         args = ["srdistill", "run", "--input", self.input, "--out", self.output]
         args += ["--preset", self.preset] * bool(self.preset)
         args += ["--distill", self.distill] * bool(self.distill)
         args += ["--allow-random-init"] * self.allow_random_init
+        gpus = self.cluster.max_gpus()
+        args += ["--gpus", str(gpus)] * bool(gpus)
         if self.config:
             args += ["--config-json", json.dumps(self.config, sort_keys=True, separators=(",", ":"))]
         return shlex.join(args)
@@ -268,16 +281,27 @@ def _restricted_pod() -> dict:
             "seccompProfile": {"type": "RuntimeDefault"}}  # fmt: skip
 
 
+def gpu_image(image: str) -> str:
+    """The GPU variant of an image: a tag ending in ``-cpu`` gets ``-gpu`` instead
+    (``repo:0.1.0-cpu`` -> ``repo:0.1.0-gpu``); any other image is returned as it is (it is the
+    user's choice for every pod)."""
+    repo, sep, tag = image.rpartition(":")
+    if sep and "/" not in tag and tag.endswith(CPU_SUFFIX):
+        return f"{repo}:{tag[: -len(CPU_SUFFIX)]}{GPU_SUFFIX}"
+    return image
+
+
 def _pod(spec: DistillationSpec, container: str, res: Resources, *, image: str, labels: dict,
          ports: list | None = None, group: WorkerGroup | None = None) -> dict:  # fmt: skip
     """A Ray pod template: one container with requests = limits, the S3 secret as env, a
-    memory-backed /dev/shm for Ray's object store and a scratch cache."""
+    memory-backed /dev/shm for Ray's object store and a scratch cache. A pod with GPUs runs
+    the GPU variant of ``image`` (``gpu_image``) unless its group names an image."""
     cluster = spec.cluster
     amounts = {"cpu": res.cpu, "memory": res.memory}
     limits = {**amounts, **({"nvidia.com/gpu": res.gpu} if res.gpu else {})}
     ctr: dict[str, Any] = {
         "name": container,
-        "image": (group.image if group and group.image else image),
+        "image": group.image if group and group.image else gpu_image(image) if res.gpu else image,
         "imagePullPolicy": cluster.image_pull_policy,
         "resources": {"requests": dict(amounts), "limits": limits},
         "env": [{"name": "SRDISTILL_CACHE", "value": "/home/ray/.cache/srdistill"},
@@ -358,6 +382,9 @@ def rayjob(spec: DistillationSpec, name: str, *, namespace: str | None = None,
     and deleted ``job.ttl_seconds_after_finished`` s later; with it, the job is submitted to
     that standing cluster (``clusterSelector``). The job runs in K8s-Job submission mode and is
     retried ``job.backoff_limit`` times; a retry resumes from the run directory at ``output``.
+    Pods with GPUs (a group's or the head's ``gpu``) run the image's GPU variant
+    (``gpu_image``: ``-cpu`` -> ``-gpu``) unless their group names an image; the others, the
+    submitter included, run ``image`` as given.
 
     Args:
         spec: a validated spec (``parse_spec``).

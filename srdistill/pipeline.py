@@ -21,8 +21,11 @@ its fingerprint and so reruns everything downstream. A stage folder left by an a
 another fingerprint is deleted before the stage runs.
 
 The manifest (``manifest.json``) records the resolved config, package versions, per-stage
-fingerprint/counts/timings, the first skipped inputs with their reasons, and the CLIP and ViT
-provenance; it is passed through ``storage.redact`` before it is written.
+fingerprint/counts/timings, the first skipped inputs with their reasons, the CLIP and ViT
+provenance, the Ray it ran on (``ray``: local or joined, GCS address, CPUs/GPUs) and where each
+stage ran (``placement``, decided by ``runner.plan_placement`` before any work; each stage's
+entry in ``stages`` keeps the placement it ran with, including the GPU ids Ray gave its
+workers); it is passed through ``storage.redact`` before it is written.
 """
 
 from __future__ import annotations
@@ -49,7 +52,7 @@ from .config import RunConfig
 STAGES = ("plan", "mine", "embed", "cluster", "complexity", "select", "align", "encode", "finetune", "synthesize",
           "train", "evaluate", "report")  # fmt: skip
 SYNTH_ONLY = ("encode", "finetune", "synthesize")
-_ACTOR_EXECUTION = {"batch_size", "num_actors", "actor_num_cpus", "num_threads", "device"}
+_ACTOR_EXECUTION = {"batch_size", "num_actors", "actor_num_cpus", "actor_num_gpus", "num_threads", "device"}
 #: Config fields that change how a stage runs but not what it produces (not fingerprinted).
 EXECUTION_ONLY = {
     "mine": {"images_per_task", "images_per_shard"},
@@ -61,7 +64,7 @@ EXECUTION_ONLY = {
     "encode": {"encode_batch_size", "device", "use_gpu"},
     "finetune": {"device", "log_every", "checkpoint_every", "encode_batch_size", "use_gpu", "workers",
                  "zero_stage"},
-    "synthesize": {"batch_size", "num_actors", "actor_num_cpus", "device"},
+    "synthesize": {"batch_size", "num_actors", "actor_num_cpus", "actor_num_gpus", "device"},
 }
 #: Partitioned outputs written straight to the run URI (never mirrored locally).
 _PARTITIONED = ("mine/patches", "embed/parts", "cluster/assignments", "complexity/parts")
@@ -110,10 +113,11 @@ def _absolute(uri: str | Path) -> str:
 def local_mirror(run_uri: str) -> Path:
     """The local working copy of a run directory: the directory itself when local; for S3,
     ``$SRDISTILL_CACHE/runs/<sha of the URI>`` (default ``~/.cache/srdistill``)."""
+    from .datasets import cache_root
+
     if not storage.is_s3(run_uri):
         return Path(run_uri)
-    cache = Path(os.environ.get("SRDISTILL_CACHE", Path.home() / ".cache" / "srdistill")).expanduser()
-    return cache / "runs" / _sha(run_uri)
+    return cache_root() / "runs" / _sha(run_uri)
 
 
 class Run:
@@ -158,6 +162,9 @@ class Run:
         for key in ("clip", "vit"):
             if key in old:
                 self.manifest[key] = old[key]
+        #: Where each stage of this invocation runs (``runner.plan_placement``); a stage that runs
+        #: updates its entry (e.g. with the GPU ids its workers got) and records it in ``stages``.
+        self.placement: dict[str, dict] = {}
         self.save()
 
     def at(self, *parts: str) -> str:
@@ -230,6 +237,7 @@ class Run:
         self.manifest["stages"][stage] = {
             "status": "done", "fingerprint": fingerprint, "seconds": round(seconds, 3),
             "counts": counts, "finished_at": _now(), "skipped": False,
+            **({"placement": self.placement[stage]} if stage in self.placement else {}),
         }  # fmt: skip
         self.save()
         self.log(f"[{stage}] done in {seconds:.1f}s: {_short(counts)}")
@@ -272,7 +280,7 @@ def _mine(run: Run, plan_fp: str) -> str:
         plan = run.manifest["stages"]["plan"]["counts"]
         t0 = time.perf_counter()
         mined_now = runner.mine_plan(run.at("plan", "files.parquet"), run.at("mine", "patches"), cfg,
-                                     list(range(plan["shards"])))  # fmt: skip
+                                     list(range(plan["shards"])), placement=run.placement.get("mine"))  # fmt: skip
         seconds = time.perf_counter() - t0
         rule, counts = mining.summarize_parts(run.at("mine", "patches"), cfg, run.at("mine", "skipped.parquet"))
         storage.write_json(run.at("mine", "keep.json"), rule)
@@ -305,6 +313,7 @@ def _embed(run: Run, mine_fp: str, source) -> str:
     run.manifest["clip"] = {
         "backend": source.backend, "model": source.model, "path": source.path,
         "pretrained": source.pretrained, "semantic": source.semantic, "note": source.note,
+        "repo_id": source.repo_id, "revision": source.revision,  # Hub id and commit, or None
     }  # fmt: skip
     if not source.semantic:
         run.log(f"WARNING: {NOT_SEMANTIC}")
@@ -315,7 +324,9 @@ def _embed(run: Run, mine_fp: str, source) -> str:
             raise RuntimeError("no patch passed the keep rule: loosen mine.threshold or use "
                                "mine.keep_rule=top_fraction")  # fmt: skip
         shards = list(range(run.manifest["stages"]["plan"]["counts"]["shards"]))
-        now = runner.embed_parts_ray(run.at("mine"), run.at("embed", "parts"), shards, cfg, source)
+        place = run.placement["embed"]
+        now = runner.embed_parts_ray(run.at("mine"), run.at("embed", "parts"), shards, cfg, source,
+                                     num_gpus=place["num_gpus"], placement=place)  # fmt: skip
         ids = storage.read_dataset(run.at("embed", "parts"), columns=["patch_id"])
         first = storage.read_parquet(run.at("embed", "parts", "part-000000.parquet"), columns=["embedding"])
         counts = {"patches": ids.num_rows, "dim": first.schema.field("embedding").type.list_size,
@@ -371,14 +382,16 @@ def _complexity(run: Run, upstream_fp: str, mine_fp: str, source) -> str:
 
     cfg = run.cfg.complexity
     run.manifest["vit"] = {"model": source.model, "path": source.path, "pretrained": source.pretrained,
-                           "note": source.note}  # fmt: skip
+                           "note": source.note, "repo_id": source.repo_id, "revision": source.revision}  # fmt: skip
     if not source.pretrained:
         run.log(f"WARNING: {NOT_LEARNED}")
     fp = run.fingerprint("complexity", mine_fp, str(source.path), str(source.pretrained))
 
     def stage(sdir: Path) -> dict:
         shards = list(range(run.manifest["stages"]["plan"]["counts"]["shards"]))
-        now = runner.complexity_parts_ray(run.at("mine"), run.at("complexity", "parts"), shards, cfg, source)
+        place = run.placement["complexity"]
+        now = runner.complexity_parts_ray(run.at("mine"), run.at("complexity", "parts"), shards, cfg, source,
+                                          num_gpus=place["num_gpus"], placement=place)  # fmt: skip
         ids = storage.read_dataset(run.at("complexity", "parts"), columns=["patch_id"])
         first = storage.read_parquet(run.at("complexity", "parts", "part-000000.parquet"), columns=["feature"])
         counts = {"patches": ids.num_rows, "dim": first.schema.field("feature").type.list_size,
@@ -441,6 +454,8 @@ def _align(run: Run, select_fp: str, source) -> str:
 
     cfg = run.cfg.align
     fp = run.fingerprint("align", select_fp)
+    if "align" in run.placement:  # in the driver: on its GPU only where the placement allows
+        cfg = cfg.model_copy(update={"device": run.placement["align"]["device"]})
 
     def stage(sdir: Path) -> dict:
         run.pull("distilled")
@@ -510,12 +525,12 @@ def _n_clusters(run: Run) -> int:
 
 def _encode(run: Run, cluster_fp: str) -> str:
     from . import runner
-    from .diffusion import encoded_spec
+    from .diffusion import encoded_spec, resolve_backbone
 
-    cfg = run.cfg.finetune
     fp = run.fingerprint("encode", cluster_fp)
 
     def stage(sdir: Path) -> dict:
+        cfg = resolve_backbone(run.cfg.finetune)  # HF ids -> local dirs, on the driver: actors read files
         kept = _kept(run, ["patch_id", "source", "x", "y", "size"])
         table = kept.join(_assignments(run), "patch_id").sort_by("patch_id")
         if cfg.max_patches is not None and table.num_rows > cfg.max_patches:
@@ -524,7 +539,8 @@ def _encode(run: Run, cluster_fp: str) -> str:
         shape, dtype = encoded_spec(cfg, run.cfg.mine.patch_size)
         # by source: the patches of one batch share their images (each decoded once per batch)
         table = table.sort_by([("source", "ascending"), ("y", "ascending"), ("x", "ascending")])
-        n = runner.encode_patches_ray(table, cfg, sdir / "parts")
+        place = run.placement["encode"]
+        n = runner.encode_patches_ray(table, cfg, sdir / "parts", num_gpus=place["num_gpus"], placement=place)
         storage.write_json(sdir / "meta.json", {"shape": list(shape), "dtype": dtype, "rows": n,
                                         "num_clusters": _n_clusters(run), "backbone": cfg.resolved_backbone})
         return {"backbone": cfg.resolved_backbone, "patches": n, "sample_shape": list(shape),
@@ -542,29 +558,31 @@ def _checkpoints(run: Run, stage: str) -> str | None:
 
 def _finetune(run: Run, encode_fp: str) -> str:
     from . import runner
-    from .diffusion import build_backbone, finetune, load_encoded
+    from .diffusion import build_backbone, finetune, load_encoded, resolve_backbone
 
-    cfg = run.cfg.finetune
     fp = run.fingerprint("finetune", encode_fp)
     model_dir = run.dir / "finetune" / "model"
 
     def stage(sdir: Path) -> dict:
+        cfg = resolve_backbone(run.cfg.finetune)  # HF ids -> local dirs, on the driver: workers read files
         run.pull("encode")
         meta = json.loads((run.dir / "encode" / "meta.json").read_text())
         shape, k, parts = tuple(meta["shape"]), meta["num_clusters"], run.dir / "encode" / "parts"
-        if cfg.workers:
-            runner.finetune_ray(cfg, parts, sdir, num_clusters=k, shape=shape, dtype=meta["dtype"],
-                                checkpoint_uri=_checkpoints(run, "finetune"))  # fmt: skip
+        place = run.placement["finetune"]
+        if place["on"] == "ray-train":
+            runner.finetune_ray(cfg.model_copy(update={"workers": place["workers"]}), parts, sdir, num_clusters=k,
+                                shape=shape, dtype=meta["dtype"], checkpoint_uri=_checkpoints(run, "finetune"),
+                                use_gpu=place["use_gpu"])  # fmt: skip
         else:
             data = load_encoded(parts, shape=shape, dtype=meta["dtype"])
-            finetune(cfg, build_backbone(cfg, k), data, sdir)
+            finetune(cfg.model_copy(update={"device": place["device"]}), build_backbone(cfg, k), data, sdir)
         model = json.loads((model_dir / "backbone.json").read_text())
         log = [json.loads(x) for x in (sdir / "log.jsonl").read_text().splitlines()]
         return {"backbone": model["kind"], "trainable": model["trainable"],
                 "parameters": model["source"]["parameters"],
                 "trainable_parameters": model["source"]["trainable"],
                 "num_clusters": k, "patches": meta["rows"], "iterations": cfg.iterations,
-                "workers": cfg.workers, "deepspeed": cfg.workers > 0,
+                "workers": place["workers"], "deepspeed": place["on"] == "ray-train",
                 "final_loss": log[-1]["loss"] if log else None, "source": model["source"]}  # fmt: skip
 
     run.run_stage("finetune", fp, ["finetune/model/weights.safetensors"], stage)
@@ -591,8 +609,10 @@ def _synthesize(run: Run, finetune_fp: str) -> str:
             n_total = budget_patches(run.cfg.select, n_clusters=k, corpus_pixels=corpus, patch_size=res)
             counts = per_cluster_counts(n_total, k)
         model_dir = run.dir / "finetune" / "model"
+        place = run.placement["synthesize"]
         rows = synthesize(model_dir, cfg, sdir, counts,
-                          map_fn=runner.synthesize_ray(model_dir, cfg, sdir))  # fmt: skip
+                          map_fn=runner.synthesize_ray(model_dir, cfg, sdir, num_gpus=place["num_gpus"],
+                                                       placement=place))  # fmt: skip
         return {"images": len(rows), "per_cluster": {str(c): n for c, n in counts.items()},
                 "resolution": res, "sampler": cfg.sampler, "steps": cfg.steps,
                 "guidance_scale": cfg.guidance_scale,
@@ -616,10 +636,12 @@ def _train(run: Run, select_fp: str) -> str:
 
     def stage(sdir: Path) -> dict:
         images = _train_images(run)
-        if run.cfg.train.workers:
-            runner.train_ray(run.cfg.train, run.cfg.scale, images, sdir, checkpoint_uri=_checkpoints(run, "train"))
+        place, cfg = run.placement["train"], run.cfg.train
+        if place["on"] == "ray-train":
+            runner.train_ray(cfg.model_copy(update={"workers": place["workers"]}), run.cfg.scale, images, sdir,
+                             checkpoint_uri=_checkpoints(run, "train"), use_gpu=place["use_gpu"])  # fmt: skip
         else:
-            train_sr(run.cfg.train, run.cfg.scale, images, sdir)
+            train_sr(cfg.model_copy(update={"device": place["device"]}), run.cfg.scale, images, sdir)
         return {"model": run.cfg.train.model, "scale": run.cfg.scale,
                 "iterations": run.cfg.train.iterations, "train_images": len(images)}  # fmt: skip
 
@@ -627,8 +649,27 @@ def _train(run: Run, select_fp: str) -> str:
     return fp
 
 
+def evaluation_rows(model, datasets: list[str] | tuple[str, ...], scale: int, device: str,
+                    label: str) -> dict[str, list[dict]]:  # fmt: skip
+    """The evaluate stage's table: ``{"bicubic": [...], label: [...]}``, one ``evaluation.evaluate``
+    result per dataset, ``model`` on ``device``. Importable, so it runs as a Ray task as well.
+
+    Raises:
+        FileNotFoundError, ValueError: from ``evaluation.evaluate`` (dataset not found, empty).
+        RuntimeError: ``device`` is ``cuda`` where torch sees no CUDA device.
+    """
+    from .evaluation import evaluate
+
+    rows: dict[str, list[dict]] = {"bicubic": [], label: []}
+    for ds in datasets:
+        rows["bicubic"].append(evaluate("bicubic", ds, scale))
+        rows[label].append(evaluate(model, ds, scale, device=device))
+    return rows
+
+
 def _evaluate(run: Run, train_fp: str) -> dict:
-    from .evaluation import evaluate, format_table
+    from . import runner
+    from .evaluation import format_table
     from .training import load_checkpoint
 
     fp = run.fingerprint("evaluate", train_fp)
@@ -637,13 +678,16 @@ def _evaluate(run: Run, train_fp: str) -> dict:
     def stage(sdir: Path) -> dict:
         run.pull("train/model.safetensors")
         model, _ = load_checkpoint(run.dir / "train" / "model.safetensors")
-        scale, device = run.cfg.scale, run.cfg.evaluate.device
+        scale = run.cfg.scale
         how = "synthetic" if run.cfg.distill == "synth" else run.cfg.select.method
         label = f"{run.cfg.train.model} ({how})"
-        rows: dict[str, list[dict]] = {"bicubic": [], label: []}
-        for ds in run.cfg.evaluate.datasets:
-            rows["bicubic"].append(evaluate("bicubic", ds, scale))
-            rows[label].append(evaluate(model, ds, scale, device=device))
+        args = (model, tuple(run.cfg.evaluate.datasets), scale)
+        place = run.placement.setdefault("evaluate", {"on": "driver", "num_gpus": 0.0, "device": "cpu"})
+        if place["on"] == "ray-task":  # on a GPU of the cluster: the head may have none
+            rows, ids = runner.run_task(evaluation_rows, *args, place["device"], label, num_gpus=place["num_gpus"])
+            place["gpu_ids"] = ids
+        else:
+            rows = evaluation_rows(*args, place["device"], label)
         storage.write_json(out, {"scale": scale, "rows": rows})
         return {f"{name} {r['dataset']}": round(r["psnr_y"], 3) for name, rs in rows.items() for r in rs}
 
@@ -662,7 +706,9 @@ _REPORT_INPUTS = ("select", "distilled", "encode/meta.json", "finetune/log.jsonl
 def run_pipeline(input_dir: str | Path, run_dir: str | Path, cfg: RunConfig, *,
                  preset: str | None = None, until: str | None = None,
                  log: Callable[[str], None] = print) -> dict:  # fmt: skip
-    """Run the main job on the embedded default (local Ray) or the Ray cluster joined.
+    """Run the main job on the embedded default (local Ray) or the Ray cluster joined
+    (``cfg.ray``), each stage placed by ``runner.plan_placement`` (GPUs where the cluster has
+    them, unless a stage's ``device`` is ``cpu``).
 
     Args:
         input_dir: the HR corpus: a folder or ``s3://`` prefix of images (searched
@@ -679,10 +725,13 @@ def run_pipeline(input_dir: str | Path, run_dir: str | Path, cfg: RunConfig, *,
         ValueError: unknown ``until``.
         FileNotFoundError: the input does not exist or holds no images.
         embedding.MissingWeightsError: no CLIP weights (clip-kmeans, synth) or no ViT weights
-            (tripled, align) and random init not allowed.
+            (tripled, align): not local, not downloadable, not cached with ``HF_HUB_OFFLINE=1``,
+            and random init not allowed.
         diffusion.MissingBackboneError: ``distill: synth`` with a ``dit`` backbone whose
-            directories are missing.
+            directories are missing or whose Hugging Face ids cannot be resolved.
         OSError: storage failed after its retries (rerunning resumes).
+        ValueError: a stage's ``device`` is ``cuda`` (or its ``use_gpu`` true) and the Ray
+            cluster has no GPUs (``runner.plan_placement``), raised before any stage runs.
     """
     from . import runner
     from .corpus import is_manifest
@@ -711,6 +760,7 @@ def run_pipeline(input_dir: str | Path, run_dir: str | Path, cfg: RunConfig, *,
         from .embedding import resolve_clip
 
         clip_source = resolve_clip(cfg.embed)  # before any work: MissingWeightsError, with help
+        from . import clustering  # noqa: F401  (before any work: ImportError naming the faiss extras)
     vit_source = None
     if scored:
         from .complexity import resolve_vit
@@ -719,8 +769,7 @@ def run_pipeline(input_dir: str | Path, run_dir: str | Path, cfg: RunConfig, *,
     if synth:
         from .diffusion import check_backbone
 
-        check_backbone(cfg.finetune)  # before any work: MissingBackboneError, with help
-    run = Run(input_dir, run_dir, cfg, preset=preset, log=log)
+        check_backbone(cfg.finetune)  # before any work (downloads HF ids): MissingBackboneError, with help
     fps: dict[str, str] = {}
 
     def mine(f: str) -> str:
@@ -741,6 +790,14 @@ def run_pipeline(input_dir: str | Path, run_dir: str | Path, cfg: RunConfig, *,
             steps.append(("align", lambda f: _align(run, f, vit_source)))
     steps.append(("train", lambda f: _train(run, f)))
     runner.init_ray(cfg.ray)
+    order = ["plan", *(name for name, _ in steps)]
+    order = order[: order.index(until) + 1] if until in order else [*order, "evaluate"]
+    # before any work: ValueError for a device 'cuda' / use_gpu true without GPUs in the cluster
+    placement = runner.plan_placement(cfg, order, runner.cluster_gpus(cfg.ray))
+    run = Run(input_dir, run_dir, cfg, preset=preset, log=log)
+    run.placement = placement
+    run.manifest.update(ray=runner.ray_info(), placement=placement)
+    run.save()
     fp = _plan(run)
     done = ["plan"]
     for name, step in steps:

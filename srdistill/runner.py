@@ -6,8 +6,17 @@ corpus, Ray Train runs the SR training loop data-parallel, and plain Ray tasks r
 benchmark trainings side by side. Ray's API moves between releases, so keeping it here keeps
 the rest of the code stable (pinned: ray==2.60).
 
-Embedded default: ``init_ray`` starts a local Ray in-process. Under ``ray job submit`` (or with
-``RayConfig.address``) it joins the running cluster instead.
+Embedded default: ``init_ray`` starts a local Ray in-process (``address="local"``), whatever
+clusters a ``ray start`` left on the machine. Under ``ray job submit`` (``$RAY_ADDRESS``) or with
+``RayConfig.address`` it joins that cluster instead.
+
+Placement (``plan_placement``): with ``device: auto`` every stage goes on GPUs when the cluster
+has them (Ray Data actors and the evaluation task ask for ``num_gpus``, Ray Train runs with
+``use_gpu``), else on CPUs; ``device: cpu`` never asks for a GPU; ``device: cuda`` (or
+``use_gpu: true``) on a cluster without GPUs is a ``ValueError`` before any work. A stage placed
+on CPUs gets ``device: cpu`` (Ray leaves ``CUDA_VISIBLE_DEVICES`` alone for zero-GPU tasks, so
+``auto`` could otherwise pick up a GPU it did not ask for); one placed on a GPU sees it as
+``cuda:0`` and keeps its ``device`` (``auto`` resolves by ``torch.cuda.is_available()``).
 """
 
 from __future__ import annotations
@@ -26,36 +35,47 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
-from .config import (ComplexityConfig, EmbedConfig, FinetuneConfig, MineConfig, MZSRConfig, RayConfig,
+from .config import (ComplexityConfig, EmbedConfig, FinetuneConfig, MineConfig, MZSRConfig, RayConfig, RunConfig,
                      SynthConfig, TrainConfig)  # fmt: skip
 
 if TYPE_CHECKING:  # torch/transformers are imported only by the embedding and scoring actors
     from .complexity import VitSource
     from .embedding import ClipSource
 
-__all__ = ["init_ray", "shutdown_ray", "map_images", "map_shards", "mine_plan", "embed_parts_ray",
-           "complexity_parts_ray", "train_ray",
+__all__ = ["init_ray", "shutdown_ray", "ray_info", "cluster_gpus", "actor_gpus", "resolve_use_gpu",
+           "plan_placement", "run_task", "map_images", "map_shards", "mine_plan", "embed_parts_ray",
+           "complexity_parts_ray", "train_ray", "meta_train_ray",
            "map_tasks", "encode_patches_ray", "finetune_ray", "synthesize_ray"]
+
+#: Whether this process's Ray was joined (an address) rather than started here; None: not by us.
+_JOINED: bool | None = None
 
 
 def init_ray(cfg: RayConfig) -> None:
-    """Start (or join) Ray once per process.
+    """Start (or join) Ray once per process; a no-op when Ray is already initialised.
 
-    A local Ray gets ``cfg.num_cpus`` CPUs (all by default). With ``cfg.address`` or
-    ``$RAY_ADDRESS`` set (as ``ray job submit`` does), it connects to that cluster.
+    Without ``cfg.address`` and ``$RAY_ADDRESS``: a new local Ray (``address="local"``, never a
+    cluster found through a ``ray_current_cluster`` file) with ``cfg.num_cpus`` CPUs and
+    ``cfg.num_gpus`` GPUs (None: all it detects). With either, it joins that cluster, passing
+    no resource counts (a cluster's resources are its own).
+
+    Raises:
+        ConnectionError: the address given cannot be reached (from ``ray.init``).
     """
+    global _JOINED
     import ray
 
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # local runs need no token file
-    joining = cfg.address is not None or "RAY_ADDRESS" in os.environ
+    address = cfg.address or os.environ.get("RAY_ADDRESS") or None
     kwargs: dict = {"ignore_reinit_error": True, "log_to_driver": False}
-    if joining:
-        kwargs["address"] = cfg.address
+    if address:
+        kwargs["address"] = address
     else:
-        kwargs.update(num_cpus=cfg.num_cpus, include_dashboard=False)
+        kwargs.update(address="local", num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus, include_dashboard=False)
     ray.init(**kwargs)
+    _JOINED = bool(address)
     import ray.data
 
     ctx = ray.data.DataContext.get_current()
@@ -70,10 +90,194 @@ def _progress(total: int, desc: str, unit: str) -> tqdm:
 
 def shutdown_ray() -> None:
     """Stop the Ray started by ``init_ray`` (no-op if none)."""
+    global _JOINED
     import ray
 
     if ray.is_initialized():
         ray.shutdown()
+    _JOINED = None
+
+
+def ray_info() -> dict:
+    """What this process runs on, for the manifest: ``{"mode": "local" | "joined" | "external",
+    "gcs_address", "resources": {"CPU", "GPU"}}`` (``external``: Ray was initialised by someone
+    other than ``init_ray``)."""
+    import ray
+
+    res = ray.cluster_resources()
+    mode = "external" if _JOINED is None else "joined" if _JOINED else "local"
+    return {"mode": mode, "gcs_address": ray.get_runtime_context().gcs_address,
+            "resources": {"CPU": float(res.get("CPU", 0)), "GPU": float(res.get("GPU", 0))}}  # fmt: skip
+
+
+def _ensure_ray() -> None:
+    """``init_ray(RayConfig())`` unless Ray is up: a library call into this module starts a local
+    Ray (or joins ``$RAY_ADDRESS``), never what Ray's own auto-init would join."""
+    import ray
+
+    if not ray.is_initialized():
+        init_ray(RayConfig())
+
+
+def cluster_gpus(cfg: RayConfig | None = None) -> float:
+    """The GPUs placement counts on: ``cfg.num_gpus`` when given (0: CPU only; for a joined,
+    autoscaled cluster the GPUs its worker groups can bring up), else the ``GPU`` total of
+    ``ray.cluster_resources()`` now (Ray is started by ``init_ray(RayConfig())`` if it is not)."""
+    if cfg is not None and cfg.num_gpus is not None:
+        return float(cfg.num_gpus)
+    import ray
+
+    _ensure_ray()
+    return float(ray.cluster_resources().get("GPU", 0))
+
+
+def _cluster_has_gpus() -> bool:
+    return cluster_gpus() > 0
+
+
+def actor_gpus(device: str, per_actor: float, gpus: float, field: str) -> float:
+    """The GPUs each actor or task of a stage asks for: ``per_actor`` when the cluster has
+    GPUs and ``device`` is ``auto`` or ``cuda``; 0 for ``cpu`` or a cluster without GPUs.
+
+    Raises:
+        ValueError: ``device`` is ``cuda`` and ``gpus`` is 0 (names ``field``).
+    """
+    if device == "cpu":
+        return 0.0
+    if gpus <= 0:
+        if device == "cuda":
+            raise ValueError(f"{field} is 'cuda' but the Ray cluster has no GPUs (ray.cluster_resources() "
+                             "shows none, or --gpus 0); use 'auto' or 'cpu', or give the cluster GPUs")
+        return 0.0
+    return float(per_actor)
+
+
+def resolve_use_gpu(use_gpu: bool | None, device: str, gpus: float, section: str) -> bool:
+    """Whether a Ray Train run uses GPUs: ``use_gpu`` when set, else (auto) ``device != "cpu"``
+    and the cluster has GPUs.
+
+    Raises:
+        ValueError: GPUs required (``use_gpu`` true or ``device`` cuda) but ``gpus`` is 0.
+    """
+    if use_gpu is False or device == "cpu":
+        return False
+    if gpus <= 0:
+        if use_gpu or device == "cuda":
+            why = f"{section}.use_gpu is true" if use_gpu else f"{section}.device is 'cuda'"
+            raise ValueError(f"{why} but the Ray cluster has no GPUs (ray.cluster_resources() shows none, "
+                             "or --gpus 0)")  # fmt: skip
+        return False
+    return True
+
+
+def _driver_has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _training_place(workers: int, use_gpu: bool, device: str, driver_cuda: bool) -> dict:
+    """Where a training stage runs: Ray Train with ``workers`` workers; in the driver when
+    ``workers`` is 0, unless it should use a GPU that the driver lacks (a GPU-less head): then
+    one Ray Train worker with a GPU."""
+    if workers:
+        return {"on": "ray-train", "workers": workers, "use_gpu": use_gpu, "num_gpus": float(workers * use_gpu)}
+    if use_gpu and not driver_cuda:
+        return {"on": "ray-train", "workers": 1, "use_gpu": True, "num_gpus": 1.0,
+                "note": "the driver sees no CUDA device: one Ray Train worker with a GPU"}  # fmt: skip
+    return {"on": "driver", "workers": 0, "use_gpu": False, "num_gpus": 0.0,
+            "device": ("cuda" if device == "auto" else device) if use_gpu else "cpu"}  # fmt: skip
+
+
+def plan_placement(cfg: RunConfig, stages: list[str] | tuple[str, ...], gpus: float, *,
+                   driver_cuda: bool | None = None) -> dict[str, dict]:  # fmt: skip
+    """Where each of ``stages`` runs and what it asks Ray for, decided before any work.
+
+    Args:
+        cfg: the run's config (``device``, ``use_gpu``, ``workers``, actor settings per stage).
+        stages: pipeline stage names (``pipeline.STAGES``); others are ignored.
+        gpus: the GPUs of the cluster (``cluster_gpus``).
+        driver_cuda: whether this process sees a CUDA device (default: ``torch.cuda``).
+
+    Returns:
+        ``{stage: {"on": "ray-tasks" | "ray-data-actors" | "ray-train" | "ray-task" |
+        "driver", "num_gpus": GPUs asked for (per actor/task; in all for Ray Train),
+        "device": what the stage's torch code is given, ...}}`` (``actors``, ``workers``,
+        ``use_gpu`` where they apply). Recorded in the manifest as ``placement``.
+
+    Raises:
+        ValueError: a stage's ``device`` is ``cuda`` or its ``use_gpu`` is true and the cluster
+            has no GPUs; ``align.device`` ``cuda`` while the driver (where align runs) has no
+            CUDA device.
+    """
+    if driver_cuda is None:
+        driver_cuda = _driver_has_cuda() if gpus > 0 else False
+    out: dict[str, dict] = {}
+    for stage in stages:
+        if stage == "mine":
+            out[stage] = {"on": "ray-tasks", "num_gpus": 0.0, "device": "cpu"}
+        elif stage in ("embed", "complexity"):
+            c = getattr(cfg, stage)
+            g = actor_gpus(c.device, c.actor_num_gpus, gpus, f"{stage}.device")
+            out[stage] = {"on": "ray-data-actors", "actors": c.num_actors, "num_gpus": g,
+                          "device": c.device if g else "cpu"}  # fmt: skip
+        elif stage in ("cluster", "select"):
+            out[stage] = {"on": "driver", "num_gpus": 0.0, "device": "cpu"}
+        elif stage == "align":
+            c = cfg.align
+            if c.device == "cuda" and not driver_cuda:
+                actor_gpus("cuda", 1, gpus, "align.device")  # the clearer error first
+                raise ValueError("align.device is 'cuda' but align runs in the driver, which sees no CUDA "
+                                 "device; use 'auto' or 'cpu'")  # fmt: skip
+            dev = "cpu" if gpus <= 0 or c.device == "cpu" or not driver_cuda else "cuda"
+            out[stage] = {"on": "driver", "num_gpus": 0.0, "device": dev}
+        elif stage == "encode":  # an actor stage: finetune.device decides, use_gpu is Ray Train's
+            c = cfg.finetune
+            g = actor_gpus(c.device, 1, gpus, "finetune.device")
+            out[stage] = {"on": "ray-data-actors", "actors": 1, "num_gpus": g, "device": c.device if g else "cpu"}
+        elif stage in ("finetune", "train"):
+            c = getattr(cfg, stage)
+            use = resolve_use_gpu(c.use_gpu, c.device, gpus, stage)
+            out[stage] = _training_place(c.workers, use, c.device, driver_cuda)
+        elif stage == "synthesize":
+            c = cfg.synthesize
+            g = actor_gpus(c.device, c.actor_num_gpus, gpus, "synthesize.device")
+            out[stage] = {"on": "ray-data-actors", "actors": c.num_actors, "num_gpus": g,
+                          "device": c.device if g else "cpu"}  # fmt: skip
+        elif stage == "evaluate":
+            g = actor_gpus(cfg.evaluate.device, 1, gpus, "evaluate.device")
+            out[stage] = ({"on": "ray-task", "num_gpus": g, "device": cfg.evaluate.device} if g
+                          else {"on": "driver", "num_gpus": 0.0, "device": "cpu"})  # fmt: skip
+    return out
+
+
+def _gpu_ids() -> list[str]:
+    """The GPU ids Ray assigned to the calling task or actor (``[]`` for none)."""
+    import ray
+
+    return [str(i) for i in ray.get_gpu_ids()]
+
+
+def _placed_call(fn: Callable, args: tuple, kwargs: dict):
+    return fn(*args, **kwargs), _gpu_ids()
+
+
+def run_task(fn: Callable, *args, num_cpus: float = 1, num_gpus: float = 0, **kwargs) -> tuple[object, list[str]]:
+    """``fn(*args, **kwargs)`` as one Ray task of ``num_cpus`` CPUs and ``num_gpus`` GPUs (inside,
+    torch sees its GPU as ``cuda:0``), waited for. ``fn`` must be importable (module level);
+    the arguments travel pickled (a model is sent, not read from the driver's disk).
+
+    Returns:
+        ``(fn's result, the GPU ids Ray assigned to the task)``.
+
+    Raises:
+        ray.exceptions.RayTaskError: ``fn`` raised (its exception is the cause).
+    """
+    import ray
+
+    _ensure_ray()
+    task = ray.remote(num_cpus=num_cpus, num_gpus=num_gpus, max_retries=1)(_placed_call)
+    return tuple(ray.get(task.remote(fn, args, kwargs)))
 
 
 def _apply_to_paths(batch: dict[str, np.ndarray], fn: Callable, kwargs: dict) -> pa.Table:
@@ -91,6 +295,7 @@ def map_images(paths: list[str], fn: Callable[..., pa.Table], *, images_per_task
 
     if not paths:
         return schema.empty_table()
+    _ensure_ray()
     ctx = ray.data.DataContext.get_current()
     # A single map operator needs no per-operator reservation; with it on, a 2-CPU Ray runs
     # one task at a time (measured: 2.2x slower, docs/BENCHMARKS.md).
@@ -120,7 +325,9 @@ class _ShardWorker:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         done = [self.fn(self.state, int(s), **self.kwargs) for s in batch["shard"]]
-        return {"shard": batch["shard"], "rows": np.asarray(done, dtype=np.int64)}
+        gpus = ",".join(_gpu_ids())  # what Ray gave this worker: recorded as the stage's placement
+        return {"shard": batch["shard"], "rows": np.asarray(done, dtype=np.int64),
+                "gpu_ids": np.array([gpus] * len(done), dtype=object)}  # fmt: skip
 
 
 #: Storage settings (never credentials) a driver passes on to the workers it starts, so they
@@ -137,8 +344,14 @@ def _call_worker(batch: dict[str, np.ndarray], worker: _ShardWorker) -> dict[str
     return worker(batch)
 
 
+def _seen_gpus(column) -> set[str]:
+    """GPU ids out of a ``gpu_ids`` column of comma-joined strings."""
+    return {i for v in column for i in str(v).split(",") if i}
+
+
 def map_shards(shards: list[int], fn: Callable, *, desc: str, make_state: Callable | None = None,
-               num_actors: int = 0, num_cpus: float = 1, num_gpus: float = 0, **kwargs) -> int:  # fmt: skip
+               num_actors: int = 0, num_cpus: float = 1, num_gpus: float = 0, placement: dict | None = None,
+               **kwargs) -> int:  # fmt: skip
     """Run ``fn(state, shard, **kwargs) -> rows`` once per shard id with Ray Data, streaming.
 
     ``fn`` writes its own output (one atomic part per shard, skipped when it exists: it then
@@ -147,6 +360,8 @@ def map_shards(shards: list[int], fn: Callable, *, desc: str, make_state: Callab
     by Ray when its worker dies (3 times, Ray's default). With ``num_actors``: an actor pool,
     each actor building ``make_state()`` once (e.g. a CLIP model); Ray Data restarts dead
     actors and retries their shards. Transient S3 errors are retried inside ``storage``.
+    ``placement``, when given, is updated with ``num_gpus`` (asked per task/actor) and
+    ``gpu_ids`` (the GPU ids Ray assigned to the workers that ran, as strings).
 
     Returns:
         The shards processed now (the others were already done).
@@ -155,6 +370,7 @@ def map_shards(shards: list[int], fn: Callable, *, desc: str, make_state: Callab
 
     if not shards:
         return 0
+    _ensure_ray()
     ctx = ray.data.DataContext.get_current()
     # A single map operator needs no per-operator reservation; with it on, a 2-CPU Ray runs
     # one task at a time (measured: 2.2x slower, docs/BENCHMARKS.md).
@@ -169,13 +385,16 @@ def map_shards(shards: list[int], fn: Callable, *, desc: str, make_state: Callab
         ds = ray.data.from_items([{"shard": s} for s in shards], override_num_blocks=len(shards))
         ds = ds.map_batches(call, batch_size=1, batch_format="numpy", num_cpus=num_cpus, num_gpus=num_gpus,
                             runtime_env=_storage_env(), **extra)  # fmt: skip
-        now = 0
+        now, seen = 0, set()
         with _progress(len(shards), desc, "shard") as bar:
             for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
                 now += int((batch["rows"] >= 0).sum())
+                seen |= _seen_gpus(batch["gpu_ids"])
                 bar.update(len(batch["shard"]))
     finally:
         ctx.op_resource_reservation_enabled = reservation
+    if placement is not None:
+        placement.update(num_gpus=float(num_gpus), gpu_ids=sorted(seen))
     return now
 
 
@@ -185,50 +404,78 @@ def _mine_one(state, shard: int, **kwargs) -> int:
     return mine_shard(kwargs["plan_uri"], shard, kwargs["parts_uri"], kwargs["cfg"])
 
 
-def mine_plan(plan_uri: str, parts_uri: str, cfg: MineConfig, shards: list[int]) -> int:
-    """Mine the given shards of a corpus plan (``mining.mine_shard``), one Ray task each, each
-    writing ``parts_uri/part-<shard>.parquet``. Returns the shards mined now (not already done)."""
-    return map_shards(shards, _mine_one, desc="mine", plan_uri=plan_uri, parts_uri=parts_uri, cfg=cfg)
+def mine_plan(plan_uri: str, parts_uri: str, cfg: MineConfig, shards: list[int], *,
+              placement: dict | None = None) -> int:  # fmt: skip
+    """Mine the given shards of a corpus plan (``mining.mine_shard``), one CPU Ray task each, each
+    writing ``parts_uri/part-<shard>.parquet`` (``placement``: as ``map_shards``). Returns the
+    shards mined now (not already done)."""
+    return map_shards(shards, _mine_one, desc="mine", placement=placement, plan_uri=plan_uri,
+                      parts_uri=parts_uri, cfg=cfg)  # fmt: skip
 
 
 def _write_part(state, shard: int, *, shard_fn: Callable, **kwargs) -> int:
     return shard_fn(state, shard, **kwargs)
 
 
+def _actor_cfg(cfg, num_gpus: float | None, field: str):
+    """``(cfg for the actors, GPUs per actor)``: ``num_gpus`` None is decided here
+    (``actor_gpus`` on the live cluster); actors without a GPU get ``device: cpu``."""
+    if num_gpus is None:
+        num_gpus = actor_gpus(cfg.device, cfg.actor_num_gpus, cluster_gpus(), field)
+    return (cfg if num_gpus else cfg.model_copy(update={"device": "cpu"})), float(num_gpus)
+
+
 def _patch_parts_ray(make: Callable, shard_fn: Callable, cfg: "EmbedConfig | ComplexityConfig", desc: str,
-                     shards: list[int], **kwargs) -> int:  # fmt: skip
+                     shards: list[int], num_gpus: float, placement: dict | None, **kwargs) -> int:  # fmt: skip
     """``shard_fn(make(), shard, **kwargs, batch_size=cfg.batch_size)`` for every shard on a pool of
     ``cfg.num_actors`` Ray Data actors (``cfg.actor_num_cpus`` CPUs each, fractional so a small
-    machine cannot deadlock; one GPU each when ``cfg.device == "cuda"``)."""
+    machine cannot deadlock; ``num_gpus`` GPUs each)."""
     return map_shards(shards, _write_part, desc=desc, make_state=make, num_actors=cfg.num_actors,
-                      num_cpus=cfg.actor_num_cpus, num_gpus=1 if cfg.device == "cuda" else 0,
+                      num_cpus=cfg.actor_num_cpus, num_gpus=num_gpus, placement=placement,
                       shard_fn=shard_fn, batch_size=cfg.batch_size, **kwargs)  # fmt: skip
 
 
 def embed_parts_ray(mine_uri: str, out_uri: str, shards: list[int], cfg: EmbedConfig,
-                    source: "ClipSource") -> int:  # fmt: skip
+                    source: "ClipSource", *, num_gpus: float | None = None,
+                    placement: dict | None = None) -> int:  # fmt: skip
     """CLIP embeddings of the kept patches, shard by shard (``embedding.embed_shard``: mine part
     in, embedding part out, atomically, skipped when done) on Ray Data actors
-    (``_patch_parts_ray``). Returns the shards embedded now."""
+    (``_patch_parts_ray``) of ``num_gpus`` GPUs each (None: ``cfg.actor_num_gpus`` when the
+    cluster has GPUs and ``cfg.device`` allows, else 0; see ``actor_gpus``). ``placement``: as
+    ``map_shards``. Returns the shards embedded now.
+
+    Raises:
+        ValueError: ``cfg.device`` is ``cuda`` on a cluster without GPUs (``num_gpus`` None).
+    """
     from functools import partial
 
     from .embedding import ClipEmbedder, embed_shard
 
+    cfg, num_gpus = _actor_cfg(cfg, num_gpus, "embed.device")
     make = partial(ClipEmbedder, cfg, source, num_threads=cfg.num_threads)
-    return _patch_parts_ray(make, embed_shard, cfg, "embed", shards, mine_uri=mine_uri, out_uri=out_uri)
+    return _patch_parts_ray(make, embed_shard, cfg, "embed", shards, num_gpus, placement,
+                            mine_uri=mine_uri, out_uri=out_uri)  # fmt: skip
 
 
 def complexity_parts_ray(mine_uri: str, out_uri: str, shards: list[int], cfg: ComplexityConfig,
-                         source: "VitSource") -> int:  # fmt: skip
+                         source: "VitSource", *, num_gpus: float | None = None,
+                         placement: dict | None = None) -> int:  # fmt: skip
     """ViT complexity scores of every mined patch, shard by shard (``complexity.score_shard``:
     mine part in, score part out, atomically, skipped when done) on Ray Data actors
-    (``_patch_parts_ray``). Returns the shards scored now."""
+    (``_patch_parts_ray``); ``num_gpus`` and ``placement`` as ``embed_parts_ray``. Returns the
+    shards scored now.
+
+    Raises:
+        ValueError: ``cfg.device`` is ``cuda`` on a cluster without GPUs (``num_gpus`` None).
+    """
     from functools import partial
 
     from .complexity import ComplexityScorer, score_shard
 
+    cfg, num_gpus = _actor_cfg(cfg, num_gpus, "complexity.device")
     make = partial(ComplexityScorer, cfg, source, num_threads=cfg.num_threads)
-    return _patch_parts_ray(make, score_shard, cfg, "complexity", shards, mine_uri=mine_uri, out_uri=out_uri)
+    return _patch_parts_ray(make, score_shard, cfg, "complexity", shards, num_gpus, placement,
+                            mine_uri=mine_uri, out_uri=out_uri)  # fmt: skip
 
 
 def _train_worker(config: dict) -> None:
@@ -279,6 +526,7 @@ def _fit(worker: Callable, config: dict, name: str, out_dir: Path, workers: int,
     from ray.train.torch import TorchTrainer
 
     out_dir.mkdir(parents=True, exist_ok=True)
+    _ensure_ray()
     fs, fs_path = storage.filesystem(checkpoint_uri or out_dir / "ray_train")
     trainer = TorchTrainer(
         worker,
@@ -295,10 +543,16 @@ def _fit(worker: Callable, config: dict, name: str, out_dir: Path, workers: int,
     return trainer.fit()
 
 
+def _train_gpu(cfg, use_gpu: bool | None, section: str) -> bool:
+    return resolve_use_gpu(cfg.use_gpu, cfg.device, cluster_gpus(), section) if use_gpu is None else use_gpu
+
+
 def train_ray(cfg: TrainConfig, scale: int, hr_images: list[str], out_dir: Path, *,
-              max_failures: int = 2, checkpoint_uri: str | None = None) -> Path:  # fmt: skip
-    """Data-parallel ``train_sr`` on Ray Train: ``cfg.workers`` workers (gloo on CPU, NCCL with
-    ``cfg.use_gpu``), each sampling from its shard of ``hr_images`` with ``batch_size //
+              max_failures: int = 2, checkpoint_uri: str | None = None,
+              use_gpu: bool | None = None) -> Path:  # fmt: skip
+    """Data-parallel ``train_sr`` on Ray Train: ``max(cfg.workers, 1)`` workers (gloo on CPU,
+    NCCL on GPUs: ``use_gpu``, None = ``resolve_use_gpu`` of ``cfg.use_gpu``/``cfg.device`` on
+    the live cluster), each sampling from its shard of ``hr_images`` with ``batch_size //
     workers`` crops a step; gradients are all-reduced by DDP. Rank 0's checkpoints are
     reported to Ray Train (kept under ``out_dir/ray_train``); a failed worker restarts the
     group from the last one (up to ``max_failures`` times), and rerunning the same call resumes
@@ -310,17 +564,21 @@ def train_ray(cfg: TrainConfig, scale: int, hr_images: list[str], out_dir: Path,
 
     Raises:
         ray.train.TrainingFailedError: the workers failed more than ``max_failures`` times.
+        ValueError: GPUs required (``cfg.use_gpu`` true or ``cfg.device`` cuda) on a cluster
+            without GPUs.
     """
     out_dir = Path(out_dir).resolve()
+    gpu = _train_gpu(cfg, use_gpu, "train")
     config = {"cfg": cfg, "scale": scale, "images": [str(p) for p in hr_images]}
-    result = _fit(_train_worker, config, "train", out_dir, cfg.workers, cfg.use_gpu, max_failures, checkpoint_uri)
+    result = _fit(_train_worker, config, "train", out_dir, max(cfg.workers, 1), gpu, max_failures, checkpoint_uri)
     return _copy_final(result, out_dir)
 
 
 def meta_train_ray(cfg: MZSRConfig, hr_images: list[str], out_dir: Path, *, init: str | None = None,
-                   max_failures: int = 2, checkpoint_uri: str | None = None) -> Path:  # fmt: skip
+                   max_failures: int = 2, checkpoint_uri: str | None = None,
+                   use_gpu: bool | None = None) -> Path:  # fmt: skip
     """Data-parallel ``mzsr.meta_train`` (MZSR's meta-transfer learning) on Ray Train:
-    ``cfg.workers`` workers (gloo on CPU, NCCL with ``cfg.use_gpu``) each take
+    ``max(cfg.workers, 1)`` workers (gloo on CPU, NCCL on GPUs: ``use_gpu`` as ``train_ray``) each take
     ``tasks_per_batch // workers`` tasks of every meta-batch, and their meta-gradients are
     all-reduced before the Adam step. Checkpoints, failures and resumption as ``train_ray``.
 
@@ -329,10 +587,12 @@ def meta_train_ray(cfg: MZSRConfig, hr_images: list[str], out_dir: Path, *, init
 
     Raises:
         ray.train.TrainingFailedError: the workers failed more than ``max_failures`` times.
+        ValueError: GPUs required on a cluster without GPUs (as ``train_ray``).
     """
     out_dir = Path(out_dir).resolve()
+    gpu = _train_gpu(cfg, use_gpu, "mzsr")
     config = {"meta": True, "cfg": cfg, "init": init, "images": [str(p) for p in hr_images]}
-    result = _fit(_train_worker, config, "meta_train", out_dir, cfg.workers, cfg.use_gpu, max_failures,
+    result = _fit(_train_worker, config, "meta_train", out_dir, max(cfg.workers, 1), gpu, max_failures,
                   checkpoint_uri)  # fmt: skip
     return _copy_final(result, out_dir)
 
@@ -345,44 +605,74 @@ def _copy_final(result, out_dir: Path) -> Path:
     return out_dir / "model.safetensors"
 
 
-def encode_patches_ray(table: pa.Table, cfg: FinetuneConfig, out_dir: Path, *,
-                       num_actors: int = 1) -> int:  # fmt: skip
+class _GpuTagged:
+    """Ray Data callable class: ``cls(**kwargs)`` built once per actor, each output batch with a
+    ``_gpu_ids`` column (the GPU ids Ray gave the actor, comma-joined) that the driver records
+    as the stage's placement and drops."""
+
+    def __init__(self, cls: type, kwargs: dict):
+        self.inner = cls(**kwargs)
+        self.gpus = ",".join(_gpu_ids())
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        out = dict(self.inner(batch))
+        n = len(next(iter(out.values()))) if out else 0
+        out["_gpu_ids"] = np.array([self.gpus] * n, dtype=object)
+        return out
+
+
+def encode_patches_ray(table: pa.Table, cfg: FinetuneConfig, out_dir: Path, *, num_actors: int = 1,
+                       num_gpus: float | None = None, placement: dict | None = None) -> int:  # fmt: skip
     """The one-time encoding of the fine-tuning patches (``diffusion.PatchEncoder``: VAE
-    latent moments for ``dit``, the pixels for ``unet``) by ``num_actors`` Ray Data actors (one
-    GPU each with ``cfg.use_gpu``), streamed to parquet files in ``out_dir`` (one per block), so
-    training never re-encodes.
+    latent moments for ``dit``, the pixels for ``unet``) by ``num_actors`` Ray Data actors of
+    ``num_gpus`` GPUs each (None: one when the live cluster has GPUs and ``cfg.device`` allows,
+    see ``actor_gpus``; actors without a GPU get ``device: cpu``), streamed to parquet files in
+    ``out_dir`` (one per block), so training never re-encodes.
 
     Args:
         table: columns ``patch_id``, ``source``, ``x``, ``y``, ``size``, ``cluster``.
+        placement: updated with ``num_gpus`` and the ``gpu_ids`` the actors were given.
 
     Returns:
         The number of rows written.
+
+    Raises:
+        ValueError: ``cfg.device`` is ``cuda`` on a cluster without GPUs (``num_gpus`` None).
     """
     import ray.data
 
     from .diffusion import PatchEncoder
 
+    _ensure_ray()
+    if num_gpus is None:
+        num_gpus = actor_gpus(cfg.device, 1, cluster_gpus(), "finetune.device")
+    if not num_gpus:
+        cfg = cfg.model_copy(update={"device": "cpu"})
     cols = table.select(["patch_id", "source", "x", "y", "size", "cluster"])
     blocks = max(1, min(cols.num_rows // cfg.encode_batch_size, 8 * num_actors))
     ds = ray.data.from_arrow(cols).repartition(blocks)
     ds = ds.map_batches(
-        PatchEncoder,
-        fn_constructor_kwargs={"cfg": cfg, "num_threads": 1},
+        _GpuTagged,
+        fn_constructor_kwargs={"cls": PatchEncoder, "kwargs": {"cfg": cfg, "num_threads": 1}},
         batch_size=cfg.encode_batch_size,
         batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=num_actors),
         num_cpus=0.5,
-        num_gpus=1 if cfg.use_gpu else 0,
+        num_gpus=num_gpus,
         runtime_env=_storage_env(),  # the patches' source images may be in S3
     )
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    n = 0
+    n, seen = 0, set()
     with _progress(cols.num_rows, "encode", "patch") as bar:
         for i, batch in enumerate(ds.iter_batches(batch_size=None, batch_format="pyarrow")):
+            seen |= _seen_gpus(batch.column("_gpu_ids").to_pylist())
+            batch = batch.drop_columns(["_gpu_ids"])
             pq.write_table(batch, out_dir / f"part-{i:05d}.parquet")
             n += batch.num_rows
             bar.update(batch.num_rows)
+    if placement is not None:
+        placement.update(num_gpus=float(num_gpus), gpu_ids=sorted(seen))
     return n
 
 
@@ -418,9 +708,9 @@ def _finetune_worker(config: dict) -> None:
 
 def finetune_ray(cfg: FinetuneConfig, encoded_dir: Path, out_dir: Path, *, num_clusters: int,
                  shape: tuple[int, ...], dtype: str, max_failures: int = 2,
-                 checkpoint_uri: str | None = None) -> Path:  # fmt: skip
-    """Data-parallel ``diffusion.finetune`` on Ray Train: ``cfg.workers`` workers (gloo on
-    CPU, NCCL with ``cfg.use_gpu``) under DeepSpeed ZeRO ``cfg.zero_stage``.
+                 checkpoint_uri: str | None = None, use_gpu: bool | None = None) -> Path:  # fmt: skip
+    """Data-parallel ``diffusion.finetune`` on Ray Train: ``max(cfg.workers, 1)`` workers (gloo
+    on CPU, NCCL on GPUs: ``use_gpu`` as ``train_ray``) under DeepSpeed ZeRO ``cfg.zero_stage``.
     Each worker trains on its shard of the encoded set with ``batch_size // workers`` samples
     a step. All ranks report their checkpoint files (DeepSpeed's per-rank shards, EMA, RNG,
     memory banks) into one Ray Train checkpoint under ``out_dir/ray_train``; a failed worker
@@ -433,11 +723,13 @@ def finetune_ray(cfg: FinetuneConfig, encoded_dir: Path, out_dir: Path, *, num_c
 
     Raises:
         ray.train.TrainingFailedError: the workers failed more than ``max_failures`` times.
+        ValueError: GPUs required on a cluster without GPUs (as ``train_ray``).
     """
     out_dir = Path(out_dir).resolve()
+    gpu = _train_gpu(cfg, use_gpu, "finetune")
     config = {"cfg": cfg, "encoded": str(Path(encoded_dir).resolve()), "num_clusters": num_clusters,
               "shape": tuple(shape), "dtype": dtype}  # fmt: skip
-    result = _fit(_finetune_worker, config, "finetune", out_dir, cfg.workers, cfg.use_gpu, max_failures,
+    result = _fit(_finetune_worker, config, "finetune", out_dir, max(cfg.workers, 1), gpu, max_failures,
                   checkpoint_uri)
     with result.checkpoint.as_directory() as ckpt:
         if (out_dir / "model").exists():
@@ -448,44 +740,50 @@ def finetune_ray(cfg: FinetuneConfig, encoded_dir: Path, out_dir: Path, *, num_c
     return out_dir / "model"
 
 
-def synthesize_ray(model_dir: Path, cfg: SynthConfig, out_dir: Path):
+def synthesize_ray(model_dir: Path, cfg: SynthConfig, out_dir: Path, *, num_gpus: float | None = None,
+                   placement: dict | None = None):  # fmt: skip
     """A ``map_fn`` for ``synthesis.synthesize`` that spreads the sampling jobs over
-    ``cfg.num_actors`` Ray Data actors (``synthesis.Synthesizer``; one GPU each on CUDA,
-    ``cfg.actor_num_cpus`` CPUs each otherwise)."""
+    ``cfg.num_actors`` Ray Data actors (``synthesis.Synthesizer``, ``cfg.actor_num_cpus`` CPUs
+    and ``num_gpus`` GPUs each; None: ``cfg.actor_num_gpus`` when the cluster has GPUs and
+    ``cfg.device`` allows, see ``actor_gpus``; actors without a GPU sample with ``device:
+    cpu``). ``placement`` is updated with ``num_gpus`` and the ``gpu_ids`` the actors got.
+
+    Raises:
+        ValueError: ``cfg.device`` is ``cuda`` on a cluster without GPUs (``num_gpus`` None).
+    """
     import ray.data
 
     from .synthesis import Synthesizer
 
-    use_gpu = cfg.device == "cuda" or (cfg.device == "auto" and _cluster_has_gpus())
+    cfg, num_gpus = _actor_cfg(cfg, num_gpus, "synthesize.device")
 
     def map_fn(jobs: dict[str, np.ndarray]) -> list[dict]:
+        _ensure_ray()
         n = len(jobs["cluster"])
         blocks = max(1, min(n // cfg.batch_size, 4 * cfg.num_actors))
         ds = ray.data.from_items([{k: v[i] for k, v in jobs.items()} for i in range(n)],
                                  override_num_blocks=blocks)  # fmt: skip
         ds = ds.map_batches(
-            Synthesizer,
-            fn_constructor_kwargs={"model_dir": str(model_dir), "cfg": cfg, "out_dir": str(out_dir)},
+            _GpuTagged,
+            fn_constructor_kwargs={"cls": Synthesizer,
+                                   "kwargs": {"model_dir": str(model_dir), "cfg": cfg, "out_dir": str(out_dir)}},
             batch_size=cfg.batch_size,
             batch_format="numpy",
             compute=ray.data.ActorPoolStrategy(size=cfg.num_actors),
             num_cpus=cfg.actor_num_cpus,
-            num_gpus=1 if use_gpu else 0,
+            num_gpus=num_gpus,
         )
-        rows = []
+        rows, seen = [], set()
         with _progress(n, "synthesize", "img") as bar:
             for batch in ds.iter_batches(batch_size=None, batch_format="pandas"):
+                seen |= _seen_gpus(batch.pop("_gpu_ids"))
                 rows += batch.to_dict("records")
                 bar.update(len(batch))
+        if placement is not None:
+            placement.update(num_gpus=num_gpus, gpu_ids=sorted(seen))
         return rows
 
     return map_fn
-
-
-def _cluster_has_gpus() -> bool:
-    import ray
-
-    return ray.cluster_resources().get("GPU", 0) > 0
 
 
 def _single_threaded(fn: Callable, item):
@@ -502,6 +800,7 @@ def map_tasks(fn: Callable, items: list, *, num_cpus: float = 1, num_gpus: float
     module-level function)."""
     import ray
 
+    _ensure_ray()
     task = ray.remote(num_cpus=num_cpus, num_gpus=num_gpus)(_single_threaded)
     refs = [task.remote(fn, x) for x in items]
     out = []

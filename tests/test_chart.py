@@ -67,12 +67,12 @@ def _pyproject() -> dict:
 
 
 def _pin(package: str) -> str:
-    """The exact version ``pyproject.toml`` pins ``package`` to (``name[extras]==X``)."""
-    for dep in _pyproject()["project"]["dependencies"]:
-        match = re.fullmatch(rf"{re.escape(package)}(\[[^\]]*\])?==([\w.]+)", dep.replace(" ", ""))
+    """The exact version ``.ci/constraints.txt`` pins ``package`` to (``name==X``)."""
+    for line in (REPO / ".ci" / "constraints.txt").read_text().splitlines():
+        match = re.fullmatch(rf"{re.escape(package)}==([\w.+]+)", line.split("#")[0].strip())
         if match:
-            return match.group(2)
-    raise AssertionError(f"pyproject.toml pins no {package}==X")
+            return match.group(1)
+    raise AssertionError(f".ci/constraints.txt pins no {package}==X")
 
 
 # --------------------------------------------------------------------------- helm
@@ -484,6 +484,19 @@ def test_examples_cover_cpu_and_gpu():
     assert not any(g.get("gpu") for g in smoke["cluster"]["workerGroups"])
     assert gpu["distill"] == "synth"
     assert any(g.get("gpu", 0) >= 1 for g in gpu["cluster"]["workerGroups"])
+    # the GPU example relies on placement, not on a CUDA device in the (GPU-less) driver: no stage
+    # names a device, the GPU pods run the -gpu image, the head the -cpu one, the driver counts
+    # on the gpu group's GPUs (--gpus) even while it is scaled to zero
+    from srdistill import k8s
+
+    assert not any("device" in section for section in gpu["config"].values() if isinstance(section, dict))
+    job = k8s.rayjob(k8s.parse_spec(gpu), "div2k-synth-0123abcd")
+    cluster = job["spec"]["rayClusterSpec"]
+    assert cluster["headGroupSpec"]["template"]["spec"]["containers"][0]["image"].endswith("-cpu")
+    for group in cluster["workerGroupSpecs"]:
+        ctr = group["template"]["spec"]["containers"][0]
+        assert ctr["image"].endswith("-gpu" if "nvidia.com/gpu" in ctr["resources"]["limits"] else "-cpu")
+    assert "--gpus 2" in job["spec"]["entrypoint"]
 
 
 # --------------------------------------------------------------------------- Dockerfile
@@ -524,8 +537,10 @@ def test_dockerfile_matches_pyproject():
     assert args["CONSTRAINTS"] == ".ci/constraints.txt" and (REPO / args["CONSTRAINTS"]).is_file()
     assert instructions[-1] == ("USER", "1000:100")  # numeric: runAsNonRoot can verify it
     env = " ".join(rest for word, rest in instructions if word == "ENV")
-    for setting in ("DS_BUILD_OPS=0", "HF_HUB_OFFLINE=1", "SRDISTILL_CACHE=/home/ray/.cache/srdistill"):
+    for setting in ("DS_BUILD_OPS=0", "HF_HOME=/home/ray/.cache/huggingface", "SRDISTILL_CACHE=/home/ray/.cache/srdistill"):
         assert setting in env
+    assert "HF_HUB_OFFLINE" not in env  # weights download by name unless the pod env says otherwise
+    assert args["FAISS"] == "cpu" and '"/app[k8s,synth,${FAISS}]"' in " ".join(r for w, r in instructions if w == "RUN")
     assert ("WORKDIR", "/app") in instructions
     assert "kopf" in " ".join(_pyproject()["project"]["optional-dependencies"].get("k8s", [])), (
         "the image installs srdistill[k8s]: pyproject.toml needs a k8s extra with kopf"

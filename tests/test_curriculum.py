@@ -200,7 +200,8 @@ def test_per_image_loss_is_the_l1_of_a_centre_crop_and_restores_the_mode():
         expected = F.l1_loss(net.eval()(x), y).item()
     assert not net.training  # stays in eval mode after a call made in eval mode
     np.testing.assert_allclose(losses[1], expected, rtol=1e-5)
-    np.testing.assert_array_equal(per_image_loss(net, images, 2, "cpu", crop=16), losses)
+    # another batch size is another summation order: equal to float32 rounding, not bitwise
+    np.testing.assert_allclose(per_image_loss(net, images, 2, "cpu", crop=16), losses, rtol=1e-5)
     assert losses[1] > 2 * max(losses[0], losses[2])  # the noisy image is fitted worst
     with pytest.raises(ValueError, match="multiple of scale"):
         per_image_loss(net, images, 2, "cpu", crop=15)

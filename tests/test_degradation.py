@@ -19,6 +19,8 @@ from srdistill.degradation import (
 )
 from srdistill.imaging import imresize, modcrop, read_image
 
+from conftest import data_path
+
 SET5 = ["baby", "bird", "butterfly", "head", "woman"]
 
 
@@ -77,9 +79,9 @@ def test_isotropic_is_anisotropic_with_equal_lambdas():
         )
 
 
-def test_g20_kernel_matches_mzsr_kernel_mat(shared_data):
+def test_g20_kernel_matches_mzsr_kernel_mat():
     mine = isotropic_gaussian(21, 2.0)
-    for path in (shared_data / "Set5/LR_g20_x2_MZSR/kernel.mat", shared_data / "kernels/MZSR_g20/kernel.mat"):
+    for path in (data_path("Set5/LR_g20_x2_MZSR/kernel.mat"), data_path("kernels/MZSR_g20/kernel.mat")):
         theirs = scipy.io.loadmat(str(path))["kernel"]
         assert theirs.shape == (21, 21)
         np.testing.assert_allclose(mine, theirs, rtol=1e-12, atol=1e-15)  # measured: 5e-29
@@ -131,11 +133,11 @@ def test_kernel_argument_errors():
 # --------------------------------------------------------------------------- degradation
 
 
-def test_degrade_reproduces_mzsr_g20_set5_exactly(shared_data):
-    kernel = load_kernel(shared_data / "kernels/MZSR_g20/kernel.mat")
+def test_degrade_reproduces_mzsr_g20_set5_exactly():
+    kernel = load_kernel(data_path("kernels/MZSR_g20/kernel.mat"))
     for name in SET5:
-        hr = modcrop(read_image(shared_data / f"Set5/HR/{name}.png"), 2)
-        ref = read_image(shared_data / f"Set5/LR_g20_x2_MZSR/{name}.png")
+        hr = modcrop(read_image(data_path(f"Set5/HR/{name}.png")), 2)
+        ref = read_image(data_path(f"Set5/LR_g20_x2_MZSR/{name}.png"))
         for k in (kernel, isotropic_gaussian(21, 2.0)):
             lr = degrade(hr, k, 2)
             assert lr.dtype == np.uint8 and lr.shape == ref.shape
@@ -239,8 +241,8 @@ def test_degrade_errors():
 # --------------------------------------------------------------------------- kernel files
 
 
-def test_load_real_kernel_files(shared_data):
-    kdir = shared_data / "kernels"
+def test_load_real_kernel_files():
+    kdir = data_path("kernels")
 
     def ok(k, shape):
         assert k.shape == shape and k.dtype == np.float64
@@ -294,16 +296,16 @@ def test_load_real_kernel_files(shared_data):
         load_kernel(kdir / "KAIR_cszn/Levin09.mat", index=8)
 
 
-def test_load_kernel_v73_transposes_back_to_matlab_layout(shared_data):
+def test_load_kernel_v73_transposes_back_to_matlab_layout():
     h5py = pytest.importorskip("h5py")
-    path = shared_data / "kernels/KAIR_cszn/Levin09.mat"
+    path = data_path("kernels/KAIR_cszn/Levin09.mat")
     with h5py.File(path, "r") as f:
         stored = np.asarray(f[f["kernels"][()].ravel()[3]][()])  # HDF5 holds the transpose
     k = load_kernel(path, index=3)
     np.testing.assert_allclose(k, stored.T / stored.sum(), rtol=1e-12)
 
 
-def test_load_kernel_errors(tmp_path, shared_data, monkeypatch):
+def test_load_kernel_errors(tmp_path, monkeypatch):
     with pytest.raises(FileNotFoundError, match="nope.mat"):
         load_kernel(tmp_path / "nope.mat")
     g = isotropic_gaussian(5, 1.0)
@@ -356,4 +358,4 @@ def test_load_kernel_errors(tmp_path, shared_data, monkeypatch):
     # v7.3 without h5py: a clear error naming the file and the fix
     monkeypatch.setitem(sys.modules, "h5py", None)
     with pytest.raises(ImportError, match=r"Levin09\.mat.*v7\.3.*pip install h5py"):
-        load_kernel(shared_data / "kernels/KAIR_cszn/Levin09.mat")
+        load_kernel(data_path("kernels/KAIR_cszn/Levin09.mat"))

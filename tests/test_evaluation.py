@@ -11,10 +11,10 @@ from srdistill import imaging, metrics
 from srdistill.evaluation import evaluate, evaluate_many, format_table, resolve_dataset
 from srdistill.models import ESPCN
 
-from conftest import SHARED
+from conftest import data_path, need_dataset
 
 
-# MATLAB-bicubic upscaling measured on ../shared/data (DESIGN.md §3, SOURCES.md).
+# MATLAB-bicubic upscaling measured on the standard HR files (DESIGN.md §3, data/SOURCES.md).
 @pytest.mark.parametrize(
     "dataset, scale, psnr, n_images",
     [
@@ -27,6 +27,7 @@ from conftest import SHARED
     ],
 )
 def test_bicubic_reproduces_reference_psnr(dataset, scale, psnr, n_images):
+    need_dataset(dataset)
     r = evaluate("bicubic", dataset, scale)
     assert r["dataset"] == dataset and r["scale"] == scale and r["n_images"] == n_images
     assert abs(r["psnr_y"] - psnr) <= 0.01, r["psnr_y"]
@@ -36,7 +37,7 @@ def test_bicubic_reproduces_reference_psnr(dataset, scale, psnr, n_images):
 
 
 def test_bicubic_per_image_set5_x2_sorted():
-    r = evaluate("bicubic", SHARED / "Set5", 2)  # a folder with an HR subfolder
+    r = evaluate("bicubic", need_dataset("Set5").parent, 2)  # a folder with an HR subfolder
     assert r["dataset"] == "Set5"
     assert [p["name"] for p in r["per_image"]] == ["baby", "bird", "butterfly", "head", "woman"]
     by_name = {p["name"]: p["psnr_y"] for p in r["per_image"]}
@@ -47,7 +48,7 @@ def test_model_evaluation_matches_manual_pipeline():
     model = ESPCN(2).train()
     r = evaluate(model, "Set5", 2, device="cpu")
     assert model.training  # mode restored
-    hr = imaging.modcrop(imaging.read_image(SHARED / "Set5" / "HR" / "baby.png"), 2)
+    hr = imaging.modcrop(imaging.read_image(need_dataset("Set5") / "baby.png"), 2)
     lr = imaging.imresize(hr, 1 / 2)
     x = torch.from_numpy(lr).permute(2, 0, 1)[None].float() / 255
     # untrained ESPCN = torch bicubic (a = -0.75, no antialias): close to, not equal to, MATLAB's
@@ -66,7 +67,7 @@ def test_model_scale_mismatch_and_bad_model():
 
 
 def test_resolve_dataset(tmp_path, monkeypatch):
-    found = resolve_dataset("Set5")  # <repo>/data/Set5/HR if vendored, else ../shared/data/Set5/HR
+    found = resolve_dataset("Set5")  # $SRDISTILL_DATA/Set5/HR, the cache, or the vendored data/Set5/HR
     assert found.name == "HR" and found.parent.name == "Set5" and (found / "baby.png").is_file()
     # an existing directory without HR/ is used as is; with HR/ its subfolder
     assert resolve_dataset(tmp_path) == tmp_path
@@ -76,7 +77,7 @@ def test_resolve_dataset(tmp_path, monkeypatch):
     monkeypatch.setenv("SRDISTILL_DATA", f"/nonexistent{os.pathsep}{tmp_path}")
     assert resolve_dataset("Mine") == tmp_path / "Mine" / "HR"
     with pytest.raises(
-        FileNotFoundError, match=r"Urban999.*nonexistent/Urban999/HR.*shared/data/Urban999/HR"
+        FileNotFoundError, match=r"Urban999.*nonexistent/Urban999/HR.*datasets/Urban999/HR"
     ):
         resolve_dataset("Urban999")
 
@@ -97,7 +98,8 @@ def test_evaluate_many_and_format_table():
 def test_kernel_mode_bicubic_matches_mzsr_paper(dataset, paper):
     from srdistill import degradation
 
-    kernel = degradation.load_kernel(SHARED / "Set5" / "LR_g20_x2_MZSR" / "kernel.mat")
+    need_dataset(dataset)
+    kernel = degradation.load_kernel(data_path("Set5/LR_g20_x2_MZSR/kernel.mat"))
     r = evaluate("bicubic", dataset, 2, kernel=kernel)
     assert abs(r["psnr_y"] - paper) < 0.03  # measured 28.74 and 26.52
     assert r["seconds_per_image"] > 0 and all("seconds" in p for p in r["per_image"])

@@ -10,18 +10,21 @@ from srdistill.imaging import (
     ImageReadError, crop, image_size, imresize, modcrop, read_image, to_gray,
 )  # fmt: skip
 
+from conftest import data_path
+
 SETS = ["Set5", "Set14"]
 
 
 @pytest.mark.parametrize("scale", [2, 3, 4])
 @pytest.mark.parametrize("dataset", SETS)
-def test_imresize_reproduces_matlab_lr_bit_for_bit(shared_data, dataset, scale):
-    hr_files = sorted((shared_data / dataset / "HR").glob("*.png"))
+def test_imresize_reproduces_matlab_lr_bit_for_bit(dataset, scale):
+    lr_dir = data_path(f"{dataset}/LR_bicubic/X{scale}")
+    hr_files = sorted((lr_dir.parents[1] / "HR").glob("*.png"))
     assert hr_files
     for f in hr_files:
         hr = modcrop(read_image(f), scale)
         lr = imresize(hr, 1 / scale)
-        ref = read_image(shared_data / dataset / "LR_bicubic" / f"X{scale}" / f"{f.stem}x{scale}.png")
+        ref = read_image(lr_dir / f"{f.stem}x{scale}.png")
         assert lr.shape == ref.shape, f.name
         assert np.array_equal(lr, ref), f"{f.name}: {np.count_nonzero(lr != ref)} pixels differ"
 

@@ -79,6 +79,7 @@ def test_rayjob_validates_against_kuberay_and_carries_the_spec():
     assert args[:2] == ["srdistill", "run"]
     opts = dict(zip(args[2::2], args[3::2]))
     assert opts["--input"] == FULL["input"] and opts["--out"] == FULL["output"] and opts["--distill"] == "synth"
+    assert opts["--gpus"] == "1"  # the gpu group's one GPU: stages are placed on it
     assert json.loads(opts["--config-json"]) == FULL["config"]
     assert load_config("demo", None, ["distill=synth"], data=json.loads(opts["--config-json"])) == spec.run_config()
 
@@ -114,6 +115,46 @@ def test_fixed_size_groups_do_not_autoscale_and_the_default_image_applies():
     assert job["spec"]["rayClusterSpec"]["enableInTreeAutoscaling"] is False
     assert "autoscalerOptions" not in job["spec"]["rayClusterSpec"]
     assert {p["spec"]["containers"][0]["image"] for p in _pods(job)} == {"img:1"}
+
+
+def test_gpu_pods_get_the_gpu_variant_of_the_image():
+    """A GPU group without its own image runs the cluster image's ``-gpu`` variant; the head and
+    CPU groups keep the ``-cpu`` one unless the head has a GPU; an explicit group image wins."""
+    groups = [{"name": "cpu", "replicas": 1}, {"name": "gpu", "replicas": 1, "maxReplicas": 3, "gpu": 2},
+              {"name": "own", "replicas": 1, "gpu": 1, "image": "mine:7"}]  # fmt: skip
+    spec = k8s.parse_spec({"input": "s3://a/", "output": "s3://b/c", "cluster": {"workerGroups": groups}})
+    job = k8s.rayjob(spec, "x", default_image="reg.example/srdistill:0.2.0-cpu")
+    validate_custom(job)
+    cluster = job["spec"]["rayClusterSpec"]
+    image = {g["groupName"]: g["template"]["spec"]["containers"][0]["image"] for g in cluster["workerGroupSpecs"]}
+    assert image == {"cpu": "reg.example/srdistill:0.2.0-cpu", "gpu": "reg.example/srdistill:0.2.0-gpu", "own": "mine:7"}
+    assert cluster["headGroupSpec"]["template"]["spec"]["containers"][0]["image"] == "reg.example/srdistill:0.2.0-cpu"
+    assert job["spec"]["submitterPodTemplate"]["spec"]["containers"][0]["image"] == "reg.example/srdistill:0.2.0-cpu"
+    # the driver counts on the GPUs the groups can bring up (2 x 3 + 1), even while scaled to zero
+    args = shlex.split(job["spec"]["entrypoint"])
+    assert args[args.index("--gpus") + 1] == "7"
+
+    head_gpu = k8s.parse_spec({"input": "s3://a/", "output": "s3://b/c",
+                               "cluster": {"head": {"gpu": 1}, "workerGroups": [{"name": "cpu"}]}})  # fmt: skip
+    job = k8s.rayjob(head_gpu, "y", default_image="reg.example/srdistill:0.2.0-cpu")
+    assert job["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"][0]["image"].endswith("-gpu")
+    assert "--gpus 1" in job["spec"]["entrypoint"]
+    # CPU-only clusters and standing clusters: no --gpus (the cluster's own resources decide)
+    cpu_only = k8s.parse_spec({"input": "s3://a/", "output": "s3://b/c"})
+    assert "--gpus" not in k8s.rayjob(cpu_only, "z")["spec"]["entrypoint"]
+    standing = k8s.parse_spec({"input": "s3://a/", "output": "s3://b/c",
+                               "cluster": {"existingCluster": "s", "workerGroups": groups}})  # fmt: skip
+    assert "--gpus" not in k8s.rayjob(standing, "w")["spec"]["entrypoint"]
+
+
+@pytest.mark.parametrize("image, expected", [
+    ("ghcr.io/srdistill/srdistill:0.1.0-cpu", "ghcr.io/srdistill/srdistill:0.1.0-gpu"),
+    ("localhost:5000/srdistill:1-cpu", "localhost:5000/srdistill:1-gpu"),
+    ("img:2", "img:2"), ("localhost:5000/srdistill-cpu", "localhost:5000/srdistill-cpu"),
+    ("repo/x:1-gpu", "repo/x:1-gpu"),
+])  # fmt: skip
+def test_gpu_image(image, expected):
+    assert k8s.gpu_image(image) == expected
 
 
 @pytest.mark.parametrize("patch, expected", [

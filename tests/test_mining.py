@@ -19,6 +19,8 @@ from srdistill.mining import (
     summarize_parts,
 )  # fmt: skip
 
+from conftest import data_path
+
 
 def test_patch_positions_and_ids():
     assert patch_positions(10, 6, 4, 3) == [(0, 0), (3, 0), (6, 0)]
@@ -54,10 +56,10 @@ def test_patch_window_psnr_is_srdd_definition():
     assert p[0] == pytest.approx(ref, abs=1e-3)
 
 
-def test_image_window_agrees_with_patch_window_on_real_image(shared_data):
+def test_image_window_agrees_with_patch_window_on_real_image():
     from srdistill.imaging import read_image, to_gray
 
-    gray = to_gray(read_image(shared_data / "BSD200" / "HR" / "100075.png"))
+    gray = to_gray(read_image(data_path("BSD200/HR/100075.png")))
     pos = patch_positions(gray.shape[1], gray.shape[0], 96, 48)
     a, _ = score_patches(gray, pos, 96, stride=48, window="patch")
     b, _ = score_patches(gray, pos, 96, stride=48, window="image")

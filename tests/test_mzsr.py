@@ -9,7 +9,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import T91
+from conftest import T91, data_path
 
 from srdistill import degradation, imaging, metrics, mzsr
 from srdistill.config import MZSRConfig
@@ -27,9 +27,9 @@ def images():
 
 
 @pytest.fixture(scope="module")
-def g20(shared_data):
+def g20():
     """Set5 'butterfly' degraded by MZSR's g20 kernel (x2, direct subsampling), and the kernel."""
-    folder = shared_data / "Set5" / "LR_g20_x2_MZSR"
+    folder = data_path("Set5/LR_g20_x2_MZSR")
     kernel = degradation.load_kernel(folder / "kernel.mat")
     return imaging.read_image(folder / "butterfly.png"), kernel
 
@@ -193,10 +193,10 @@ def test_meta_train_resumes_to_the_uninterrupted_weights(images, tmp_path):
         mzsr.meta_train(MZSRConfig(**{**TINY, "n_feats": 8}), FILES, tmp_path / "c", init=init)
 
 
-def test_float_degradation_and_input_convention_match_mzsr_g20(shared_data):
+def test_float_degradation_and_input_convention_match_mzsr_g20():
     """The float son path rounds to MZSR's own g20 inputs, and with a zero residual the network
     is MATLAB bicubic: Set5 g20 x2 gives the paper's bicubic baseline (28.73 dB)."""
-    folder = shared_data / "Set5"
+    folder = data_path("Set5/LR_g20_x2_MZSR").parent  # its HR/ beside it
     kernel = degradation.load_kernel(folder / "LR_g20_x2_MZSR" / "kernel.mat")
     net = MZSRNet(2, n_feats=4, n_layers=3)
     torch.nn.init.zeros_(net.body[-1].weight)

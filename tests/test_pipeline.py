@@ -18,6 +18,8 @@ from srdistill import storage
 from srdistill.mining import read_patches
 from srdistill.pipeline import NOT_SEMANTIC, run_pipeline
 
+from conftest import T91
+
 pytestmark = pytest.mark.slow
 
 BAD = {  # file -> words its skip reason must contain
@@ -29,10 +31,10 @@ BAD = {  # file -> words its skip reason must contain
 
 
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory, shared_data):
+def corpus(tmp_path_factory):
     """Five real T91 images, a 16-bit and a grayscale copy, and the bad inputs of BAD."""
     root = tmp_path_factory.mktemp("corpus")
-    t91 = sorted((shared_data / "T91" / "HR").glob("*.png"))
+    t91 = sorted(T91.glob("*.png"))
     for f in t91[:5]:
         shutil.copy(f, root / f.name)
     rgb = np.asarray(Image.open(t91[5]).convert("RGB"))

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -14,9 +15,8 @@ from srdistill import imaging
 from srdistill.cli import app
 from srdistill.training import load_checkpoint
 
-from conftest import SHARED, T91
+from conftest import T91, data_path
 
-G20 = SHARED / "Set5" / "LR_g20_x2_MZSR"
 TINY = ["--set", "hr_patch=32", "--set", "tasks_per_batch=1", "--set", "support=2", "--set", "query=2",
         "--set", "inner_steps=1", "--set", "meta_iterations=2"]  # fmt: skip
 
@@ -46,6 +46,7 @@ def test_mzsr_train_pretrains_then_meta_trains(meta_model):
 
 
 def test_zssr_adapt_writes_an_image_of_the_right_size_with_either_method(meta_model, tmp_path):
+    G20 = data_path("Set5/LR_g20_x2_MZSR")
     lr = imaging.read_image(G20 / "butterfly.png")[:40, :48]  # a real g20 LR crop
     imaging.write_png(tmp_path / "lr.png", lr)
     common = ["zssr", "adapt", "--lr-image", str(tmp_path / "lr.png"), "--kernel", str(G20 / "kernel.mat"), "--scale", "2"]
@@ -58,28 +59,30 @@ def test_zssr_adapt_writes_an_image_of_the_right_size_with_either_method(meta_mo
 
 
 def test_eval_kernel_mode_adapts_per_image(meta_model, tmp_path):
+    G20 = data_path("Set5/LR_g20_x2_MZSR")
     ds = tmp_path / "ds"
     ds.mkdir()
-    shutil.copy(SHARED / "Set5" / "HR" / "butterfly.png", ds / "butterfly.png")
+    shutil.copy(G20.parent / "HR" / "butterfly.png", ds / "butterfly.png")
     args = ["eval", "--dataset", str(ds), "--scale", "2", "--kernel", str(G20 / "kernel.mat"), "--json"]
     rows = {}
     for label, extra in {"bicubic": [], "mzsr1": ["--model", str(meta_model), "--adapt-steps", "1"]}.items():
         result = _run(*args, *extra)
         assert result.exit_code == 0, result.output
         rows[label] = json.loads(result.stdout.strip().splitlines()[-1])
-    assert rows["bicubic"]["psnr_y"] == pytest.approx(imaging_bicubic_g20_butterfly(), abs=1e-9)
+    assert rows["bicubic"]["psnr_y"] == pytest.approx(imaging_bicubic_g20_butterfly(G20), abs=1e-9)
     assert rows["mzsr1"]["model"].startswith("MZSR(1)") and rows["mzsr1"]["seconds_per_image"] > 0
 
 
-def imaging_bicubic_g20_butterfly() -> float:
+def imaging_bicubic_g20_butterfly(G20: Path) -> float:
     """Bicubic x2 of the shipped g20 LR butterfly against its HR: what kernel mode must measure."""
     from srdistill import metrics
 
-    hr = imaging.modcrop(imaging.read_image(SHARED / "Set5" / "HR" / "butterfly.png"), 2)
+    hr = imaging.modcrop(imaging.read_image(G20.parent / "HR" / "butterfly.png"), 2)
     return metrics.psnr_y(imaging.imresize(imaging.read_image(G20 / "butterfly.png"), 2), hr, 2)
 
 
 def test_zero_shot_errors_are_clear(meta_model, tmp_path):
+    G20 = data_path("Set5/LR_g20_x2_MZSR")
     result = _run("eval", "--model", "zssr", "--dataset", "Set5", "--scale", "2")
     assert result.exit_code == 2 and "--model zssr needs --kernel" in result.output
     result = _run("eval", "--model", str(meta_model), "--adapt-steps", "3", "--dataset", "Set5", "--scale", "2")
