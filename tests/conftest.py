@@ -4,6 +4,8 @@ server, plus a fault-injecting proxy in front of it)."""
 from __future__ import annotations
 
 import os
+import signal
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -159,3 +161,33 @@ def faulty_s3(s3_server, monkeypatch):
     with FaultyProxy((host, int(port))) as proxy:
         monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.endpoint)
         yield S3Endpoint(endpoint=proxy.endpoint, bucket=s3_server.bucket, client=s3_server.client, proxy=proxy)
+
+
+# --- Ray clusters started by tests with the `ray` CLI -------------------------------------------
+
+
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def kill_ray_processes(sessions: set[int], temp_dir: Path) -> None:
+    """SIGKILL the processes of ``sessions`` and those whose command line names ``temp_dir``."""
+    import psutil
+
+    mine = set()
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        try:
+            if os.getsid(proc.pid) in sessions or str(temp_dir) in " ".join(proc.info["cmdline"] or ()):
+                mine.add(proc)
+                mine.update(proc.children(recursive=True))
+        except (psutil.Error, OSError):
+            pass
+    for proc in mine:
+        try:
+            proc.send_signal(signal.SIGKILL)
+        except psutil.Error:
+            pass
+    psutil.wait_procs(list(mine), timeout=10)

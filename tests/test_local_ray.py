@@ -15,8 +15,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -24,39 +22,13 @@ from pathlib import Path
 
 import pytest
 
-from conftest import T91
+from conftest import T91, free_port, kill_ray_processes
 
 pytestmark = pytest.mark.slow
 
 BIN = Path(sys.executable).parent
 if not (BIN / "ray").is_file() or not (BIN / "srdistill").is_file():
     pytest.skip(f"the ray and srdistill commands are not installed beside {sys.executable}", allow_module_level=True)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _kill(session: int, temp_dir: Path) -> None:
-    """SIGKILL the processes of ``session`` and those whose command line names ``temp_dir``."""
-    import psutil
-
-    mine = set()
-    for proc in psutil.process_iter(["pid", "cmdline"]):
-        try:
-            if os.getsid(proc.pid) == session or str(temp_dir) in " ".join(proc.info["cmdline"] or ()):
-                mine.add(proc)
-                mine.update(proc.children(recursive=True))
-        except (psutil.Error, OSError):
-            pass
-    for proc in mine:
-        try:
-            proc.send_signal(signal.SIGKILL)
-        except psutil.Error:
-            pass
-    psutil.wait_procs(list(mine), timeout=10)
 
 
 @pytest.fixture(scope="module")
@@ -67,11 +39,11 @@ def head():
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
     env.update(RAY_TMPDIR=str(tmp), RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0", HF_HUB_OFFLINE="1",
                PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}")  # fmt: skip
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen([str(BIN / "ray"), "start", "--head", "--port", str(port), "--num-cpus", "1",
                              "--include-dashboard", "false", "--disable-usage-stats",
                              "--object-store-memory", str(100 * 2**20), "--dashboard-agent-listen-port",
-                             str(_free_port()), "--ray-client-server-port", str(_free_port())],
+                             str(free_port()), "--ray-client-server-port", str(free_port())],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)  # fmt: skip
     try:
@@ -80,7 +52,7 @@ def head():
         assert (tmp / "ray" / "ray_current_cluster").read_text().strip().endswith(f":{port}")
         yield port, env
     finally:
-        _kill(proc.pid, tmp)
+        kill_ray_processes({proc.pid}, tmp)
         shutil.rmtree(tmp, ignore_errors=True)
 
 

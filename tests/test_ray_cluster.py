@@ -19,8 +19,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -31,7 +29,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, T91
+from conftest import REPO, T91, free_port, kill_ray_processes
 
 pytestmark = pytest.mark.slow
 
@@ -53,35 +51,9 @@ class Cluster:
     env: dict  # environment for the ray CLI
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _ray(env: dict, *args: str, timeout: float = 120, **kw) -> subprocess.CompletedProcess:
     return subprocess.run([str(RAY_CLI), *args], env=env, capture_output=True, text=True,
                           timeout=timeout, **kw)  # fmt: skip
-
-
-def _kill_cluster(sessions: set[int], temp_dir: Path) -> None:
-    """SIGKILL the processes of ``sessions`` and those whose command line names ``temp_dir``."""
-    import psutil
-
-    mine = set()
-    for proc in psutil.process_iter(["pid", "cmdline"]):
-        try:
-            if os.getsid(proc.pid) in sessions or str(temp_dir) in " ".join(proc.info["cmdline"] or ()):
-                mine.add(proc)
-                mine.update(proc.children(recursive=True))
-        except (psutil.Error, OSError):
-            pass
-    for proc in mine:
-        try:
-            proc.send_signal(signal.SIGKILL)
-        except psutil.Error:
-            pass
-    psutil.wait_procs(list(mine), timeout=10)
 
 
 @pytest.fixture(scope="module")
@@ -90,7 +62,7 @@ def ray_cluster():
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
     env.update(RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0",
                PATH=f"{RAY_CLI.parent}{os.pathsep}{env.get('PATH', '')}")  # fmt: skip
-    gcs, dash = _free_port(), _free_port()
+    gcs, dash = free_port(), free_port()
     common = ["--disable-usage-stats", "--object-store-memory", str(100 * 2**20),
               "--dashboard-agent-listen-port"]  # fmt: skip
     sessions: set[int] = set()
@@ -105,14 +77,14 @@ def ray_cluster():
     try:
         start("--head", "--port", str(gcs), "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash),
               "--include-dashboard", "true", "--num-cpus", "0", "--temp-dir", str(temp_dir),
-              "--ray-client-server-port", str(_free_port()), *common, str(_free_port()))  # fmt: skip
+              "--ray-client-server-port", str(free_port()), *common, str(free_port()))  # fmt: skip
         for i in (1, 2):  # a temp dir per node, as on separate machines: each node's runtime-env
             # agent deletes the working_dir copies it no longer uses, the driver's cwd included
             start("--address", f"127.0.0.1:{gcs}", "--num-cpus", "1", "--temp-dir", str(temp_dir / f"w{i}"),
-                  *common, str(_free_port()))  # fmt: skip
+                  *common, str(free_port()))  # fmt: skip
         yield Cluster(gcs, f"http://127.0.0.1:{dash}", temp_dir, env)
     finally:
-        _kill_cluster(sessions, temp_dir)
+        kill_ray_processes(sessions, temp_dir)
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
