@@ -16,7 +16,7 @@ from typing import Optional
 
 import typer
 
-from .config import RayConfig, load_config, preset_names, read_yaml_mapping
+from .config import RayConfig, describe_error, load_config, preset_names, read_yaml_mapping
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.split("\n")[0])
 
@@ -29,12 +29,20 @@ def _print_version(value: bool) -> None:
         raise typer.Exit()
 
 
+#: ``--debug``: errors that end a command also print their traceback.
+_DEBUG = False
+
+
 @app.callback()
 def _main(
     version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
                                  help="print the version and exit"),  # fmt: skip
+    debug: bool = typer.Option(False, "--debug", help="print the traceback of an error (user errors "
+                               "are otherwise one or two lines, exit code 2)"),  # fmt: skip
 ) -> None:
     """srdistill: dataset distillation for super-resolution."""
+    global _DEBUG
+    _DEBUG = debug
 
 _INPUT_HELP = ("HR corpus: a folder or s3:// prefix of images (searched recursively), or a manifest file of "
                "image URIs (.parquet/.csv/.txt)")
@@ -50,7 +58,22 @@ _ADDRESS_HELP = ("join the Ray cluster at this address (ray.address; default $RA
                  "Ray, never a cluster that a `ray start` left on this machine)")
 
 
+_DEVICES = ("auto", "cpu", "cuda")
+
+
+def _check_scale(scale: Optional[int]) -> None:
+    """``--scale`` of a command: 2 to 8 (``RunConfig.scale``), else exit 2."""
+    if scale is not None and not 2 <= scale <= 8:
+        _fail(f"--scale {scale} is not an SR scale: give 2 to 8")
+
+
 def _fail(message: str) -> None:
+    """Exit 2 with ``error: message`` on stderr; with ``--debug``, after the traceback of the
+    exception being handled (if any)."""
+    if _DEBUG and sys.exc_info()[0] is not None:
+        import traceback
+
+        traceback.print_exc()
     typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
     raise typer.Exit(2)
 
@@ -59,7 +82,7 @@ def _config(preset, config, overrides, *, recipe: bool = False, data: dict | Non
     try:
         return load_config(preset, config, overrides, recipe=recipe, data=data)
     except ValueError as exc:  # pydantic's ValidationError is a ValueError
-        _fail(str(exc))
+        _fail(describe_error(exc))
 
 
 @app.command()
@@ -182,7 +205,7 @@ def synthesize(
                           seed=seed, num_actors=workers, device="cpu" if gpus == 0 else "auto")  # fmt: skip
         ray_cfg = RayConfig(address=address, num_gpus=gpus)
     except ValidationError as exc:
-        _fail(str(exc))
+        _fail(describe_error(exc, SynthConfig))
     meta_file = model / "backbone.json"
     if not meta_file.is_file():
         _fail(f"--model {str(model)!r} is not a fine-tuned model (no backbone.json)")
@@ -220,7 +243,8 @@ def train(
     from .evaluation import list_images
     from .training import train_sr
 
-    extra = [f"train.model={model}"] * bool(model) + [f"scale={scale}"] * bool(scale)
+    _check_scale(scale)
+    extra = [f"train.model={model}"] * bool(model) + [f"scale={scale}"] * (scale is not None)
     extra += [f"train.iterations={iterations}"] * bool(iterations)
     extra += _training_overrides("train", workers, gpus) + _ray_overrides(None, address)
     cfg = _config(preset, config, [*overrides, *extra], recipe=recipe)
@@ -268,6 +292,9 @@ def eval_(
 
     from .weights import fetch_weights, is_url
 
+    if device not in _DEVICES:
+        _fail(f"--device {device!r} is not one of {', '.join(_DEVICES)}")
+    _check_scale(scale)
     k = _kernel(kernel) if kernel is not None else None
     label = "bicubic"
     net = "bicubic"
@@ -364,7 +391,8 @@ def bench_quality(
     from . import runner
     from .benchmark import QualityBench, markdown_table, plot, run_quality_bench, summarize
 
-    extra = [f"train.model={model}"] * bool(model) + [f"scale={scale}"] * bool(scale)
+    _check_scale(scale)
+    extra = [f"train.model={model}"] * bool(model) + [f"scale={scale}"] * (scale is not None)
     extra += [f"train.iterations={iterations}"] * bool(iterations)
     extra += ["embed.allow_random_init=true", "complexity.allow_random_init=true"] * allow_random_init
     extra += _ray_overrides(gpus, address)
@@ -425,7 +453,7 @@ def _mzsr_config(config: Optional[Path], overrides: list[str], **fixed):
         data.update({k: v for k, v in fixed.items() if v is not None})
         return MZSRConfig.model_validate(data)
     except ValueError as exc:
-        _fail(str(exc))
+        _fail(describe_error(exc, MZSRConfig))
 
 
 def _kernel(path: Path):

@@ -5,7 +5,10 @@ Each stage has its own pydantic model; ``RunConfig`` nests them. Unknown keys ar
 in a YAML file fails at load time with the bad key or value named.
 
 Presets (``tiny``, ``demo``, ``srdd``) are YAML files in ``srdistill/presets/``; a user config
-file and ``--set key.sub=value`` overrides are deep-merged on top of the chosen preset.
+file and ``--set key.sub=value`` overrides are deep-merged on top of the chosen preset. What
+the user sets wins over what a preset derives (``mine.patch_preset`` expands in the layer that
+sets it; see ``load_config``); a conflict inside one layer is an error naming both values.
+``describe_error`` turns a validation error into ``field.path: message`` lines for the CLI.
 """
 
 from __future__ import annotations
@@ -76,11 +79,7 @@ class MineConfig(_Strict):
     @classmethod
     def _expand_preset(cls, data: Any) -> Any:
         if isinstance(data, dict) and data.get("patch_preset"):
-            name = data["patch_preset"]
-            if name not in PATCH_PRESETS:
-                raise ValueError(f"patch_preset {name!r} is not one of {sorted(PATCH_PRESETS)}")
-            size, stride = PATCH_PRESETS[name]
-            data = {**data, "patch_size": size, "stride": stride}
+            data = _expand_patch_preset(data, "")
         return data
 
     @model_validator(mode="after")
@@ -90,6 +89,26 @@ class MineConfig(_Strict):
                 f"patch_size {self.patch_size} must be divisible by bic_scale {self.bic_scale}"
             )
         return self
+
+
+def _expand_patch_preset(mine: dict, where: str) -> dict:
+    """``mine`` with its ``patch_preset`` expanded into ``patch_size``/``stride``.
+
+    A ``patch_size`` or ``stride`` given next to the ``patch_preset`` (in the same mapping:
+    the same file, the same ``--set``) that differs from what the preset derives is a real
+    conflict: a ValueError naming both (never silently resolved). ``where`` names the source.
+    """
+    name = mine["patch_preset"]
+    if name not in PATCH_PRESETS:
+        raise ValueError(f"patch_preset {name!r} is not one of {sorted(PATCH_PRESETS)}")
+    derived = dict(zip(("patch_size", "stride"), PATCH_PRESETS[name]))
+    for key, value in derived.items():
+        if mine.get(key) is not None and mine[key] != value:
+            raise ValueError(
+                f"{where + ': ' if where else ''}mine.{key} {mine[key]} conflicts with mine.patch_preset {name!r} (which sets "
+                f"{key} {value}): give one of them, or set mine.patch_preset=null"
+            )
+    return {**mine, **derived}
 
 
 class _ActorStage(_Strict):
@@ -638,30 +657,74 @@ def parse_override(item: str) -> dict:
     """``"train.iterations=500"`` -> ``{"train": {"iterations": 500}}`` (value parsed as YAML).
 
     Raises:
-        ValueError: if ``item`` has no ``=``.
+        ValueError: if ``item`` has no ``=``, or its value is not valid YAML (the message names
+            the item and the column).
     """
     if "=" not in item:
-        raise ValueError(f"override {item!r} is not of the form key.sub=value")
+        raise ValueError(f"--set {item!r} is not of the form key.sub=value")
     key, raw = item.split("=", 1)
-    value: Any = yaml.safe_load(raw)
+    try:
+        value: Any = yaml.safe_load(raw)
+    except yaml.YAMLError as exc:
+        raise ValueError(f"--set {item!r}: the value is not valid YAML{_yaml_where(exc, len(key) + 1)}"
+                         f"{_yaml_problem(exc)} (fix it, or quote a string value)") from None  # fmt: skip
     for part in reversed(key.strip().split(".")):
         value = {part: value}
     return value
+
+
+def _yaml_where(exc: yaml.YAMLError, column_offset: int | None = None) -> str:
+    """`` at line L, column C`` of a YAML error (1-based), or with ``column_offset`` (the value
+    of a ``--set`` item) `` at column C`` of the item; ``""`` when the error has no position."""
+    mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+    if mark is None:
+        return ""
+    if column_offset is None:
+        return f" at line {mark.line + 1}, column {mark.column + 1}"
+    return f" at column {mark.column + 1 + column_offset}"
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    problem = getattr(exc, "problem", None)
+    return f": {problem}" if problem else ""
 
 
 def read_yaml_mapping(path: str | Path) -> dict:
     """The YAML mapping in file ``path`` (an empty file is ``{}``).
 
     Raises:
-        ValueError: the file does not exist, or holds something other than a mapping.
+        ValueError: the file does not exist, is not valid YAML (the message names the file,
+            line and column), or holds something other than a mapping.
     """
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"file {str(path)!r} does not exist")
-    loaded = yaml.safe_load(path.read_text()) or {}
+    try:
+        loaded = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ValueError(f"{path}: invalid YAML{_yaml_where(exc)}{_yaml_problem(exc)}") from None
     if not isinstance(loaded, dict):
-        raise ValueError(f"file {str(path)!r} must hold a YAML mapping")
+        raise ValueError(f"file {str(path)!r} must hold a YAML mapping, not a {type(loaded).__name__}")
     return loaded
+
+
+def _merge_layer(merged: dict, layer: dict, where: str) -> dict:
+    """``layer`` deep-merged over ``merged``; ``where`` names the layer in errors.
+
+    A ``mine.patch_preset`` expands into ``patch_size``/``stride`` in the layer that sets it
+    (a differing ``patch_size``/``stride`` next to it in the same layer is an error). A later
+    layer's ``patch_size``/``stride`` then win over those derived values, and the merged
+    ``patch_preset`` is cleared, so that the recorded config says what is mined.
+    """
+    mine = layer.get("mine")
+    if isinstance(mine, dict) and mine.get("patch_preset"):
+        layer = {**layer, "mine": _expand_patch_preset(mine, where)}
+    out = _deep_merge(merged, layer)
+    m = out.get("mine")
+    if isinstance(m, dict) and m.get("patch_preset") in PATCH_PRESETS:
+        if (m.get("patch_size"), m.get("stride")) != PATCH_PRESETS[m["patch_preset"]]:
+            out["mine"] = {**m, "patch_preset": None}
+    return out
 
 
 def load_config(
@@ -679,25 +742,79 @@ def load_config(
     With ``recipe``, the published training settings of the chosen network (``RECIPES``) are
     applied after the preset and before the file, data and overrides.
 
+    What the user sets wins over what a preset derives: each layer is merged over the ones
+    before it, and a value derived from a setting (``mine.patch_preset`` -> ``patch_size``,
+    ``stride``) is derived in the layer of that setting, so ``--preset srdd --set
+    mine.patch_size=96`` mines 96-pixel windows (stride 256 from ``srdd``; ``patch_preset``
+    recorded as null). A real conflict inside one layer (``patch_preset: srdd`` next to
+    ``patch_size: 96`` in the same file) is an error naming both, never silently resolved.
+
     Raises:
-        ValueError: unknown preset name, unreadable/invalid YAML, or a pydantic validation
-            error naming the offending key.
+        ValueError: unknown preset name, unreadable/invalid YAML (file or ``--set`` item named,
+            with line/column), a conflict inside one layer, or a pydantic validation error
+            naming the offending key (``describe_error`` condenses it).
     """
-    merged: dict = {}
+    layers: list[tuple[str, dict]] = []
     if preset is not None:
         path = PRESET_DIR / f"{preset}.yaml"
         if not path.is_file():
             raise ValueError(f"preset {preset!r} is not one of {preset_names()}")
-        merged = yaml.safe_load(path.read_text()) or {}
+        layers.append((f"preset {preset!r}", read_yaml_mapping(path)))
     if recipe:
         model = load_config(preset, config_file, overrides, data=data).train.model
-        merged = _deep_merge(merged, {"train": RECIPES[model]})
+        layers.append(("--recipe", {"train": RECIPES[model]}))
     if config_file is not None:
-        merged = _deep_merge(merged, read_yaml_mapping(config_file))
+        layers.append((str(config_file), read_yaml_mapping(config_file)))
     if data is not None:
         if not isinstance(data, dict):
             raise ValueError(f"config data must be a mapping, got {type(data).__name__}")
-        merged = _deep_merge(merged, data)
+        layers.append(("config data", data))
     for item in overrides:
-        merged = _deep_merge(merged, parse_override(item))
+        layers.append((f"--set {item!r}", parse_override(item)))
+    merged: dict = {}
+    for where, layer in layers:
+        merged = _merge_layer(merged, layer, where)
     return RunConfig.model_validate(merged)
+
+
+def _model_at(model: type[BaseModel], loc: tuple) -> type[BaseModel] | None:
+    """The pydantic model class that holds the field at ``loc`` (``loc[:-1]`` walked from ``model``)."""
+    for part in loc[:-1]:
+        field = model.model_fields.get(part) if isinstance(part, str) else None
+        annotation = getattr(field, "annotation", None)
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return None
+        model = annotation
+    return model
+
+
+def describe_error(exc: Exception, model: type[BaseModel] = None) -> str:  # type: ignore[assignment]
+    """A user-facing message for a config error: a pydantic ``ValidationError`` condensed to one
+    ``field.path: message`` line per error (no pydantic URL; an unknown key gets the closest
+    field names of ``model``, default ``RunConfig``: "did you mean 'iterations'?"), any other
+    exception as ``str(exc)``."""
+    import difflib
+
+    from pydantic import ValidationError
+
+    if not isinstance(exc, ValidationError):
+        return str(exc)
+    model = model or RunConfig
+    lines = []
+    for err in exc.errors():
+        loc = tuple(err["loc"])
+        path = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".") or "config"
+        if err["type"] == "extra_forbidden":
+            holder = _model_at(model, loc)
+            fields = list(holder.model_fields) if holder is not None else []
+            close = difflib.get_close_matches(str(loc[-1]), fields, n=1) if loc else []
+            hint = f"did you mean {close[0]!r}?" if close else f"known keys: {', '.join(fields)}" if fields else ""
+            lines.append(f"{path}: unknown key" + (f"; {hint}" if hint else ""))
+            continue
+        message = err["msg"].removeprefix("Value error, ")
+        if err["type"] not in ("value_error", "assertion_error") and "input" in err and not isinstance(
+            err["input"], (dict, list)
+        ):
+            message += f" (got {err['input']!r})"
+        lines.append(f"{path}: {message}")
+    return "\n".join(lines)

@@ -9,14 +9,21 @@ streaming pass. The plan (``plan/files.parquet``) holds one row per image:
 * ``key``: the name the patch ids are derived from (``mining.patch_id``): the path relative to
   the corpus root for a directory, the entry as written for a manifest (relative entries are
   resolved against the manifest's folder but keep their relative key), so ids survive moving
-  the corpus.
+  the corpus;
+* ``skip``: ``""`` for an image to mine, else why the entry is not mined: a local directory is
+  walked by ``storage.walk_local`` (symlinks followed, each real file once, a directory loop
+  not descended twice) and what it could not list (a directory loop, a dangling or looping
+  link, an unreadable entry, a directory named like an image, a second name of a file) is
+  planned as such a row, so mining records it in ``mine/skipped.parquet`` with the images it
+  could not decode.
 
 Each parquet row group of the plan is one *shard* of ``images_per_shard`` images, the unit of
 work of mining: a shard's output is one part file named after the shard, written atomically,
 so a retried or resumed shard replaces nothing and duplicates nothing.
 
 Memory: planning a manifest holds one shard and one read batch; planning a directory holds the
-listing (pyarrow's ``get_file_info``), which is why manifests are the way to give ~10^6 files.
+listing (``storage.walk_local`` locally, pyarrow's ``get_file_info`` on S3), which is why
+manifests are the way to give ~10^6 files.
 
 No Ray here.
 """
@@ -39,7 +46,7 @@ from . import storage
 __all__ = ["PLAN_SCHEMA", "MANIFEST_SUFFIXES", "CorpusPlan", "is_manifest", "input_signature", "plan_corpus",
            "read_shard", "num_shards"]  # fmt: skip
 
-PLAN_SCHEMA = pa.schema([("uri", pa.string()), ("key", pa.string())])
+PLAN_SCHEMA = pa.schema([("uri", pa.string()), ("key", pa.string()), ("skip", pa.string())])
 #: File names taken as a manifest of URIs rather than a single image.
 MANIFEST_SUFFIXES = (".parquet", ".csv", ".txt")
 #: Column names looked for in a manifest, in order (else its only column).
@@ -52,12 +59,13 @@ class CorpusPlan:
     """What ``plan_corpus`` wrote.
 
     Attributes:
-        images: rows of the plan (images to mine).
-        shards: row groups of the plan (``ceil(images / images_per_shard)``).
+        images: rows of the plan to mine (``skip == ""``).
+        shards: row groups of the plan (``ceil((images + skipped) / images_per_shard)``).
         other_files_ignored: listed files or manifest entries without an image extension.
         source: ``"listing"`` (a directory or prefix) or ``"manifest"``.
         digest: 20 hex digits identifying the planned content (URIs, and sizes and mtimes for a
             listing), for stage fingerprints.
+        skipped: rows planned as skipped (``skip != ""``): what a local listing could not list.
     """
 
     images: int
@@ -65,6 +73,7 @@ class CorpusPlan:
     other_files_ignored: int
     source: str
     digest: str
+    skipped: int = 0
 
 
 def is_manifest(uri: str) -> bool:
@@ -76,15 +85,40 @@ def _has_extension(name: str, exts: tuple[str, ...]) -> bool:
     return name.lower().endswith(exts)
 
 
-def _listing(root: str, exts: tuple[str, ...]) -> Iterator[tuple[list[str], list[str], str, int]]:
-    """``(uris, keys, digest text, files ignored)`` of the image files under ``root``, sorted,
-    as a single batch (the listing is held in memory)."""
+Batch = tuple[list[str], list[str], list[str], str, int]
+
+
+def _local_listing(root: str, exts: tuple[str, ...]) -> Iterator[Batch]:
+    """``_listing`` of a local directory (``storage.walk_local``): the image files and, as rows
+    with a ``skip`` reason, the problems worth recording: directories (loops, unreadable,
+    listed elsewhere) always, other entries when named like an image."""
+    found = storage.walk_local(root)
+    rows = [(rel, "", f"{rel}\x1f{n}\x1f{t}\n") for rel, n, t in found.files if _has_extension(rel, exts)]
+    ignored = len(found.files) - len(rows)
+    for rel, reason, is_dir in found.problems:
+        if is_dir or _has_extension(rel, exts):
+            rows.append((rel, reason, f"{rel}\x1f!{reason}\n"))
+        else:
+            ignored += 1
+    rows += [(rel, "a directory, not an image file", f"{rel}\x1f!dir\n")
+             for rel in found.dirs if rel != "." and _has_extension(rel, exts)]  # fmt: skip
+    rows.sort()
+    yield ([storage.join(root, r[0]) for r in rows], [r[0] for r in rows], [r[1] for r in rows],
+           "".join(r[2] for r in rows), ignored)  # fmt: skip
+
+
+def _listing(root: str, exts: tuple[str, ...]) -> Iterator[Batch]:
+    """``(uris, keys, skips, digest text, files ignored)`` of the image files under ``root``,
+    sorted, as a single batch (the listing is held in memory)."""
     fs, path = storage.filesystem(root)
     with storage.errors("list", root):
         kind = fs.get_file_info(path).type
     if kind != pafs.FileType.Directory:
         raise FileNotFoundError(f"input {root!r} is not a directory, S3 prefix or manifest file "
                                 f"({', '.join(MANIFEST_SUFFIXES)})")  # fmt: skip
+    if not storage.is_s3(root):
+        yield from _local_listing(root, exts)
+        return
     with storage.errors("list", root):
         infos = fs.get_file_info(pafs.FileSelector(path, recursive=True))
     files = sorted((i for i in infos if i.type == pafs.FileType.File), key=lambda i: i.path)
@@ -95,7 +129,7 @@ def _listing(root: str, exts: tuple[str, ...]) -> Iterator[tuple[list[str], list
             uris.append(storage.join(root, rel))
             keys.append(rel)
             lines.append(f"{rel}\x1f{i.size}\x1f{i.mtime_ns}\n")
-    yield uris, keys, "".join(lines), len(files) - len(uris)
+    yield uris, keys, [""] * len(uris), "".join(lines), len(files) - len(uris)
 
 
 def _manifest_column(names: list[str], uri: str) -> str:
@@ -132,7 +166,7 @@ def _manifest_batches(uri: str) -> Iterator[pa.Array]:
             yield batch.column(col)
 
 
-def _manifest(uri: str, exts: tuple[str, ...]) -> Iterator[tuple[list[str], list[str], str, int]]:
+def _manifest(uri: str, exts: tuple[str, ...]) -> Iterator[Batch]:
     base = storage.parent(uri)
     row = 0
     for column in _manifest_batches(uri):
@@ -148,7 +182,7 @@ def _manifest(uri: str, exts: tuple[str, ...]) -> Iterator[tuple[list[str], list
             uris.append(entry if absolute else storage.join(base, entry))
             keys.append(entry)
         row += len(entries)
-        yield uris, keys, "\n".join(keys) + "\n", ignored
+        yield uris, keys, [""] * len(uris), "\n".join(keys) + "\n", ignored
 
 
 @storage.retry
@@ -181,13 +215,15 @@ def plan_corpus(input_uri: str, plan_uri: str, *, extensions: tuple[str, ...],
     batches = _manifest(input_uri, exts) if manifest else _listing(input_uri, exts)
     digest = hashlib.sha256()
     pending: list[pa.Table] = []
-    n_pending = images = ignored = 0
+    n_pending = images = ignored = skipped = 0
     with storage.atomic_writer(plan_uri) as sink, pq.ParquetWriter(sink, PLAN_SCHEMA) as writer:
-        for uris, keys, lines, n_ignored in batches:
+        for uris, keys, skips, lines, n_ignored in batches:
             digest.update(lines.encode())
             ignored += n_ignored
-            images += len(uris)
-            pending.append(pa.table({"uri": uris, "key": keys}, schema=PLAN_SCHEMA))
+            n_skipped = sum(1 for s in skips if s)
+            images += len(uris) - n_skipped
+            skipped += n_skipped
+            pending.append(pa.table({"uri": uris, "key": keys, "skip": skips}, schema=PLAN_SCHEMA))
             n_pending += len(uris)
             while n_pending >= images_per_shard:  # write whole shards as row groups
                 table = pa.concat_tables(pending)
@@ -196,8 +232,9 @@ def plan_corpus(input_uri: str, plan_uri: str, *, extensions: tuple[str, ...],
                 pending, n_pending = [rest], rest.num_rows
         if n_pending:
             writer.write_table(pa.concat_tables(pending), row_group_size=images_per_shard)
-    return CorpusPlan(images=images, shards=-(-images // images_per_shard), other_files_ignored=ignored,
-                      source="manifest" if manifest else "listing", digest=digest.hexdigest()[:20])  # fmt: skip
+    return CorpusPlan(images=images, shards=-(-(images + skipped) // images_per_shard), other_files_ignored=ignored,
+                      source="manifest" if manifest else "listing", digest=digest.hexdigest()[:20],
+                      skipped=skipped)  # fmt: skip
 
 
 @storage.retry
@@ -213,7 +250,7 @@ def input_signature(input_uri: str, extensions: tuple[str, ...]) -> str:
         return f"{info.size}:{info.mtime_ns}"
     if storage.is_s3(input_uri):
         return ""
-    _, _, text, _ = next(_listing(input_uri, tuple(e.lower() for e in extensions)))
+    _, _, _, text, _ = next(_listing(input_uri, tuple(e.lower() for e in extensions)))
     return hashlib.sha256(text.encode()).hexdigest()[:20]
 
 

@@ -40,6 +40,8 @@ __all__ = [
     "kept_mask",
     "read_patches",
     "summarize_parts",
+    "dedupe_parts",
+    "content_digest",
     "patch_id",
     "patch_positions",
     "score_patches",
@@ -63,8 +65,9 @@ PATCH_SCHEMA = pa.schema(
     ]
 )
 #: Schema of ``mine_images`` and of the stored parts: a patch row has ``error == ""``; a skipped
-#: image is one row with ``x = y = -1`` and the reason in ``error``.
-MINED_SCHEMA = PATCH_SCHEMA.append(pa.field("error", pa.string()))
+#: image is one row with ``x = y = -1`` and the reason in ``error``. ``content``: ``content_digest``
+#: of the decoded image on each of its rows (null where it was not decoded), for ``dedupe_parts``.
+MINED_SCHEMA = PATCH_SCHEMA.append(pa.field("error", pa.string())).append(pa.field("content", pa.binary(16)))
 #: ``mine/skipped.parquet``: every skipped image and why.
 SKIPPED_SCHEMA = pa.schema([("source", pa.string()), ("error", pa.string())])
 
@@ -186,9 +189,17 @@ def score_patches(
     return psnr_bic, grad
 
 
-def _skip_row(path: str, reason: str) -> dict:
+def _skip_row(path: str, reason: str, content: bytes | None = None) -> dict:
     return {"patch_id": "", "source": path, "x": -1, "y": -1, "size": 0, "img_w": 0, "img_h": 0,
-            "psnr_bic": np.nan, "grad": np.nan, "error": reason}  # fmt: skip
+            "psnr_bic": np.nan, "grad": np.nan, "error": reason, "content": content}  # fmt: skip
+
+
+def content_digest(img: np.ndarray) -> bytes:
+    """16-byte BLAKE2b digest of a decoded image (its shape, dtype and pixels): equal exactly
+    when the decoded content is, whatever the file bytes or format."""
+    h = hashlib.blake2b(f"{img.shape}|{img.dtype.str}|".encode(), digest_size=16)
+    h.update(np.ascontiguousarray(img).data)
+    return h.digest()
 
 
 def mine_image(path: str, cfg: MineConfig, *, key: str | None = None, root: str | None = None) -> list[dict]:
@@ -219,6 +230,7 @@ def mine_image(path: str, cfg: MineConfig, *, key: str | None = None, root: str 
     except ImageReadError as exc:
         return [_skip_row(path, exc.reason)]
     h, w = img.shape[:2]
+    content = content_digest(img)
     if key is None:
         key = Path(os.path.relpath(path, root)).as_posix() if root else path
     gray = to_gray(img)
@@ -228,17 +240,20 @@ def mine_image(path: str, cfg: MineConfig, *, key: str | None = None, root: str 
     )
     return [
         {"patch_id": patch_id(key, x, y, size), "source": path, "x": x, "y": y, "size": size,
-         "img_w": w, "img_h": h, "psnr_bic": float(p), "grad": float(g), "error": ""}  # fmt: skip
+         "img_w": w, "img_h": h, "psnr_bic": float(p), "grad": float(g), "error": "", "content": content}  # fmt: skip
         for (x, y), p, g in zip(positions, psnr_bic, grad)
     ]
 
 
 def mine_images(paths: list[str] | np.ndarray, cfg: MineConfig, *, root: str | None = None,
-                keys: list[str] | None = None) -> pa.Table:  # fmt: skip
+                keys: list[str] | None = None, skips: list[str] | None = None) -> pa.Table:  # fmt: skip
     """``mine_image`` over several images (``keys[i]`` naming ``paths[i]``), as one
-    ``MINED_SCHEMA`` table, rows in input order."""
+    ``MINED_SCHEMA`` table, rows in input order. ``skips[i]``, when not empty, is a reason
+    decided before (the plan's ``skip``): ``paths[i]`` is not read, one skip row says why."""
     keys = keys if keys is not None else [None] * len(paths)
-    rows = [row for p, k in zip(paths, keys) for row in mine_image(str(p), cfg, key=k, root=root)]
+    skips = skips if skips is not None else [""] * len(paths)
+    rows = [row for p, k, why in zip(paths, keys, skips)
+            for row in ([_skip_row(str(p), why)] if why else mine_image(str(p), cfg, key=k, root=root))]  # fmt: skip
     return pa.Table.from_pylist(rows, schema=MINED_SCHEMA)
 
 
@@ -312,7 +327,8 @@ def mine_shard(plan_uri: str, shard: int, parts_uri: str, cfg: MineConfig) -> in
     if storage.exists(out):
         return -1
     plan = read_shard(plan_uri, shard)
-    table = mine_images(plan.column("uri").to_pylist(), cfg, keys=plan.column("key").to_pylist())
+    skips = plan.column("skip").to_pylist() if "skip" in plan.column_names else None
+    table = mine_images(plan.column("uri").to_pylist(), cfg, keys=plan.column("key").to_pylist(), skips=skips)
     storage.write_parquet(out, table)
     return table.num_rows
 
@@ -366,20 +382,110 @@ def apply_keep_rule(table: pa.Table, cfg: MineConfig) -> pa.Table:
     return table.append_column("kept", pa.array(kept_mask(table, rule)))
 
 
+#: Start of the skip reason of an image already mined under another URI: ``duplicate of <uri>``.
+DUPLICATE = "duplicate of "
+_IMAGE_COLUMNS = ["source", "x", "y", "error", "content"]
+
+
+def _part_images(uri: str) -> tuple[pa.Table, np.ndarray] | None:
+    """The columns ``_IMAGE_COLUMNS`` of the mined part ``uri`` and the row index where each of
+    its decoded images starts (its (0, 0) patch, or its skip row when it carries a digest), in
+    row order; ``None`` for a part written before digests existed (no ``content`` column)."""
+    fs, path = storage.filesystem(uri)
+    with storage.errors("read", uri), fs.open_input_file(path) as f:
+        if "content" not in pq.read_schema(f).names:
+            return None
+    t = storage.read_parquet(uri, columns=_IMAGE_COLUMNS)
+    has = pc.is_valid(t.column("content"))
+    origin = pc.and_(pc.equal(t.column("x"), 0), pc.equal(t.column("y"), 0))
+    first = pc.or_(origin, pc.not_equal(t.column("error"), ""))
+    return t, np.flatnonzero(pc.and_(has, first).to_numpy(zero_copy_only=False))
+
+
+def dedupe_parts(parts_uri: str) -> int:
+    """Keep every decoded image once: of the images with the same ``content`` digest (the same
+    decoded pixels, see ``content_digest``), the first in plan order (parts by shard, rows in
+    plan order; for a directory that is the smallest path) keeps its patches; each later one's
+    patch rows are replaced, in place in its part (rewritten atomically), by one skip row
+    ``duplicate of <first uri>`` that keeps the digest.
+
+    The outcome depends only on the plan, not on which shard finished first, and the pass is
+    idempotent: after a kill between two part rewrites it is simply run again. Patch ids of the
+    images kept do not change.
+
+    Memory: 16 bytes per decoded image for the digests (plus ~3x that while ``np.unique``
+    sorts them) and the URIs of the first occurrences that have duplicates; one part at a time.
+
+    Returns:
+        The number of images that duplicate an earlier one.
+    """
+    parts = storage.list_files(parts_uri, [".parquet"])
+    chunks, counts = [], []
+    for uri in parts:  # pass 1: the digests of all decoded images, in plan order
+        found = _part_images(uri)
+        digests = [] if found is None else found[0].column("content").take(pa.array(found[1], pa.int64())).to_pylist()
+        chunks.append(np.array(digests, dtype="S16"))
+        counts.append(len(digests))
+    if not sum(counts):
+        return 0
+    digests = np.concatenate(chunks)
+    del chunks
+    _, first_at, inverse = np.unique(digests, return_index=True, return_inverse=True)
+    del digests
+    first = first_at[inverse.reshape(-1)]  # ordinal -> ordinal of its first occurrence
+    del inverse, first_at
+    dup = first != np.arange(len(first))
+    if not dup.any():
+        return 0
+    wanted = set(first[dup].tolist())
+    first_uri: dict[int, str] = {}
+    offset = 0
+    for uri, n in zip(parts, counts):  # pass 2: rewrite the parts holding unmarked duplicates
+        if not n:
+            continue
+        t, starts = _part_images(uri)
+        ords = offset + np.arange(n)
+        offset += n
+        sources = t.column("source").to_numpy(zero_copy_only=False)
+        errors_ = t.column("error").to_numpy(zero_copy_only=False)
+        for o, row in zip(ords.tolist(), starts.tolist()):
+            if o in wanted:
+                first_uri[o] = sources[row]
+        marks = {int(row): first_uri[int(first[o])] for o, row in zip(ords, starts) if dup[o] and errors_[row] == ""}
+        if not marks:
+            continue
+        rows, replaced, drop = storage.read_parquet(uri).to_pylist(), [], False
+        for i, r in enumerate(rows):
+            if i in marks:
+                replaced.append(_skip_row(r["source"], DUPLICATE + marks[i], r["content"]))
+                drop = True
+            elif drop and r["error"] == "" and (r["x"], r["y"]) != (0, 0) and r["source"] == replaced[-1]["source"]:
+                continue  # a further patch of the duplicate just replaced
+            else:
+                drop = False
+                replaced.append(r)
+        storage.write_parquet(uri, pa.Table.from_pylist(replaced, schema=MINED_SCHEMA))
+    return int(dup.sum())
+
+
 def summarize_parts(parts_uri: str, cfg: MineConfig, skipped_uri: str) -> tuple[dict, dict]:
-    """Stream over the mined parts once (twice for ``top_fraction``): resolve the keep rule and
-    count. Skipped images go to the parquet file ``skipped_uri`` (``source``, ``error``).
+    """Drop duplicate images (``dedupe_parts``), then stream over the mined parts once (twice
+    for ``top_fraction``): resolve the keep rule and count. Skipped images (also what the
+    listing could not list, and duplicates) go to the parquet file ``skipped_uri`` (``source``,
+    ``error``).
 
     Memory: one part at a time, plus 8 bytes per patch for ``top_fraction`` (its cut is a global
     order statistic).
 
     Returns:
         ``(rule, counts)``: ``keep_rule``'s dict; ``patches``, ``patches_kept``,
-        ``images_mined``, ``images_skipped``, ``corpus_pixels`` (HR pixels of the images that
-        gave patches; each image lies in exactly one part).
+        ``images_mined``, ``images_skipped``, ``images_duplicate`` (of them, those skipped as
+        ``duplicate of <uri>``), ``corpus_pixels`` (HR pixels of the images that gave patches;
+        each image lies in exactly one part).
     """
     import pyarrow.dataset as pads
 
+    dedupe_parts(parts_uri)
     ok = pads.field("error") == ""
     scores = None
     if cfg.keep_rule == "top_fraction":
@@ -391,7 +497,8 @@ def summarize_parts(parts_uri: str, cfg: MineConfig, skipped_uri: str) -> tuple[
 
     rule = keep_rule(cfg, scores, tied)
     del scores
-    counts = dict.fromkeys(("patches", "patches_kept", "images_mined", "images_skipped", "corpus_pixels"), 0)
+    counts = dict.fromkeys(("patches", "patches_kept", "images_mined", "images_skipped", "images_duplicate",
+                            "corpus_pixels"), 0)  # fmt: skip
     cols = ["patch_id", "source", "img_w", "img_h", cfg.keep_score, "error"]
     with storage.atomic_writer(skipped_uri) as sink, pq.ParquetWriter(sink, SKIPPED_SCHEMA) as writer:
         for uri in storage.list_files(parts_uri, [".parquet"]):
@@ -405,6 +512,7 @@ def summarize_parts(parts_uri: str, cfg: MineConfig, skipped_uri: str) -> tuple[
             counts["patches_kept"] += int(kept_mask(patches, rule).sum())
             counts["images_mined"] += pc.count_distinct(patches.column("source")).as_py()
             counts["images_skipped"] += skipped.num_rows
+            counts["images_duplicate"] += pc.sum(pc.starts_with(skipped.column("error"), DUPLICATE)).as_py() or 0
             counts["corpus_pixels"] += corpus_pixels(patches)
     return rule, counts
 

@@ -703,6 +703,28 @@ _REPORT_INPUTS = ("select", "distilled", "encode/meta.json", "finetune/log.jsonl
                   "synthesize", "train/log.jsonl", "evaluate")
 
 
+def check_run_dir(run_dir: str | Path) -> None:
+    """A local run directory can be created or written: not an existing file, nor under one,
+    and its nearest existing folder writable. S3 run directories are not checked here.
+
+    Raises:
+        ValueError: one line naming ``run_dir`` and what to give instead.
+    """
+    if storage.is_s3(os.fspath(run_dir)):
+        return
+    path = Path(run_dir).expanduser()
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"run directory {str(run_dir)!r} (--out) is an existing file, not a folder: "
+                         "give a new or existing folder")  # fmt: skip
+    parent = path
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ValueError(f"run directory {str(run_dir)!r} (--out) is under the file {str(parent)!r}: give a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"run directory {str(run_dir)!r} (--out): {str(parent)!r} is not writable")
+
+
 def run_pipeline(input_dir: str | Path, run_dir: str | Path, cfg: RunConfig, *,
                  preset: str | None = None, until: str | None = None,
                  log: Callable[[str], None] = print) -> dict:  # fmt: skip
@@ -722,8 +744,10 @@ def run_pipeline(input_dir: str | Path, run_dir: str | Path, cfg: RunConfig, *,
         The manifest (also in ``run_dir/manifest.json``).
 
     Raises:
-        ValueError: unknown ``until``.
-        FileNotFoundError: the input does not exist or holds no images.
+        ValueError: unknown ``until`` (with a close match), or a local ``run_dir`` that is an
+            existing file or not writable (``check_run_dir``).
+        FileNotFoundError: the input does not exist or holds no images; an evaluation dataset
+            is not found (checked only when the run reaches ``evaluate``).
         embedding.MissingWeightsError: no CLIP weights (clip-kmeans, synth) or no ViT weights
             (tripled, align): not local, not downloadable, not cached with ``HF_HUB_OFFLINE=1``,
             and random init not allowed.
@@ -732,13 +756,21 @@ def run_pipeline(input_dir: str | Path, run_dir: str | Path, cfg: RunConfig, *,
         OSError: storage failed after its retries (rerunning resumes).
         ValueError: a stage's ``device`` is ``cuda`` (or its ``use_gpu`` true) and the Ray
             cluster has no GPUs (``runner.plan_placement``), raised before any stage runs.
+
+    Preflight: everything above except "holds no images", the GPU placement and storage
+    failures is raised before Ray starts and before the run directory is written; weights are
+    checked only for the stages up to ``until`` (``until='mine'`` needs no CLIP, ViT or DiT).
     """
     from . import runner
     from .corpus import is_manifest
     from .report import write_report
 
     if until is not None and until not in STAGES:
-        raise ValueError(f"until={until!r} is not one of {STAGES}")
+        import difflib
+
+        close = difflib.get_close_matches(until, STAGES, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise ValueError(f"until={until!r} is not one of {', '.join(STAGES)}{hint}")
     synth = cfg.distill == "synth"
     clusters = synth or cfg.select.method == "clip-kmeans"
     if until in ("embed", "cluster") and not clusters:
@@ -751,25 +783,38 @@ def run_pipeline(input_dir: str | Path, run_dir: str | Path, cfg: RunConfig, *,
     if until == "complexity" and not scored:
         raise ValueError("until='complexity': the complexity stage runs only for distill 'coreset' with "
                          "select.method 'tripled' or align.enabled")  # fmt: skip
+    # the stages this invocation runs (up to ``until``): preflight checks only what they need
+    order = ["plan", "mine", *(["embed", "cluster"] if clusters else []), *(["complexity"] if scored else []),
+             *(["encode", "finetune", "synthesize"] if synth else ["select", *(["align"] if cfg.align.enabled else [])]),
+             "train"]  # fmt: skip
+    order = order[: order.index(until) + 1] if until in order else [*order, "evaluate"]
+    # ---- preflight: every check that can fail before the first stage runs (nor Ray starts)
     if not storage.exists(input_dir):
         raise FileNotFoundError(f"input {str(input_dir)!r} does not exist")
     if not storage.is_s3(input_dir) and not is_manifest(str(input_dir)) and not Path(input_dir).is_dir():
         raise FileNotFoundError(f"input {str(input_dir)!r} is not a directory or a manifest file")
+    check_run_dir(run_dir)
+    if "evaluate" in order:
+        from .evaluation import resolve_dataset
+
+        for name in cfg.evaluate.datasets:  # FileNotFoundError naming the places tried (and the fix)
+            resolve_dataset(name)
     clip_source = None
-    if clusters:
+    if "embed" in order:
         from .embedding import resolve_clip
 
-        clip_source = resolve_clip(cfg.embed)  # before any work: MissingWeightsError, with help
-        from . import clustering  # noqa: F401  (before any work: ImportError naming the faiss extras)
+        clip_source = resolve_clip(cfg.embed)  # MissingWeightsError, with help
+    if "cluster" in order:
+        from . import clustering  # noqa: F401  (ImportError naming the faiss extras)
     vit_source = None
-    if scored:
+    if "complexity" in order:
         from .complexity import resolve_vit
 
-        vit_source = resolve_vit(cfg.complexity)  # before any work: MissingWeightsError, with help
-    if synth:
+        vit_source = resolve_vit(cfg.complexity)  # MissingWeightsError, with help
+    if "encode" in order:
         from .diffusion import check_backbone
 
-        check_backbone(cfg.finetune)  # before any work (downloads HF ids): MissingBackboneError, with help
+        check_backbone(cfg.finetune)  # (downloads HF ids): MissingBackboneError, with help
     fps: dict[str, str] = {}
 
     def mine(f: str) -> str:
@@ -777,21 +822,20 @@ def run_pipeline(input_dir: str | Path, run_dir: str | Path, cfg: RunConfig, *,
         return fps["mine"]
 
     steps: list[tuple[str, Callable[[str], str]]] = [("mine", mine)]
-    if clip_source is not None:
+    if clusters:
         steps += [("embed", lambda f: _embed(run, f, clip_source)), ("cluster", lambda f: _cluster(run, f))]
-    if vit_source is not None:
+    if scored:
         steps.append(("complexity", lambda f: _complexity(run, f, fps["mine"], vit_source)))
     if synth:
         steps += [("encode", lambda f: _encode(run, f)), ("finetune", lambda f: _finetune(run, f)),
                   ("synthesize", lambda f: _synthesize(run, f))]  # fmt: skip
     else:
-        steps.append(("select", lambda f: _select(run, f, scored=vit_source is not None)))
+        steps.append(("select", lambda f: _select(run, f, scored=scored)))
         if cfg.align.enabled:
             steps.append(("align", lambda f: _align(run, f, vit_source)))
     steps.append(("train", lambda f: _train(run, f)))
+    assert ["plan", *(name for name, _ in steps), "evaluate"][: len(order)] == order, order
     runner.init_ray(cfg.ray)
-    order = ["plan", *(name for name, _ in steps)]
-    order = order[: order.index(until) + 1] if until in order else [*order, "evaluate"]
     # before any work: ValueError for a device 'cuda' / use_gpu true without GPUs in the cluster
     placement = runner.plan_placement(cfg, order, runner.cluster_gpus(cfg.ray))
     run = Run(input_dir, run_dir, cfg, preset=preset, log=log)

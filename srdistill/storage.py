@@ -40,6 +40,7 @@ import functools
 import json
 import os
 import re
+import stat
 import time
 import uuid
 from collections.abc import Iterable, Iterator
@@ -54,7 +55,7 @@ import pyarrow.parquet as pq
 
 __all__ = ["S3Settings", "is_s3", "join", "filesystem", "write_bytes", "write_text", "write_json",
            "write_parquet", "atomic_writer", "errors", "retry", "parent", "read_bytes", "read_dataset", "read_text", "read_json", "read_parquet", "exists",
-           "delete", "list_files", "size", "copy_dir", "redact"]
+           "delete", "list_files", "walk_local", "LocalListing", "size", "copy_dir", "redact"]
 
 URI = Union[str, "os.PathLike[str]"]
 _S3 = "s3://"
@@ -403,9 +404,120 @@ def delete(uri: URI) -> None:
                 fs.delete_dir(path)
 
 
+@dataclass
+class LocalListing:
+    """What ``walk_local`` found below a local directory.
+
+    Attributes:
+        files: ``(rel, size, mtime_ns)`` of every real file once, sorted by ``rel`` (the path
+            relative to the root, POSIX separators, through the links it was reached by).
+        problems: ``(rel, reason, is_dir)`` of every entry not listed, sorted by ``rel``: a
+            directory link back into an ancestor (a loop) or to a directory listed elsewhere, a
+            dangling or looping link, an entry that cannot be read, something that is neither a
+            file nor a directory, a second name of a file already listed. ``is_dir``: the entry
+            is a directory (its name says nothing about what it holds).
+        dirs: ``(rel, ...)`` of the directories listed, for callers that flag directories named
+            like files (``"."`` is the root).
+    """
+
+    files: list[tuple[str, int, int]] = field(default_factory=list)
+    problems: list[tuple[str, str, bool]] = field(default_factory=list)
+    dirs: list[str] = field(default_factory=list)
+
+
+def walk_local(root: URI) -> LocalListing:
+    """Walk the local directory ``root`` recursively, following symlinks, with cycle detection.
+
+    Every directory is descended once (by its ``(st_dev, st_ino)``): a link back into an
+    ancestor is a loop, a second link to a directory already walked is not walked again (both
+    are recorded in ``problems``); names are visited in sorted order, depth first, so which name
+    a directory is walked under is deterministic. Every real file is listed once, under its
+    smallest relative path; its other names (symlinks, hard links) are recorded in
+    ``problems`` as ``duplicate of <path> (same file)``. Nothing raises for a bad entry.
+
+    Raises:
+        FileNotFoundError / OSError: ``root`` itself is missing or cannot be read.
+    """
+    base = filesystem(root)[1]
+    out = LocalListing()
+    with errors("list", root):
+        st = os.stat(base)
+    visited: dict[tuple[int, int], str] = {(st.st_dev, st.st_ino): "."}
+    found: list[tuple[str, tuple[int, int], int, int]] = []
+    stack = ["."]
+    while stack:
+        rel_dir = stack.pop()
+        out.dirs.append(rel_dir)
+        here = base if rel_dir == "." else os.path.join(base, *rel_dir.split("/"))
+        try:
+            with os.scandir(here) as it:
+                entries = sorted(it, key=lambda e: e.name)
+        except OSError as exc:
+            if rel_dir == ".":
+                with errors("list", root):
+                    raise
+            out.problems.append((rel_dir, f"unreadable directory: {exc.strerror or exc}", True))
+            continue
+        subdirs = []
+        for entry in entries:
+            rel = entry.name if rel_dir == "." else f"{rel_dir}/{entry.name}"
+            link = entry.is_symlink()
+            try:
+                est = os.stat(entry.path)
+            except OSError as exc:
+                target = _readlink(entry.path) if link else None
+                if exc.errno == errno.ELOOP:
+                    reason = f"symlink loop: {rel} -> {target} never resolves"
+                elif link and isinstance(exc, FileNotFoundError):
+                    reason = f"dangling symlink: {rel} -> {target}"
+                else:
+                    reason = f"unreadable: {exc.strerror or exc}"
+                out.problems.append((rel, reason, False))
+                continue
+            key = (est.st_dev, est.st_ino)
+            if stat.S_ISDIR(est.st_mode):
+                seen = visited.get(key)
+                if seen is None:
+                    visited[key] = rel
+                    subdirs.append(rel)
+                    continue
+                arrow = f" -> {_readlink(entry.path)}" if link else ""
+                if seen == "." or rel.startswith(seen + "/"):
+                    where = "the corpus root" if seen == "." else seen
+                    reason = f"symlink loop: {rel}{arrow} leads back to {where}, not descended again"
+                else:
+                    reason = f"same directory as {seen}{arrow}, listed there once"
+                out.problems.append((rel, reason, True))
+            elif stat.S_ISREG(est.st_mode):
+                found.append((rel, key, est.st_size, est.st_mtime_ns))
+            else:
+                out.problems.append((rel, "not a regular file or directory", False))
+        stack.extend(reversed(subdirs))
+    first: dict[tuple[int, int], str] = {}
+    for rel, key, fsize, mtime in sorted(found):
+        if key in first:
+            out.problems.append((rel, f"duplicate of {os.path.join(os.fspath(root), first[key])} (same file)", False))
+        else:
+            first[key] = rel
+            out.files.append((rel, fsize, mtime))
+    out.problems.sort()
+    return out
+
+
+def _readlink(path: str) -> str:
+    try:
+        return os.readlink(path)
+    except OSError:
+        return "?"
+
+
 @retry
 def list_files(uri: URI, extensions: Iterable[str] | None = None) -> list[str]:
     """All files below the directory/prefix ``uri`` (recursive), as full URIs, sorted.
+
+    A local directory is walked by ``walk_local``: symlinks are followed, a directory loop is
+    not descended twice and each real file is listed once (dangling and looping links, and the
+    other names of a file, are left out; ``walk_local`` says which and why).
 
     Args:
         uri: directory or prefix (a single file gives ``[uri]``; nothing there gives ``[]``).
@@ -420,6 +532,8 @@ def list_files(uri: URI, extensions: Iterable[str] | None = None) -> list[str]:
     info = _info(uri, "list")
     if info.type == pafs.FileType.File:
         paths = [path]
+    elif info.type == pafs.FileType.Directory and not is_s3(uri):
+        paths = [os.path.join(path, *rel.split("/")) for rel, _, _ in walk_local(uri).files]
     else:
         with errors("list", uri):
             sel = pafs.FileSelector(path, recursive=True, allow_not_found=True)
