@@ -51,7 +51,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .config import FinetuneConfig
-from .training import resolve_device
+from .training import _publish, announce, resolve_device
 from .weights import (MissingWeightsError, diffusers_patterns, is_repo_id, local_dir, resolve_hf_weights,
                       snapshot_ref)
 
@@ -401,12 +401,14 @@ def build_backbone(cfg: FinetuneConfig, num_clusters: int) -> Backbone:
 # --------------------------------------------------------------------------- saving
 
 
-def save_finetuned(backbone: Backbone, out_dir: Path, weights: dict[str, torch.Tensor]) -> Path:
-    """Write ``out_dir/backbone.json`` + ``out_dir/weights.safetensors``.
+def save_finetuned(backbone: Backbone, out_dir: Path, weights: dict[str, torch.Tensor],
+                   extra: dict | None = None) -> Path:  # fmt: skip
+    """Write ``out_dir/backbone.json`` + ``out_dir/weights.safetensors`` (mode 0644 under umask 022).
 
     ``weights`` are the trained tensors (name -> tensor, usually the EMA): for DiffFit only the
     trainable ones (kB to MB; the frozen rest is re-read from ``source.dit_path``), for a
-    UNet the whole state dict. Returns ``out_dir``.
+    UNet the whole state dict. ``extra`` keys (``finetune``: ``step``, ``elapsed_s``,
+    ``resumed_from``) are added to ``backbone.json``. Returns ``out_dir``.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -417,9 +419,10 @@ def save_finetuned(backbone: Backbone, out_dir: Path, weights: dict[str, torch.T
     }  # fmt: skip
     if backbone.kind == "unet":
         meta["unet_config"] = {k: v for k, v in backbone.model.config.items() if not k.startswith("_")}
+    meta.update(extra or {})
     tmp = out_dir / f".{WEIGHTS_FILE}.tmp"
     save_file({k: v.detach().cpu().contiguous() for k, v in weights.items()}, str(tmp))
-    os.replace(tmp, out_dir / WEIGHTS_FILE)
+    _publish(tmp, out_dir / WEIGHTS_FILE)  # 0644, not safetensors' 0600
     tmp = out_dir / f".{MODEL_FILE}.tmp"
     tmp.write_text(json.dumps(meta, indent=2, default=list))
     os.replace(tmp, out_dir / MODEL_FILE)
@@ -853,7 +856,9 @@ def finetune(cfg: FinetuneConfig, backbone: Backbone, data: EncodedSet, out_dir:
     ``cfg.checkpoint_every`` steps and at the end a checkpoint (engine
     state, EMA, step, RNG, memory banks; one file set per rank) goes to
     ``out_dir/checkpoint`` and to ``dp.report``; a later call (or ``dp.resume_from``) resumes
-    from it at its step.
+    from it at its step, announced on stderr and logged as ``{"step": S, "resumed_from_step":
+    S, ...}``; ``elapsed_s`` carries on from the checkpoint's, and ``backbone.json`` records
+    ``finetune: {step, elapsed_s, resumed_from}`` (the steps resumed at).
 
     Args:
         cfg: fine-tuning settings.
@@ -895,6 +900,7 @@ def finetune(cfg: FinetuneConfig, backbone: Backbone, data: EncodedSet, out_dir:
     memory = MemoryBank(backbone.num_clusters, cfg.memory_size)
     rng = np.random.default_rng([cfg.seed, dp.rank])
     step = 0
+    elapsed0, resumed_from, resumed = 0.0, [], False  # carried over from the checkpoint
     ckpt = out_dir / "checkpoint"
     resume = dp.resume_from if dp.resume_from is not None else ckpt
     if dp.resume_from is not None and not (resume / f"state_rank{dp.rank}.pt").is_file():
@@ -909,23 +915,39 @@ def finetune(cfg: FinetuneConfig, backbone: Backbone, data: EncodedSet, out_dir:
         ema = [t.to(device) for t in state["ema"]]
         rng.bit_generator.state = state["rng"]
         memory.load_state_dict(state["memory"], device)
-        log.info("resuming fine-tuning from %s at step %d", resume, step)
+        elapsed0, resumed_from = float(state.get("elapsed_s", 0.0)), list(state.get("resumed_from", []))
+        resumed = step < cfg.iterations  # else nothing is left to train
+        if resumed:
+            resumed_from.append(step)
+
+    def elapsed() -> float:
+        return elapsed0 + time.perf_counter() - t0
+
+    def history() -> dict:
+        return {"step": step, "elapsed_s": round(elapsed(), 2), "resumed_from": resumed_from}
 
     def save_checkpoint() -> None:
         ckpt.mkdir(parents=True, exist_ok=True)
         engine.save(ckpt, dp.rank)
         tmp = ckpt / f".state_rank{dp.rank}.tmp"
         torch.save({"step": step, "names": names, "ema": [t.cpu() for t in ema],
-                    "rng": rng.bit_generator.state, "memory": memory.state_dict()}, tmp)  # fmt: skip
+                    "rng": rng.bit_generator.state, "memory": memory.state_dict(),
+                    "elapsed_s": elapsed(), "resumed_from": resumed_from}, tmp)  # fmt: skip
         os.replace(tmp, ckpt / f"state_rank{dp.rank}.pt")
         if lead and step >= cfg.iterations:
-            save_finetuned(backbone, ckpt / "model", _final_weights(backbone, names, ema))
+            save_finetuned(backbone, ckpt / "model", _final_weights(backbone, names, ema), {"finetune": history()})
 
     start = step
     log_file = out_dir / "log.jsonl"
     bar = tqdm(total=cfg.iterations, initial=step, desc="finetune", disable=not (progress and lead),
                mininterval=0.5 if sys.stderr.isatty() else 30)  # a line per 30 s in a log file
     t0, seen, sums, n = time.perf_counter(), 0, {"loss": 0.0, "simple": 0.0, "pos": 0.0, "neg": 0.0}, 0
+    if lead and resumed:
+        announce(f"resuming {resume} from step {step} of {cfg.iterations} "
+                 f"(elapsed {elapsed0:.1f} s carried on)")  # fmt: skip
+        with open(log_file, "a") as f:
+            f.write(json.dumps({"step": step, "resumed_from_step": step, "iterations": cfg.iterations,
+                                "elapsed_s": round(elapsed0, 2), "checkpoint": str(resume)}) + "\n")  # fmt: skip
     while step < cfg.iterations:
         idx = rng.integers(0, len(data.clusters), micro)
         x0 = _draw(data, backbone, cfg, idx, rng, device)
@@ -958,10 +980,10 @@ def finetune(cfg: FinetuneConfig, backbone: Backbone, data: EncodedSet, out_dir:
             sums[k] += parts[k]
         bar.update(1)
         if lead and (step % cfg.log_every == 0 or step == cfg.iterations):
-            elapsed = time.perf_counter() - t0
+            secs = time.perf_counter() - t0  # this call's
             row = {"step": step, **{k: round(v / n, 6) for k, v in sums.items()},
-                   "images_per_s": round(seen * dp.world_size / max(elapsed, 1e-9), 3),
-                   "elapsed_s": round(elapsed, 2)}  # fmt: skip
+                   "images_per_s": round(seen * dp.world_size / max(secs, 1e-9), 3),
+                   "elapsed_s": round(elapsed0 + secs, 2)}  # fmt: skip
             with open(log_file, "a") as f:
                 f.write(json.dumps(row) + "\n")
             sums, n = dict.fromkeys(sums, 0.0), 0
@@ -977,7 +999,7 @@ def finetune(cfg: FinetuneConfig, backbone: Backbone, data: EncodedSet, out_dir:
         if dp.report is not None:
             dp.report({"step": step}, ckpt)
     if lead:
-        save_finetuned(backbone, final, _final_weights(backbone, names, ema))
+        save_finetuned(backbone, final, _final_weights(backbone, names, ema), {"finetune": history()})
     return final
 
 

@@ -89,6 +89,8 @@ from srdistill.training import (
     DataParallel,
     _load_images,
     _resume,
+    _resume_history,
+    announce,
     load_checkpoint,
     resolve_device,
     save_checkpoint,
@@ -425,7 +427,9 @@ def meta_train(
     bicubic-pretrained checkpoint); tasks are drawn from ``np.random.default_rng(cfg.seed)``
     (plus the worker rank). It resumes from ``out_dir/last.safetensors`` (weights, Adam state,
     step, sampler RNG) and then ends with the same weights as an uninterrupted run (same
-    device and threads).
+    device and threads); a resume is announced on stderr and logged (``{"step": S,
+    "resumed_from_step": S, ...}``), ``elapsed_s`` carries on from the checkpoint's, and
+    ``model.safetensors`` records ``elapsed_s`` and ``resumed_from`` (the steps resumed at).
 
     Data parallel (``dp``, as ``training.train_sr``): worker ``rank`` of ``world_size`` draws its
     tasks from the shard ``hr_images[rank::world_size]``, ``tasks_per_batch // world_size`` a
@@ -470,6 +474,7 @@ def meta_train(
                          f"{len(skipped)} image(s) given")  # fmt: skip
 
     step = 0
+    elapsed0, resumed_from, resumed = 0.0, [], False  # carried over from the checkpoint
     last = out_dir / "last.safetensors"
     resume = dp.resume_from if dp.resume_from is not None else last
     torch.manual_seed(cfg.seed)
@@ -482,24 +487,31 @@ def meta_train(
     optimizer = torch.optim.Adam(net.parameters(), lr=cfg.meta_lr, betas=(0.9, 0.999), eps=1e-8)
     if resume.exists():
         step, rng_state = _resume(resume, net, optimizer, None, arch="mzsr", scale=cfg.scale)
+        elapsed0, resumed_from = _resume_history(resume)
+        resumed = step < cfg.meta_iterations  # else nothing is left to train
+        if resumed:
+            resumed_from = [*resumed_from, step]
         if dp.world_size == 1:
             rng.bit_generator.state = rng_state
         else:  # distributed: only rank 0's sampler state is saved; every rank reseeds
             rng = np.random.default_rng([cfg.seed, dp.rank, step])
-        log.info("resuming %s from meta-step %d", resume, step)
 
     final = out_dir / "model.safetensors"
     config_json = cfg.model_dump(mode="json")
     init_str = str(init) if init is not None else None
 
+    def elapsed() -> float:
+        return elapsed0 + time.perf_counter() - t0
+
     def checkpoint() -> None:
         extra = {"step": step, "rng_state": rng.bit_generator.state, "mzsr_config": config_json,
-                 "init": init_str}  # fmt: skip
+                 "init": init_str, "elapsed_s": elapsed(), "resumed_from": resumed_from}  # fmt: skip
         save_checkpoint(net, last, arch="mzsr", scale=cfg.scale, model_kwargs=model_kwargs,
                         extra=extra, optimizer=optimizer)  # fmt: skip
         if step >= cfg.meta_iterations:
             extra = {"step": step, "mzsr_config": config_json, "init": init_str,
-                     "n_train_images": len(images), "skipped_images": skipped}  # fmt: skip
+                     "n_train_images": len(images), "skipped_images": skipped, "elapsed_s": elapsed(),
+                     "resumed_from": resumed_from}  # fmt: skip
             save_checkpoint(net, final, arch="mzsr", scale=cfg.scale, model_kwargs=model_kwargs,
                             extra=extra)  # fmt: skip
 
@@ -513,6 +525,12 @@ def meta_train(
     n_sum = 0
     metrics: dict = {}
     log_file = open(out_dir / "log.jsonl", "a") if lead else None
+    if lead and resumed:
+        announce(f"resuming {resume} from meta-step {step} of {cfg.meta_iterations} "
+                 f"(elapsed {elapsed0:.1f} s carried on)")  # fmt: skip
+        log_file.write(json.dumps({"step": step, "resumed_from_step": step, "iterations": cfg.meta_iterations,
+                                   "elapsed_s": elapsed0, "checkpoint": str(resume)}) + "\n")  # fmt: skip
+        log_file.flush()
     try:
         while step < cfg.meta_iterations:
             tasks = [sample_task(images, rng, cfg, device=device) for _ in range(n_tasks)]
@@ -525,7 +543,7 @@ def meta_train(
             if step % cfg.log_every == 0 or step == cfg.meta_iterations:
                 metrics = {"step": step, **{k: v / n_sum for k, v in sums.items()},
                            "last_step_weight": float(loss_weights(step - 1, cfg)[-1]),
-                           "elapsed_s": time.perf_counter() - t0}  # fmt: skip
+                           "elapsed_s": elapsed()}  # fmt: skip
                 sums, n_sum = {}, 0
                 if log_file:
                     log_file.write(json.dumps(metrics) + "\n")

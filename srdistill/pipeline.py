@@ -20,6 +20,15 @@ outputs exist is skipped, so a killed or repeated run resumes where it stopped (
 its fingerprint and so reruns everything downstream. A stage folder left by an attempt with
 another fingerprint is deleted before the stage runs.
 
+Verified parts: a partitioned stage (``PARTS``) records in its manifest entry the parts it wrote
+(``parts``: name -> rows and bytes, from the parquet footers) and an ``outputs_id``, new each
+time it runs, that the fingerprint handed downstream includes. On resume ``Run.is_done``
+checks the recorded parts: one missing, of another size or row count, unreadable, or not
+recorded makes the stage not done and is deleted (one log line each), so the shard writers,
+which keep the parts that exist, redo exactly those shards, and the stages downstream rerun.
+Before a stage runs, the partitioned outputs it may read must hold exactly the recorded parts;
+a part that cannot be read mid-stage is one ``storage.UnreadableFileError`` line naming it.
+
 The manifest (``manifest.json``) records the resolved config, package versions, per-stage
 fingerprint/counts/timings, the first skipped inputs with their reasons, the CLIP and ViT
 provenance, the Ray it ran on (``ray``: local or joined, GCS address, CPUs/GPUs) and where each
@@ -30,14 +39,17 @@ workers); it is passed through ``storage.redact`` before it is written.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import hashlib
 import json
 import os
 import platform
+import re
 import shutil
 import sys
 import time
+import uuid
 from importlib import metadata
 from pathlib import Path
 from typing import Callable
@@ -66,8 +78,12 @@ EXECUTION_ONLY = {
                  "zero_stage"},
     "synthesize": {"batch_size", "num_actors", "actor_num_cpus", "actor_num_gpus", "device"},
 }
-#: Partitioned outputs written straight to the run URI (never mirrored locally).
-_PARTITIONED = ("mine/patches", "embed/parts", "cluster/assignments", "complexity/parts")
+#: Partitioned outputs written straight to the run URI (never mirrored locally), by stage. A
+#: stage's manifest entry records its parts (``parts``: name -> rows, bytes) and an
+#: ``outputs_id`` that changes whenever the stage runs; ``is_done`` verifies the parts on resume.
+PARTS = {"mine": "mine/patches", "embed": "embed/parts", "cluster": "cluster/assignments",
+         "complexity": "complexity/parts"}  # fmt: skip
+_PARTITIONED = tuple(PARTS.values())
 #: Skipped inputs listed in the manifest (all of them are in ``mine/skipped.parquet``).
 MAX_SKIPPED_LISTED = 1000
 _PACKAGES = ("srdistill", "torch", "ray", "faiss-cpu", "transformers", "diffusers", "deepspeed", "numpy",
@@ -165,6 +181,9 @@ class Run:
         #: Where each stage of this invocation runs (``runner.plan_placement``); a stage that runs
         #: updates its entry (e.g. with the GPU ids its workers got) and records it in ``stages``.
         self.placement: dict[str, dict] = {}
+        #: The stages of this invocation in order (set by ``run_pipeline``): before a stage runs,
+        #: the parts of the partitioned stages before it must be the recorded ones.
+        self.chain: list[str] = []
         self.save()
 
     def at(self, *parts: str) -> str:
@@ -193,14 +212,76 @@ class Run:
         return _sha(stage, self.config_part(stage), *extra)
 
     def is_done(self, stage: str, fingerprint: str, outputs: list[str]) -> bool:
-        """Whether ``stage`` finished with ``fingerprint`` and its ``outputs`` (paths relative to
-        the run directory) exist at the run URI."""
+        """Whether ``stage`` finished with ``fingerprint``, its ``outputs`` (paths relative to
+        the run directory) exist at the run URI and its recorded parts (``PARTS``) are intact.
+
+        A recorded part that is missing, of another size or row count, or whose parquet footer
+        cannot be read, and a part that was not recorded, make the stage not done: they are
+        deleted (one log line each), so that rerunning the stage redoes exactly those shards.
+        (An entry without a ``parts`` record, from an older version, is checked for unreadable
+        parts only.)
+        """
         entry = self.manifest["stages"].get(stage, {})
-        return (
+        done = (
             entry.get("status") == "done"
             and entry.get("fingerprint") == fingerprint
             and all(storage.exists(self.at(p)) for p in outputs)
         )
+        return done and not self.drop_bad_parts(stage, entry.get("parts"))
+
+    def drop_bad_parts(self, stage: str, recorded: dict | None) -> dict[str, str]:
+        """Delete the parts of ``stage`` (``PARTS``; none for other stages) that ``bad_parts``
+        finds, logging one line each; returns them."""
+        if stage not in PARTS:
+            return {}
+        bad = self.bad_parts(stage, recorded)
+        for name, why in bad.items():
+            self.log(f"[{stage}] {self.at(PARTS[stage], name)} {why}: deleted, its shard is redone")
+            storage.delete(self.at(PARTS[stage], name))
+        return bad
+
+    def bad_parts(self, stage: str, recorded: dict | None) -> dict[str, str]:
+        """``{part name: what is wrong}`` for the parts of ``stage`` (``PARTS``) whose parquet
+        footer cannot be read and, given its ``recorded`` parts, that differ from the record
+        (missing, other size or row count, not recorded)."""
+        present = storage.part_files(self.at(PARTS[stage]))
+        bad = {} if recorded is None else {name: "was not written by this stage"
+                                           for name in sorted(set(present) - set(recorded))}  # fmt: skip
+        for name in sorted(set(present) | set(recorded or ())):
+            if name in bad:
+                continue
+            if name not in present:
+                bad[name] = "is missing"
+                continue
+            try:
+                got = storage.parquet_footer(present[name])
+            except storage.UnreadableFileError:
+                bad[name] = "cannot be read (truncated or corrupt)"
+                continue
+            want = got if recorded is None else recorded[name]
+            if got != want:
+                bad[name] = (f"has {got['rows']} rows, {got['bytes']} bytes, not the recorded "
+                             f"{want['rows']} rows, {want['bytes']} bytes")  # fmt: skip
+        return bad
+
+    def check_parts(self, stage: str) -> None:
+        """Raise ``ValueError`` unless the parts of ``stage`` at the run URI are exactly the set
+        its manifest entry records (a stage never consumes a partial set of parts)."""
+        recorded = set(self.manifest["stages"].get(stage, {}).get("parts", {}) or ())
+        if not recorded:
+            return
+        present = set(storage.part_files(self.at(PARTS[stage])))
+        if present != recorded:
+            missing, extra = sorted(recorded - present), sorted(present - recorded)
+            raise ValueError(f"{self.at(PARTS[stage])} does not hold the parts the {stage} stage recorded "
+                             f"(missing: {missing[:5] or 'none'}, unrecorded: {extra[:5] or 'none'}): "
+                             "rerun to redo them")  # fmt: skip
+
+    def output_fingerprint(self, stage: str, fingerprint: str) -> str:
+        """The fingerprint that stages reading ``stage``'s parts chain: ``fingerprint`` with the
+        stage's ``outputs_id`` (new each time it runs), so that redoing parts reruns them."""
+        oid = self.manifest["stages"].get(stage, {}).get("outputs_id")
+        return _sha(fingerprint, oid) if oid else fingerprint
 
     def run_stage(self, stage: str, fingerprint: str, outputs: list[str], fn: Callable[[Path], dict], *,
                   also: tuple[str, ...] = ()) -> dict:  # fmt: skip
@@ -220,6 +301,8 @@ class Run:
             for folder in (stage, *also):  # leftovers of another config: never mix them in
                 storage.delete(self.at(folder))
                 shutil.rmtree(self.dir / folder, ignore_errors=True)
+        else:  # resuming this stage: its shard writers keep the parts there, so only readable ones
+            self.drop_bad_parts(stage, None)
         sdir = self.dir / stage
         sdir.mkdir(parents=True, exist_ok=True)
         storage.write_text(marker, fingerprint)
@@ -227,6 +310,9 @@ class Run:
                                           "started_at": _now()}  # fmt: skip
         self.save()
         self.log(f"[{stage}] running")
+        for up in self.chain[: self.chain.index(stage)] if stage in self.chain else ():
+            if up in PARTS:
+                self.check_parts(up)
         t0 = time.perf_counter()
         counts = fn(sdir)
         if self.remote:
@@ -239,9 +325,27 @@ class Run:
             "counts": counts, "finished_at": _now(), "skipped": False,
             **({"placement": self.placement[stage]} if stage in self.placement else {}),
         }  # fmt: skip
+        if stage in PARTS:
+            self.manifest["stages"][stage].update(parts=storage.parquet_parts(self.at(PARTS[stage])),
+                                                  outputs_id=uuid.uuid4().hex[:20])  # fmt: skip
         self.save()
         self.log(f"[{stage}] done in {seconds:.1f}s: {_short(counts)}")
         return counts
+
+
+@contextlib.contextmanager
+def _named_unreadable():
+    """Re-raise a Ray worker's failure on an unreadable part (``storage.UnreadableFileError``,
+    wrapped by Ray in a multi-line ``RayTaskError``) as that error's one line."""
+    try:
+        yield
+    except storage.UnreadableFileError:
+        raise
+    except Exception as exc:
+        found = re.search(r"UnreadableFileError: (.+ cannot be read as parquet .+)", str(exc))
+        if found is None:
+            raise
+        raise storage.UnreadableFileError(found.group(1)) from None
 
 
 def _short(counts: dict) -> str:
@@ -279,8 +383,9 @@ def _mine(run: Run, plan_fp: str) -> str:
     def stage(sdir: Path) -> dict:
         plan = run.manifest["stages"]["plan"]["counts"]
         t0 = time.perf_counter()
-        mined_now = runner.mine_plan(run.at("plan", "files.parquet"), run.at("mine", "patches"), cfg,
-                                     list(range(plan["shards"])), placement=run.placement.get("mine"))  # fmt: skip
+        with _named_unreadable():
+            mined_now = runner.mine_plan(run.at("plan", "files.parquet"), run.at("mine", "patches"), cfg,
+                                         list(range(plan["shards"])), placement=run.placement.get("mine"))  # fmt: skip
         seconds = time.perf_counter() - t0
         rule, counts = mining.summarize_parts(run.at("mine", "patches"), cfg, run.at("mine", "skipped.parquet"))
         storage.write_json(run.at("mine", "keep.json"), rule)
@@ -293,7 +398,7 @@ def _mine(run: Run, plan_fp: str) -> str:
                 "megapixels_per_s": round(counts["corpus_pixels"] / 1e6 / max(seconds, 1e-9), 2)}  # fmt: skip
 
     run.run_stage("mine", fp, ["mine/keep.json"], stage)
-    return fp
+    return run.output_fingerprint("mine", fp)
 
 
 def _kept(run: Run, columns: list[str] | None = None) -> pa.Table:
@@ -325,8 +430,9 @@ def _embed(run: Run, mine_fp: str, source) -> str:
                                "mine.keep_rule=top_fraction")  # fmt: skip
         shards = list(range(run.manifest["stages"]["plan"]["counts"]["shards"]))
         place = run.placement["embed"]
-        now = runner.embed_parts_ray(run.at("mine"), run.at("embed", "parts"), shards, cfg, source,
-                                     num_gpus=place["num_gpus"], placement=place)  # fmt: skip
+        with _named_unreadable():  # a mine part that cannot be read: one line naming it
+            now = runner.embed_parts_ray(run.at("mine"), run.at("embed", "parts"), shards, cfg, source,
+                                         num_gpus=place["num_gpus"], placement=place)  # fmt: skip
         ids = storage.read_dataset(run.at("embed", "parts"), columns=["patch_id"])
         first = storage.read_parquet(run.at("embed", "parts", "part-000000.parquet"), columns=["embedding"])
         counts = {"patches": ids.num_rows, "dim": first.schema.field("embedding").type.list_size,
@@ -336,7 +442,7 @@ def _embed(run: Run, mine_fp: str, source) -> str:
         return counts
 
     run.run_stage("embed", fp, ["embed/meta.json"], stage)
-    return fp
+    return run.output_fingerprint("embed", fp)
 
 
 def _cluster(run: Run, embed_fp: str) -> str:
@@ -353,7 +459,7 @@ def _cluster(run: Run, embed_fp: str) -> str:
         return table.column("patch_id"), emb.values.to_numpy().reshape(len(emb), dim).astype(np.float32)
 
     def stage(sdir: Path) -> dict:
-        parts = storage.list_files(parts_uri, [".parquet"])
+        parts = list(storage.part_files(parts_uri).values())  # the recorded set (Run.check_parts)
         n = run.manifest["stages"]["embed"]["counts"]["patches"]
         sample = sample_rows((embeddings(p)[1] for p in parts), n, cfg.max_train_points, cfg.seed)
         centroids, k_used = train_centroids(sample, cfg)
@@ -371,7 +477,7 @@ def _cluster(run: Run, embed_fp: str) -> str:
                 "cluster_sizes": sizes.tolist()}  # fmt: skip
 
     run.run_stage("cluster", fp, ["cluster/centroids.npy"], stage)
-    return fp
+    return run.output_fingerprint("cluster", fp)
 
 
 def _complexity(run: Run, upstream_fp: str, mine_fp: str, source) -> str:
@@ -390,8 +496,9 @@ def _complexity(run: Run, upstream_fp: str, mine_fp: str, source) -> str:
     def stage(sdir: Path) -> dict:
         shards = list(range(run.manifest["stages"]["plan"]["counts"]["shards"]))
         place = run.placement["complexity"]
-        now = runner.complexity_parts_ray(run.at("mine"), run.at("complexity", "parts"), shards, cfg, source,
-                                          num_gpus=place["num_gpus"], placement=place)  # fmt: skip
+        with _named_unreadable():
+            now = runner.complexity_parts_ray(run.at("mine"), run.at("complexity", "parts"), shards, cfg, source,
+                                              num_gpus=place["num_gpus"], placement=place)  # fmt: skip
         ids = storage.read_dataset(run.at("complexity", "parts"), columns=["patch_id"])
         first = storage.read_parquet(run.at("complexity", "parts", "part-000000.parquet"), columns=["feature"])
         counts = {"patches": ids.num_rows, "dim": first.schema.field("feature").type.list_size,
@@ -400,7 +507,7 @@ def _complexity(run: Run, upstream_fp: str, mine_fp: str, source) -> str:
         return counts
 
     run.run_stage("complexity", fp, ["complexity/meta.json"], stage)
-    return _sha(upstream_fp, fp)
+    return _sha(upstream_fp, run.output_fingerprint("complexity", fp))
 
 
 def _corpus_features(run: Run, k: int, seed: int, patch_ids: pa.Array | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -410,7 +517,7 @@ def _corpus_features(run: Run, k: int, seed: int, patch_ids: pa.Array | None = N
     from .clustering import sample_rows
     from .complexity import feature_matrix
 
-    parts = storage.list_files(run.at("complexity", "parts"), [".parquet"])
+    parts = list(storage.part_files(run.at("complexity", "parts")).values())
     n = run.manifest["stages"]["complexity"]["counts"]["patches"]
     chosen: list[np.ndarray] = []
 
@@ -583,7 +690,8 @@ def _finetune(run: Run, encode_fp: str) -> str:
                 "trainable_parameters": model["source"]["trainable"],
                 "num_clusters": k, "patches": meta["rows"], "iterations": cfg.iterations,
                 "workers": place["workers"], "deepspeed": place["on"] == "ray-train",
-                "final_loss": log[-1]["loss"] if log else None, "source": model["source"]}  # fmt: skip
+                "final_loss": log[-1]["loss"] if log else None, "source": model["source"],
+                "resumed_from": model.get("finetune", {}).get("resumed_from", [])}  # fmt: skip
 
     run.run_stage("finetune", fp, ["finetune/model/weights.safetensors"], stage)
     return fp
@@ -630,7 +738,7 @@ def _train_images(run: Run) -> list[Path]:
 
 def _train(run: Run, select_fp: str) -> str:
     from . import runner
-    from .training import train_sr
+    from .training import load_checkpoint, train_sr
 
     fp = run.fingerprint("train", select_fp)
 
@@ -642,8 +750,9 @@ def _train(run: Run, select_fp: str) -> str:
                              checkpoint_uri=_checkpoints(run, "train"), use_gpu=place["use_gpu"])  # fmt: skip
         else:
             train_sr(cfg.model_copy(update={"device": place["device"]}), run.cfg.scale, images, sdir)
-        return {"model": run.cfg.train.model, "scale": run.cfg.scale,
-                "iterations": run.cfg.train.iterations, "train_images": len(images)}  # fmt: skip
+        _, meta = load_checkpoint(sdir / "model.safetensors")
+        return {"model": run.cfg.train.model, "scale": run.cfg.scale, "iterations": run.cfg.train.iterations,
+                "train_images": len(images), "resumed_from": meta.get("resumed_from", [])}  # fmt: skip
 
     run.run_stage("train", fp, ["train/model.safetensors"], stage)
     return fp
@@ -840,6 +949,7 @@ def run_pipeline(input_dir: str | Path, run_dir: str | Path, cfg: RunConfig, *,
     placement = runner.plan_placement(cfg, order, runner.cluster_gpus(cfg.ray))
     run = Run(input_dir, run_dir, cfg, preset=preset, log=log)
     run.placement = placement
+    run.chain = order
     run.manifest.update(ray=runner.ray_info(), placement=placement)
     run.save()
     fp = _plan(run)

@@ -322,17 +322,78 @@ def read_json(uri: URI) -> Any:
     return json.loads(read_bytes(uri))
 
 
+class UnreadableFileError(ValueError):
+    """A file exists but cannot be parsed (e.g. a truncated parquet part); the message is one line
+    naming its URI and what to do."""
+
+
+#: pyarrow's errors for data that cannot be parsed (not I/O errors, which are ``OSError``).
+_PARSE_ERRORS = (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError)
+
+
+def _unreadable(uri: URI, exc: BaseException) -> UnreadableFileError:
+    reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    return UnreadableFileError(f"{os.fspath(uri)} cannot be read as parquet (truncated or corrupt: {redact(reason)}); "
+                               "a part of a run is redone when the run is rerun, otherwise delete it and rerun")
+
+
 @retry
 def read_parquet(uri: URI, columns: list[str] | None = None) -> pa.Table:
     """The parquet file ``uri`` as a table (ranged reads: only the needed ``columns`` are fetched).
 
     Raises:
         FileNotFoundError: no such file or object.
+        UnreadableFileError: the file is not valid parquet (e.g. truncated), naming ``uri``.
         OSError: the read failed.
     """
     fs, path = filesystem(uri)
     with errors("read", uri), fs.open_input_file(path) as f:
-        return pq.read_table(f, columns=columns)
+        try:
+            return pq.read_table(f, columns=columns)
+        except _PARSE_ERRORS as exc:
+            raise _unreadable(uri, exc) from None
+
+
+@retry
+def parquet_footer(uri: URI) -> dict[str, int]:
+    """``{"rows": N, "bytes": B}`` of the parquet file ``uri``, from its footer only.
+
+    Raises:
+        FileNotFoundError: no such file or object.
+        UnreadableFileError: the footer cannot be read (truncated or corrupt file), naming ``uri``.
+        OSError: the read failed.
+    """
+    fs, path = filesystem(uri)
+    with errors("read", uri), fs.open_input_file(path) as f:
+        size = f.size()
+        try:
+            meta = pq.read_metadata(f)
+        except _PARSE_ERRORS as exc:
+            raise _unreadable(uri, exc) from None
+    return {"rows": meta.num_rows, "bytes": size}
+
+
+def parquet_parts(uri: URI) -> dict[str, dict[str, int]]:
+    """``{name: parquet_footer(part)}`` for the parquet parts below the folder/prefix ``uri``
+    (names relative to it; names starting with ``.`` or ``_``, e.g. in-flight temp files, left
+    out, as ``read_dataset`` does); ``{}`` when nothing is there. Reads footers only.
+
+    Raises:
+        UnreadableFileError: a part's footer cannot be read.
+        OSError: listing or reading failed.
+    """
+    return {name: parquet_footer(u) for name, u in part_files(uri).items()}
+
+
+def part_files(uri: URI) -> dict[str, str]:
+    """``{name relative to uri: URI}`` of the parquet parts below ``uri`` (as ``parquet_parts``)."""
+    root = os.fspath(uri).rstrip("/").rstrip(os.sep)
+    out = {}
+    for u in list_files(uri, [".parquet"]):
+        name = u[len(root) :].lstrip("/").lstrip(os.sep) if u.startswith(root) else u.rsplit("/", 1)[-1]
+        if not any(p.startswith((".", "_")) for p in re.split(r"[/\\]", name)):
+            out[name.replace(os.sep, "/")] = u
+    return out
 
 
 @retry
@@ -343,6 +404,7 @@ def read_dataset(uri: URI, columns: list[str] | None = None, filter: Any = None)
 
     Raises:
         FileNotFoundError: nothing at ``uri``.
+        UnreadableFileError: a part is not valid parquet (e.g. truncated), naming it.
         OSError: listing or reading failed.
     """
     import pyarrow.dataset as pads
@@ -351,7 +413,13 @@ def read_dataset(uri: URI, columns: list[str] | None = None, filter: Any = None)
     with errors("read", uri):
         if fs.get_file_info(path).type == pafs.FileType.NotFound:
             raise FileNotFoundError(path)
-        return pads.dataset(path, filesystem=fs, format="parquet").to_table(columns=columns, filter=filter)
+        try:
+            return pads.dataset(path, filesystem=fs, format="parquet").to_table(columns=columns, filter=filter)
+        except _PARSE_ERRORS as exc:
+            error = exc
+    for part in part_files(uri).values():  # name the part that cannot be read
+        parquet_footer(part)
+    raise _unreadable(uri, error)
 
 
 @retry

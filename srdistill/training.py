@@ -16,8 +16,12 @@ Files written in ``out_dir``:
 * ``last.safetensors``: weights + Adam state + step + sampler RNG state, replaced atomically
   every ``cfg.checkpoint_every`` steps and at the end; a later call resumes from it.
 * ``log.jsonl``: one line per ``cfg.log_every`` steps: step, mean L1 loss (on [0, 1] pixels)
-  over those steps, learning rate, elapsed seconds; with ``cfg.curriculum.enabled`` also one
-  line at the start of each stage (see ``train_sr``).
+  over those steps, learning rate, elapsed seconds (training time over all the calls of a
+  resumed run); with ``cfg.curriculum.enabled`` also one line at the start of each stage (see
+  ``train_sr``); a resumed run one ``{"step": S, "resumed_from_step": S, "iterations",
+  "elapsed_s", "checkpoint"}`` line where it resumed (also announced on stderr).
+
+Every file is written mode ``0o666 & ~umask`` (0644), safetensors' own 0600 included.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import logging
 import math
 import os
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,6 +66,37 @@ log = logging.getLogger(__name__)
 _OPTIM_PREFIX = "__optimizer__."  # tensor-name prefix of the Adam state in last.safetensors
 _EMA_PREFIX = "__ema__."  # and of the EMA weights
 _RESERVED = ("format", "arch", "scale", "model_kwargs", "optimizer_param_groups", "ema_n_averaged")
+_UMASK_LOCK = threading.Lock()
+
+
+def _umask() -> int:
+    """The process umask, read without changing it where Linux reports it (``/proc/self/status``),
+    else set and restored at once under a lock."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    with _UMASK_LOCK:
+        mask = os.umask(0o022)
+        os.umask(mask)
+    return mask
+
+
+def _publish(tmp: str | Path, path: str | Path) -> None:
+    """``os.replace(tmp, path)`` after giving ``tmp`` the mode of a plainly created file
+    (``0o666 & ~umask``, 0644 under the usual umask 022): safetensors' writer creates its files
+    0600, readable by their owner only, unlike every other output."""
+    os.chmod(tmp, 0o666 & ~_umask())
+    os.replace(tmp, path)
+
+
+def announce(message: str) -> None:
+    """One line on the console (stderr, above any tqdm bar) and in the log."""
+    tqdm.write(message, file=sys.stderr)
+    log.info(message)
 
 
 def resolve_device(device: str) -> torch.device:
@@ -190,7 +226,10 @@ def train_sr(
     ``cfg.val_dataset`` and bf16/fp16 autocast on CUDA. Weights are initialised from
     ``torch.manual_seed(cfg.seed)`` and crops drawn from ``np.random.default_rng(cfg.seed)``
     (plus the worker rank); a resumed run restores the Adam, EMA and sampler state, so it ends
-    with the same weights as an uninterrupted one (on the same device and threads).
+    with the same weights as an uninterrupted one (on the same device and threads). A resume
+    is announced on stderr (``announce``) and logged (``resumed_from_step``); ``elapsed_s``
+    carries on from the checkpoint's, and ``model.safetensors`` records ``elapsed_s`` and
+    ``resumed_from`` (the steps resumed at, ``[]`` for a run never interrupted).
 
     Curriculum (``cfg.curriculum.enabled``, TripleD step 4; ``srdistill.curriculum``): the
     usable images are scored (``curriculum.image_complexity``) and steps before
@@ -262,10 +301,14 @@ def train_sr(
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
 
     step = 0
+    elapsed0 = 0.0  # training seconds before this call (from the checkpoint)
+    resumed_from: list[int] = []  # the steps this run was resumed at, oldest first
+    resumed = False
     last = out_dir / "last.safetensors"
     resume = dp.resume_from if dp.resume_from is not None else last
     if resume.exists():
         step, rng_state = _resume(resume, net, optimizer, ema, arch=cfg.model, scale=scale)
+        elapsed0, resumed_from = _resume_history(resume)
         if dp.world_size == 1:
             rng.bit_generator.state = rng_state  # exactly where the sampler stopped
             if schedule is not None and step >= schedule.switch_step:
@@ -274,20 +317,27 @@ def train_sr(
                     schedule.restore_pool(json.loads(pool))
         else:  # only rank 0's sampler state is saved: every rank reseeds from the step
             rng = np.random.default_rng([cfg.seed, dp.rank, step])
-        log.info("resuming %s from step %d", resume, step)
+        resumed = step < cfg.iterations  # else nothing is left to train: no resume to record
+        if resumed:
+            resumed_from = [*resumed_from, step]
 
     final = out_dir / "model.safetensors"
 
+    def elapsed() -> float:
+        return elapsed0 + time.perf_counter() - t0
+
     def checkpoint() -> None:
         extra = {"step": step, "rng_state": rng.bit_generator.state,
-                 "train_config": cfg.model_dump(mode="json")}  # fmt: skip
+                 "train_config": cfg.model_dump(mode="json"), "elapsed_s": elapsed(),
+                 "resumed_from": resumed_from}  # fmt: skip
         if schedule is not None and schedule.pool is not None:
             extra["curriculum_pool"] = schedule.pool.tolist()
         save_checkpoint(net, last, arch=cfg.model, scale=scale, model_kwargs=model_kwargs,
                         extra=extra, optimizer=optimizer, ema=ema)  # fmt: skip
         if step >= cfg.iterations:  # the trained network (the EMA if kept)
             extra = {"step": step, "train_config": cfg.model_dump(mode="json"), "ema": ema is not None,
-                     "n_train_images": len(images), "skipped_images": skipped}  # fmt: skip
+                     "n_train_images": len(images), "skipped_images": skipped, "elapsed_s": elapsed(),
+                     "resumed_from": resumed_from}  # fmt: skip
             if schedule is not None:
                 extra["curriculum"] = schedule.summary()
             save_checkpoint(ema.module if ema else net, final, arch=cfg.model, scale=scale,
@@ -320,6 +370,12 @@ def train_sr(
                   "hard_loss": float(losses[~easy].mean()) if (~easy).any() else None})  # fmt: skip
         return [images[i] for i in schedule.indices_at(step)]
 
+    if lead and resumed:
+        announce(f"resuming {resume} from step {step} of {cfg.iterations} "
+                 f"(elapsed {elapsed0:.1f} s carried on)")  # fmt: skip
+        note({"step": step, "resumed_from_step": step, "iterations": cfg.iterations,
+              "elapsed_s": elapsed0, "checkpoint": str(resume)})  # fmt: skip
+
     try:
         if schedule is not None and step == 0:
             note({"step": 0, "curriculum_stage": 1, "images": len(images), "easy": int(schedule.easy.sum()),
@@ -349,7 +405,7 @@ def train_sr(
 
             if step % cfg.log_every == 0 or step == cfg.iterations:
                 metrics = {"step": step, "loss": loss_sum / loss_n, "lr": lr_now,
-                           "elapsed_s": time.perf_counter() - t0}  # fmt: skip
+                           "elapsed_s": elapsed()}  # fmt: skip
                 loss_sum, loss_n = 0.0, 0
                 if lead and cfg.val_every and (step % cfg.val_every == 0 or step == cfg.iterations):
                     metrics["val_psnr_y"] = _validate(ema.module if ema else net, cfg, scale, device)
@@ -439,7 +495,7 @@ def save_checkpoint(
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
     save_file(tensors, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
+    _publish(tmp, path)  # 0644, not safetensors' 0600
 
 
 def _read(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -545,6 +601,14 @@ def _metadata(path: Path) -> dict[str, str]:
     """The raw (JSON-string) metadata of a safetensors file, without reading its tensors."""
     with safe_open(str(path), framework="pt") as f:
         return f.metadata() or {}
+
+
+def _resume_history(path: Path) -> tuple[float, list[int]]:
+    """``(elapsed_s, resumed_from)`` stored in a checkpoint; ``(0.0, [])`` for older ones."""
+    raw = _metadata(path)
+    elapsed = float(json.loads(raw["elapsed_s"])) if "elapsed_s" in raw else 0.0
+    resumed = [int(s) for s in json.loads(raw["resumed_from"])] if "resumed_from" in raw else []
+    return elapsed, resumed
 
 
 def _resume(

@@ -191,3 +191,18 @@ def kill_ray_processes(sessions: set[int], temp_dir: Path) -> None:
         except psutil.Error:
             pass
     psutil.wait_procs(list(mine), timeout=10)
+
+
+def ray_pids(title: bytes) -> list[int]:
+    """Processes whose title (``/proc/PID/cmdline``) starts with ``title``: Ray names a worker
+    ``ray::<task or actor>`` while it runs one (e.g. ``b"ray::MapBatches"``)."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                cmd = (proc / "cmdline").read_bytes()
+            except OSError:
+                continue
+            if cmd.startswith(title):
+                pids.append(int(proc.name))
+    return pids

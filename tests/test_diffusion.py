@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pyarrow as pa
@@ -137,8 +138,9 @@ def test_plain_resume_ends_where_an_uninterrupted_run_ends(tmp_path):
                tmp_path / "a", progress=False)  # fmt: skip
     D.finetune(FinetuneConfig(iterations=6, **base), D.build_backbone(FinetuneConfig(**UNET), 3), data,
                tmp_path / "b", progress=False)  # fmt: skip
-    log = [json.loads(x)["step"] for x in (tmp_path / "a" / "log.jsonl").read_text().splitlines()]
-    assert log == [1, 2, 3, 4, 5, 6]
+    log = [json.loads(x) for x in (tmp_path / "a" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log if "loss" in r] == [1, 2, 3, 4, 5, 6]
+    assert [r["resumed_from_step"] for r in log if "resumed_from_step" in r] == [3]
     a = D.load_finetuned(tmp_path / "a" / "model").model.state_dict()
     b = D.load_finetuned(tmp_path / "b" / "model").model.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -197,8 +199,14 @@ def test_deepspeed_zero2_two_ray_train_workers_complete_and_resume(tmp_path, ray
     first = D.load_finetuned(model_dir).model.state_dict()
     # the same call with more iterations continues from the reported checkpoint (step 4)
     runner.finetune_ray(_dit_cfg(tiny_dit_dir, iterations=6, **base), tmp_path / "enc", tmp_path / "ft", **kw)
-    log = [json.loads(x)["step"] for x in (tmp_path / "ft" / "log.jsonl").read_text().splitlines()]
-    assert log == [1, 2, 3, 4, 5, 6]
+    log = [json.loads(x) for x in (tmp_path / "ft" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log if "loss" in r] == [1, 2, 3, 4, 5, 6]
+    assert [r["resumed_from_step"] for r in log if "resumed_from_step" in r] == [4]
+    assert json.loads((model_dir / "backbone.json").read_text())["finetune"]["resumed_from"] == [4]
+    mask = os.umask(0o022)
+    os.umask(mask)
+    modes = {str(f): oct(f.stat().st_mode & 0o777) for f in (tmp_path / "ft").rglob("*") if f.is_file()}
+    assert modes and set(modes.values()) == {oct(0o666 & ~mask)}, modes  # safetensors' 0600 included
     second = D.load_finetuned(model_dir).model.state_dict()
     assert any(not torch.equal(first[k], second[k]) for k in first)
 

@@ -188,7 +188,9 @@ def test_meta_train_resumes_to_the_uninterrupted_weights(images, tmp_path):
     assert meta_a["step"] == 4 and meta_a["mzsr_config"]["meta_iterations"] == 4
     assert meta_a["model_kwargs"] == {"n_feats": 4, "n_layers": 3}
     lines = [json.loads(x) for x in (tmp_path / "b" / "log.jsonl").read_text().splitlines()]
-    assert [x["step"] for x in lines] == [1, 2, 3, 4] and "query_loss" in lines[0]
+    assert [x["step"] for x in lines if "query_loss" in x] == [1, 2, 3, 4] and "query_loss" in lines[0]
+    assert [x["resumed_from_step"] for x in lines if "resumed_from_step" in x] == [2]
+    assert load_checkpoint(split)[1]["resumed_from"] == [2] and meta_a["resumed_from"] == []
     with pytest.raises(ValueError, match="n_feats=4"):
         mzsr.meta_train(MZSRConfig(**{**TINY, "n_feats": 8}), FILES, tmp_path / "c", init=init)
 

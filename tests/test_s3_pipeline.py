@@ -13,13 +13,12 @@ import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import FAKE_KEY_ID, FAKE_SECRET, T91
+from conftest import FAKE_KEY_ID, FAKE_SECRET, T91, ray_pids
 
 from srdistill import runner, storage
 from srdistill.config import MineConfig, RayConfig, load_config
@@ -146,19 +145,6 @@ def test_injected_faults_leave_identical_outputs(faulty_s3, s3_corpus, clean_run
         assert got[name].equals(want[name]), name
 
 
-def _ray_task_pids(marker: str) -> list[int]:
-    pids = []
-    for proc in Path("/proc").iterdir():
-        if proc.name.isdigit():
-            try:
-                cmd = (proc / "cmdline").read_bytes()
-            except OSError:
-                continue
-            if cmd.startswith(b"ray::") and marker.encode() in cmd:
-                pids.append(int(proc.name))
-    return pids
-
-
 def test_worker_killed_during_mining_loses_and_duplicates_nothing(tmp_path, ray_s3):
     corpus = tmp_path / "corpus"
     corpus.mkdir()
@@ -173,7 +159,7 @@ def test_worker_killed_during_mining_loses_and_duplicates_nothing(tmp_path, ray_
         deadline = time.time() + 120
         while time.time() < deadline and not killed:
             if parts.is_dir() and any(parts.glob("part-*.parquet")):
-                for pid in _ray_task_pids("MapBatches"):
+                for pid in ray_pids(b"ray::MapBatches"):
                     os.kill(pid, signal.SIGKILL)
                     killed.append(pid)
                     break
@@ -275,5 +261,6 @@ def test_ray_train_checkpoints_in_s3_resume_on_another_machine(s3_server, ray_s3
     assert any(k.endswith("last.safetensors") for k in _objects(s3_server, "runs/ray-train/train/ray_train/"))
     runner.train_ray(TrainConfig(iterations=9, **cfg), 2, images, tmp_path / "b", checkpoint_uri=ckpt)
     assert load_checkpoint(tmp_path / "b" / "model.safetensors")[1]["step"] == 9
-    log = [json.loads(x)["step"] for x in (tmp_path / "b" / "log.jsonl").read_text().splitlines()]
-    assert log == list(range(1, 10))  # the history came back with the checkpoint
+    log = [json.loads(x) for x in (tmp_path / "b" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log if "resumed_from_step" not in r] == list(range(1, 10))  # the history came back
+    assert [r["resumed_from_step"] for r in log if "resumed_from_step" in r] == [6]

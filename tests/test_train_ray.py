@@ -27,7 +27,8 @@ def test_two_worker_ray_train_completes_and_resumes(tmp_path, ray_local):
     # the same call with more iterations continues from the reported checkpoint (step 6)
     runner.train_ray(TrainConfig(iterations=9, **cfg), 2, images, out)
     log = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in log] == list(range(1, 10))
+    assert [r["step"] for r in log if "resumed_from_step" not in r] == list(range(1, 10))
+    assert [r["resumed_from_step"] for r in log if "resumed_from_step" in r] == [6]
     assert load_checkpoint(out / "model.safetensors")[1]["step"] == 9
 
 
@@ -45,4 +46,5 @@ def test_two_worker_mzsr_meta_training_on_ray_train(tmp_path, ray_local):
     assert meta["arch"] == "mzsr" and meta["step"] == 2 and meta["mzsr_config"]["workers"] == 2
     runner.meta_train_ray(MZSRConfig(meta_iterations=4, **cfg), images, out)
     log = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in log] == [1, 2, 3, 4]
+    assert [r["step"] for r in log if "resumed_from_step" not in r] == [1, 2, 3, 4]
+    assert [r["resumed_from_step"] for r in log if "resumed_from_step" in r] == [2]
