@@ -131,10 +131,6 @@ def cluster_gpus(cfg: RayConfig | None = None) -> float:
     return float(ray.cluster_resources().get("GPU", 0))
 
 
-def _cluster_has_gpus() -> bool:
-    return cluster_gpus() > 0
-
-
 def actor_gpus(device: str, per_actor: float, gpus: float, field: str) -> float:
     """The GPUs each actor or task of a stage asks for: ``per_actor`` when the cluster has
     GPUs and ``device`` is ``auto`` or ``cuda``; 0 for ``cpu`` or a cluster without GPUs.

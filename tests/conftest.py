@@ -206,3 +206,33 @@ def ray_pids(title: bytes) -> list[int]:
             if cmd.startswith(title):
                 pids.append(int(proc.name))
     return pids
+
+
+def copy_t91(root: Path, n: int) -> Path:
+    """The first ``n`` vendored T91 images copied into folder ``root`` (a small real corpus)."""
+    import shutil
+
+    root.mkdir(parents=True, exist_ok=True)
+    for f in sorted(T91.glob("*.png"))[:n]:
+        shutil.copy(f, root / f.name)
+    return root
+
+
+def encoded_set(tmp_path: Path, vae=None, resolution: int = 16, n: int = 6, size: int = 24, k: int = 3):
+    """``n`` random ``size``x``size`` patches in ``k`` clusters, encoded (``vae`` latents, or
+    pixels without one) and written as ``tmp_path/enc/part-0.parquet``: a ``diffusion.EncodedSet``."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from srdistill import diffusion as D
+
+    rng = np.random.default_rng(0)
+    patches = [rng.integers(0, 256, (size, size, 3), dtype=np.uint8) for _ in range(n)]
+    samples = D.encode_patches(vae, resolution, patches)
+    table = pa.table({"patch_id": [f"p{i}" for i in range(n)],
+                      "cluster": pa.array([i % k for i in range(n)], pa.int32()),
+                      "sample": [s.tobytes() for s in samples]})  # fmt: skip
+    (tmp_path / "enc").mkdir(exist_ok=True)
+    pq.write_table(table, tmp_path / "enc" / "part-0.parquet")
+    return D.load_encoded(tmp_path / "enc", shape=samples.shape[1:], dtype=samples.dtype.name)

@@ -7,11 +7,10 @@ import os
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 import torch
 
-from conftest import T91
+from conftest import T91, encoded_set
 from srdistill import diffusion as D
 from srdistill.config import FinetuneConfig
 
@@ -21,18 +20,6 @@ def _dit_cfg(tiny_dit_dir, **kw) -> FinetuneConfig:
 
 
 UNET = dict(resolution=16, unet_channels=(16, 32))
-
-
-def _encoded(tmp_path, vae, resolution, n=6, size=24, k=3) -> D.EncodedSet:
-    rng = np.random.default_rng(0)
-    patches = [rng.integers(0, 256, (size, size, 3), dtype=np.uint8) for _ in range(n)]
-    samples = D.encode_patches(vae, resolution, patches)
-    table = pa.table({"patch_id": [f"p{i}" for i in range(n)],
-                      "cluster": pa.array([i % k for i in range(n)], pa.int32()),
-                      "sample": [s.tobytes() for s in samples]})  # fmt: skip
-    (tmp_path / "enc").mkdir(exist_ok=True)
-    pq.write_table(table, tmp_path / "enc" / "part-0.parquet")
-    return D.load_encoded(tmp_path / "enc", shape=samples.shape[1:], dtype=samples.dtype.name)
 
 
 def test_class_table_resized_to_clusters_plus_null(tiny_dit_dir):
@@ -87,7 +74,7 @@ def test_finetune_keeps_frozen_parameters_bit_identical_and_saves_a_loadable_mod
     bb = D.build_backbone(cfg, 3)
     frozen = {n: p.detach().clone() for n, p in bb.model.named_parameters() if not p.requires_grad}
     trainable = {n: p.detach().clone() for n, p in bb.trainable_parameters().items()}
-    data = _encoded(tmp_path, bb.vae, 16)
+    data = encoded_set(tmp_path, bb.vae, 16)
     model_dir = D.finetune(cfg, bb, data, tmp_path / "ft", progress=False)
     after = dict(bb.model.named_parameters())
     assert all(torch.equal(after[n], v) for n, v in frozen.items())
@@ -131,7 +118,7 @@ def test_patch_encoder_reads_the_patches_of_a_batch():
 
 def test_plain_resume_ends_where_an_uninterrupted_run_ends(tmp_path):
     base = dict(**UNET, batch_size=4, log_every=1, checkpoint_every=3, crop="random", lr=1e-3)
-    data = _encoded(tmp_path, None, 16)
+    data = encoded_set(tmp_path, None, 16)
     D.finetune(FinetuneConfig(iterations=3, **base), D.build_backbone(FinetuneConfig(**UNET), 3), data,
                tmp_path / "a", progress=False)  # fmt: skip
     D.finetune(FinetuneConfig(iterations=6, **base), D.build_backbone(FinetuneConfig(**UNET), 3), data,
@@ -216,7 +203,7 @@ def test_deepspeed_zero3_completes_and_saves_the_ema_model(tmp_path, ray_local, 
     from srdistill import runner
 
     bb = D.build_backbone(_dit_cfg(tiny_dit_dir), 3)
-    data = _encoded(tmp_path, bb.vae, 16)
+    data = encoded_set(tmp_path, bb.vae, 16)
     shape, dtype = tuple(data.samples.shape[1:]), "float16"
     cfg = _dit_cfg(tiny_dit_dir, iterations=3, batch_size=4, workers=2, zero_stage=3, log_every=1,
                    checkpoint_every=3)  # fmt: skip

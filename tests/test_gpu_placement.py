@@ -10,7 +10,6 @@ the stages run to the end on this machine.
 
 from __future__ import annotations
 
-import shutil
 
 import pytest
 
@@ -18,7 +17,7 @@ from srdistill import runner
 from srdistill.config import RayConfig, load_config
 from srdistill.pipeline import run_pipeline
 
-from conftest import T91
+from conftest import copy_t91
 
 pytestmark = pytest.mark.slow
 
@@ -35,10 +34,8 @@ def ray_gpu():
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
-    root = tmp_path_factory.mktemp("corpus")
-    for f in sorted(T91.glob("*.png"))[:4]:
-        shutil.copy(f, root / f.name)
-    return root
+    """Four vendored T91 images (one shard each with ``mine.images_per_shard=1``)."""
+    return copy_t91(tmp_path_factory.mktemp("corpus"), 4)
 
 
 def _tiny(*sets: str):

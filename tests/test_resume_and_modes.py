@@ -5,9 +5,6 @@ import os
 import stat
 from pathlib import Path
 
-import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 
 from srdistill import diffusion as D
@@ -15,7 +12,7 @@ from srdistill import training
 from srdistill.config import FinetuneConfig, TrainConfig
 from srdistill.training import load_checkpoint, save_checkpoint, train_sr
 
-from conftest import T91
+from conftest import T91, encoded_set
 
 FILES = [T91 / f"t{i}.png" for i in (1, 2, 3, 4)]
 UNET = dict(resolution=16, unet_channels=(16, 32))
@@ -109,21 +106,9 @@ def test_checkpoint_modes_follow_the_umask(tmp_path):
     assert not list(tmp_path.glob(".*.tmp"))
 
 
-def _encoded(tmp_path, n=6, size=24, k=3) -> D.EncodedSet:
-    rng = np.random.default_rng(0)
-    patches = [rng.integers(0, 256, (size, size, 3), dtype=np.uint8) for _ in range(n)]
-    samples = D.encode_patches(None, 16, patches)
-    table = pa.table({"patch_id": [f"p{i}" for i in range(n)],
-                      "cluster": pa.array([i % k for i in range(n)], pa.int32()),
-                      "sample": [s.tobytes() for s in samples]})  # fmt: skip
-    (tmp_path / "enc").mkdir(exist_ok=True)
-    pq.write_table(table, tmp_path / "enc" / "part-0.parquet")
-    return D.load_encoded(tmp_path / "enc", shape=samples.shape[1:], dtype=samples.dtype.name)
-
-
 def test_finetune_resume_is_announced_logged_and_times_carry_on(tmp_path, capsys, umask_022):
     base = dict(**UNET, batch_size=4, log_every=1, checkpoint_every=3, crop="random", lr=1e-3)
-    data = _encoded(tmp_path)
+    data = encoded_set(tmp_path)
     out = tmp_path / "ft"
     D.finetune(FinetuneConfig(iterations=3, **base), D.build_backbone(FinetuneConfig(**UNET), 3), data,
                out, progress=False)  # fmt: skip

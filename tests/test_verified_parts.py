@@ -4,7 +4,6 @@ downstream reruns; a part that cannot be read mid-stage is one line naming it.""
 
 from __future__ import annotations
 
-import shutil
 
 import pyarrow.parquet as pq
 import pytest
@@ -15,7 +14,7 @@ from srdistill.cli import app
 from srdistill.config import load_config
 from srdistill.pipeline import run_pipeline
 
-from conftest import T91
+from conftest import copy_t91
 
 pytestmark = pytest.mark.slow
 
@@ -24,11 +23,8 @@ OVERRIDES = {"embed.allow_random_init": "true", "mine.images_per_shard": "1"}
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
-    """Four vendored T91 images: one shard each."""
-    root = tmp_path_factory.mktemp("corpus")
-    for f in sorted(T91.glob("*.png"))[:4]:
-        shutil.copy(f, root / f.name)
-    return root
+    """Four vendored T91 images (one shard each with ``mine.images_per_shard=1``)."""
+    return copy_t91(tmp_path_factory.mktemp("corpus"), 4)
 
 
 def _tiny():
