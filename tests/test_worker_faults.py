@@ -124,7 +124,10 @@ def test_embedding_actor_killed_mid_stage_is_restarted(corpus, clean_run, tmp_pa
     (pid, parts_then), = k.killed
     print(f"killed embedding actor pid {pid} with {parts_then}/{N_IMAGES} parts written")
     assert parts_then < N_IMAGES, "the kill came after embedding had finished"
-    assert manifest["stages"]["embed"]["counts"]["shards_embedded_now"] == N_IMAGES == _parts(parts)
+    assert _parts(parts) == N_IMAGES
+    # the killed actor may have written its part just before dying: the retry then finds it done
+    # (not counted as embedded now); every shard is there either way, and the outputs equal below
+    assert manifest["stages"]["embed"]["counts"]["shards_embedded_now"] in (N_IMAGES - 1, N_IMAGES)
     got, want = _embeddings(run_dir), _embeddings(clean_run)
     ids = got.column("patch_id").to_pylist()
     assert len(ids) == len(set(ids)), "duplicate embeddings"
