@@ -184,9 +184,13 @@ def synthesize(
     out: Path = typer.Option(..., "--out", help="output folder (existing images are kept)"),
     ipc: int = typer.Option(10, "--ipc", help="images per cluster"),
     clusters: Optional[str] = typer.Option(None, "--clusters", help="comma-separated ids (all)"),
-    sampler: str = typer.Option("ddim", "--sampler", help="ddim or dpm-solver++"),
+    sampler: str = typer.Option("ddim", "--sampler", help="ddim, dpm-solver++ or ddpm (SRDD's release)"),
     steps: int = typer.Option(50, "--steps", help="sampling steps"),
     guidance: float = typer.Option(4.0, "--guidance", help="classifier-free guidance scale"),
+    guidance_channels: Optional[int] = typer.Option(
+        None, "--guidance-channels", help="guide the first N noise channels only (all; 3: SRDD's release)"),
+    vae: Optional[str] = typer.Option(None, "--vae", help="decoder VAE, a folder or Hugging Face id "
+                                      "(the training VAE; SRDD's release: stabilityai/sd-vae-ft-mse)"),
     seed: int = typer.Option(0, "--seed"),
     workers: int = typer.Option(1, "--workers", "--actors", min=1,
                                 help="Ray Data sampling actors (a GPU each where the cluster has GPUs)"),
@@ -198,19 +202,26 @@ def synthesize(
 
     from . import runner
     from .config import RayConfig, SynthConfig
+    from .synthesis import resolve_decoder
     from .synthesis import synthesize as run_synthesis
 
     try:
-        cfg = SynthConfig(sampler=sampler, steps=steps, guidance_scale=guidance, ipc=ipc,
-                          seed=seed, num_actors=workers, device="cpu" if gpus == 0 else "auto")  # fmt: skip
+        cfg = SynthConfig(sampler=sampler, steps=steps, guidance_scale=guidance, guidance_channels=guidance_channels,
+                          vae_path=vae, ipc=ipc, seed=seed, num_actors=workers,
+                          device="cpu" if gpus == 0 else "auto")  # fmt: skip
         ray_cfg = RayConfig(address=address, num_gpus=gpus)
     except ValidationError as exc:
         _fail(describe_error(exc, SynthConfig))
     meta_file = model / "backbone.json"
     if not meta_file.is_file():
         _fail(f"--model {str(model)!r} is not a fine-tuned model (no backbone.json)")
-    k = json.loads(meta_file.read_text())["num_clusters"]
+    meta = json.loads(meta_file.read_text())
+    k = meta["num_clusters"]
     ids = [int(c) for c in clusters.split(",")] if clusters else list(range(k))
+    try:
+        cfg = resolve_decoder(cfg, meta["kind"])  # on the driver: the actors read a local folder
+    except (FileNotFoundError, ValueError) as exc:
+        _fail(str(exc))
     runner.init_ray(ray_cfg)
     try:
         num_gpus = runner.actor_gpus(cfg.device, cfg.actor_num_gpus, runner.cluster_gpus(ray_cfg), "synthesize.device")
@@ -278,8 +289,9 @@ def eval_(
     scale: int = typer.Option(..., "--scale", help="SR scale"),
     kernel: Optional[Path] = typer.Option(None, "--kernel", help="blur kernel file: LR = blur + direct "
                                           "subsampling (MZSR's protocol) instead of bicubic"),  # fmt: skip
-    adapt_steps: int = typer.Option(0, "--adapt-steps", help="MZSR test-time adaptation steps per image "
-                                    "(a meta-trained checkpoint and --kernel)"),  # fmt: skip
+    adapt_steps: int = typer.Option(0, "--adapt-steps", min=0, help="MZSR test-time adaptation steps per "
+                                    "image (a meta-trained MZSR checkpoint, i.e. one with its MZSR config, "
+                                    "and --kernel)"),  # fmt: skip
     zssr_iterations: int = typer.Option(3000, "--zssr-iterations", help="at most this many ZSSR steps per image"),
     as_json: bool = typer.Option(False, "--json", help="one JSON object per dataset on stdout"),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda"),
@@ -298,6 +310,9 @@ def eval_(
     k = _kernel(kernel) if kernel is not None else None
     label = "bicubic"
     net = "bicubic"
+    if adapt_steps and (weights is not None or model in ("bicubic", "zssr")):
+        _fail(f"--adapt-steps needs a meta-trained MZSR checkpoint as --model, not {model!r}"
+              f"{' with --weights' if weights is not None else ''}")  # fmt: skip
     if weights is not None:
         try:
             net = load_released_weights(model, scale, fetch_weights(weights))
@@ -320,6 +335,10 @@ def eval_(
             if adapt_steps and k is None:
                 _fail("--adapt-steps needs --kernel (the son is made with the image's blur)")
             net, label = _mzsr_upscaler(net, meta, k, scale, adapt_steps), f"MZSR({adapt_steps}) ({Path(model).name})"
+        elif adapt_steps:  # never ignored silently: only a meta-trained MZSR model adapts
+            _fail(f"--adapt-steps needs a meta-trained MZSR checkpoint; {model!r} is a {meta['arch']} "
+                  "checkpoint without an MZSR config (`srdistill mzsr train` or `srdistill mzsr import-tf` "
+                  "of a meta-trained model writes one)")  # fmt: skip
     rows = []
     for ds in datasets:
         try:
@@ -339,7 +358,8 @@ def eval_(
 
 
 def _mzsr_upscaler(net, meta: dict, kernel, scale: int, steps: int):
-    """Per image: ``steps`` of MZSR's adaptation (none for 0), then ``mzsr.super_resolve``."""
+    """Per image: ``steps`` of MZSR's adaptation (none for 0; lr from the checkpoint's MZSR config),
+    then ``mzsr.super_resolve``. Sons are subsampled directly, as ``eval --kernel`` makes its LR."""
     from . import mzsr
     from .config import MZSRConfig
 
@@ -442,12 +462,15 @@ app.add_typer(zssr_app, name="zssr")
 _MZSR_SET_HELP = "override an MZSRConfig value, e.g. --set meta_iterations=2000 (repeatable)"
 
 
-def _mzsr_config(config: Optional[Path], overrides: list[str], **fixed):
-    """``MZSRConfig`` from a YAML file of its fields, ``--set`` overrides and CLI options."""
+def _mzsr_config(config: Optional[Path], overrides: list[str], base: Optional[dict] = None, **fixed):
+    """``MZSRConfig`` from ``base`` (e.g. a checkpoint's), a YAML file of its fields, ``--set``
+    overrides and CLI options, each over the one before."""
     from .config import MZSRConfig, _deep_merge, parse_override
 
     try:
-        data = read_yaml_mapping(config) if config is not None else {}
+        data = dict(base or {})
+        if config is not None:
+            data = _deep_merge(data, read_yaml_mapping(config))
         for item in overrides:
             data = _deep_merge(data, parse_override(item))
         data.update({k: v for k, v in fixed.items() if v is not None})
@@ -516,6 +539,58 @@ def mzsr_train(
     typer.echo(f"wrote {out / 'mzsr.safetensors'} (pretrained: {pretrained})")
 
 
+@mzsr_app.command("import-tf")
+def mzsr_import_tf(
+    prefix: Path = typer.Argument(..., help="TensorFlow checkpoint prefix, e.g. MZSR/Model/Directx2 (for "
+                                  "Directx2.index + Directx2.data-00000-of-00001), one of its files, or its "
+                                  "folder"),  # fmt: skip
+    out: Path = typer.Option(..., "--out", help="the .safetensors file to write"),
+    scale: Optional[int] = typer.Option(None, "--scale", help="SR factor; known for the released Directx2, "
+                                        "Bicubicx2, Pretrained (2) and Directx4 (4); needed otherwise"),  # fmt: skip
+    stage: str = typer.Option("auto", "--stage", help="meta (meta-trained: adapts per image) | pretrained "
+                              "(the bicubic pretraining: an init for `mzsr train --pretrained`) | auto "
+                              "(from the released name)"),  # fmt: skip
+    subsample: Optional[str] = typer.Option(None, "--subsample", help="direct | bicubic: the subsampling the "
+                                            "model was meta-trained for (known for the released models)"),  # fmt: skip
+    scope: str = typer.Option("MODEL", "--scope", help="variable scope of the conv{k}/kernel|bias variables"),
+    config: Optional[Path] = typer.Option(None, "--config", help="YAML file of MZSRConfig fields"),
+    overrides: list[str] = typer.Option([], "--set", help=_MZSR_SET_HELP + "; e.g. adapt_lr=[0.01,0.005]"),
+) -> None:
+    """Convert a TensorFlow checkpoint of JWSoh/MZSR (Model/Directx2, Directx4, Bicubicx2,
+    Multi-scale; Pretrained/Pretrained) into an srdistill mzsr checkpoint, without TensorFlow.
+    The settings each released model was published with (scale, subsampling, test-time
+    learning rates) are recorded with it; options, --config and --set override them."""
+    from . import mzsr, tfbundle
+
+    if stage not in ("auto", "meta", "pretrained"):
+        _fail(f"--stage {stage!r} is not one of auto, meta, pretrained")
+    try:
+        resolved = tfbundle.resolve_prefix(prefix)
+    except FileNotFoundError as exc:
+        _fail(str(exc))
+    known = dict(mzsr.RELEASED_TF.get(resolved.name, {}))
+    if stage == "auto" and not known:
+        _fail(f"{resolved.name!r} is not a released MZSR model ({', '.join(mzsr.RELEASED_TF)}): "
+              "give --stage meta or --stage pretrained")  # fmt: skip
+    released_meta = known.pop("meta_trained", True)
+    meta_trained = released_meta if stage == "auto" else stage == "meta"
+    scale = scale if scale is not None else known.pop("scale", None)
+    if scale is None:
+        _fail(f"give --scale: the scale of {resolved.name!r} is not known from its name")
+    base = {k: v for k, v in known.items() if k != "scale"}
+    if 64 % scale:  # hr_patch/zssr_crop (meta-training/ZSSR only) must be multiples of the scale
+        base.update(hr_patch=scale * (64 // scale), zssr_crop=scale * (128 // scale))
+    cfg = _mzsr_config(config, overrides, base=base, scale=scale, subsample=subsample)
+    try:
+        path = mzsr.import_tf(resolved, out, cfg, meta_trained=meta_trained, scope=scope)
+    except (FileNotFoundError, KeyError, ValueError) as exc:
+        _fail(str(exc).strip('"'))
+    crc = "checksums verified" if tfbundle.CRC32C_AVAILABLE else "checksums NOT verified (pip install google-crc32c)"
+    what = (f"meta-trained, {cfg.subsample} subsampling, adapt_lr {list(cfg.adapt_lr)}" if meta_trained
+            else "pretrained (no MZSR config: an init for `mzsr train --pretrained`)")  # fmt: skip
+    typer.echo(f"wrote {path}: mzsr x{cfg.scale} from {resolved} ({what}; {crc})")
+
+
 @zssr_app.command("adapt")
 def zssr_adapt(
     lr_image: Path = typer.Option(..., "--lr-image", help="the LR test image"),
@@ -531,20 +606,21 @@ def zssr_adapt(
     seed: int = typer.Option(0, "--seed", help="ZSSR's initialisation and crops"),
 ) -> None:
     """Super-resolve one image of a known (or estimated) blur kernel: MZSR's test-time
-    adaptation of a meta-trained model, or the ZSSR baseline."""
+    adaptation of a meta-trained model (with the settings stored in it: adapt_lr, subsample,
+    adapt_steps; --config/--set override them), or the ZSSR baseline."""
     import time
 
     from . import imaging, mzsr
 
-    cfg = _mzsr_config(config, overrides, scale=scale)
+    net, meta = _load_mzsr(model, scale) if model is not None else (None, {})
+    cfg = _mzsr_config(config, overrides, base=meta.get("mzsr_config"), scale=scale)
     k = _kernel(kernel)
     try:
         lr = imaging.read_image(lr_image)
         t0 = time.perf_counter()
-        if model is not None:
-            net = _load_mzsr(model, scale)
+        if net is not None:  # the checkpoint's adapt_lr/subsample unless --config/--set change them
             steps = cfg.adapt_steps if steps is None else steps
-            sr = mzsr.zero_shot(net, lr, k, scale, steps=steps, lr=cfg.adapt_lr)
+            sr = mzsr.zero_shot(net, lr, k, scale, steps=steps, lr=cfg.adapt_lr, subsample=cfg.subsample)
             what = f"MZSR({steps})"
         else:
             if steps is not None:
@@ -559,7 +635,8 @@ def zssr_adapt(
 
 
 def _load_mzsr(path: Path, scale: int):
-    """A meta-trained MZSR checkpoint (``mzsr.meta_train``), checked."""
+    """A meta-trained MZSR checkpoint (``mzsr.meta_train`` or ``mzsr.import_tf``), checked:
+    ``(net, meta)``."""
     from .training import load_checkpoint
 
     try:
@@ -568,10 +645,11 @@ def _load_mzsr(path: Path, scale: int):
         _fail(str(exc))
     if meta["arch"] != "mzsr" or "mzsr_config" not in meta:
         _fail(f"{str(path)!r} is not a meta-trained MZSR checkpoint (arch {meta['arch']!r}); "
-              "train one with `srdistill mzsr train`")  # fmt: skip
+              "train one with `srdistill mzsr train` or convert a released one with "
+              "`srdistill mzsr import-tf`")  # fmt: skip
     if meta["scale"] != scale:
         _fail(f"{str(path)!r} is for x{meta['scale']}, not --scale {scale}")
-    return net
+    return net, meta
 
 
 k8s_app = typer.Typer(no_args_is_help=True, help="Kubernetes: the KubeRay RayJob a distillation becomes.")

@@ -1,19 +1,36 @@
-"""Spherical k-means of CLIP embeddings (SRDD's class-agnostic grouping, step 2).
+"""k-means of CLIP embeddings (SRDD's class-agnostic grouping, step 2).
 
 SRDD (Cho, Jung, Cho, Soh; arXiv 2509.14777) groups its patches by k-means on CLIP ViT-B/32
 image embeddings with k = 7 (variants 5, 9, 14); the cluster id then replaces the class label
-of the class-conditional diffusion model. Here the k-means is faiss' ``Kmeans`` with
-``spherical=True`` (Johnson, Douze, Jégou, "Billion-scale similarity search with GPUs",
-arXiv 1702.08734; github facebookresearch/faiss): centroids are re-normalised after each
-iteration, so points are grouped by cosine similarity, which suits L2-normalised embeddings.
+of the class-conditional diffusion model. Its released ``src/2_cluster_clip.py`` runs
+scikit-learn's ``KMeans(n_clusters=7, random_state=42)`` (Euclidean Lloyd, k-means++ seeding;
+``n_init`` left to sklearn's default: 10 runs before sklearn 1.4, 1 from 1.4 on, its
+environment file does not say which) on the raw, not normalised, ``get_image_features`` of all
+patches at once, and keeps ``fit_predict``'s labels.
 
-Differences from SRDD, all there to scale past memory and to large ``k``:
+``ClusterConfig.method`` picks one of two k-means:
+
+* ``"spherical-faiss"`` (default): faiss' ``Kmeans`` with ``spherical=True`` (Johnson, Douze,
+  Jégou, "Billion-scale similarity search with GPUs", arXiv 1702.08734; github
+  facebookresearch/faiss) on L2-normalised rows: centroids are re-normalised after each
+  iteration, so points are grouped by cosine similarity, which suits CLIP embeddings (CLIP
+  compares them by cosine) and scales to large ``N`` and ``k`` as below.
+* ``"kmeans"``: SRDD's released clustering, ``sklearn.cluster.KMeans(n_clusters=k,
+  init="k-means++", n_init=cfg.nredo, max_iter=cfg.niter, random_state=cfg.seed)`` on the raw
+  rows (Euclidean), every row then assigned to its Euclidean-nearest centroid (an exact
+  ``faiss.IndexFlatL2``). With ``nredo=10, niter=300, seed=42`` and all rows in the training
+  sample it reproduces the release (sklearn < 1.4 defaults); the two-level and IVF options
+  below do not apply to it. The rows are raw only if the embed stage stored them raw.
+
+Differences of ``spherical-faiss`` from SRDD, all there to scale past memory and to large ``k``:
 
 * Centroids are trained on a seeded random sample of at most ``max_train_points`` rows
   (``sample_rows`` draws it from a stream of batches, never holding all ``N x D``
   embeddings), then every point is assigned to its most similar centroid batch by batch
   (``CentroidIndex``). With fewer points than clusters, ``k`` drops to the sample size.
-* The best of ``cfg.nredo`` k-means runs is kept (SRDD's code runs one).
+  (``kmeans`` shares this: past ``max_train_points`` rows it too fits on the sample.)
+* The best of ``cfg.nredo`` k-means runs is kept, ``cfg.niter`` iterations each (random
+  initialisation; sklearn's default ``tol`` stop does not exist in faiss).
 * For ``k >= cfg.two_level_min_k`` the centroids come from two-level k-means: a coarse
   spherical k-means into ``round(sqrt(k))`` clusters, then each coarse cluster split by its
   own spherical k-means into a number of fine clusters proportional to its size, ``k`` in
@@ -36,7 +53,9 @@ Differences from SRDD, all there to scale past memory and to large ``k``:
 
 Everything is deterministic for a given input, batch-independent and config: the streaming
 path ``sample_rows`` -> ``train_centroids`` -> ``CentroidIndex.search`` per batch gives
-exactly (bit for bit) the result of ``spherical_kmeans`` on the concatenated batches.
+exactly (bit for bit) the result of ``cluster_embeddings`` on the concatenated batches (for
+``kmeans``, on one machine: sklearn's multi-threaded sums may differ in the last bits across
+thread counts).
 """
 
 from __future__ import annotations
@@ -58,6 +77,7 @@ __all__ = [
     "CentroidIndex",
     "KMeansResult",
     "assign_to_centroids",
+    "cluster_embeddings",
     "sample_rows",
     "spherical_kmeans",
     "train_centroids",
@@ -71,13 +91,16 @@ UNIT_TOL = 1e-3
 
 @dataclass(frozen=True)
 class KMeansResult:
-    """Result of ``spherical_kmeans``.
+    """Result of ``cluster_embeddings`` / ``spherical_kmeans``.
 
     Attributes:
-        centroids: ``(k_used, D)`` float32, unit-L2 rows.
-        assign: ``(N,)`` int32 in ``[0, k_used)``, the nearest centroid of each point (for
-            ``k_used >= cfg.ivf_min_k`` the nearest one the IVF index finds).
-        cos_sim: ``(N,)`` float32 in ``[-1, 1]``, cosine similarity to that centroid.
+        centroids: ``(k_used, D)`` float32: unit-L2 rows (``spherical-faiss``), or raw
+            Euclidean means of their points (``kmeans``).
+        assign: ``(N,)`` int32 in ``[0, k_used)``, the nearest centroid of each point: most
+            similar by cosine (``spherical-faiss``; for ``k_used >= cfg.ivf_min_k`` the most
+            similar one the IVF index finds) or by Euclidean distance (``kmeans``).
+        cos_sim: ``(N,)`` float32 in ``[-1, 1]``, cosine similarity to that centroid (0 for an
+            all-zero row under ``kmeans``).
         k_used: number of clusters actually fitted (``min(cfg.k, n_train)``).
         n_train: number of points the centroids were trained on
             (``min(N, cfg.max_train_points)``).
@@ -90,8 +113,11 @@ class KMeansResult:
     n_train: int
 
 
-def _validate(x: np.ndarray, *, dim: int | None = None, allow_empty: bool = False) -> np.ndarray:
-    """Check embeddings and return them as C-contiguous float32 unit-L2 rows (a copy).
+def _validate(
+    x: np.ndarray, *, dim: int | None = None, allow_empty: bool = False, unit: bool = True
+) -> np.ndarray:
+    """Check embeddings and return them as C-contiguous float32 rows: unit-L2 (a copy; all-zero
+    rows rejected) when ``unit``, else as given (``kmeans`` works on raw rows).
 
     Rows are normalised one by one, so normalising a subset of rows gives the same bits as
     normalising all rows and taking that subset.
@@ -109,6 +135,8 @@ def _validate(x: np.ndarray, *, dim: int | None = None, allow_empty: bool = Fals
         bad = int((~np.isfinite(x).all(axis=1)).sum())
         raise ValueError(f"embeddings contain NaN or inf in {bad} of {x.shape[0]} rows")
     x = np.ascontiguousarray(x, dtype=np.float32)
+    if not unit:
+        return x
     norms = np.linalg.norm(x, axis=1, keepdims=True)
     if (norms == 0).any():
         raise ValueError(f"{int((norms == 0).sum())} embedding rows are all zero")
@@ -261,17 +289,33 @@ def _two_level(x: np.ndarray, k: int, cfg: ClusterConfig) -> np.ndarray:
     return np.concatenate(fine, axis=0)
 
 
-def _train_unit(x: np.ndarray, cfg: ClusterConfig) -> tuple[np.ndarray, int]:
+def _kmeans_sklearn(x: np.ndarray, k: int, cfg: ClusterConfig) -> np.ndarray:
+    """SRDD's released k-means: sklearn Euclidean Lloyd with k-means++ seeding, best of
+    ``cfg.nredo`` runs of at most ``cfg.niter`` iterations, of raw rows ``x`` ``(n, D)``
+    float32, ``1 <= k <= n``. Returns ``(k, D)`` float32 centroids."""
+    from sklearn.cluster import KMeans
+
+    km = KMeans(n_clusters=k, init="k-means++", n_init=cfg.nredo, max_iter=cfg.niter, random_state=cfg.seed)
+    return np.ascontiguousarray(km.fit(x).cluster_centers_, dtype=np.float32)
+
+
+def _train(x: np.ndarray, cfg: ClusterConfig) -> tuple[np.ndarray, int]:
+    """Centroids of validated rows ``x`` (unit for ``spherical-faiss``, raw for ``kmeans``)."""
     k = min(cfg.k, x.shape[0])
+    if cfg.method == "kmeans":
+        return _kmeans_sklearn(x, k, cfg), k
     if k >= cfg.two_level_min_k:
         return _two_level(x, k, cfg), k
     return _kmeans_unit(x, k, cfg), k
 
 
 def train_centroids(sample: np.ndarray, cfg: ClusterConfig) -> tuple[np.ndarray, int]:
-    """Spherical k-means centroids of a training sample (normally ``sample_rows``' output).
+    """k-means centroids of a training sample (normally ``sample_rows``' output).
 
-    ``k_used = min(cfg.k, n)``. For ``k_used < cfg.two_level_min_k``: one
+    ``k_used = min(cfg.k, n)``. ``cfg.method == "kmeans"``: ``sklearn.cluster.KMeans(k_used,
+    init="k-means++", n_init=cfg.nredo, max_iter=cfg.niter, random_state=cfg.seed)`` on the
+    raw rows (SRDD's released clustering). ``"spherical-faiss"``, for
+    ``k_used < cfg.two_level_min_k``: one
     ``faiss.Kmeans(D, k_used, niter=cfg.niter, nredo=cfg.nredo, seed=cfg.seed,
     spherical=True)`` run on all ``n`` rows (best of ``nredo`` random initialisations);
     otherwise two-level k-means (coarse ``round(sqrt(k_used))`` clusters, each split into
@@ -279,18 +323,19 @@ def train_centroids(sample: np.ndarray, cfg: ClusterConfig) -> tuple[np.ndarray,
     given sample and config.
 
     Args:
-        sample: ``(n, D)`` floating-point embeddings, ``n >= 1``; rows are L2-normalised
-            here (they normally already are).
-        cfg: ``k``, ``niter``, ``nredo``, ``seed``, ``two_level_min_k``.
+        sample: ``(n, D)`` floating-point embeddings, ``n >= 1``; for ``spherical-faiss`` rows
+            are L2-normalised here (they normally already are), for ``kmeans`` used as given.
+        cfg: ``method``, ``k``, ``niter``, ``nredo``, ``seed``, ``two_level_min_k``.
 
     Returns:
-        ``(centroids (k_used, D) float32 unit-L2 rows, k_used)``.
+        ``(centroids (k_used, D) float32, k_used)``: unit-L2 rows for ``spherical-faiss``,
+        raw for ``kmeans``.
 
     Raises:
         ValueError: ``sample`` is not 2-D, not floating point, empty, has NaN/inf or
-            all-zero rows.
+            (``spherical-faiss``) all-zero rows.
     """
-    return _train_unit(_validate(sample), cfg)
+    return _train(_validate(sample, unit=cfg.method != "kmeans"), cfg)
 
 
 def _ivf_nlist(k: int) -> int:
@@ -299,8 +344,10 @@ def _ivf_nlist(k: int) -> int:
 
 
 class CentroidIndex:
-    """Most similar centroid (by inner product = cosine on unit rows) of embedding batches.
+    """Nearest centroid of embedding batches, by the metric of ``cfg.method``.
 
+    ``kmeans``: Euclidean distance of raw rows to raw centroids, exact (``faiss.IndexFlatL2``,
+    kind ``"l2"``). ``spherical-faiss``: inner product (= cosine on unit rows);
     ``k < cfg.ivf_min_k``: exact search, ``faiss.IndexFlatIP``. ``k >= cfg.ivf_min_k``:
     ``faiss.IndexIVFFlat`` with the inner-product metric (inverted file; Jégou, Douze,
     Schmid, TPAMI 2011): its ``nlist = round(4 sqrt(k))`` list centroids are a seeded
@@ -311,17 +358,18 @@ class CentroidIndex:
 
     Attributes:
         k: number of centroids. d: their dimension.
-        kind: ``"flat"`` or ``"ivf"``.
-        nlist: IVF lists (``None`` for ``flat``). nprobe: lists searched (``None`` for ``flat``).
+        kind: ``"flat"``, ``"ivf"`` or ``"l2"``. unit: rows are L2-normalised (not ``kmeans``).
+        nlist: IVF lists (``None`` unless ``ivf``). nprobe: lists searched (``None`` unless ``ivf``).
 
     Args:
-        centroids: ``(k, D)`` floating point, unit-L2 rows (norms within ``UNIT_TOL`` of 1;
-            they are used as given, not renormalised), ``k >= 1``.
-        cfg: ``ivf_min_k``, ``nprobe``, ``niter``, ``seed``.
+        centroids: ``(k, D)`` floating point, ``k >= 1``, used as given: for
+            ``spherical-faiss`` unit-L2 rows (norms within ``UNIT_TOL`` of 1), for ``kmeans``
+            any finite rows.
+        cfg: ``method``, ``ivf_min_k``, ``nprobe``, ``niter``, ``seed``.
 
     Raises:
-        ValueError: ``centroids`` not 2-D, not floating point, empty, not finite or not
-            unit rows.
+        ValueError: ``centroids`` not 2-D, not floating point, empty, not finite or
+            (``spherical-faiss``) not unit rows.
     """
 
     def __init__(self, centroids: np.ndarray, cfg: ClusterConfig) -> None:
@@ -331,16 +379,23 @@ class CentroidIndex:
         if not np.issubdtype(c.dtype, np.floating) or not np.isfinite(c).all():
             raise ValueError(f"centroids must be finite floating point (dtype {c.dtype})")
         c = np.ascontiguousarray(c, dtype=np.float32)
+        self.k, self.d = c.shape
+        self.unit = cfg.method != "kmeans"
+        self.nlist: int | None = None
+        self.nprobe: int | None = None
+        if not self.unit:
+            self.kind = "l2"
+            self._centroids = c
+            self._index = faiss.IndexFlatL2(self.d)
+            self._index.add(c)
+            return
         norms = np.linalg.norm(c, axis=1)
         if np.abs(norms - 1.0).max() > UNIT_TOL:
             raise ValueError(
                 f"centroids must be unit-L2 rows; norms range {norms.min():.4g}..{norms.max():.4g}"
             )
-        self.k, self.d = c.shape
         self._flat = faiss.IndexFlatIP(self.d)
         self._flat.add(c)
-        self.nlist: int | None = None
-        self.nprobe: int | None = None
         if self.k < cfg.ivf_min_k:
             self.kind = "flat"
             self._index = self._flat
@@ -356,8 +411,15 @@ class CentroidIndex:
         ivf.nprobe = self.nprobe
         self._index = ivf
 
-    def _search_unit(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Search C-contiguous float32 unit rows ``(n, d)``; one faiss call."""
+    def _search(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Search C-contiguous float32 rows ``(n, d)`` (unit unless ``l2``); one faiss call."""
+        if self.kind == "l2":
+            ids = self._index.search(x, 1)[1][:, 0]
+            c = self._centroids[ids]
+            dots = np.einsum("nd,nd->n", x, c, dtype=np.float64)
+            norms = np.linalg.norm(x, axis=1) * np.linalg.norm(c, axis=1)
+            cos = np.divide(dots, norms, out=np.zeros_like(dots), where=norms > 0)
+            return ids.astype(np.int32), np.clip(cos, -1.0, 1.0).astype(np.float32)
         sims, ids = self._index.search(x, 1)
         sims, ids = sims[:, 0], ids[:, 0]
         miss = ids < 0
@@ -366,19 +428,20 @@ class CentroidIndex:
             sims[miss], ids[miss] = s2[:, 0], i2[:, 0]
         return ids.astype(np.int32), sims.astype(np.float32)
 
-    def _assign_unit(self, x: np.ndarray, batch: int) -> tuple[np.ndarray, np.ndarray]:
+    def _assign(self, x: np.ndarray, batch: int) -> tuple[np.ndarray, np.ndarray]:
         assign = np.empty(x.shape[0], dtype=np.int32)
         cos_sim = np.empty(x.shape[0], dtype=np.float32)
         for start in range(0, x.shape[0], batch):
             part = np.ascontiguousarray(x[start : start + batch], dtype=np.float32)
-            assign[start : start + batch], cos_sim[start : start + batch] = self._search_unit(part)
+            assign[start : start + batch], cos_sim[start : start + batch] = self._search(part)
         return assign, cos_sim
 
     def search(self, x: np.ndarray, *, batch: int = ASSIGN_BATCH) -> tuple[np.ndarray, np.ndarray]:
-        """Most similar centroid of each row.
+        """Nearest centroid of each row (most similar, or Euclidean-nearest for ``kmeans``).
 
-        Rows are L2-normalised first exactly as ``spherical_kmeans`` does (unit rows pass
-        through), so searching batch by batch gives the same bits as ``spherical_kmeans``.
+        Rows are prepared exactly as ``cluster_embeddings`` does (L2-normalised for
+        ``spherical-faiss``, unit rows passing through; as given for ``kmeans``), so
+        searching batch by batch gives the same bits as ``cluster_embeddings``.
 
         Args:
             x: ``(n, D)`` floating-point embeddings, ``n >= 0``, ``D == self.d``.
@@ -389,9 +452,9 @@ class CentroidIndex:
 
         Raises:
             ValueError: ``x`` not 2-D, its dimension differs from the centroids' (both
-                named), not floating point, NaN/inf or all-zero rows.
+                named), not floating point, NaN/inf or (``spherical-faiss``) all-zero rows.
         """
-        return self._assign_unit(_validate(x, dim=self.d, allow_empty=True), batch)
+        return self._assign(_validate(x, dim=self.d, allow_empty=True, unit=self.unit), batch)
 
 
 def assign_to_centroids(
@@ -401,17 +464,18 @@ def assign_to_centroids(
     batch: int = ASSIGN_BATCH,
     cfg: ClusterConfig | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Nearest centroid of each row by inner product (cosine for unit rows).
+    """Nearest centroid of each row: by inner product (cosine for unit rows), or by
+    Euclidean distance for ``cfg.method == "kmeans"``.
 
     A ``CentroidIndex(centroids, cfg)`` searched in batches; rows are used as given (not
     renormalised, unlike ``CentroidIndex.search``).
 
     Args:
-        x: ``(N, D)`` float32, unit-L2 rows.
-        centroids: ``(k, D)`` float32, unit-L2 rows.
+        x: ``(N, D)`` float32, unit-L2 rows (raw for ``kmeans``).
+        centroids: ``(k, D)`` float32, unit-L2 rows (raw for ``kmeans``).
         batch: rows per faiss search call, bounding memory at ``batch * k`` floats.
-        cfg: chooses exact vs IVF search (``ivf_min_k``, ``nprobe``); default
-            ``ClusterConfig()``.
+        cfg: the metric (``method``) and exact vs IVF search (``ivf_min_k``, ``nprobe``);
+            default ``ClusterConfig()``.
 
     Returns:
         ``(assign (N,) int32, cos_sim (N,) float32)``.
@@ -424,11 +488,12 @@ def assign_to_centroids(
     x = np.asarray(x)
     if x.ndim != 2 or x.shape[1] != index.d:
         raise ValueError(f"x has shape {x.shape}, expected (N, {index.d}) like the centroids")
-    return index._assign_unit(x, batch)
+    return index._assign(x, batch)
 
 
-def spherical_kmeans(x: np.ndarray, cfg: ClusterConfig) -> KMeansResult:
-    """Spherical k-means of in-memory embeddings (SRDD: k = 7 on CLIP ViT-B/32 embeddings).
+def cluster_embeddings(x: np.ndarray, cfg: ClusterConfig) -> KMeansResult:
+    """k-means of in-memory embeddings by ``cfg.method`` (SRDD: k = 7 on CLIP ViT-B/32
+    embeddings).
 
     Trains centroids (``train_centroids``) on a random sample of at most
     ``cfg.max_train_points`` rows (drawn with ``numpy.random.default_rng(cfg.seed)``, as
@@ -437,9 +502,9 @@ def spherical_kmeans(x: np.ndarray, cfg: ClusterConfig) -> KMeansResult:
     ``sample_rows`` -> ``train_centroids`` -> ``CentroidIndex.search`` over batches of ``x``.
 
     Args:
-        x: ``(N, D)`` floating-point embeddings; rows are L2-normalised here (they normally
-            already are).
-        cfg: ``k``, ``niter``, ``nredo``, ``seed``, ``max_train_points``,
+        x: ``(N, D)`` floating-point embeddings; for ``spherical-faiss`` rows are
+            L2-normalised here (they normally already are), for ``kmeans`` used raw.
+        cfg: ``method``, ``k``, ``niter``, ``nredo``, ``seed``, ``max_train_points``,
             ``two_level_min_k``, ``ivf_min_k``, ``nprobe``.
 
     Returns:
@@ -447,11 +512,26 @@ def spherical_kmeans(x: np.ndarray, cfg: ClusterConfig) -> KMeansResult:
         config requires ``max_train_points >= k``).
 
     Raises:
-        ValueError: ``x`` is not 2-D, not floating point, empty, has NaN/inf or all-zero rows.
+        ValueError: ``x`` is not 2-D, not floating point, empty, has NaN/inf or
+            (``spherical-faiss``) all-zero rows.
     """
-    x = _validate(x)
+    x = _validate(x, unit=cfg.method != "kmeans")
     idx = _sample_indices(x.shape[0], cfg.max_train_points, cfg.seed)
     train = x if idx is None else x[idx]
-    centroids, k = _train_unit(train, cfg)
-    assign, cos_sim = CentroidIndex(centroids, cfg)._assign_unit(x, ASSIGN_BATCH)
+    centroids, k = _train(train, cfg)
+    assign, cos_sim = CentroidIndex(centroids, cfg)._assign(x, ASSIGN_BATCH)
     return KMeansResult(centroids, assign, cos_sim, k_used=k, n_train=train.shape[0])
+
+
+def spherical_kmeans(x: np.ndarray, cfg: ClusterConfig) -> KMeansResult:
+    """``cluster_embeddings`` for ``cfg.method == "spherical-faiss"`` (faiss spherical k-means
+    of L2-normalised rows).
+
+    Raises:
+        ValueError: ``cfg.method`` is another method (use ``cluster_embeddings``), and as
+            ``cluster_embeddings``.
+    """
+    if cfg.method != "spherical-faiss":
+        raise ValueError(f"spherical_kmeans needs cluster.method 'spherical-faiss', got {cfg.method!r}: "
+                         "call cluster_embeddings")  # fmt: skip
+    return cluster_embeddings(x, cfg)

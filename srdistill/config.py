@@ -58,6 +58,13 @@ class MineConfig(_Strict):
     Keep rules: ``threshold`` keeps patches harder than ``threshold`` (``psnr_bic < t`` dB or
     ``grad > t``); ``top_fraction`` keeps the hardest ``top_fraction`` of all patches; ``all``
     keeps every patch.
+
+    ``psnr_bic_resize`` picks the bicubic of the ``psnr_bic`` score's x``bic_scale``
+    down-then-up: ``matlab`` (``imaging.imresize``: Keys a = -0.5, antialiased when
+    downscaling, uint8 rounding after each pass) or ``opencv`` (``cv2.resize`` ``INTER_CUBIC``:
+    a = -0.75, no antialiasing, float32 throughout), the resize of SRDD's released
+    ``src/1_select_patches.py``. On natural images ``matlab`` reads higher, so a fixed
+    threshold keeps fewer patches under it (see ``srdistill.mining``).
     """
 
     patch_preset: Literal["srdd", "div2k"] | None = None
@@ -65,6 +72,7 @@ class MineConfig(_Strict):
     stride: int = Field(96, ge=1)
     bic_scale: int = Field(4, ge=2, description="down/up factor of the psnr_bic score")
     psnr_bic_window: Literal["patch", "image"] = "image"
+    psnr_bic_resize: Literal["matlab", "opencv"] = "matlab"
     keep_score: Score = "psnr_bic"
     keep_rule: Literal["threshold", "top_fraction", "all"] = "threshold"
     threshold: float = 23.0
@@ -146,6 +154,8 @@ class EmbedConfig(_ActorStage):
     pretrained: str | None = None
     allow_random_init: bool = False
     random_init: Literal["vit-b-32", "tiny"] = "vit-b-32"
+    normalize: bool = Field(True, description="store L2-normalised embeddings (false: the raw CLIP "
+                            "projection, as SRDD's released clustering uses with cluster.method kmeans)")
 
 
 class ComplexityConfig(_ActorStage):
@@ -168,21 +178,32 @@ class ComplexityConfig(_ActorStage):
 
 
 class ClusterConfig(_Strict):
-    """faiss spherical k-means on L2-normalised embeddings (trained on a sample, all assigned).
+    """k-means of the embeddings (trained on a sample, all assigned). See ``srdistill.clustering``.
 
-    Centroids are trained on a seeded sample of at most ``max_train_points`` rows: by one
-    spherical k-means, or for ``k >= two_level_min_k`` by two-level k-means (coarse
-    ``round(sqrt(k))`` clusters, each split in proportion to its size). Every row is then
-    assigned to its most similar centroid: exactly (``faiss.IndexFlatIP``) for
-    ``k < ivf_min_k``, else through an inverted file (``faiss.IndexIVFFlat``, ``nprobe``
-    lists searched). See ``srdistill.clustering``.
+    ``method``: ``spherical-faiss`` (default), faiss spherical k-means on L2-normalised
+    embeddings. Centroids are trained on a seeded sample of at most ``max_train_points`` rows:
+    by one spherical k-means (best of ``nredo`` runs of ``niter`` iterations), or for
+    ``k >= two_level_min_k`` by two-level k-means (coarse ``round(sqrt(k))`` clusters, each
+    split in proportion to its size). Every row is then assigned to its most similar
+    centroid: exactly (``faiss.IndexFlatIP``) for ``k < ivf_min_k``, else through an inverted
+    file (``faiss.IndexIVFFlat``, ``nprobe`` lists searched).
+
+    ``kmeans``: SRDD's released clustering, ``sklearn.cluster.KMeans(n_clusters=k,
+    init="k-means++", n_init=nredo, max_iter=niter, random_state=seed)`` (Euclidean) on the
+    raw, not normalised, embeddings of the same seeded sample, every row then assigned to its
+    Euclidean-nearest centroid (exact); ``two_level_min_k``, ``ivf_min_k`` and ``nprobe`` do
+    not apply. The release's call is ``KMeans(n_clusters=7, random_state=42)`` on all
+    patches: ``k=7, nredo=10, niter=300, seed=42`` with ``max_train_points`` >= the patch
+    count reproduces it (sklearn's defaults before 1.4; from 1.4 its default ``n_init`` is 1).
+    The rows are the embed stage's output as stored: raw only if that stage stores them raw.
     """
 
+    method: Literal["spherical-faiss", "kmeans"] = "spherical-faiss"
     k: int = Field(7, ge=1)
-    niter: int = Field(20, ge=1)
+    niter: int = Field(20, ge=1, description="k-means iterations per run (kmeans: max_iter)")
     # Lloyd's algorithm from one random init merged two of 7 well-separated clusters and split
     # another in 8 of 20 runs; the best of 5 restarts recovered them in 20 of 20.
-    nredo: int = Field(5, ge=1, description="k-means restarts; the best objective is kept")
+    nredo: int = Field(5, ge=1, description="k-means restarts; the best objective is kept (kmeans: n_init)")
     seed: int = 0
     max_train_points: int = Field(100_000, ge=1)
     two_level_min_k: int = Field(
@@ -374,9 +395,12 @@ class MZSRConfig(_Strict):
     arXiv:2002.12213, official code JWSoh/MZSR (``config.py``, ``train.py``, ``test.py``,
     ``dataGenerator.py``). ZSSR: Shocher, Cohen, Irani, "Zero-Shot Super-Resolution using
     Deep Internal Learning", CVPR 2018, arXiv:1712.06087, official code assafshocher/ZSSR
-    (``configs.py``, ``ZSSR.py``). Defaults are those releases' settings; the source of each is
-    in its field description. The large-scale bicubic pretraining that precedes the
-    meta-transfer is ``training.train_sr`` with ``RECIPES["mzsr"]``, not part of this config.
+    (``configs.py``, ``ZSSR.py``). Defaults are those releases' settings (``loss_weights``:
+    uniform, as the released ``train.py`` trains); the source of each is in its field
+    description. The large-scale bicubic pretraining that precedes the meta-transfer is
+    ``training.train_sr`` with ``RECIPES["mzsr"]`` (``MZSRNet``'s MATLAB-bicubic input, as
+    MZSR's), not part of this config. ``srdistill mzsr import-tf`` writes the released
+    TensorFlow models with this config (``scale``, ``subsample`` and ``adapt_lr`` of each).
 
     A task is one random anisotropic Gaussian kernel (``degradation.random_kernel``); its
     support and query sets are ``support`` and ``query`` HR crops of ``hr_patch`` pixels whose LR
@@ -408,16 +432,24 @@ class MZSRConfig(_Strict):
     # --- outer loop (MZSR config.py / train.py)
     meta_lr: float = Field(1e-4, gt=0.0, description="Adam lr of the meta-update (META_LR 1e-4)")
     meta_iterations: int = Field(100_000, ge=1, description="meta-updates (META_ITER 100000)")
+    loss_weights: Literal["uniform", "annealed"] = Field(
+        "uniform",
+        description="weights of the query losses after each inner step (multi-step loss). "
+        "uniform: 1/inner_steps each, for the whole run: what MZSR's released train.py trains with "
+        "(get_loss_weights anneals from tf global_step, which nothing increments). annealed: MAML++'s "
+        "schedule as that function is written, from uniform towards the last step over "
+        "msl_anneal_iterations (ours, an option)",
+    )  # fmt: skip
     msl_anneal_iterations: float = Field(
         10_000 / 3, ge=0.0,
-        description="multi-step loss (MAML++): the per-inner-step query-loss weights go linearly "
+        description="loss_weights=annealed: the per-inner-step query-loss weights go linearly "
         "from uniform to their final values over about this many meta-updates (MZSR "
         "train.py get_loss_weights: 10000/3); 0 = final weights from the start",
     )  # fmt: skip
     msl_min_weight: float = Field(
         0.03, ge=0.0, le=1.0,
-        description="final weight of each non-last inner step is msl_min_weight / inner_steps, the "
-        "last step gets the rest (MZSR/MAML++: 0.03); 0 = plain MAML on the last step",
+        description="loss_weights=annealed: final weight of each non-last inner step is msl_min_weight "
+        "/ inner_steps, the last step gets the rest (MZSR/MAML++: 0.03); 0 = plain MAML on the last step",
     )  # fmt: skip
     log_every: int = Field(100, ge=1, description="meta-updates per log.jsonl line (PRINT_ITER)")
     checkpoint_every: int = Field(2500, ge=1, description="meta-updates per last.safetensors "
@@ -489,6 +521,30 @@ class FinetuneConfig(_Strict):
     flip, latents x 0.18215, 1000-step linear DDPM schedule, lambda_pos 0.002, lambda_neg 0.008,
     memory 64 per cluster. ``workers`` > 0 runs the loop on Ray Train under DeepSpeed (ZeRO
     ``zero_stage``); 0 runs it in-process in plain PyTorch.
+
+    Choices where SRDD's released ``train_diff.py`` (on MinimaxDiffusion's DiT and improved-DDPM
+    code) is one option (see ``srdistill.diffusion``):
+
+    * ``difffit``: ``first-half`` (released, and DiffFit's best placement): scales gamma on the
+      q, k, v projections, the attention output (twice: projection and branch, as the release's
+      two gammas) and the MLP branch of the first half of the blocks (14 of DiT-XL/2's 28);
+      ``all-blocks`` (ours before): gamma on the attention and MLP branch of every block.
+    * ``tie_embeddings``: all blocks share one class table and timestep embedder (released DiT:
+      one ``y_embedder``/``t_embedder``); false trains diffusers' per-block copies apart.
+    * ``class_init``: cluster rows start at the mean of the pretrained class rows (``mean``,
+      ours) or at pretrained rows 0..k-1 (``imagenet-rows``, released: labels 0..k-1 of an
+      unresized 1000-class table).
+    * ``loss``: ``simple`` = L_simple (+ memory terms); ``hybrid`` (released) adds improved-DDPM's
+      L_vb for the learned-variance channels (the ``unet`` backbone then gets them too).
+    * ``ema_warmup``: decay min(``ema_decay``, (1 + s) / (10 + s)) at step s (ours); false =
+      ``ema_decay`` from step 0 (released).
+    * ``epochs``: when set, the length is ``epochs`` x (N // ``batch_size``) steps, N = all
+      encoded patches (released: an epoch loop with ``drop_last``), replacing ``iterations``.
+    * ``memory_reduce``: ``sample`` = each sample's min/max similarity, averaged (ours, the
+      paper's per-sample form); ``cluster`` (released) = per cluster of the batch the min/max
+      over all its (sample, memory) pairs, averaged over the clusters in the batch.
+    * ``memory_labels``: memory terms by the conditioning label (``conditioning``: samples
+      dropped to the null class get none, ours) or by cluster (``cluster``, released).
     """
 
     backbone: Literal["auto", "dit", "unet"] = "auto"
@@ -521,6 +577,14 @@ class FinetuneConfig(_Strict):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     log_every: int = Field(50, ge=1)
     checkpoint_every: int = Field(500, ge=1)
+    difffit: Literal["first-half", "all-blocks"] = "first-half"
+    tie_embeddings: bool = Field(True, description="one class table + timestep embedder for all DiT blocks")
+    class_init: Literal["mean", "imagenet-rows"] = "mean"
+    loss: Literal["simple", "hybrid"] = "simple"
+    ema_warmup: bool = True
+    epochs: float | None = Field(None, gt=0.0, description="length in epochs over all patches; replaces iterations")
+    memory_reduce: Literal["sample", "cluster"] = "sample"
+    memory_labels: Literal["conditioning", "cluster"] = "conditioning"
 
     @model_validator(mode="after")
     def _check(self) -> "FinetuneConfig":
@@ -554,14 +618,24 @@ class SynthConfig(_Strict):
     """Sampling the synthetic distilled set (SRDD §3.4; ``srdistill.synthesis``).
 
     ``ipc`` images per cluster; without it the ``select`` budget (``ipc`` or
-    ``pixel_fraction``) decides. ``guidance_scale`` is classifier-free guidance (1 = none);
-    ``sampler`` ``ddim`` (eta 0) or ``dpm-solver++`` (2nd-order multistep). Image ``i`` of
-    cluster ``c`` uses the noise of seed ``(seed, c, i)``, so a rerun reproduces it.
+    ``pixel_fraction``) decides. ``guidance_scale`` is classifier-free guidance (1 = none).
+    ``sampler``: ``ddim`` (eta 0, trailing timesteps; our default), ``dpm-solver++``
+    (2nd-order multistep) or ``ddpm`` (SRDD's released sampler: ancestral DDPM on ``steps``
+    timesteps respaced as improved-DDPM's ``space_timesteps``, with the model's learned
+    variance when it has one, else beta~). ``guidance_channels`` N guides only the first N
+    noise channels and takes the others from the conditional prediction (None = all, ours; 3 =
+    DiT's and SRDD's released ``forward_with_cfg``). ``vae_path`` is a separate decoder VAE
+    (local directory or Hugging Face id, resolved like ``finetune.vae_path``; ``dit`` only): SRDD
+    trains with ``stabilityai/sd-vae-ft-ema`` and decodes with ``stabilityai/sd-vae-ft-mse``;
+    None decodes with the training VAE. Image ``i`` of cluster ``c`` uses the noise of seed
+    ``(seed, c, i)``, so a rerun reproduces it.
     """
 
-    sampler: Literal["ddim", "dpm-solver++"] = "ddim"
+    sampler: Literal["ddim", "dpm-solver++", "ddpm"] = "ddim"
     steps: int = Field(50, ge=1)
     guidance_scale: float = Field(4.0, ge=1.0)
+    guidance_channels: int | None = Field(None, ge=1, description="guide the first N noise channels (None: all)")
+    vae_path: str | None = Field(None, description="decoder VAE (dir or HF id); None: the training VAE")
     ipc: int | None = Field(None, ge=1)
     batch_size: int = Field(8, ge=1)
     num_actors: int = Field(1, ge=1, description="Ray Data sampling actors (actor_num_gpus each on GPUs)")
@@ -601,6 +675,14 @@ class RayConfig(_Strict):
     num_gpus: int | None = Field(None, ge=0)
 
 
+#: Options added after runs existed, at the value that reproduces what the stage did before they
+#: did: left out of the stage's fingerprint, so an upgrade does not redo finished stages.
+_NEUTRAL = {
+    "mine": {"psnr_bic_resize": "matlab"},
+    "embed": {"normalize": True},
+    "cluster": {"method": "spherical-faiss"},
+    "synthesize": {"guidance_channels": None, "vae_path": None},
+}
 _ENCODE_FIELDS = {"backbone", "dit_path", "vae_path", "resolution", "max_patches", "seed"}
 
 
@@ -633,6 +715,8 @@ class RunConfig(_Strict):
             part = getattr(self, stage).model_dump(mode="json")
         if stage == "train" and not self.train.curriculum.enabled:
             del part["curriculum"]  # off trains exactly as before the option existed
+        neutral = _NEUTRAL.get(stage, {})  # at these values a stage runs as before the option existed
+        part = {k: v for k, v in part.items() if k not in neutral or v != neutral[k]}
         if stage in ("train", "evaluate"):
             part = {"scale": self.scale, **part}
         return json.dumps(part, sort_keys=True)

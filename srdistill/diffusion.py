@@ -8,21 +8,41 @@ mined patches. Two backbones, both diffusers classes:
   in the layout of ``facebook/DiT-XL-2-512`` (and optionally a VAE such as
   ``stabilityai/sd-vae-ft-ema``); ids are downloaded into the Hugging Face cache, or with
   ``HF_HUB_OFFLINE=1`` looked up there only (``resolve_backbone``, once on the driver: actors
-  get the local directories); its class-embedding tables are resized to ``k`` clusters (+ the
-  null class of classifier-free guidance) and it is fine-tuned with DiffFit (Xie et al., arXiv
-  2304.06648): only biases, norm parameters, a per-channel scale ``gamma`` on every attention
-  and MLP branch (initialised to 1, so the model starts unchanged) and the class embeddings
-  train; every other weight stays bit-identical.
+  get the local directories). diffusers gives every block its own copy of the class table and
+  timestep embedder (the original DiT has one of each); with ``tie_embeddings`` all blocks
+  share block 0's, as in the original (``tie_block_embeddings``). The class table is resized to
+  ``k`` clusters + the null class of classifier-free guidance (``resize_class_embedding``:
+  cluster rows from the mean of the pretrained rows, or from pretrained rows 0..k-1 as SRDD's
+  release, which keeps the 1000-class table and labels clusters 0..k-1). It is fine-tuned with
+  DiffFit (Xie et al., arXiv 2304.06648; ``apply_difffit``): only biases, norm parameters, the
+  class table and per-channel scales ``gamma`` (initialised to 1, so the model starts
+  unchanged) train; every other weight stays bit-identical. ``first-half`` places gamma as
+  SRDD's released DiT (MinimaxDiffusion ``models.py``): on the q, k, v projections, twice on
+  the attention output and on the MLP branch of the first half of the blocks;
+  ``all-blocks`` on the attention and MLP branch of every block.
 * ``unet``: a class-conditional pixel-space ``UNet2DModel`` trained from scratch (all
   parameters): the backbone without pretrained weights, so the whole SRDD path runs on a CPU
-  with no download.
+  with no download. With ``loss: hybrid`` it gets learned-variance output channels like DiT.
 
-The loss is SRDD's: the DDPM noise-prediction loss L_simple (Ho et al. 2020, Eq. 14) plus two
-memory-bank terms on the predicted clean sample x0_hat = (x_t - sqrt(1 - a_t) eps_hat) /
-sqrt(a_t), with a FIFO memory of ``memory_size`` real samples and of as many (detached)
-predictions per cluster::
+The loss (``srdd_loss``) is the diffusion loss plus SRDD's two memory-bank terms on the
+predicted clean sample x0_hat = (x_t - sqrt(1 - a_t) eps_hat) / sqrt(a_t), with a FIFO memory
+of ``memory_size`` real samples and of as many (detached) predictions per cluster::
 
-    L = L_simple + lambda_pos * (1 - min_j cos(x0_hat, real_j)) + lambda_neg * max_j cos(x0_hat, pred_j)
+    L = L_diff + lambda_pos * (1 - min_j cos(x0_hat, real_j)) + lambda_neg * max_j cos(x0_hat, pred_j)
+
+L_diff is the DDPM noise-prediction loss L_simple (Ho et al. 2020, Eq. 14; ``loss: simple``),
+or, as SRDD's released code (improved-DDPM's ``GaussianDiffusion`` with DiT's learned
+variance), the hybrid loss of Nichol & Dhariwal (arXiv 2102.09672, Eq. 16; ``loss: hybrid``):
+L_simple + L_t, where L_t is the variational-bound term of the sampled timestep: the KL
+between the true posterior q(x_{t-1} | x_t, x_0) and the model's p(x_{t-1} | x_t), whose log
+variance interpolates between log beta_t and log beta~_t (Eq. 15), averaged over dimensions
+in bits, with the predicted mean held fixed (stop-gradient: it trains only the variance
+channels); at t = 0 the discretised Gaussian decoder NLL (``vb_bits``). Weight 1 on L_t is
+the paper's lambda = 0.001 on L_vb = T E_t[L_t] at T = 1000. The memory terms reduce per sample (``memory_reduce: sample``) or, as the
+release, per cluster of the batch (``cluster``: min/max over all its (sample, memory)
+pairs, averaged over the clusters in the batch). The release also subtracts an MSE between
+the latents and their bicubic round trip; it does not depend on the model (no gradient), so
+it is left out.
 
 ``finetune`` is the whole loop, in plain PyTorch or under DeepSpeed (ZeRO 0-3) when the runner
 (Ray Train) hands it a data-parallel context; ``encode_patches`` is the per-batch function of
@@ -61,9 +81,12 @@ __all__ = [
     "EncodedSet",
     "MissingBackboneError",
     "apply_difffit",
+    "approx_standard_normal_cdf",
     "build_backbone",
     "build_unet",
     "check_backbone",
+    "discretized_gaussian_log_likelihood",
+    "ema_decay",
     "encode_patches",
     "encoded_spec",
     "PatchEncoder",
@@ -73,10 +96,16 @@ __all__ = [
     "make_dit_backbone",
     "load_encoded",
     "load_finetuned",
+    "normal_kl",
+    "posterior_tables",
+    "q_posterior",
     "resize_class_embedding",
     "resolve_backbone",
     "save_finetuned",
     "srdd_loss",
+    "tie_block_embeddings",
+    "total_iterations",
+    "vb_bits",
     "MemoryBank",
 ]
 
@@ -174,6 +203,9 @@ class Backbone:
         latent_scale: multiplies VAE latents (0.18215 for SD's VAE); 1 for ``unet``.
         trainable: ``"difffit"`` or ``"full"``.
         source: provenance for manifests (paths, "random-init", parameter counts).
+        difffit: DiffFit's gamma placement (``apply_difffit``) of a ``difffit`` DiT, else ``None``.
+        tied: a DiT whose blocks share one class table and timestep embedder
+            (``tie_block_embeddings``).
     """
 
     kind: str
@@ -185,6 +217,8 @@ class Backbone:
     latent_scale: float = 1.0
     trainable: str = "full"
     source: dict = field(default_factory=dict)
+    difffit: str | None = None
+    tied: bool = False
 
     @property
     def null_class(self) -> int:
@@ -199,20 +233,40 @@ class Backbone:
         f = 2 ** (len(self.vae.config.block_out_channels) - 1)
         return (self.vae.config.latent_channels, self.resolution // f, self.resolution // f)
 
-    def denoise(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Noise prediction eps_hat, ``(B, C, h, w)`` float, for noisy samples ``x`` of
-        ``sample_shape``, integer timesteps ``t`` ``(B,)`` and class ids ``labels`` ``(B,)``
-        (``null_class`` = unconditional). DiT's learned-variance channels are dropped."""
+    @property
+    def learned_variance(self) -> bool:
+        """The denoiser also outputs, per channel, the interpolation v in [-1, 1] between log beta_t
+        and log beta~_t of the reverse-step variance (Nichol & Dhariwal, arXiv 2102.09672, Eq. 15):
+        DiT's ``out_channels`` = 2 x ``in_channels``."""
+        return self.model.config.out_channels == 2 * self.model.config.in_channels
+
+    def predict(self, x: torch.Tensor, t: torch.Tensor,
+                labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:  # fmt: skip
+        """The denoiser's raw output split in two: noise prediction eps_hat ``(B, C, h, w)`` and,
+        when ``learned_variance``, the variance channels v ``(B, C, h, w)`` (else ``None``), for
+        noisy samples ``x`` of ``sample_shape``, integer timesteps ``t`` ``(B,)`` and class ids
+        ``labels`` ``(B,)`` (``null_class`` = unconditional)."""
         if self.kind == "dit":
             out = self.model(x, timestep=t, class_labels=labels).sample
-            return out[:, : x.shape[1]]
-        return self.model(x, t, class_labels=labels).sample
+        else:
+            out = self.model(x, t, class_labels=labels).sample
+        c = x.shape[1]
+        return (out[:, :c], out[:, c:]) if out.shape[1] == 2 * c else (out, None)
+
+    def denoise(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Noise prediction eps_hat, ``(B, C, h, w)`` float (``predict`` without the variance
+        channels)."""
+        return self.predict(x, t, labels)[0]
 
     @torch.no_grad()
-    def decode(self, z: torch.Tensor) -> torch.Tensor:
-        """Samples ``(B, C, h, w)`` -> images ``(B, 3, res, res)`` float in [-1, 1] (clamped)."""
+    def decode(self, z: torch.Tensor, vae: nn.Module | None = None) -> torch.Tensor:
+        """Samples ``(B, C, h, w)`` -> images ``(B, 3, res, res)`` float in [-1, 1] (clamped).
+        ``vae``: decode with this ``AutoencoderKL`` instead of the training one (SRDD decodes
+        with ``stabilityai/sd-vae-ft-mse``; ``synthesis.load_decoder_vae``); ``dit`` only."""
+        if vae is not None and self.vae is None:
+            raise ValueError("a decoder VAE needs the dit backbone: the unet backbone samples pixels")
         if self.vae is not None:
-            z = self.vae.decode(z / self.latent_scale).sample
+            z = (vae or self.vae).decode(z / self.latent_scale).sample
         return z.clamp(-1, 1)
 
     def trainable_parameters(self) -> dict[str, nn.Parameter]:
@@ -224,33 +278,65 @@ class Backbone:
 
 
 def _label_embeddings(model: nn.Module) -> list[nn.Module]:
-    """The class-embedding modules of a DiT (one per block in diffusers' layout)."""
+    """The class-embedding modules of a DiT (one per block in diffusers' layout, one in all if
+    tied: ``modules()`` lists a shared module once)."""
     from diffusers.models.embeddings import LabelEmbedding
 
     return [m for m in model.modules() if isinstance(m, LabelEmbedding)]
 
 
-def resize_class_embedding(model: nn.Module, num_clusters: int) -> None:
-    """Resize every DiT class-embedding table to ``num_clusters`` + 1 rows, in place.
-
-    Row ``c < k`` starts at the mean of the pretrained class rows (no ImageNet class is
-    preferred); row ``k`` (null class) keeps the pretrained null embedding. The model's config
-    ``num_embeds_ada_norm`` is updated so ``save_pretrained`` round-trips. Class dropout inside
-    the tables is switched off: ``finetune`` drops labels itself, the same for every block.
+def tie_block_embeddings(model: nn.Module) -> int:
+    """Make every DiT block use block 0's ``norm1.emb`` (``CombinedTimestepLabelEmbeddings``:
+    timestep MLP + class table), in place, as the original DiT's single ``t_embedder`` and
+    ``y_embedder``; diffusers' conversion gives each block an equal copy, which fine-tuning
+    would otherwise train apart (the final layer reads block 0's). After tying, the shared
+    parameters appear once in ``named_parameters()`` (under block 0's names) and under every
+    block's name in ``state_dict()``. Idempotent. Returns the number of blocks re-pointed.
 
     Raises:
-        ValueError: ``num_clusters`` < 1 or the model has no class-embedding table.
+        ValueError: the model has no ``transformer_blocks`` with ``norm1.emb``.
+    """
+    blocks = list(getattr(model, "transformer_blocks", []))
+    if not blocks or not all(hasattr(getattr(b, "norm1", None), "emb") for b in blocks):
+        raise ValueError(f"{type(model).__name__} has no per-block class/timestep embedding to tie")
+    shared, n = blocks[0].norm1.emb, 0
+    for block in blocks[1:]:
+        if block.norm1.emb is not shared:
+            block.norm1.emb = shared
+            n += 1
+    return n
+
+
+def resize_class_embedding(model: nn.Module, num_clusters: int, init: str = "mean") -> None:
+    """Resize every DiT class-embedding table to ``num_clusters`` + 1 rows, in place.
+
+    Row ``c < k`` starts at the mean of the pretrained class rows (``init="mean"``: no ImageNet
+    class is preferred) or at pretrained row ``c`` (``init="imagenet-rows"``: SRDD's release,
+    which keeps DiT's 1000-class table and labels its clusters 0..k-1; rows it never uses get
+    no gradient, so the two are the same model); row ``k`` (null class) keeps the pretrained
+    null embedding. The model's config ``num_embeds_ada_norm`` is updated so
+    ``save_pretrained`` round-trips. Class dropout inside the tables is switched off:
+    ``finetune`` drops labels itself, the same for every block.
+
+    Raises:
+        ValueError: ``num_clusters`` < 1, ``init`` unknown, the model has no class-embedding
+            table, or ``imagenet-rows`` with more clusters than pretrained classes.
     """
     if num_clusters < 1:
         raise ValueError(f"num_clusters must be >= 1, got {num_clusters}")
+    if init not in ("mean", "imagenet-rows"):
+        raise ValueError(f"finetune.class_init must be 'mean' or 'imagenet-rows', got {init!r}")
     tables = _label_embeddings(model)
     if not tables:
         raise ValueError(f"{type(model).__name__} has no class-embedding table to resize")
     for emb in tables:
         old = emb.embedding_table.weight.data
         n_old = emb.num_classes
+        if init == "imagenet-rows" and num_clusters > n_old:
+            raise ValueError(f"finetune.class_init 'imagenet-rows' needs k <= {n_old} pretrained classes, "
+                             f"got k = {num_clusters}; use class_init 'mean'")  # fmt: skip
         new = torch.empty(num_clusters + 1, old.shape[1], dtype=old.dtype, device=old.device)
-        new[:num_clusters] = old[:n_old].mean(0, keepdim=True)
+        new[:num_clusters] = old[:num_clusters] if init == "imagenet-rows" else old[:n_old].mean(0, keepdim=True)
         new[num_clusters] = old[n_old] if old.shape[0] > n_old else old.mean(0)
         emb.embedding_table = nn.Embedding.from_pretrained(new, freeze=False)
         emb.num_classes = num_clusters
@@ -262,17 +348,46 @@ def _scale_output(module: nn.Module, args: Any, output: torch.Tensor) -> torch.T
     return output * module.difffit_gamma
 
 
-def apply_difffit(model: nn.Module) -> list[str]:
+#: DiffFit placements: which modules of a diffusers DiT block get an output scale gamma, in
+#: which blocks. ``first-half`` is SRDD's released DiT (MinimaxDiffusion ``models.py``, blocks
+#: 0-13 of 28): ``Attention.gamma1`` (3 x dim) on the fused qkv output = to_q, to_k, to_v here;
+#: ``Attention.gamma2`` on the output projection = ``attn1.to_out[0]``; ``DiTBlock.gamma1`` on
+#: the attention branch = ``attn1``; ``DiTBlock.gamma2`` on the MLP branch = ``ff``.
+DIFFFIT_PLACEMENTS = {
+    "first-half": ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0", "attn1", "ff"),
+    "all-blocks": ("attn1", "ff"),
+}
+
+
+def difffit_blocks(num_blocks: int, placement: str) -> range:
+    """Indices of the blocks that get gamma: the first ``num_blocks // 2`` (``first-half``:
+    14 of DiT-XL/2's 28 as the release, which hard-codes 14) or all (``all-blocks``)."""
+    return range(num_blocks // 2 if placement == "first-half" else num_blocks)
+
+
+def apply_difffit(model: nn.Module, placement: str = "first-half") -> list[str]:
     """DiffFit (arXiv 2304.06648 §3.2) on a DiT: freeze everything, then let train only biases,
-    norm weights (LayerNorm/GroupNorm), class-embedding tables and a new per-channel scale
-    ``difffit_gamma`` (ones, so the output is unchanged at start) on each block's attention and
-    MLP output. Idempotent. Returns the names of the trainable parameters."""
+    norm weights (LayerNorm/GroupNorm; DiT's have none), class-embedding tables and new
+    per-channel scales ``difffit_gamma`` (ones, so the output is unchanged at start) on the
+    outputs of ``DIFFFIT_PLACEMENTS[placement]`` in the blocks of ``difffit_blocks``. The
+    timestep MLP's and final layer's weights stay frozen (their biases train), as in the
+    release, whose trainable set is every parameter named ``bias``, ``gamma`` or ``y_embed``.
+    Idempotent for one placement. Returns the names of the trainable parameters.
+
+    Raises:
+        ValueError: unknown ``placement``.
+    """
+    if placement not in DIFFFIT_PLACEMENTS:
+        raise ValueError(f"finetune.difffit must be one of {sorted(DIFFFIT_PLACEMENTS)}, got {placement!r}")
     model.requires_grad_(False)
-    for block in getattr(model, "transformer_blocks", []):
-        for branch in (block.attn1, block.ff):
+    blocks = list(getattr(model, "transformer_blocks", []))
+    for i in difffit_blocks(len(blocks), placement):
+        dim = blocks[i].attn1.to_out[0].out_features
+        for name in DIFFFIT_PLACEMENTS[placement]:
+            branch = blocks[i].get_submodule(name)
             if not hasattr(branch, "difffit_gamma"):
-                dim = block.attn1.to_out[0].out_features
-                branch.register_parameter("difffit_gamma", nn.Parameter(torch.ones(dim)))
+                out = branch.out_features if isinstance(branch, nn.Linear) else dim
+                branch.register_parameter("difffit_gamma", nn.Parameter(torch.ones(out)))
                 branch.register_forward_hook(_scale_output)
             branch.difffit_gamma.requires_grad_(True)
     for module in model.modules():
@@ -312,10 +427,11 @@ def load_dit(dit_path: str | Path, vae_path: str | Path | None = None) -> tuple[
 
 
 def build_unet(resolution: int, num_clusters: int, channels: tuple[int, ...] = (64, 128, 256),
-               attention: bool = True) -> nn.Module:  # fmt: skip
+               attention: bool = True, learned_variance: bool = False) -> nn.Module:  # fmt: skip
     """A class-conditional pixel-space ``UNet2DModel`` (Ho et al. 2020 layout): one ResNet
     block per level, self-attention at the lowest level if ``attention``, ``num_clusters`` + 1
-    class embeddings (the last is the null class).
+    class embeddings (the last is the null class); 6 output channels (noise, then the
+    variance interpolation v of improved DDPM, as DiT's) if ``learned_variance``, else 3.
 
     Raises:
         ValueError: ``resolution`` not divisible by 2^(levels-1).
@@ -330,7 +446,8 @@ def build_unet(resolution: int, num_clusters: int, channels: tuple[int, ...] = (
     if attention:
         down[-1], up[0] = "AttnDownBlock2D", "AttnUpBlock2D"
     return UNet2DModel(
-        sample_size=resolution, in_channels=3, out_channels=3, block_out_channels=tuple(channels),
+        sample_size=resolution, in_channels=3, out_channels=6 if learned_variance else 3,
+        block_out_channels=tuple(channels),
         down_block_types=tuple(down), up_block_types=tuple(up), layers_per_block=1,
         norm_num_groups=min(32, min(channels)), num_class_embeds=num_clusters + 1,
     )  # fmt: skip
@@ -343,11 +460,16 @@ def _param_count(model: nn.Module) -> dict[str, int]:
 
 def make_dit_backbone(dit: nn.Module, vae: nn.Module, schedule: dict, *, num_clusters: int,
                       resolution: int, trainable: str = "difffit", latent_scale: float = 0.18215,
-                      source: dict | None = None) -> Backbone:  # fmt: skip
-    """Wrap a loaded DiT + VAE: resize its class tables to ``num_clusters`` and set what trains.
+                      source: dict | None = None, difffit: str = "first-half", tie: bool = True,
+                      class_init: str = "mean") -> Backbone:  # fmt: skip
+    """Wrap a loaded DiT + VAE: tie its per-block class/timestep embeddings if ``tie``
+    (``tie_block_embeddings``), resize the class table(s) to ``num_clusters`` from
+    ``class_init`` (``resize_class_embedding``) and set what trains (``difffit``: the DiffFit
+    placement of ``apply_difffit``; ``trainable="full"``: everything).
 
     Raises:
-        ValueError: ``resolution`` does not give the DiT's latent size (``sample_size``).
+        ValueError: ``resolution`` does not give the DiT's latent size (``sample_size``), or
+            from ``resize_class_embedding`` / ``apply_difffit``.
     """
     f = 2 ** (len(vae.config.block_out_channels) - 1)
     if resolution // f != dit.config.sample_size:
@@ -356,13 +478,16 @@ def make_dit_backbone(dit: nn.Module, vae: nn.Module, schedule: dict, *, num_clu
             f"but the DiT was built for {dit.config.sample_size}x{dit.config.sample_size} "
             f"(resolution {dit.config.sample_size * f})"
         )
-    resize_class_embedding(dit, num_clusters)
+    if tie:
+        tie_block_embeddings(dit)
+    resize_class_embedding(dit, num_clusters, class_init)
     if trainable == "difffit":
-        apply_difffit(dit)
+        apply_difffit(dit, difffit)
     else:
         dit.requires_grad_(True)
     return Backbone("dit", dit, vae, schedule, resolution, num_clusters, latent_scale, trainable,
-                    {**(source or {}), **_param_count(dit)})  # fmt: skip
+                    {**(source or {}), "class_init": class_init, **_param_count(dit)},
+                    difffit if trainable == "difffit" else None, tie)  # fmt: skip
 
 
 def build_backbone(cfg: FinetuneConfig, num_clusters: int) -> Backbone:
@@ -371,7 +496,8 @@ def build_backbone(cfg: FinetuneConfig, num_clusters: int) -> Backbone:
     Raises:
         MissingBackboneError: ``dit`` requested and its directories are missing or its ids
             cannot be resolved.
-        ValueError: resolution incompatible with the backbone.
+        ValueError: resolution incompatible with the backbone, ``loss: hybrid`` with a DiT
+            without learned variance, or from ``make_dit_backbone``.
     """
     kind = cfg.resolved_backbone
     trainable = cfg.trainable if cfg.trainable != "auto" else ("difffit" if kind == "dit" else "full")
@@ -386,16 +512,26 @@ def build_backbone(cfg: FinetuneConfig, num_clusters: int) -> Backbone:
             ref = snapshot_ref(path)
             if ref:
                 source[f"{key}_repo"], source[f"{key}_revision"] = ref
-        return make_dit_backbone(dit, vae, schedule, num_clusters=num_clusters,
-                                 resolution=cfg.resolution, trainable=trainable,
-                                 latent_scale=cfg.latent_scale, source=source)  # fmt: skip
+        backbone = make_dit_backbone(dit, vae, schedule, num_clusters=num_clusters, resolution=cfg.resolution,
+                                     trainable=trainable, latent_scale=cfg.latent_scale, source=source,
+                                     difffit=cfg.difffit, tie=cfg.tie_embeddings, class_init=cfg.class_init)
+        _check_loss(cfg, backbone)
+        return backbone
     if trainable == "difffit":
         raise ValueError("finetune.trainable 'difffit' needs a pretrained DiT; the unet backbone "
                          "trains from scratch (trainable: full)")  # fmt: skip
-    unet = build_unet(cfg.resolution, num_clusters, cfg.unet_channels, cfg.unet_attention)
+    unet = build_unet(cfg.resolution, num_clusters, cfg.unet_channels, cfg.unet_attention,
+                      learned_variance=cfg.loss == "hybrid")
     schedule = {**DEFAULT_SCHEDULE}
     return Backbone("unet", unet, None, schedule, cfg.resolution, num_clusters, 1.0, "full",
                     {"init": "random (trained from scratch)", **_param_count(unet)})  # fmt: skip
+
+
+def _check_loss(cfg: FinetuneConfig, backbone: Backbone) -> None:
+    if cfg.loss == "hybrid" and not backbone.learned_variance:
+        raise ValueError(f"finetune.loss 'hybrid' needs a denoiser with learned variance (out_channels = 2 x "
+                         f"in_channels); this {backbone.kind} has out_channels "
+                         f"{backbone.model.config.out_channels}: use finetune.loss 'simple'")  # fmt: skip
 
 
 # --------------------------------------------------------------------------- saving
@@ -406,9 +542,11 @@ def save_finetuned(backbone: Backbone, out_dir: Path, weights: dict[str, torch.T
     """Write ``out_dir/backbone.json`` + ``out_dir/weights.safetensors`` (mode 0644 under umask 022).
 
     ``weights`` are the trained tensors (name -> tensor, usually the EMA): for DiffFit only the
-    trainable ones (kB to MB; the frozen rest is re-read from ``source.dit_path``), for a
-    UNet the whole state dict. ``extra`` keys (``finetune``: ``step``, ``elapsed_s``,
-    ``resumed_from``) are added to ``backbone.json``. Returns ``out_dir``.
+    trainable ones (kB to MB; the frozen rest is re-read from ``source.dit_path``; a tied
+    embedding under block 0's name only), for a UNet the whole state dict. ``backbone.json``
+    records the DiffFit placement and the tying, which ``load_finetuned`` re-applies before
+    loading. ``extra`` keys (``finetune``: ``step``, ``iterations``, ``elapsed_s``,
+    ``resumed_from``, ...) are added to it. Returns ``out_dir``.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -416,6 +554,7 @@ def save_finetuned(backbone: Backbone, out_dir: Path, weights: dict[str, torch.T
         "kind": backbone.kind, "num_clusters": backbone.num_clusters,
         "resolution": backbone.resolution, "latent_scale": backbone.latent_scale,
         "trainable": backbone.trainable, "schedule": backbone.schedule, "source": backbone.source,
+        "difffit": backbone.difffit, "tied": backbone.tied,
     }  # fmt: skip
     if backbone.kind == "unet":
         meta["unet_config"] = {k: v for k, v in backbone.model.config.items() if not k.startswith("_")}
@@ -447,17 +586,26 @@ def load_finetuned(model_dir: str | Path, device: str | torch.device = "cpu") ->
     weights = load_file(str(model_dir / WEIGHTS_FILE))
     if meta["kind"] == "dit":
         dit, vae, _ = load_dit(meta["source"]["dit_path"], meta["source"]["vae_path"])
+        # saved before the options existed: DiffFit on every block, untied copies
+        difffit = meta.get("difffit", "all-blocks") or "all-blocks"
         backbone = make_dit_backbone(dit, vae, meta["schedule"], num_clusters=meta["num_clusters"],
                                      resolution=meta["resolution"], trainable=meta["trainable"],
-                                     latent_scale=meta["latent_scale"], source=meta["source"])  # fmt: skip
-        state = backbone.model.state_dict()
+                                     latent_scale=meta["latent_scale"], source=meta["source"], difffit=difffit,
+                                     tie=meta.get("tied", False),
+                                     class_init=meta["source"].get("class_init", "mean"))  # fmt: skip
+        state = backbone.model.state_dict(keep_vars=True)  # the live tensors, a tied one under every name
         unknown = sorted(set(weights) - set(state))
         missing = sorted(set(backbone.trainable_parameters()) - set(weights))
         if unknown or missing:
             raise ValueError(f"{str(model_dir)!r} does not fit the DiT: unknown weights "
                              f"{unknown[:3]}, missing trained weights {missing[:3]}")  # fmt: skip
-        state.update(weights)
-        backbone.model.load_state_dict(state)
+        with torch.no_grad():
+            for name, value in weights.items():
+                target = state[name]
+                if target.shape != value.shape:
+                    raise ValueError(f"{str(model_dir)!r}: {name} has shape {tuple(value.shape)}, "
+                                     f"the DiT's is {tuple(target.shape)}")  # fmt: skip
+                target.copy_(value)
     else:
         cfg = dict(meta["unet_config"])
         for key in ("block_out_channels", "down_block_types", "up_block_types"):
@@ -501,6 +649,7 @@ def check_backbone(cfg: FinetuneConfig) -> str:
         ImportError: the ``synth`` extra (diffusers; DeepSpeed with ``workers``) is not installed.
         MissingBackboneError: naming the missing directory or the unresolvable id, and the
             expected layout.
+        ValueError: ``loss: hybrid`` with a DiT without learned variance.
     """
     import importlib.util
 
@@ -510,7 +659,13 @@ def check_backbone(cfg: FinetuneConfig) -> str:
         raise ImportError(f"the synthetic path needs {', '.join(absent)}: pip install 'srdistill[synth]'")
     kind = cfg.resolved_backbone
     if kind == "dit":
-        resolve_backbone(cfg)
+        cfg = resolve_backbone(cfg)
+        conf = json.loads((Path(cfg.dit_path).expanduser() / "transformer" / "config.json").read_text())
+        out, inp = conf.get("out_channels"), conf.get("in_channels", 4)
+        if cfg.loss == "hybrid" and out != 2 * inp:
+            raise ValueError(f"finetune.loss 'hybrid' needs a DiT with learned variance (out_channels = 2 x "
+                             f"in_channels = {2 * inp}); {cfg.dit_path} has out_channels {out}: use "
+                             "finetune.loss 'simple'")  # fmt: skip
     return kind
 
 
@@ -617,17 +772,24 @@ ENCODED_SCHEMA = pa.schema([("patch_id", pa.string()), ("cluster", pa.int32()), 
 @dataclass
 class EncodedSet:
     """The fine-tuning data of one worker: ``samples`` ``(N, ...)`` (see ``encode_patches``),
-    ``clusters`` ``(N,)`` int64 in ``[0, k)``."""
+    ``clusters`` ``(N,)`` int64 in ``[0, k)``; ``total``: the rows of the whole encoded set,
+    over all workers (``None``: this set is all of it), what ``finetune.epochs`` counts."""
 
     samples: torch.Tensor
     clusters: torch.Tensor
+    total: int | None = None
+
+    @property
+    def num_total(self) -> int:
+        """Rows of the whole encoded set (all workers' shards)."""
+        return len(self.clusters) if self.total is None else self.total
 
 
 def load_encoded(directory: str | Path, *, shape: tuple[int, ...], dtype: str, rank: int = 0,
                  world_size: int = 1) -> EncodedSet:  # fmt: skip
     """Read the encoded-set parquet files of ``directory`` (sorted by patch id); keep rows
     ``rank::world_size``, the shard of this data-parallel worker (all rows if the shard would
-    be empty).
+    be empty). ``total`` of the result is the number of rows of all shards.
 
     Raises:
         FileNotFoundError: no parquet file in ``directory``.
@@ -636,13 +798,14 @@ def load_encoded(directory: str | Path, *, shape: tuple[int, ...], dtype: str, r
     if not files:
         raise FileNotFoundError(f"no encoded patches (*.parquet) in {str(directory)!r}")
     table = pa.concat_tables([pq.read_table(f, schema=ENCODED_SCHEMA) for f in files]).sort_by("patch_id")
+    total = table.num_rows
     idx = np.arange(table.num_rows)
     shard = idx[rank::world_size] if len(idx[rank::world_size]) else idx
     table = table.take(pa.array(shard))
     blob = b"".join(table.column("sample").to_pylist())
     arr = np.frombuffer(blob, dtype=np.dtype(dtype)).reshape(table.num_rows, *shape)
     return EncodedSet(torch.from_numpy(arr.copy()),
-                      torch.from_numpy(table.column("cluster").to_numpy().astype(np.int64)))  # fmt: skip
+                      torch.from_numpy(table.column("cluster").to_numpy().astype(np.int64)), total)  # fmt: skip
 
 
 # --------------------------------------------------------------------------- loss
@@ -676,50 +839,177 @@ class MemoryBank:
             getattr(self, name)[int(c)] = t.to(device)
 
 
+def normal_kl(mean1: torch.Tensor, logvar1: torch.Tensor, mean2: torch.Tensor,
+              logvar2: torch.Tensor) -> torch.Tensor:  # fmt: skip
+    """KL(N(mean1, exp(logvar1)) || N(mean2, exp(logvar2))) per element, in nats:
+    0.5 (logvar2 - logvar1 + exp(logvar1 - logvar2) + (mean1 - mean2)^2 exp(-logvar2) - 1).
+    Tensors broadcast; float in, float out."""
+    return 0.5 * (logvar2 - logvar1 + torch.exp(logvar1 - logvar2) + (mean1 - mean2) ** 2 * torch.exp(-logvar2) - 1)
+
+
+def approx_standard_normal_cdf(x: torch.Tensor) -> torch.Tensor:
+    """Phi(x) ~= 0.5 (1 + tanh(sqrt(2 / pi) (x + 0.044715 x^3))), the approximation
+    improved DDPM's decoder likelihood uses (absolute error < 2e-4). Elementwise, in [0, 1]."""
+    return 0.5 * (1.0 + torch.tanh(np.sqrt(2.0 / np.pi) * (x + 0.044715 * x**3)))
+
+
+def discretized_gaussian_log_likelihood(x: torch.Tensor, means: torch.Tensor, log_scales: torch.Tensor) -> torch.Tensor:
+    """log P(x) per element, in nats, of N(means, exp(log_scales)^2) discretised to 256 bins of
+    width 2/255 centred on data ``x`` in [-1, 1] (Ho et al. 2020, Eq. 13; the decoder L_0 of
+    improved DDPM): log(Phi(z+) - Phi(z-)) with z+- = (x - mean +- 1/255) / scale, and the
+    edge bins open (x < -0.999: log Phi(z+); x > 0.999: log(1 - Phi(z-))); Phi is
+    ``approx_standard_normal_cdf``, probabilities clamped at 1e-12. Shapes must match.
+
+    Raises:
+        ValueError: the shapes differ.
+    """
+    if not (x.shape == means.shape == log_scales.shape):
+        raise ValueError(f"x {tuple(x.shape)}, means {tuple(means.shape)} and log_scales "
+                         f"{tuple(log_scales.shape)} must have one shape")  # fmt: skip
+    inv_std = torch.exp(-log_scales)
+    cdf_plus = approx_standard_normal_cdf(inv_std * (x - means + 1.0 / 255.0))
+    cdf_min = approx_standard_normal_cdf(inv_std * (x - means - 1.0 / 255.0))
+    log_cdf_plus = torch.log(cdf_plus.clamp(min=1e-12))
+    log_one_minus_cdf_min = torch.log((1.0 - cdf_min).clamp(min=1e-12))
+    log_delta = torch.log((cdf_plus - cdf_min).clamp(min=1e-12))
+    return torch.where(x < -0.999, log_cdf_plus, torch.where(x > 0.999, log_one_minus_cdf_min, log_delta))
+
+
+def posterior_tables(betas: torch.Tensor) -> dict[str, torch.Tensor]:
+    """float64 ``(T,)`` tables of the DDPM forward process with ``betas`` (``(T,)``, in (0, 1]),
+    for ``q_posterior`` and ``vb_bits`` (Ho et al. 2020, Eq. 6-7):
+
+    ``alphas_cumprod`` a_t, ``posterior_variance`` beta~_t = beta_t (1 - a_{t-1}) / (1 - a_t),
+    ``posterior_log_variance_clipped`` (log beta~_t, with beta~_1 in place of beta~_0 = 0, as
+    improved DDPM), ``posterior_mean_coef1`` beta_t sqrt(a_{t-1}) / (1 - a_t),
+    ``posterior_mean_coef2`` (1 - a_{t-1}) sqrt(1 - beta_t) / (1 - a_t) and ``log_betas``.
+
+    Raises:
+        ValueError: ``betas`` not 1-D with at least 2 entries in (0, 1].
+    """
+    betas = torch.as_tensor(betas, dtype=torch.float64).cpu()
+    if betas.ndim != 1 or len(betas) < 2 or not bool(((betas > 0) & (betas <= 1)).all()):
+        raise ValueError("betas must be 1-D, at least 2 steps, each in (0, 1]")
+    a = torch.cumprod(1.0 - betas, 0)
+    a_prev = torch.cat([torch.ones(1, dtype=torch.float64), a[:-1]])
+    var = betas * (1.0 - a_prev) / (1.0 - a)
+    return {"alphas_cumprod": a, "posterior_variance": var,
+            "posterior_log_variance_clipped": torch.log(torch.cat([var[1:2], var[1:]])),
+            "posterior_mean_coef1": betas * a_prev.sqrt() / (1.0 - a),
+            "posterior_mean_coef2": (1.0 - a_prev) * (1.0 - betas).sqrt() / (1.0 - a),
+            "log_betas": torch.log(betas)}  # fmt: skip
+
+
+def _at(tables: dict[str, torch.Tensor], name: str, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``tables[name][t]`` as float32 on ``like``'s device, shaped to broadcast over ``like``."""
+    return tables[name].to(like.device)[t].float().view(-1, *[1] * (like.ndim - 1))
+
+
+def q_posterior(tables: dict[str, torch.Tensor], x0: torch.Tensor, x_t: torch.Tensor,
+                t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    """Mean, variance and clipped log variance of q(x_{t-1} | x_t, x_0) (Ho et al. 2020,
+    Eq. 6-7): mean = coef1_t x0 + coef2_t x_t, variance beta~_t (``posterior_tables``).
+    ``x0``, ``x_t``: ``(B, ...)`` float; ``t``: ``(B,)`` int64 in [0, T). The variances are
+    ``(B, 1, ...)`` (broadcast over the sample)."""
+    mean = _at(tables, "posterior_mean_coef1", t, x_t) * x0 + _at(tables, "posterior_mean_coef2", t, x_t) * x_t
+    return (mean, _at(tables, "posterior_variance", t, x_t),
+            _at(tables, "posterior_log_variance_clipped", t, x_t))  # fmt: skip
+
+
+def vb_bits(tables: dict[str, torch.Tensor], eps_hat: torch.Tensor, v: torch.Tensor, x0: torch.Tensor,
+            x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:  # fmt: skip
+    """Improved DDPM's variational-bound term L_t of each sample, in bits per dimension
+    (Nichol & Dhariwal, arXiv 2102.09672, §3.1), with learned variance and a frozen mean.
+
+    The model's p(x_{t-1} | x_t) has mean mu(x_t, x0_hat), the posterior mean at
+    x0_hat = sqrt(1/a_t) x_t - sqrt(1/a_t - 1) eps_hat (not clipped), with ``eps_hat``
+    detached (so L_t trains only ``v``), and log variance
+    frac log beta_t + (1 - frac) log beta~_t, frac = (v + 1) / 2 (Eq. 15). L_t is the KL from
+    the true posterior (``q_posterior``) for t > 0 and the discretised decoder NLL of ``x0``
+    (``discretized_gaussian_log_likelihood``) at t = 0, averaged over all non-batch dimensions
+    and divided by ln 2.
+
+    Args:
+        tables: ``posterior_tables`` of the training schedule.
+        eps_hat, v: ``(B, C, ...)`` float: noise prediction and variance channels of the model.
+        x0, x_t: ``(B, C, ...)`` float: clean and noisy samples.
+        t: ``(B,)`` int64 timesteps in [0, T).
+
+    Returns:
+        ``(B,)`` float32, bits per dimension.
+    """
+    eps_hat, v, x0, x_t = eps_hat.detach().float(), v.float(), x0.float(), x_t.float()
+    a = _at(tables, "alphas_cumprod", t, x_t)
+    x0_hat = (1.0 / a).sqrt() * x_t - (1.0 / a - 1.0).sqrt() * eps_hat
+    model_mean, _, _ = q_posterior(tables, x0_hat, x_t, t)
+    frac = (v + 1.0) / 2.0
+    min_log = _at(tables, "posterior_log_variance_clipped", t, x_t)
+    max_log = _at(tables, "log_betas", t, x_t)
+    model_logvar = frac * max_log + (1.0 - frac) * min_log
+    true_mean, _, true_logvar = q_posterior(tables, x0, x_t, t)
+    kl = normal_kl(true_mean, true_logvar, model_mean, model_logvar).flatten(1).mean(1) / np.log(2.0)
+    nll = -discretized_gaussian_log_likelihood(x0, model_mean, 0.5 * model_logvar).flatten(1).mean(1) / np.log(2.0)
+    return torch.where(t.to(x_t.device) == 0, nll, kl)
+
+
 def srdd_loss(eps_hat: torch.Tensor, noise: torch.Tensor, x_t: torch.Tensor, x0: torch.Tensor,
               alpha_bar: torch.Tensor, labels: torch.Tensor, memory: MemoryBank | None,
-              lambda_pos: float, lambda_neg: float) -> tuple[torch.Tensor, dict[str, float]]:  # fmt: skip
+              lambda_pos: float, lambda_neg: float, *, vb: torch.Tensor | None = None,
+              reduce: str = "sample") -> tuple[torch.Tensor, dict[str, float]]:  # fmt: skip
     """SRDD's fine-tuning loss (see the module docstring) for one batch; updates ``memory``.
 
     Args:
         eps_hat, noise, x_t, x0: ``(B, C, h, w)`` float: prediction, true noise, noisy and
             clean samples.
         alpha_bar: ``(B,)`` cumulative alpha of each sample's timestep.
-        labels: ``(B,)`` class ids; the null class (>= number of banks) gets no memory term.
-        memory: the banks, or ``None`` for L_simple only.
+        labels: ``(B,)`` cluster ids of the memory terms; ids >= the number of banks (the null
+            class) get none.
+        memory: the banks, or ``None`` for the diffusion loss only.
+        vb: ``(B,)`` per-sample L_t in bits (``vb_bits``) of the hybrid loss, added as its
+            batch mean; ``None`` for L_simple alone.
+        reduce: ``"sample"``: each sample's 1 - min / max cosine similarity to its cluster's
+            memory, averaged over the samples with memory; ``"cluster"`` (SRDD's release): per
+            cluster in the batch the 1 - min / max over all its (sample, memory) pairs, summed
+            and divided by the number of clusters in the batch (those without memory yet
+            count, adding 0).
 
     Returns:
-        (loss scalar, {"simple", "pos", "neg"} floats).
+        (loss scalar, {"simple", "vb", "pos", "neg"} floats).
+
+    Raises:
+        ValueError: unknown ``reduce``.
     """
+    if reduce not in ("sample", "cluster"):
+        raise ValueError(f"finetune.memory_reduce must be 'sample' or 'cluster', got {reduce!r}")
     simple = F.mse_loss(eps_hat.float(), noise.float())
-    parts = {"simple": float(simple.detach()), "pos": 0.0, "neg": 0.0}
+    parts = {"simple": float(simple.detach()), "vb": 0.0, "pos": 0.0, "neg": 0.0}
+    loss = simple
+    if vb is not None:
+        vb_mean = vb.float().mean()
+        loss = loss + vb_mean
+        parts["vb"] = float(vb_mean.detach())
     if memory is None or (lambda_pos == 0 and lambda_neg == 0):
-        return simple, parts
+        return loss, parts
     a = alpha_bar.view(-1, 1, 1, 1).float()
     x0_hat = ((x_t.float() - (1 - a).sqrt() * eps_hat.float()) / a.sqrt()).flatten(1)
     pos_terms, neg_terms = [], []
-    for c in labels.unique().tolist():
-        if c >= len(memory.real):
-            continue
+    clusters = [c for c in labels.unique().tolist() if c < len(memory.real)]
+    for c in clusters:
         rows = labels == c
         pred = F.normalize(x0_hat[rows], dim=1)
         if memory.real[c] is not None:
             sim = pred @ F.normalize(memory.real[c], dim=1).T
-            pos_terms.append(1 - sim.min(1).values)
+            pos_terms.append(1 - (sim.min(1).values if reduce == "sample" else sim.min().view(1)))
         if memory.pred[c] is not None:
             sim = pred @ F.normalize(memory.pred[c], dim=1).T
-            neg_terms.append(sim.max(1).values)
+            neg_terms.append(sim.max(1).values if reduce == "sample" else sim.max().view(1))
         memory.push(memory.real, c, x0[rows].flatten(1))
         memory.push(memory.pred, c, x0_hat[rows])
-    loss = simple
-    if pos_terms:
-        pos = torch.cat(pos_terms).mean()
-        loss = loss + lambda_pos * pos
-        parts["pos"] = float(pos.detach())
-    if neg_terms:
-        neg = torch.cat(neg_terms).mean()
-        loss = loss + lambda_neg * neg
-        parts["neg"] = float(neg.detach())
+    for name, terms, weight in (("pos", pos_terms, lambda_pos), ("neg", neg_terms, lambda_neg)):
+        if terms:
+            term = torch.cat(terms).mean() if reduce == "sample" else torch.cat(terms).sum() / len(clusters)
+            loss = loss + weight * term
+            parts[name] = float(term.detach())
     return loss, parts
 
 
@@ -816,6 +1106,37 @@ class _DeepSpeed:
             raise ValueError(f"no DeepSpeed checkpoint in {str(ckpt)!r}")
 
 
+def total_iterations(cfg: FinetuneConfig, num_patches: int) -> int:
+    """The optimizer steps of a run: ``cfg.iterations``, or with ``cfg.epochs`` set
+    ceil(epochs x steps per epoch), steps per epoch = ``num_patches`` // ``cfg.batch_size``
+    (at least 1): SRDD's release loops over epochs of a shuffled ``DataLoader`` with
+    ``drop_last``, ``global batch`` samples a step. ``num_patches`` counts all encoded patches
+    (every worker's shard)."""
+    if cfg.epochs is None:
+        return cfg.iterations
+    return max(1, int(np.ceil(cfg.epochs * max(1, num_patches // cfg.batch_size) - 1e-9)))
+
+
+def ema_decay(cfg: FinetuneConfig, step: int) -> float:
+    """EMA decay of the update after optimizer step ``step`` (0-based): ``cfg.ema_decay``, or
+    with ``cfg.ema_warmup`` min(ema_decay, (1 + step) / (10 + step)) (as diffusers' EMAModel),
+    so that a short run is not dominated by the initial weights. SRDD's release: no warm-up
+    (its EMA starts as a copy of the model and moves by 1 - 0.9999 a step)."""
+    return min(cfg.ema_decay, (1 + step) / (10 + step)) if cfg.ema_warmup else cfg.ema_decay
+
+
+def _epoch_batch(n: int, micro: int, steps_per_epoch: int, step: int, seed: int, rank: int) -> np.ndarray:
+    """Rows of step ``step`` when training in epochs: each epoch is a fresh permutation of this
+    worker's ``n`` rows (seeded by seed, rank and epoch, so a resumed run continues it), cut
+    into ``steps_per_epoch`` batches of ``micro``; the rest is dropped (``drop_last``), and a
+    shard smaller than an epoch's batches is repeated."""
+    epoch, pos = divmod(step, steps_per_epoch)
+    order = np.random.default_rng([seed, rank, epoch, 1]).permutation(n)
+    if n < micro * steps_per_epoch:
+        order = np.resize(order, micro * steps_per_epoch)
+    return order[pos * micro : (pos + 1) * micro]
+
+
 def _draw(data: EncodedSet, backbone: Backbone, cfg: FinetuneConfig, idx: np.ndarray,
           rng: np.random.Generator, device: torch.device) -> torch.Tensor:  # fmt: skip
     """Clean training samples x0 ``(B, C, h, w)`` float32 for rows ``idx``: DiT latents drawn
@@ -846,11 +1167,17 @@ def finetune(cfg: FinetuneConfig, backbone: Backbone, data: EncodedSet, out_dir:
     """Fine-tune ``backbone``'s trainable parameters (in place) on one worker's encoded set
     with SRDD's loss; the saved model is their EMA.
 
-    Each step draws ``cfg.batch_size // world_size`` samples uniformly (``_draw``), a timestep
-    t ~ U{0..T-1} and Gaussian noise, replaces each label by the null class with probability
-    ``cfg.class_dropout`` (so classifier-free guidance works), and takes an AdamW step on
-    ``srdd_loss`` over the trainable parameters; an EMA (decay ``cfg.ema_decay``) of them is
-    the saved model. Under a data-parallel ``dp`` (Ray Train) the step runs in a DeepSpeed engine
+    Each step draws ``cfg.batch_size // world_size`` samples (``_draw``; uniformly with
+    replacement, or with ``cfg.epochs`` set, epoch by epoch: a shuffled pass over this
+    worker's shard without its last partial batch, as the release's ``DataLoader``), a
+    timestep t ~ U{0..T-1} and Gaussian noise, replaces each label by the null class with
+    probability ``cfg.class_dropout`` (so classifier-free guidance works), and takes an AdamW
+    step on ``srdd_loss`` (L_simple, + L_t of ``vb_bits`` with ``cfg.loss == "hybrid"``; memory
+    terms by the conditioning label or, ``cfg.memory_labels == "cluster"``, by the cluster)
+    over the trainable parameters; an EMA of them (decay ``ema_decay``) is the saved model.
+    The run has ``total_iterations`` steps (``cfg.epochs`` counts ``data.num_total``, all
+    workers' patches), logged first as ``{"step": 0, "iterations": ..., "epochs": ...}`` when
+    ``epochs`` is set. Under a data-parallel ``dp`` (Ray Train) the step runs in a DeepSpeed engine
     (ZeRO ``cfg.zero_stage``); otherwise in plain PyTorch. On CUDA the forward pass runs under
     bf16 autocast (DeepSpeed's bf16 mode too) unless ``cfg.precision == "fp32"``. Every
     ``cfg.checkpoint_every`` steps and at the end a checkpoint (engine
@@ -858,7 +1185,8 @@ def finetune(cfg: FinetuneConfig, backbone: Backbone, data: EncodedSet, out_dir:
     ``out_dir/checkpoint`` and to ``dp.report``; a later call (or ``dp.resume_from``) resumes
     from it at its step, announced on stderr and logged as ``{"step": S, "resumed_from_step":
     S, ...}``; ``elapsed_s`` carries on from the checkpoint's, and ``backbone.json`` records
-    ``finetune: {step, elapsed_s, resumed_from}`` (the steps resumed at).
+    ``finetune: {step, iterations, epochs, patches, elapsed_s, resumed_from}`` (the steps
+    resumed at).
 
     Args:
         cfg: fine-tuning settings.
@@ -871,7 +1199,8 @@ def finetune(cfg: FinetuneConfig, backbone: Backbone, data: EncodedSet, out_dir:
         ``out_dir / "model"``.
 
     Raises:
-        ValueError: empty data, labels outside ``[0, k)``, or a checkpoint of another run.
+        ValueError: empty data, labels outside ``[0, k)``, a checkpoint of another run, or
+            ``loss: hybrid`` for a backbone without learned variance.
     """
     from diffusers import DDPMScheduler
 
@@ -881,6 +1210,9 @@ def finetune(cfg: FinetuneConfig, backbone: Backbone, data: EncodedSet, out_dir:
         raise ValueError("finetune: no encoded patch to train on")
     if int(data.clusters.min()) < 0 or int(data.clusters.max()) >= backbone.num_clusters:
         raise ValueError(f"finetune: cluster ids must lie in [0, {backbone.num_clusters})")
+    _check_loss(cfg, backbone)
+    iterations = total_iterations(cfg, data.num_total)
+    steps_per_epoch = max(1, data.num_total // cfg.batch_size)
     device = dp.device or resolve_device(cfg.device)
     lead = dp.rank == 0
     micro = max(1, cfg.batch_size // dp.world_size)
@@ -897,6 +1229,7 @@ def finetune(cfg: FinetuneConfig, backbone: Backbone, data: EncodedSet, out_dir:
         ema = [p.detach().float().clone() for p in params]
     sched = DDPMScheduler(**backbone.schedule)
     alphas = sched.alphas_cumprod.to(device)
+    tables = posterior_tables(sched.betas) if cfg.loss == "hybrid" else None
     memory = MemoryBank(backbone.num_clusters, cfg.memory_size)
     rng = np.random.default_rng([cfg.seed, dp.rank])
     step = 0
@@ -916,7 +1249,7 @@ def finetune(cfg: FinetuneConfig, backbone: Backbone, data: EncodedSet, out_dir:
         rng.bit_generator.state = state["rng"]
         memory.load_state_dict(state["memory"], device)
         elapsed0, resumed_from = float(state.get("elapsed_s", 0.0)), list(state.get("resumed_from", []))
-        resumed = step < cfg.iterations  # else nothing is left to train
+        resumed = step < iterations  # else nothing is left to train
         if resumed:
             resumed_from.append(step)
 
@@ -924,7 +1257,8 @@ def finetune(cfg: FinetuneConfig, backbone: Backbone, data: EncodedSet, out_dir:
         return elapsed0 + time.perf_counter() - t0
 
     def history() -> dict:
-        return {"step": step, "elapsed_s": round(elapsed(), 2), "resumed_from": resumed_from}
+        return {"step": step, "iterations": iterations, "epochs": cfg.epochs, "patches": data.num_total,
+                "elapsed_s": round(elapsed(), 2), "resumed_from": resumed_from}  # fmt: skip
 
     def save_checkpoint() -> None:
         ckpt.mkdir(parents=True, exist_ok=True)
@@ -934,26 +1268,34 @@ def finetune(cfg: FinetuneConfig, backbone: Backbone, data: EncodedSet, out_dir:
                     "rng": rng.bit_generator.state, "memory": memory.state_dict(),
                     "elapsed_s": elapsed(), "resumed_from": resumed_from}, tmp)  # fmt: skip
         os.replace(tmp, ckpt / f"state_rank{dp.rank}.pt")
-        if lead and step >= cfg.iterations:
+        if lead and step >= iterations:
             save_finetuned(backbone, ckpt / "model", _final_weights(backbone, names, ema), {"finetune": history()})
 
     start = step
     log_file = out_dir / "log.jsonl"
-    bar = tqdm(total=cfg.iterations, initial=step, desc="finetune", disable=not (progress and lead),
+    bar = tqdm(total=iterations, initial=step, desc="finetune", disable=not (progress and lead),
                mininterval=0.5 if sys.stderr.isatty() else 30)  # a line per 30 s in a log file
-    t0, seen, sums, n = time.perf_counter(), 0, {"loss": 0.0, "simple": 0.0, "pos": 0.0, "neg": 0.0}, 0
+    t0, seen, sums, n = time.perf_counter(), 0, {"loss": 0.0, "simple": 0.0, "vb": 0.0, "pos": 0.0, "neg": 0.0}, 0
+    if lead and step == 0 and cfg.epochs is not None:
+        with open(log_file, "a") as f:
+            f.write(json.dumps({"step": 0, "iterations": iterations, "epochs": cfg.epochs, "patches": data.num_total,
+                                "steps_per_epoch": steps_per_epoch, "batch_size": cfg.batch_size}) + "\n")  # fmt: skip
     if lead and resumed:
-        announce(f"resuming {resume} from step {step} of {cfg.iterations} "
+        announce(f"resuming {resume} from step {step} of {iterations} "
                  f"(elapsed {elapsed0:.1f} s carried on)")  # fmt: skip
         with open(log_file, "a") as f:
-            f.write(json.dumps({"step": step, "resumed_from_step": step, "iterations": cfg.iterations,
+            f.write(json.dumps({"step": step, "resumed_from_step": step, "iterations": iterations,
                                 "elapsed_s": round(elapsed0, 2), "checkpoint": str(resume)}) + "\n")  # fmt: skip
-    while step < cfg.iterations:
-        idx = rng.integers(0, len(data.clusters), micro)
+    while step < iterations:
+        if cfg.epochs is None:
+            idx = rng.integers(0, len(data.clusters), micro)
+        else:
+            idx = _epoch_batch(len(data.clusters), micro, steps_per_epoch, step, cfg.seed, dp.rank)
         x0 = _draw(data, backbone, cfg, idx, rng, device)
-        labels = data.clusters[idx].to(device)
+        clusters = data.clusters[idx].to(device)
         drop = torch.from_numpy(rng.random(micro) < cfg.class_dropout).to(device)
-        labels = torch.where(drop, torch.full_like(labels, backbone.null_class), labels)
+        labels = torch.where(drop, torch.full_like(clusters, backbone.null_class), clusters)
+        memory_labels = clusters if cfg.memory_labels == "cluster" else labels
         t = torch.from_numpy(rng.integers(0, sched.config.num_train_timesteps, micro)).to(device)
         noise = torch.from_numpy(rng.standard_normal(x0.shape, dtype=np.float32)).to(device)
         x_t = sched.add_noise(x0, noise, t)
@@ -961,25 +1303,26 @@ def finetune(cfg: FinetuneConfig, backbone: Backbone, data: EncodedSet, out_dir:
 
         def loss_fn() -> torch.Tensor:
             with torch.autocast(device.type, torch.bfloat16, enabled=bf16):
-                eps = backbone.denoise(x_t, t, labels)
-            loss, p = srdd_loss(eps, noise, x_t, x0, alphas[t], labels, memory,
-                                cfg.lambda_pos, cfg.lambda_neg)  # fmt: skip
+                eps, v = backbone.predict(x_t, t, labels)
+            vb = vb_bits(tables, eps, v, x0, x_t, t) if tables is not None else None
+            loss, p = srdd_loss(eps, noise, x_t, x0, alphas[t], memory_labels, memory, cfg.lambda_pos,
+                                cfg.lambda_neg, vb=vb, reduce=cfg.memory_reduce)  # fmt: skip
             parts.update(p)
             return loss
 
         loss = engine(loss_fn)
         with torch.no_grad(), gathered(params):
-            decay = min(cfg.ema_decay, (1 + step) / (10 + step))  # warm-up (as diffusers' EMA)
+            decay = ema_decay(cfg, step)
             for e, p in zip(ema, params):
                 e.lerp_(p.detach().float(), 1 - decay)
         step += 1
         seen += micro
         n += 1
         sums["loss"] += float(loss.detach())
-        for k in ("simple", "pos", "neg"):
+        for k in ("simple", "vb", "pos", "neg"):
             sums[k] += parts[k]
         bar.update(1)
-        if lead and (step % cfg.log_every == 0 or step == cfg.iterations):
+        if lead and (step % cfg.log_every == 0 or step == iterations):
             secs = time.perf_counter() - t0  # this call's
             row = {"step": step, **{k: round(v / n, 6) for k, v in sums.items()},
                    "images_per_s": round(seen * dp.world_size / max(secs, 1e-9), 3),
@@ -987,14 +1330,14 @@ def finetune(cfg: FinetuneConfig, backbone: Backbone, data: EncodedSet, out_dir:
             with open(log_file, "a") as f:
                 f.write(json.dumps(row) + "\n")
             sums, n = dict.fromkeys(sums, 0.0), 0
-        if step % cfg.checkpoint_every == 0 or step == cfg.iterations:
+        if step % cfg.checkpoint_every == 0 or step == iterations:
             save_checkpoint()
             if dp.report is not None:
                 dp.report({"step": step, "loss": float(loss.detach())}, ckpt)
     bar.close()
     model.eval()
     final = out_dir / "model"
-    if start == step:  # resumed at or past cfg.iterations: nothing to train, hand the model out
+    if start == step:  # resumed at or past the iterations: nothing to train, hand the model out
         save_checkpoint()
         if dp.report is not None:
             dp.report({"step": step}, ckpt)
@@ -1004,10 +1347,12 @@ def finetune(cfg: FinetuneConfig, backbone: Backbone, data: EncodedSet, out_dir:
 
 
 def _final_weights(backbone: Backbone, names: list[str], ema: list[torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The tensors ``save_finetuned`` writes: the EMA of the trainable parameters, plus (for a
-    UNet trained in full) every other state entry."""
+    """The tensors ``save_finetuned`` writes: the EMA of the trainable parameters (a tied one
+    under its first name only), plus (for a model trained in full) the buffers."""
     weights = dict(zip(names, ema))
     if backbone.trainable == "full":
+        aliases = dict(backbone.model.named_parameters(remove_duplicate=False))
         for key, value in backbone.model.state_dict().items():
-            weights.setdefault(key, value.float())
+            if key not in aliases:
+                weights.setdefault(key, value.float())
     return {k: v.float() for k, v in weights.items()}

@@ -18,8 +18,10 @@ resolved local directory, or, on a node where that directory does not exist (its
 Face cache), the same Hub id at the same commit (``weights.local_dir``).
 
 Differences from SRDD's code: patches are cropped from their source image and resized to the
-model's input size with antialiased bicubic in torch (not PIL), which for square patches is
-CLIP's "resize shortest side + centre crop"; embeddings are L2-normalised here.
+model's input size with antialiased bicubic in torch (not PIL's, rounded to uint8), which for
+square patches is CLIP's "resize shortest side + centre crop"; embeddings are L2-normalised
+here unless ``embed.normalize`` is false (SRDD's ``2_cluster_clip.py`` clusters the raw
+``get_image_features`` output).
 
 No Ray import: ``ClipEmbedder`` is a plain callable that ``runner.py`` hands to Ray Data.
 """
@@ -397,8 +399,8 @@ class ClipEmbedder:
 
     Call with a numpy batch (Ray Data ``batch_format="numpy"``) with columns ``patch_id``
     (str), ``source`` (str, image path), ``x``, ``y``, ``size`` (int, HR pixels; x = column);
-    returns ``{"patch_id": (N,), "embedding": (N, D) float32}`` with unit-L2 rows in input
-    order (D = 512 for ViT-B/32). Each distinct source image is read once per batch.
+    returns ``{"patch_id": (N,), "embedding": (N, D) float32}`` in input order (D = 512 for
+    ViT-B/32): unit-L2 rows, or the raw projection output when ``cfg.normalize`` is false. Each distinct source image is read once per batch.
 
     Raises (from ``__call__``):
         imaging.ImageReadError: a source image cannot be read.
@@ -450,7 +452,9 @@ class ClipEmbedder:
         with torch.inference_mode():
             for idx in by_size.values():
                 pixels[idx] = self._preprocess([crops[i] for i in idx])
-            emb = F.normalize(self._forward(pixels).float(), dim=-1)  # one forward per batch
+            emb = self._forward(pixels).float()  # one forward per batch
+            if self.cfg.normalize:
+                emb = F.normalize(emb, dim=-1)
         return {"patch_id": pids, "embedding": emb.cpu().numpy()}
 
 
@@ -463,7 +467,7 @@ def embed_patches(table: pa.Table, cfg: EmbedConfig, source: ClipSource) -> np.n
         source: resolved weights (``resolve_clip(cfg)``).
 
     Returns:
-        ``(N, D)`` float32, unit-L2 rows, in table row order.
+        ``(N, D)`` float32 in table row order (unit-L2 rows when ``cfg.normalize``).
     """
     embedder = ClipEmbedder(cfg, source)
     cols = {c: table.column(c).to_numpy(zero_copy_only=False)
@@ -481,7 +485,8 @@ def embed_shard(embedder: ClipEmbedder, shard: int, *, mine_uri: str, out_uri: s
 
     Reads ``mine_uri/patches/part-<shard>.parquet`` and the keep rule ``mine_uri/keep.json``
     (``mining.read_patches``' layout); writes columns ``patch_id`` (string) and ``embedding``
-    (fixed-size list of ``embedder.dim`` float32, unit L2), rows in part order, atomically.
+    (fixed-size list of ``embedder.dim`` float32, unit L2 when ``normalize``), rows in part
+    order, atomically.
     Idempotent: a shard whose output exists is skipped, so a retried or resumed shard neither
     loses nor duplicates embeddings.
 

@@ -6,9 +6,25 @@ bicubic down-then-up reconstruction is below 23 dB: patches that bicubic cannot 
 texture an SR network must learn. The paper's text speaks of "high-gradient" patches, so a
 mean Sobel gradient magnitude is computed too, and either can drive the keep rule.
 
-Differences from the released code: the bicubic is MATLAB's (``imaging.imresize``) rather than
-an OpenCV/PIL resize, and window positions are ``range(0, side - size + 1, stride)`` (the
-remainder at the right/bottom edge is not covered).
+The released ``src/1_select_patches.py`` converts each RGB crop to Pillow's ``L`` (ITU-R 601-2
+luma, uint8), takes it to float32 and scores it by ``10 log10(255^2 / MSE)`` over all its
+pixels (no border crop, no clipping or rounding of the reconstruction) against
+``cv2.resize(cv2.resize(p, (int(w/4), int(h/4)), INTER_CUBIC), (w, h), INTER_CUBIC)``: OpenCV's
+bicubic, Keys a = -0.75, half-pixel centres, edge-replicated border, no antialiasing when
+downscaling, float32 between the passes. ``MineConfig.psnr_bic_resize = "opencv"`` computes
+exactly that (through ``cv2``); with ``psnr_bic_window = "patch"`` and a 512/256 window it is
+the released criterion. Window positions are ``range(0, side - size + 1, stride)`` there as here
+(the remainder at the right/bottom edge is not covered).
+
+Differences from the released code, by default:
+
+* ``psnr_bic_resize = "matlab"``: MATLAB's bicubic (``imaging.imresize``: a = -0.5, antialiased
+  when downscaling, uint8 rounding after each pass), the convention of SR benchmarks. It
+  restores a patch better than OpenCV's, so the same patch reads ~1.3 dB higher and a 23 dB
+  threshold keeps fewer patches (``bench/keep_fraction.py`` measures both on a corpus).
+* ``psnr_bic_window = "image"``: the whole image is resampled once (see ``score_patches``).
+* A patch bicubic restores exactly scores 99 dB (the release: ``inf``); both are kept or
+  dropped alike by any threshold below 99.
 
 Functions over numpy/pyarrow, and the shard I/O through ``storage``; no Ray here (``runner.py``
 runs ``mine_shard`` over the shards of a corpus plan).
@@ -132,8 +148,28 @@ def sobel_magnitude(gray: np.ndarray) -> np.ndarray:
     return gx
 
 
-def _down_up(batch: np.ndarray, factor: int) -> np.ndarray:
-    """``(N, H, W)`` uint8 -> its MATLAB-bicubic x``factor`` down-then-up, float32 products."""
+def _down_up(batch: np.ndarray, factor: int, resize: Literal["matlab", "opencv"] = "matlab") -> np.ndarray:
+    """Bicubic x``factor`` down-then-up reconstruction of ``(N, H, W)`` uint8 images.
+
+    ``matlab``: ``imresize(imresize(b, 1/factor), factor)`` (``imaging.imresize``, float32
+    products, uint8 after each pass); the output is ``factor * ceil(side / factor)`` per side.
+    ``opencv``: per image, SRDD's released resize: float32 ``cv2.resize`` ``INTER_CUBIC`` to
+    ``(int(W / factor), int(H / factor))`` and back to ``(W, H)``, no rounding or clipping (a
+    side not divisible by ``factor`` is resampled by ``side / int(side / factor)``, as there).
+
+    Returns:
+        ``(N, H', W')`` float32 grey levels, ``H' >= H``, ``W' >= W`` (equal for ``opencv`` and
+        for sides divisible by ``factor``).
+    """
+    if resize == "opencv":
+        import cv2
+
+        n, h, w = batch.shape
+        small, out = (int(w / factor), int(h / factor)), np.empty((n, h, w), np.float32)
+        for i, img in enumerate(batch):
+            down = cv2.resize(img.astype(np.float32), small, interpolation=cv2.INTER_CUBIC)
+            out[i] = cv2.resize(down, (w, h), interpolation=cv2.INTER_CUBIC)
+        return out
     kw = {"spatial_axes": (1, 2), "compute_dtype": np.float32}
     return imresize(imresize(batch, 1 / factor, **kw), float(factor), **kw).astype(np.float32)
 
@@ -146,6 +182,7 @@ def score_patches(
     stride: int,
     bic_scale: int = 4,
     window: Literal["patch", "image"] = "patch",
+    resize: Literal["matlab", "opencv"] = "matlab",
 ) -> tuple[np.ndarray, np.ndarray]:
     """``psnr_bic`` and ``grad`` of square patches of one grayscale image.
 
@@ -159,14 +196,26 @@ def score_patches(
             symmetric padding at the patch border); ``"image"`` resamples the whole image once
             and averages the squared error over each patch, so pixels near a patch border see
             their real neighbours. Same values away from the border, ~4x less work at stride
-            size/2 (see docs/BENCHMARKS.md for speed and rank agreement).
+            size/2 (see docs/BENCHMARKS.md for speed and rank agreement). For ``opencv`` the
+            image is first edge-replicated at its right/bottom to a multiple of ``bic_scale``
+            per side (so the x``bic_scale`` grid is the patches'), and cropped back after.
+        resize: the bicubic of the reconstruction (``MineConfig.psnr_bic_resize``):
+            ``"matlab"``, MATLAB's ``imresize(imresize(patch, 1/s), s)`` with uint8 rounding
+            after each pass; ``"opencv"``, SRDD's released ``cv2.resize`` ``INTER_CUBIC``
+            (a = -0.75, no antialiasing) down to ``side/s`` and back, in float32.
 
     Returns:
-        ``psnr_bic`` (N,) float32 in dB: PSNR of the patch vs its MATLAB-bicubic
-        ``imresize(imresize(patch, 1/s), s)`` with uint8 rounding; lower = harder; flat patches
-        capped at 99 dB. ``grad`` (N,) float32: mean Sobel gradient magnitude / 8 over the
-        patch in grey levels per pixel, Sobel taken on the whole image.
+        ``psnr_bic`` (N,) float32 in dB: ``10 log10(255^2 / MSE)`` of the patch (grey levels
+        0..255, every pixel, no border crop) vs its bicubic down-then-up reconstruction; lower
+        = harder; patches restored exactly capped at 99 dB. ``grad`` (N,) float32: mean Sobel
+        gradient magnitude / 8 over the patch in grey levels per pixel, Sobel taken on the
+        whole image.
+
+    Raises:
+        ValueError: ``resize`` is not ``"matlab"`` or ``"opencv"``.
     """
+    if resize not in ("matlab", "opencv"):
+        raise ValueError(f"resize must be 'matlab' or 'opencv', got {resize!r}")
     n = len(positions)
     if n == 0:
         return np.empty(0, np.float32), np.empty(0, np.float32)
@@ -175,14 +224,17 @@ def score_patches(
     grad = _box_means(sobel_magnitude(gray), xs, ys, size, stride).astype(np.float32)
     if window == "image":
         h, w = gray.shape
-        recon = _down_up(gray[None], bic_scale)[0, :h, :w]
+        src = gray
+        if resize == "opencv":  # whole x bic_scale blocks: the same grid as the patches'
+            src = np.pad(gray, ((0, -h % bic_scale), (0, -w % bic_scale)), mode="edge")
+        recon = _down_up(src[None], bic_scale, resize)[0, :h, :w]
         mse = _box_means((gray.astype(np.float32) - recon) ** 2, xs, ys, size, stride)
     else:
         mse = np.empty(n)
         chunk = max(1, _CHUNK_PIXELS // (size * size))
         for start in range(0, n, chunk):
             batch = np.stack([gray[y : y + size, x : x + size] for x, y in positions[start : start + chunk]])
-            err = (batch.astype(np.float32) - _down_up(batch, bic_scale)) ** 2
+            err = (batch.astype(np.float32) - _down_up(batch, bic_scale, resize)) ** 2
             mse[start : start + chunk] = err.mean(axis=(1, 2), dtype=np.float64)
     with np.errstate(divide="ignore"):
         psnr_bic = np.minimum(10 * np.log10(255.0**2 / mse), 99.0).astype(np.float32)
@@ -236,7 +288,8 @@ def mine_image(path: str, cfg: MineConfig, *, key: str | None = None, root: str 
     gray = to_gray(img)
     positions = patch_positions(w, h, size, stride)
     psnr_bic, grad = score_patches(
-        gray, positions, size, stride=stride, bic_scale=cfg.bic_scale, window=cfg.psnr_bic_window
+        gray, positions, size, stride=stride, bic_scale=cfg.bic_scale, window=cfg.psnr_bic_window,
+        resize=cfg.psnr_bic_resize,
     )
     return [
         {"patch_id": patch_id(key, x, y, size), "source": path, "x": x, "y": y, "size": size,

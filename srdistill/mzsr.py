@@ -25,14 +25,22 @@ The three MZSR stages::
 
 and the baseline ``sr, info = mzsr.zssr(lr_img, kernel, 2, MZSRConfig())``.
 
-One input convention everywhere in this module (meta-training, adaptation, super-resolution,
-ZSSR), the official code's: the LR image, as floats in [0, 1], is upsampled to the HR size by
-MATLAB bicubic (``imaging.imresize``, no rounding) and fed to ``MZSRNet.forward_upsampled``
-(``x + body(x)``). ``MZSRNet.forward`` (torch bicubic, a = -0.75, replicated borders), which
-``train_sr`` uses for the pretraining and ``evaluation`` for generic models, is not used here:
-the meta-transfer stage adapts the pretrained weights to the MATLAB-upsampled inputs, and an
-MZSR model must be evaluated with ``super_resolve``, not ``model(lr)``. Through this path a
-zero residual gives the paper's bicubic baseline (Set5, g20 x2: 28.74 dB; paper 28.73).
+One input convention everywhere in MZSR (pretraining, meta-training, adaptation,
+super-resolution, ZSSR), the official code's: the LR image, as floats in [0, 1], is upsampled
+to the HR size by MATLAB bicubic (``imaging.imresize``, no rounding) and fed to
+``MZSRNet.forward_upsampled`` (``x + body(x)``). The pretraining (``train_sr``, which calls
+``MZSRNet.forward``) gets the same input: ``MZSRNet(upsample="matlab")``, the default, does
+that upsampling inside ``forward`` (as MZSR's ``Large-Scale_Training/train.py`` feeds
+``imresize(lr, scale, kernel='cubic')``); the pretraining LR are MATLAB-bicubic downscaled and
+rounded to uint8, as the DIV2K bicubic LR the release trains on. An MZSR model is evaluated
+with ``super_resolve`` (numpy float64 upsampling), which ``model(lr)`` equals up to float32
+rounding. Through this path a zero residual gives the paper's bicubic baseline (Set5, g20 x2:
+28.74 dB; paper 28.73).
+
+The released TensorFlow models (``Model/Directx2``, ``Directx4``, ``Bicubicx2``,
+``Multi-scale``, and the pretrained ``Pretrained/Pretrained``) are converted by ``import_tf``
+(``srdistill mzsr import-tf``) into checkpoints that load as ours, with the settings each was
+released with (``RELEASED_TF``: scale, subsampling, test-time learning rates of ``test.py``).
 
 LR images made here (task LR, test-time sons, ZSSR sons, back-projection) are floats in [0, 1]
 (``degradation.degrade_float``), as MZSR and ZSSR keep them; rounded, they are ``degrade``'s
@@ -43,12 +51,17 @@ What differs from the papers / official code:
 
 * The HR task patches are random crops of the given images with a random flip/rot90 (the
   official code reads pre-cut 64x64 patches from a TFRecord).
-* Multi-step loss: the official ``train.py`` builds MAML++'s annealed weights from
-  ``global_step`` but never increments that variable (``apply_gradients`` gets no
-  ``global_step``), so its weights stay uniform (1/5 each) for the whole run. Here they anneal
-  as written (``loss_weights``); a huge ``msl_anneal_iterations`` gives the uniform weights.
+* Multi-step loss: ``MZSRConfig.loss_weights`` ``uniform`` (default) is what the release
+  trains with: its ``train.py`` builds MAML++'s annealed weights from ``global_step`` but never
+  increments that variable (``apply_gradients`` gets no ``global_step``), so they stay at their
+  step-0 values, uniform (1/5 each), for a fresh run (a run resumed with ``--step S`` keeps the
+  weights of step S instead). ``annealed`` is that schedule as written (``loss_weights``).
   The weighted query loss is a sum (weights sum to 1) where the official code takes a mean over
   the inner steps (a constant 1/5 factor that Adam cancels up to its eps).
+* The pretraining (``train_sr``) draws random HR crops (96x96 at x2 with ``RECIPES["mzsr"]``)
+  with a random flip/rot90; the release cuts 96x96 patches on a stride-120 grid of DIV2K and
+  keeps those whose mean squared gradient is at least e^-6 (JWSoh/MainSR
+  ``generate_TFRecord.py``), without flips.
 * Adam's state, the step and the task sampler's RNG are checkpointed, so a run resumes exactly.
 * ZSSR's augmentation here is: a random crop (``zssr_crop``), with probability 1/2 taken from
   the image downscaled by ``U[zssr_min_scale, 1)`` (MATLAB bicubic), and a random flip/rot90.
@@ -82,9 +95,9 @@ from torch import nn
 from torch.func import functional_call
 from tqdm.auto import tqdm
 
-from srdistill import degradation, imaging
+from srdistill import degradation, imaging, tfbundle
 from srdistill.config import MZSRConfig
-from srdistill.models.mzsr import MZSRNet
+from srdistill.models.mzsr import MZSRNet, from_tf_variables, tf_variable_names
 from srdistill.training import (
     DataParallel,
     _load_images,
@@ -97,8 +110,10 @@ from srdistill.training import (
 )
 
 __all__ = [
+    "RELEASED_TF",
     "adapt",
     "dihedral",
+    "import_tf",
     "loss_weights",
     "meta_backward",
     "meta_step",
@@ -224,18 +239,26 @@ class _Upsampled(nn.Module):
 
 
 def loss_weights(step: int, cfg: MZSRConfig) -> np.ndarray:
-    """MAML++'s multi-step-loss weights of the query losses after each inner step, at ``step``.
+    """The multi-step-loss weights of the query losses after each inner step, at meta-step ``step``.
 
-    With ``T = cfg.inner_steps``, ``m = cfg.msl_min_weight / T`` and ``r = 1 / T /
-    cfg.msl_anneal_iterations`` (MZSR ``train.py`` ``get_loss_weights``): the first ``T - 1``
+    ``cfg.loss_weights == "uniform"`` (MZSR's release): ``1/T`` each at every step, ``T =
+    cfg.inner_steps``. The released ``train.py`` computes MAML++'s annealed weights from
+    ``global_step``, a ``tf.Variable`` set to the starting step (``--step``, 0 for a fresh run)
+    that nothing increments (``apply_gradients`` is not given it), so a fresh run trains with
+    the weights of step 0, which are uniform.
+
+    ``"annealed"`` (MAML++'s schedule as ``get_loss_weights`` is written): with ``m =
+    cfg.msl_min_weight / T`` and ``r = 1 / T / cfg.msl_anneal_iterations``, the first ``T - 1``
     weights are ``max(1/T - step*r, m)``, the last ``min(1/T + step*(T-1)*r, 1 - (T-1)*m)``.
     They start uniform, sum to 1 at every step, and reach their final values (``m`` each, the
     last ``1 - (T-1)*m``) after ``(1 - T*m) * msl_anneal_iterations`` steps.
 
     Returns:
-        ``(T,)`` float64.
+        ``(T,)`` float64, summing to 1.
     """
     t = cfg.inner_steps
+    if cfg.loss_weights == "uniform":
+        return np.full(t, 1.0 / t)
     m = cfg.msl_min_weight / t
     if cfg.msl_anneal_iterations == 0:
         shift = math.inf
@@ -483,7 +506,7 @@ def meta_train(
         net = MZSRNet(cfg.scale, n_feats=cfg.n_feats, n_layers=cfg.n_layers).to(device)
     else:
         net = _initial_model(cfg, init).to(device)
-    model_kwargs = {"n_feats": cfg.n_feats, "n_layers": cfg.n_layers}
+    model_kwargs = {k: v for k, v in net.config.items() if k != "scale"}
     optimizer = torch.optim.Adam(net.parameters(), lr=cfg.meta_lr, betas=(0.9, 0.999), eps=1e-8)
     if resume.exists():
         step, rng_state = _resume(resume, net, optimizer, None, arch="mzsr", scale=cfg.scale)
@@ -883,3 +906,84 @@ def zssr(
     info = {"iterations": it + 1, "seconds": time.perf_counter() - t0, "lr_drops": drops[1:],
             "final_lr": lr_now, "train_loss": losses, "rec_mse": rec}  # fmt: skip
     return _to_uint8(sr), info
+
+
+# --------------------------------------------------------------------------- released models
+
+#: JWSoh/MZSR's released TensorFlow checkpoints by name: whether meta-trained, and the
+#: ``MZSRConfig`` settings each was released with (``main.py`` model choice, ``test.py``
+#: ``methods`` and per-model learning rates: lr of step i, the last repeating). ``Multi-scale``
+#: was meta-trained over several scales; its scale has to be given. ``Pretrained`` is the
+#: large-scale bicubic x2 pretraining (``Large-Scale_Training``), the init of meta-training.
+RELEASED_TF: dict[str, dict] = {
+    "Directx2": {"meta_trained": True, "scale": 2, "subsample": "direct",
+                 "adapt_lr": (2e-2, 1e-2, 1e-2, 1e-2, 5e-3)},
+    "Multi-scale": {"meta_trained": True, "scale": None, "subsample": "direct",
+                    "adapt_lr": (1e-2, 1e-2, 1e-2, 5e-3)},
+    "Bicubicx2": {"meta_trained": True, "scale": 2, "subsample": "bicubic",
+                  "adapt_lr": (1e-2, 1e-2, 1e-2, 1e-3)},
+    "Directx4": {"meta_trained": True, "scale": 4, "subsample": "direct",
+                 "adapt_lr": (1e-2, 5e-3, 5e-3, 5e-3, 5e-3, 1e-3)},
+    "Pretrained": {"meta_trained": False, "scale": 2},
+}  # fmt: skip
+
+
+def import_tf(
+    prefix: str | Path,
+    out: str | Path,
+    cfg: MZSRConfig,
+    *,
+    meta_trained: bool,
+    scope: str = "MODEL",
+) -> Path:
+    """Convert an MZSR TensorFlow checkpoint into an srdistill ``mzsr`` checkpoint.
+
+    Reads ``SCOPE/conv{1..n_layers}/kernel|bias`` from the tensor bundle at ``prefix``
+    (``tfbundle``, no TensorFlow needed; other variables such as Adam slots are ignored),
+    transposes the kernels HWIO -> OIHW (``models.mzsr.from_tf_variables``; values copied
+    exactly) and writes ``out`` with ``training.save_checkpoint``: arch ``mzsr``, scale
+    ``cfg.scale``, ``model_kwargs`` (``n_feats`` read from the weights, ``n_layers``,
+    ``upsample="matlab"``), and ``imported_from`` (the prefix, its variables, whether the
+    checksums were verified). A meta-trained model also gets ``mzsr_config`` (``cfg`` with
+    ``n_feats`` as read), so ``srdistill eval --adapt-steps``, ``zssr adapt --model`` and
+    ``mzsr.zero_shot`` use it as one of ours; a pretrained one (``meta_trained=False``) has no
+    MZSR config and serves as ``meta_train``'s ``init`` (``mzsr train --pretrained``) or as a
+    plain SR model.
+
+    Args:
+        prefix: checkpoint prefix (``Model/Directx2``), one of its files, or its folder.
+        out: the ``.safetensors`` file to write (its folder is created).
+        cfg: the settings recorded with the model (``scale``, ``n_layers``, ``subsample``,
+            ``adapt_lr``, ...); ``RELEASED_TF`` has the released models' ones.
+        meta_trained: record ``mzsr_config`` (True) or not (the bicubic pretraining).
+        scope: the variables' scope (MZSR: ``MODEL``).
+
+    Returns:
+        ``out``.
+
+    Raises:
+        FileNotFoundError: no ``PREFIX.index`` or a data file missing.
+        ValueError: not a readable tensor bundle (compressed, truncated, corrupted: checksums
+            are verified when ``google-crc32c`` is installed), MZSR variables missing (named),
+            an unsupported dtype, or shapes that do not fit ``MZSRNet``.
+    """
+    bundle = tfbundle.TensorBundle(prefix)
+    names = tf_variable_names(cfg.n_layers, scope)
+    missing = [n for n in names if n not in bundle]
+    if missing:
+        others = [n for n in bundle.names() if n.endswith("/kernel")][:8]
+        raise ValueError(f"checkpoint {bundle.prefix} lacks MZSR variables {missing} (n_layers="
+                         f"{cfg.n_layers}, scope {scope!r}); its kernels: {others}")  # fmt: skip
+    extra_layer = f"{scope}/conv{cfg.n_layers + 1}/kernel"
+    variables = {n: bundle.read(n) for n in names + ([extra_layer] if extra_layer in bundle else [])}
+    net = from_tf_variables(variables, cfg.scale, n_layers=cfg.n_layers, scope=scope)
+    cfg = cfg.model_copy(update={"n_feats": net.config["n_feats"]})
+    extra = {"imported_from": {"prefix": str(bundle.prefix), "format": "tensorflow-bundle-v2",
+                               "variables": names, "crc32c_verified": tfbundle.CRC32C_AVAILABLE}}  # fmt: skip
+    if meta_trained:
+        extra["mzsr_config"] = cfg.model_dump(mode="json")
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    model_kwargs = {k: v for k, v in net.config.items() if k != "scale"}
+    save_checkpoint(net, out, arch="mzsr", scale=cfg.scale, model_kwargs=model_kwargs, extra=extra)
+    return out

@@ -87,7 +87,7 @@ _PARTITIONED = tuple(PARTS.values())
 #: Skipped inputs listed in the manifest (all of them are in ``mine/skipped.parquet``).
 MAX_SKIPPED_LISTED = 1000
 _PACKAGES = ("srdistill", "torch", "ray", "faiss-cpu", "transformers", "diffusers", "deepspeed", "numpy",
-             "pyarrow", "pillow")
+             "pyarrow", "pillow", "opencv-python-headless", "scikit-learn")
 NOT_SEMANTIC = "CLIP is randomly initialised (--allow-random-init): the clusters are NOT semantic"
 NOT_LEARNED = ("the ViT is randomly initialised (--allow-random-init): complexity scores and ViT "
                "features are NOT learned")  # fmt: skip
@@ -688,7 +688,8 @@ def _finetune(run: Run, encode_fp: str) -> str:
         return {"backbone": model["kind"], "trainable": model["trainable"],
                 "parameters": model["source"]["parameters"],
                 "trainable_parameters": model["source"]["trainable"],
-                "num_clusters": k, "patches": meta["rows"], "iterations": cfg.iterations,
+                "num_clusters": k, "patches": meta["rows"],
+                "iterations": model.get("finetune", {}).get("iterations", cfg.iterations), "epochs": cfg.epochs,
                 "workers": place["workers"], "deepspeed": place["on"] == "ray-train",
                 "final_loss": log[-1]["loss"] if log else None, "source": model["source"],
                 "resumed_from": model.get("finetune", {}).get("resumed_from", [])}  # fmt: skip
@@ -700,7 +701,7 @@ def _finetune(run: Run, encode_fp: str) -> str:
 def _synthesize(run: Run, finetune_fp: str) -> str:
     from . import runner
     from .selection import budget_patches
-    from .synthesis import per_cluster_counts, synthesize
+    from .synthesis import per_cluster_counts, resolve_decoder, synthesize
 
     cfg = run.cfg.synthesize
     budget = run.cfg.select.model_dump(include={"ipc", "pixel_fraction"}) if cfg.ipc is None else {}
@@ -718,12 +719,14 @@ def _synthesize(run: Run, finetune_fp: str) -> str:
             counts = per_cluster_counts(n_total, k)
         model_dir = run.dir / "finetune" / "model"
         place = run.placement["synthesize"]
-        rows = synthesize(model_dir, cfg, sdir, counts,
-                          map_fn=runner.synthesize_ray(model_dir, cfg, sdir, num_gpus=place["num_gpus"],
+        local = resolve_decoder(cfg, run.cfg.finetune.resolved_backbone)  # HF id -> dir, on the driver
+        rows = synthesize(model_dir, local, sdir, counts,
+                          map_fn=runner.synthesize_ray(model_dir, local, sdir, num_gpus=place["num_gpus"],
                                                        placement=place))  # fmt: skip
         return {"images": len(rows), "per_cluster": {str(c): n for c, n in counts.items()},
                 "resolution": res, "sampler": cfg.sampler, "steps": cfg.steps,
-                "guidance_scale": cfg.guidance_scale,
+                "guidance_scale": cfg.guidance_scale, "guidance_channels": cfg.guidance_channels,
+                "vae_path": local.vae_path,
                 "pixel_fraction": round(len(rows) * res * res / max(corpus, 1), 6)}  # fmt: skip
 
     run.run_stage("synthesize", fp, ["synthesize/provenance.csv"], stage)
@@ -924,6 +927,10 @@ def run_pipeline(input_dir: str | Path, run_dir: str | Path, cfg: RunConfig, *,
         from .diffusion import check_backbone
 
         check_backbone(cfg.finetune)  # (downloads HF ids): MissingBackboneError, with help
+    if "synthesize" in order:
+        from .synthesis import resolve_decoder
+
+        resolve_decoder(cfg.synthesize, cfg.finetune.resolved_backbone)  # decoder VAE: ValueError for unet
     fps: dict[str, str] = {}
 
     def mine(f: str) -> str:

@@ -78,7 +78,7 @@ def tiny_dit_dir(tmp_path_factory) -> Path:
     ``vae/``, ``scheduler/``): 2 blocks of width 16 on 8x8x4 latents of a 2-level VAE, so
     ``finetune.resolution`` 16. Built offline in well under a second."""
     import torch
-    from diffusers import AutoencoderKL, DDIMScheduler, DiTTransformer2DModel
+    from diffusers import DDIMScheduler, DiTTransformer2DModel
 
     root = tmp_path_factory.mktemp("tiny_dit")
     torch.manual_seed(0)
@@ -86,13 +86,26 @@ def tiny_dit_dir(tmp_path_factory) -> Path:
         num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8, num_layers=2,
         sample_size=8, patch_size=2, num_embeds_ada_norm=10,
     ).save_pretrained(root / "transformer")  # fmt: skip
-    AutoencoderKL(
-        block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=8,
-        sample_size=16,
-    ).save_pretrained(root / "vae")  # fmt: skip
+    tiny_vae(root / "vae", seed=None)
     DDIMScheduler(beta_schedule="linear").save_pretrained(root / "scheduler")
     return root
+
+
+def tiny_vae(path: Path, seed: int | None, latent_channels: int = 4) -> Path:
+    """Save a tiny random-init ``AutoencoderKL`` of ``tiny_dit_dir``'s VAE architecture (2
+    levels, 16x16 pixels <-> 8x8 latents) to ``path``; ``seed`` (None: the global RNG as it is)
+    gives it its own weights, e.g. a decoder VAE other than the training one."""
+    import torch
+    from diffusers import AutoencoderKL
+
+    if seed is not None:
+        torch.manual_seed(seed)
+    AutoencoderKL(
+        block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=latent_channels, norm_num_groups=8,
+        sample_size=16,
+    ).save_pretrained(path)  # fmt: skip
+    return path
 
 
 # --- S3: a real moto server on loopback, and a fault-injecting proxy in front of it ---------------

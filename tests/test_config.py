@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from srdistill.config import MineConfig, RunConfig, SelectConfig, load_config, parse_override, preset_names
@@ -35,3 +37,16 @@ def test_file_and_overrides_merge(tmp_path):
     assert parse_override("a.b=[1, 2]") == {"a": {"b": [1, 2]}}
     with pytest.raises(ValueError):
         parse_override("novalue")
+
+
+@pytest.mark.parametrize("stage, field, other", [
+    ("mine", "psnr_bic_resize", "opencv"), ("embed", "normalize", False), ("cluster", "method", "kmeans"),
+    ("synthesize", "guidance_channels", 3), ("synthesize", "vae_path", "stabilityai/sd-vae-ft-mse"),
+])  # fmt: skip
+def test_options_at_their_old_behaviour_keep_the_stage_fingerprint(stage, field, other):
+    """An option added later, left at the value that does what the stage did before, is not in
+    the stage's fingerprint (an upgrade redoes nothing); any other value is."""
+    base = json.loads(RunConfig().stage_json(stage))
+    assert field not in base
+    changed = RunConfig(**{stage: {field: other}})
+    assert json.loads(changed.stage_json(stage))[field] == other

@@ -61,6 +61,26 @@ def test_random_init_tiny_is_normalised_and_deterministic():
     assert np.abs(emb[0] - emb[1]).max() > 1e-4
 
 
+def test_raw_features_are_the_projection_output_unnormalised():
+    """embed.normalize false stores the model's image_embeds as they come (SRDD's released
+    clustering runs on raw get_image_features); the default is those rows scaled to unit L2."""
+    table = patch_table()
+    cfg = EmbedConfig(**TINY)
+    source = resolve_clip(cfg)
+    unit = embed_patches(table, cfg, source)
+    raw = embed_patches(table, EmbedConfig(**TINY, normalize=False), source)
+    norms = np.linalg.norm(raw, axis=1)
+    assert np.abs(norms - 1.0).max() > 1e-2  # really not normalised
+    np.testing.assert_allclose(raw / norms[:, None], unit, atol=1e-5)
+    embedder = ClipEmbedder(EmbedConfig(**TINY, normalize=False), source)
+    crops = [np.asarray(c) for c in __import__("srdistill.imaging", fromlist=["x"]).read_crops(
+        table.column("source").to_numpy(zero_copy_only=False)[:2], np.array([0, 40]), np.array([0, 16]),
+        np.array([48, 48]))]
+    with torch.inference_mode():
+        direct = embedder.model(pixel_values=embedder._preprocess(crops)).image_embeds.numpy()
+    np.testing.assert_allclose(raw[:2], direct, rtol=1e-5, atol=1e-6)
+
+
 def test_embedder_keeps_row_order_across_interleaved_sources():
     cfg = EmbedConfig(**TINY)
     source = resolve_clip(cfg)

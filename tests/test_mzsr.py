@@ -44,6 +44,7 @@ def test_config_defaults_are_mzsr_and_zssr_settings():
     assert (cfg.inner_steps, cfg.inner_lr, cfg.meta_lr) == (5, 1e-2, 1e-4)
     assert (cfg.meta_iterations, cfg.first_order, cfg.adapt_lr[0]) == (100_000, False, 2e-2)
     assert (cfg.zssr_iterations, cfg.zssr_lr, cfg.zssr_min_lr) == (3000, 1e-3, 9e-6)
+    assert cfg.loss_weights == "uniform"  # what the released train.py trains with
     with pytest.raises(ValueError, match="hr_patch 63 must be a multiple of scale 2"):
         MZSRConfig(hr_patch=63)
     with pytest.raises(ValueError, match="adapt_lr"):
@@ -54,8 +55,44 @@ def test_config_defaults_are_mzsr_and_zssr_settings():
         MZSRConfig(inner_step=3)
 
 
-def test_loss_weights_anneal_from_uniform_to_the_last_step():
-    cfg = MZSRConfig()  # 5 inner steps, MZSR's schedule
+def test_released_loss_weights_are_uniform_at_every_step():
+    """MZSR's train.py anneals from a global_step that never advances: 1/5 each, always."""
+    cfg = MZSRConfig()
+    for step in (0, 1, 1000, 3234, 10**6):
+        np.testing.assert_array_equal(mzsr.loss_weights(step, cfg), np.full(5, 0.2))
+    three = MZSRConfig(inner_steps=3, msl_anneal_iterations=0.0)  # the MAML++ knobs do not apply
+    np.testing.assert_allclose(mzsr.loss_weights(50, three), np.full(3, 1 / 3))
+    with pytest.raises(ValueError, match="loss_weights"):
+        MZSRConfig(loss_weights="linear")
+
+
+def test_uniform_meta_loss_is_the_mean_query_loss_over_inner_steps(images):
+    """With uniform weights the task's meta loss is the mean of the query L1 after each of the T
+    inner SGD steps (computed here by plain SGD on a copy of the network)."""
+    cfg = MZSRConfig(**{**TINY, "inner_steps": 3, "inner_lr": 0.1})
+    torch.manual_seed(0)
+    net = MZSRNet(2, n_feats=4, n_layers=3).double()
+    (task,) = _tiny_tasks(images, cfg, n=1)
+    s_in, s_hr, q_in, q_hr = task
+    copy_ = copy.deepcopy(net)
+    query = []
+    for _ in range(3):
+        loss = torch.nn.functional.l1_loss(copy_.forward_upsampled(s_in), s_hr)
+        grads = torch.autograd.grad(loss, list(copy_.parameters()))
+        with torch.no_grad():
+            for p, g in zip(copy_.parameters(), grads):
+                p -= 0.1 * g
+            query.append(torch.nn.functional.l1_loss(copy_.forward_upsampled(q_in), q_hr).item())
+    assert query[-1] != pytest.approx(query[0], rel=1e-6)  # the inner loop moves the query loss
+    meta = mzsr.meta_backward(net, [task], cfg, step=10**6)["meta_loss"]
+    assert meta == pytest.approx(np.mean(query), rel=1e-10)
+    annealed = mzsr.meta_backward(copy.deepcopy(net), [task], cfg.model_copy(update={"loss_weights": "annealed"}),
+                                  step=10**6)["meta_loss"]  # fmt: skip
+    assert annealed == pytest.approx(0.01 * query[0] + 0.01 * query[1] + 0.98 * query[2], rel=1e-10)
+
+
+def test_annealed_loss_weights_go_from_uniform_to_the_last_step():
+    cfg = MZSRConfig(loss_weights="annealed")  # 5 inner steps, MAML++'s schedule as MZSR writes it
     np.testing.assert_allclose(mzsr.loss_weights(0, cfg), np.full(5, 0.2))
     for step in (0, 1, 500, 1000, 3000, 3233, 3234, 10_000, 10**6):
         w = mzsr.loss_weights(step, cfg)
@@ -186,7 +223,7 @@ def test_meta_train_resumes_to_the_uninterrupted_weights(images, tmp_path):
     pre, _ = load_checkpoint(init)
     assert not torch.equal(a.body[0].weight, pre.body[0].weight)
     assert meta_a["step"] == 4 and meta_a["mzsr_config"]["meta_iterations"] == 4
-    assert meta_a["model_kwargs"] == {"n_feats": 4, "n_layers": 3}
+    assert meta_a["model_kwargs"] == {"n_feats": 4, "n_layers": 3, "upsample": "matlab"}
     lines = [json.loads(x) for x in (tmp_path / "b" / "log.jsonl").read_text().splitlines()]
     assert [x["step"] for x in lines if "query_loss" in x] == [1, 2, 3, 4] and "query_loss" in lines[0]
     assert [x["resumed_from_step"] for x in lines if "resumed_from_step" in x] == [2]
