@@ -82,7 +82,7 @@ fi
 t0=$SECONDS
 if [ -z "${device:-}" ]; then
   line SKIP cli-train-gpus 0 "no CUDA device"
-elif timeout 240 "$BIN/srdistill" train --data data/T91/HR --out "$OUT/cli-train" --preset tiny --gpus 1 \
+elif timeout 240 "$BIN/srdistill" train --input data/T91/HR --out "$OUT/cli-train" --preset tiny --gpus 1 \
      --model edsr-baseline --iterations 50 --set train.amp=bf16 >"$OUT/cli-train.log" 2>&1 \
      && [ -s "$OUT/cli-train/model.safetensors" ]; then
   line PASS cli-train-gpus $((SECONDS - t0)) "$(tail -1 "$OUT/cli-train/log.jsonl" | tr -d ' ' | cut -c1-120)"

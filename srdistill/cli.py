@@ -4,21 +4,224 @@
     srdistill run --input data/T91 --out runs/synth --preset demo --distill synth --allow-random-init
     srdistill synthesize --model runs/synth/finetune/model --out runs/more --ipc 20
     srdistill eval --model bicubic --dataset Set5 --scale 2 --json
-    srdistill train --data runs/demo/distilled --out runs/espcn --preset demo
+    srdistill train --input runs/demo/distilled --out runs/espcn --preset demo
+
+One vocabulary across the commands: ``--input`` (what a command reads), ``--out`` (what it
+writes), ``--iterations`` (steps of its training loop), ``--gpus``/``--workers`` (Ray),
+``--config``/``--set`` (its config), ``--dataset`` (repeatable; ``Set5,Set14`` works too).
+Options with fixed values list them in ``--help`` and are checked by the parser. A user
+error is one line ``error: ...`` with exit code 2 (``--debug``: with its traceback). The old
+spellings (``--data``, ``--datasets``, ``--zssr-iterations``, ...) still work for one
+release, with a warning on stderr (``_aliases``).
 """
 
 from __future__ import annotations
 
+import difflib
 import json
+import logging
+import re
 import sys
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Literal, Optional, Union, get_args
 
 import typer
+from typer.core import TyperCommand, TyperGroup
 
-from .config import RayConfig, describe_error, load_config, preset_names, read_yaml_mapping
+try:  # a recent typer has its own copy of click
+    from typer._click.exceptions import NoArgsIsHelpError, UsageError
+except ImportError:  # pragma: no cover - a typer built on the click package
+    from click.exceptions import NoArgsIsHelpError, UsageError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.split("\n")[0])
+from .config import (Arch, MZSRConfig, RayConfig, RunConfig, SynthConfig, describe_error, load_config,
+                     preset_names, read_yaml_mapping)  # fmt: skip
+from .pipeline import STAGES
+
+#: Options with fixed values (``Literal``: typer lists them in --help and rejects others).
+Device = Literal["auto", "cpu", "cuda"]
+#: The scales every network here builds (EDSR and RCAN: 2, 3, 4, 8); a checkpoint's own must match.
+Scale = Literal[2, 3, 4, 8]
+Distill = Literal[get_args(RunConfig.model_fields["distill"].annotation)]
+Sampler = SynthConfig.model_fields["sampler"].annotation
+Stage = Literal[STAGES]
+Preset = Literal[tuple(preset_names())]
+Subsample = MZSRConfig.model_fields["subsample"].annotation
+#: ``eval``/``upscale --model`` names (any other value must be an existing checkpoint file).
+MODEL_NAMES = ("bicubic", "zssr", *get_args(Arch))
+
+
+def _usage_message(exc: UsageError) -> str:
+    """Click's message of a usage error, a wrong choice as ``--device 'tpu' is not one of:
+    auto, cpu, cuda; did you mean ...?``."""
+    message = exc.format_message().replace("Value error, ", "")
+    m = re.fullmatch(r"Invalid value for '([^']+)': '(.*)' is not one of (.*?)\.?", message, re.S)
+    if m is None:
+        return message
+    choices = [c.strip().strip("'") for c in m.group(3).split(",")]
+    close = difflib.get_close_matches(m.group(2), choices, n=1)
+    return f"{m.group(1)} {m.group(2)!r} is not one of: {', '.join(choices)}" + (
+        f"; did you mean {close[0]!r}?" if close else "")  # fmt: skip
+
+
+@contextmanager
+def _one_line_usage_errors():
+    """A usage error (unknown or missing option, bad value or choice) as one line on stderr,
+    exit code 2, like ``_fail``; ``srdistill GROUP`` alone still prints the group's help."""
+    try:
+        yield
+    except NoArgsIsHelpError:
+        raise
+    except UsageError as exc:
+        typer.secho(f"error: {_usage_message(exc)}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(2) from None
+
+
+class _Group(TyperGroup):
+    """The root command group: usage errors of every command below it in one line."""
+
+    def make_context(self, info_name, args, parent=None, **extra):
+        with _one_line_usage_errors():
+            return super().make_context(info_name, args, parent=parent, **extra)
+
+    def invoke(self, ctx):
+        with _one_line_usage_errors():
+            return super().invoke(ctx)
+
+
+def _aliases(renames: dict[str, Union[str, Callable[[list[str]], str]]]) -> type[TyperCommand]:
+    """A command class (``@app.command(cls=...)``) that still takes the old option spellings
+    ``renames`` (old -> new, or a function of the arguments giving the new one) for one
+    release: rewritten before parsing (``--old V`` and ``--old=V``), with a deprecation
+    warning on stderr; they are not in ``--help``."""
+
+    class Aliased(TyperCommand):
+        aliases = renames
+
+        def parse_args(self, ctx, args):
+            out = []
+            for i, arg in enumerate(args):
+                if arg == "--":
+                    out += args[i:]
+                    break
+                name, eq, value = arg.partition("=")
+                if name in renames:
+                    new = renames[name] if isinstance(renames[name], str) else renames[name](args)
+                    typer.secho(f"warning: {name} is deprecated and goes in the next release: use {new}",
+                                fg=typer.colors.YELLOW, err=True)  # fmt: skip
+                    arg = new + eq + value
+                out.append(arg)
+            return super().parse_args(ctx, out)
+
+    return Aliased
+
+
+def _items(values: Optional[list[str]]) -> list[str]:
+    """A repeatable list option's values, each also split at commas (``--dataset Set5,Set14``);
+    a value naming an existing file or folder is kept whole."""
+    out: list[str] = []
+    for value in values or []:
+        out += [value] if Path(value).exists() else [v.strip() for v in value.split(",") if v.strip()]
+    return out
+
+
+class _Stderr(logging.StreamHandler):
+    """A handler writing to ``sys.stderr`` as it is at each record (a test runner swaps it)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
+def _is_ray(record: logging.LogRecord) -> bool:
+    return record.name == "ray" or record.name.startswith("ray.")
+
+
+def _setup_logging() -> None:
+    """Console logging of a command: warnings of any library on stderr as ``WARNING: ...``,
+    Ray's records only from ERROR (``runner.route_ray_logs`` sends them to the root logger;
+    a run's ``run.log`` keeps them all, ``_run_log``); our own loggers record INFO (for run.log)."""
+    root = logging.getLogger()
+    for handler in [h for h in root.handlers if isinstance(h, _Stderr)]:
+        root.removeHandler(handler)
+    handler = _Stderr()
+    handler.setLevel(logging.WARNING)
+    handler.addFilter(lambda record: record.levelno >= logging.ERROR or not _is_ray(record))
+    handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
+    root.addHandler(handler)
+    logging.getLogger("srdistill").setLevel(logging.INFO)
+
+
+class _RunLog(logging.Handler):
+    """Appends records to ``path`` (a run's ``run.log``) once its folder exists (the pipeline
+    makes it after its preflight checks, so a rejected run leaves nothing); records before
+    that are held until then. Ours and Ray's from INFO, any other library's from WARNING."""
+
+    def __init__(self, path: Path):
+        super().__init__(logging.INFO)
+        self.path, self.held, self.file = path, [], None
+        self.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        self.addFilter(lambda r: r.levelno >= logging.WARNING or _is_ray(r) or r.name.startswith("srdistill"))
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self.held.append(self.format(record) + "\n")
+            if self.file is None and self.path.parent.is_dir():
+                self.file = open(self.path, "a", encoding="utf-8")
+            if self.file is not None:
+                self.file.writelines(self.held)
+                self.file.flush()
+                self.held.clear()
+        except Exception:  # noqa: BLE001 - logging's own convention
+            self.handleError(record)
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+        super().close()
+
+
+#: The pipeline's progress lines (``_stage_line``) in ``run.log``.
+_RUN = logging.getLogger("srdistill.run")
+
+
+@contextmanager
+def _run_log(command: str, input: str, out: str):
+    """``OUT/run.log`` while a pipeline command runs: its stage lines, warnings and Ray's
+    driver log lines, appended per invocation (an ``s3://`` run: in its local mirror, uploaded
+    at the end)."""
+    from . import __version__, storage
+    from .pipeline import local_mirror
+
+    path = local_mirror(out) / "run.log"
+    handler = _RunLog(path)
+    root = logging.getLogger()
+    root.addHandler(handler)
+    _RUN.info("srdistill %s %s --input %s --out %s", __version__, command, input, out)
+    try:
+        yield
+    finally:
+        root.removeHandler(handler)
+        handler.close()
+        if storage.is_s3(out) and path.is_file():
+            try:
+                storage.write_text(storage.join(out, "run.log"), path.read_text())
+            except OSError as exc:
+                typer.secho(f"WARNING: run.log not uploaded to {out}: {exc}", err=True)
+
+
+def _stage_line(line: str) -> None:
+    """A progress line of a command (the pipeline's ``log``): on stdout, a warning (``WARNING:``,
+    ``warning:``) on stderr; and in ``run.log`` when the command writes one."""
+    typer.echo(line, err=line.lower().startswith("warning"))
+    _RUN.info(line)
+
+
+app = typer.Typer(cls=_Group, add_completion=False, no_args_is_help=True, help=__doc__.split("\n")[0])
 
 
 def _print_version(value: bool) -> None:
@@ -43,6 +246,7 @@ def _main(
     """srdistill: dataset distillation for super-resolution."""
     global _DEBUG
     _DEBUG = debug
+    _setup_logging()
 
 _INPUT_HELP = ("HR corpus: a folder or s3:// prefix of images (searched recursively), or a manifest file of "
                "image URIs (.parquet/.csv/.txt)")
@@ -58,13 +262,24 @@ _ADDRESS_HELP = ("join the Ray cluster at this address (ray.address; default $RA
                  "Ray, never a cluster that a `ray start` left on this machine)")
 
 
-_DEVICES = ("auto", "cpu", "cuda")
+_DEVICES = get_args(Device)
+_MODEL_HELP = (f"a srdistill .safetensors checkpoint, or one of: bicubic (MATLAB's), zssr (with --kernel), "
+               f"{', '.join(get_args(Arch))} (with --weights)")
 
 
 def _check_scale(scale: Optional[int]) -> None:
-    """``--scale`` of a command: 2 to 8 (``RunConfig.scale``), else exit 2."""
-    if scale is not None and not 2 <= scale <= 8:
-        _fail(f"--scale {scale} is not an SR scale: give 2 to 8")
+    """``--scale`` of a command: one of ``Scale``, else exit 2 (the parser checks a ``Scale`` option)."""
+    if scale is not None and scale not in get_args(Scale):
+        _fail(f"--scale {scale} is not one of: {', '.join(map(str, get_args(Scale)))}")
+
+
+def _check_model(model: str) -> None:
+    """``--model`` of eval/upscale: one of ``MODEL_NAMES`` or an existing checkpoint file
+    (``s3://`` ones are checked on reading), else exit 2."""
+    if model not in MODEL_NAMES and not model.startswith("s3://") and not Path(model).is_file():
+        close = difflib.get_close_matches(model, MODEL_NAMES, n=1)
+        _fail(f"--model {model!r} is neither a checkpoint file nor one of: {', '.join(MODEL_NAMES)}"
+              + (f"; did you mean {close[0]!r}?" if close else ""))  # fmt: skip
 
 
 def _fail(message: str) -> None:
@@ -93,15 +308,16 @@ def run(
     config_json: Optional[str] = typer.Option(
         None, "--config-json", help="config as a JSON object, merged after --config (what the "
         "RayJobs of `srdistill k8s render` and the operator pass)"),  # fmt: skip
-    preset: Optional[str] = typer.Option(None, "--preset", help=_PRESET_HELP),
+    preset: Optional[Preset] = typer.Option(None, "--preset", help=_PRESET_HELP),
     overrides: list[str] = typer.Option([], "--set", help=_SET_HELP),
     allow_random_init: bool = typer.Option(
         False, "--allow-random-init",
         help="run with randomly initialised CLIP / ViT when no weights are found (clusters, "
         "complexity scores and ViT features are then NOT semantic/learned)",
     ),  # fmt: skip
-    until: Optional[str] = typer.Option(None, "--until", help="stop after this stage"),
-    distill: Optional[str] = typer.Option(
+    until: Optional[Stage] = typer.Option(None, "--until", metavar="STAGE",
+                                          help="stop after this stage: " + ", ".join(STAGES)),
+    distill: Optional[Distill] = typer.Option(
         None, "--distill", help="coreset: train on selected real patches; synth: on images "
         "synthesized by the cluster-conditioned diffusion model (SRDD)"),  # fmt: skip
     gpus: Optional[int] = typer.Option(None, "--gpus", min=0, help=_GPUS_HELP),
@@ -111,10 +327,12 @@ def run(
 ) -> None:
     """Run mine -> embed -> cluster -> select (coreset) or encode -> finetune -> synthesize
     (synth) -> train -> evaluate -> report. Every stage runs on GPUs where the Ray cluster has
-    them (``device: auto``), unless ``--gpus 0`` or its ``device: cpu``."""
+    them (``device: auto``), unless ``--gpus 0`` or its ``device: cpu``. Progress lines,
+    warnings and Ray's own log lines are appended to OUT/run.log."""
     extra = _ray_overrides(gpus, address)
     extra += [f"{s}.workers={workers}" for s in ("train", "finetune")] * (workers is not None)
-    _pipeline(input, out, config, preset, [*overrides, *extra], allow_random_init, until, distill, config_json)
+    _pipeline("run", input, out, config, preset, [*overrides, *extra], allow_random_init, until, distill,
+              config_json)  # fmt: skip
 
 
 def _ray_overrides(gpus: Optional[int], address: Optional[str]) -> list[str]:
@@ -139,7 +357,8 @@ def _training_overrides(section: str, workers: Optional[int], gpus: Optional[int
     return out
 
 
-def _pipeline(input, out, config, preset, overrides, allow_random_init, until, distill, config_json=None) -> None:
+def _pipeline(command, input, out, config, preset, overrides, allow_random_init, until, distill,
+              config_json=None) -> None:  # fmt: skip
     from .embedding import MissingWeightsError
     from .pipeline import run_pipeline
 
@@ -153,7 +372,8 @@ def _pipeline(input, out, config, preset, overrides, allow_random_init, until, d
         _fail(f"--config-json is not valid JSON: {exc}")
     cfg = _config(preset, config, overrides, data=data)
     try:
-        run_pipeline(input, out, cfg, preset=preset, until=until)
+        with _run_log(command, input, out):
+            run_pipeline(input, out, cfg, preset=preset, until=until, log=_stage_line)
     except (MissingWeightsError, OSError, ValueError, RuntimeError, ImportError) as exc:  # FileNotFoundError is an OSError
         _fail(str(exc))
 
@@ -163,8 +383,10 @@ def finetune(
     input: str = typer.Option(..., "--input", help=_INPUT_HELP),
     out: str = typer.Option(..., "--out", help=_OUT_HELP),
     config: Optional[Path] = typer.Option(None, "--config", help="YAML config file"),
-    preset: Optional[str] = typer.Option(None, "--preset", help=_PRESET_HELP),
+    preset: Optional[Preset] = typer.Option(None, "--preset", help=_PRESET_HELP),
     overrides: list[str] = typer.Option([], "--set", help=_SET_HELP),
+    iterations: Optional[int] = typer.Option(None, "--iterations", min=1,
+                                             help="fine-tuning steps (finetune.iterations)"),
     allow_random_init: bool = typer.Option(False, "--allow-random-init",
                                            help="random-init CLIP when no weights are found"),
     workers: Optional[int] = typer.Option(None, "--workers", min=0,
@@ -173,27 +395,34 @@ def finetune(
     address: Optional[str] = typer.Option(None, "--address", help=_ADDRESS_HELP),
 ) -> None:
     """Fine-tune the cluster-conditioned diffusion model of a run (mine -> embed -> cluster ->
-    encode -> finetune); writes OUT/finetune/model."""
+    encode -> finetune); writes OUT/finetune/model and appends to OUT/run.log. It is `run
+    --distill synth --until finetune`, so it takes no --until or --distill."""
     extra = _training_overrides("finetune", workers, gpus) + _ray_overrides(0 if gpus == 0 else None, address)
-    _pipeline(input, out, config, preset, [*overrides, *extra], allow_random_init, "finetune", "synth")
+    extra += [f"finetune.iterations={iterations}"] * (iterations is not None)
+    _pipeline("finetune", input, out, config, preset, [*overrides, *extra], allow_random_init, "finetune", "synth")
 
 
-@app.command()
+@app.command(cls=_aliases({"--actors": "--workers"}))
 def synthesize(
     model: Path = typer.Option(..., "--model", help="fine-tuned model folder (RUN/finetune/model)"),
     out: Path = typer.Option(..., "--out", help="output folder (existing images are kept)"),
-    ipc: int = typer.Option(10, "--ipc", help="images per cluster"),
-    clusters: Optional[str] = typer.Option(None, "--clusters", help="comma-separated ids (all)"),
-    sampler: str = typer.Option("ddim", "--sampler", help="ddim, dpm-solver++ or ddpm (SRDD's release)"),
-    steps: int = typer.Option(50, "--steps", help="sampling steps"),
-    guidance: float = typer.Option(4.0, "--guidance", help="classifier-free guidance scale"),
+    ipc: Optional[int] = typer.Option(None, "--ipc", help="images per cluster (default: 10)"),
+    clusters: Optional[list[str]] = typer.Option(None, "--clusters", help="cluster ids, repeatable or "
+                                                 "comma-separated (default: all)"),  # fmt: skip
+    sampler: Optional[Sampler] = typer.Option(None, "--sampler", help="default: ddim; ddpm: SRDD's release"),
+    steps: Optional[int] = typer.Option(None, "--steps", help="sampling steps of the sampler (default: 50)"),
+    guidance: Optional[float] = typer.Option(None, "--guidance", help="classifier-free guidance scale (default: 4)"),
     guidance_channels: Optional[int] = typer.Option(
         None, "--guidance-channels", help="guide the first N noise channels only (all; 3: SRDD's release)"),
     vae: Optional[str] = typer.Option(None, "--vae", help="decoder VAE, a folder or Hugging Face id "
                                       "(the training VAE; SRDD's release: stabilityai/sd-vae-ft-mse)"),
-    seed: int = typer.Option(0, "--seed"),
-    workers: int = typer.Option(1, "--workers", "--actors", min=1,
-                                help="Ray Data sampling actors (a GPU each where the cluster has GPUs)"),
+    seed: Optional[int] = typer.Option(None, "--seed", help="default: 0"),
+    config: Optional[Path] = typer.Option(None, "--config", help="YAML file of SynthConfig fields (a run "
+                                          "config's synthesize: section)"),  # fmt: skip
+    overrides: list[str] = typer.Option([], "--set", help="override a SynthConfig value, e.g. --set "
+                                        "batch_size=4 (repeatable); the options above win"),  # fmt: skip
+    workers: Optional[int] = typer.Option(None, "--workers", min=1, help="Ray Data sampling actors, a GPU each "
+                                          "where the cluster has GPUs (default: 1)"),  # fmt: skip
     gpus: Optional[int] = typer.Option(None, "--gpus", min=0, help=_GPUS_HELP),
     address: Optional[str] = typer.Option(None, "--address", help=_ADDRESS_HELP),
 ) -> None:
@@ -201,23 +430,28 @@ def synthesize(
     from pydantic import ValidationError
 
     from . import runner
-    from .config import RayConfig, SynthConfig
+    from .config import RayConfig
     from .synthesis import resolve_decoder
     from .synthesis import synthesize as run_synthesis
 
+    cfg = _model_config(SynthConfig, config, overrides, sampler=sampler, steps=steps, guidance_scale=guidance,
+                        guidance_channels=guidance_channels, vae_path=vae, ipc=ipc, seed=seed, num_actors=workers,
+                        device="cpu" if gpus == 0 else None)  # fmt: skip
+    ipc = cfg.ipc or 10
+    cfg = cfg.model_copy(update={"ipc": ipc})
     try:
-        cfg = SynthConfig(sampler=sampler, steps=steps, guidance_scale=guidance, guidance_channels=guidance_channels,
-                          vae_path=vae, ipc=ipc, seed=seed, num_actors=workers,
-                          device="cpu" if gpus == 0 else "auto")  # fmt: skip
         ray_cfg = RayConfig(address=address, num_gpus=gpus)
     except ValidationError as exc:
-        _fail(describe_error(exc, SynthConfig))
+        _fail(describe_error(exc, RayConfig))
     meta_file = model / "backbone.json"
     if not meta_file.is_file():
         _fail(f"--model {str(model)!r} is not a fine-tuned model (no backbone.json)")
     meta = json.loads(meta_file.read_text())
     k = meta["num_clusters"]
-    ids = [int(c) for c in clusters.split(",")] if clusters else list(range(k))
+    try:
+        ids = [int(c) for c in _items(clusters)] or list(range(k))
+    except ValueError:
+        _fail(f"--clusters {','.join(clusters)!r}: give cluster ids, integers 0 to {k - 1}")
     try:
         cfg = resolve_decoder(cfg, meta["kind"])  # on the driver: the actors read a local folder
     except (FileNotFoundError, ValueError) as exc:
@@ -232,16 +466,16 @@ def synthesize(
     typer.echo(f"{len(rows)} images in {out}")
 
 
-@app.command()
+@app.command(cls=_aliases({"--data": "--input"}))
 def train(
-    data: Path = typer.Option(..., "--data", help="folder of HR training images"),
+    data: Path = typer.Option(..., "--input", help="folder of HR training images (e.g. a run's distilled/)"),
     out: Path = typer.Option(..., "--out", help="output folder (resumes from last.safetensors)"),
     config: Optional[Path] = typer.Option(None, "--config", help="YAML config file"),
-    preset: Optional[str] = typer.Option(None, "--preset", help=_PRESET_HELP),
+    preset: Optional[Preset] = typer.Option(None, "--preset", help=_PRESET_HELP),
     overrides: list[str] = typer.Option([], "--set", help=_SET_HELP),
-    model: Optional[str] = typer.Option(None, "--model", help="one of srdistill.models.ARCHS"),
-    scale: Optional[int] = typer.Option(None, "--scale", help="SR scale"),
-    iterations: Optional[int] = typer.Option(None, "--iterations"),
+    model: Optional[Arch] = typer.Option(None, "--model", help="the network (train.model)"),
+    scale: Optional[Scale] = typer.Option(None, "--scale", help="SR scale"),
+    iterations: Optional[int] = typer.Option(None, "--iterations", min=1, help="training steps (train.iterations)"),
     recipe: bool = typer.Option(False, "--recipe", help="the network's published settings "
                                 "(config.RECIPES), under --config/--set/--iterations"),  # fmt: skip
     workers: Optional[int] = typer.Option(None, "--workers", min=0,
@@ -256,11 +490,11 @@ def train(
 
     _check_scale(scale)
     extra = [f"train.model={model}"] * bool(model) + [f"scale={scale}"] * (scale is not None)
-    extra += [f"train.iterations={iterations}"] * bool(iterations)
+    extra += [f"train.iterations={iterations}"] * (iterations is not None)
     extra += _training_overrides("train", workers, gpus) + _ray_overrides(None, address)
     cfg = _config(preset, config, [*overrides, *extra], recipe=recipe)
     if not data.is_dir():
-        _fail(f"--data {str(data)!r} is not a directory")
+        _fail(f"--input {str(data)!r} is not a directory")
     images = list_images(data)
     try:
         if cfg.train.workers:
@@ -275,74 +509,41 @@ def train(
     typer.echo(f"model: {path}")
 
 
-@app.command("eval")
+@app.command("eval", cls=_aliases({"--zssr-iterations": "--iterations"}))
 def eval_(
-    model: str = typer.Option("bicubic", "--model",
-                              help="'bicubic', 'zssr' (with --kernel), a srdistill .safetensors checkpoint, or "
-                              "with --weights a network name (edsr-baseline, rcan, swinir-light, ...)"),  # fmt: skip
+    model: str = typer.Option("bicubic", "--model", help=_MODEL_HELP),
     weights: Optional[str] = typer.Option(
         None, "--weights", help="official released weights of --model: a file, or an http(s) URL, "
         "optionally pinned as URL#sha256=HEX (downloaded once into $SRDISTILL_CACHE/weights)"),  # fmt: skip
     datasets: list[str] = typer.Option(
-        ..., "--dataset", help="HR folder or benchmark name (Set5, Set14, B100); repeatable"
+        ..., "--dataset", help="HR folder or benchmark name (Set5, Set14, B100); repeatable, or comma-separated"
     ),
-    scale: int = typer.Option(..., "--scale", help="SR scale"),
+    scale: Scale = typer.Option(..., "--scale", help="SR scale (a checkpoint's own)"),
     kernel: Optional[Path] = typer.Option(None, "--kernel", help="blur kernel file: LR = blur + direct "
                                           "subsampling (MZSR's protocol) instead of bicubic"),  # fmt: skip
     adapt_steps: int = typer.Option(0, "--adapt-steps", min=0, help="MZSR test-time adaptation steps per "
                                     "image (a meta-trained MZSR checkpoint, i.e. one with its MZSR config, "
                                     "and --kernel)"),  # fmt: skip
-    zssr_iterations: int = typer.Option(3000, "--zssr-iterations", help="at most this many ZSSR steps per image"),
+    iterations: Optional[int] = typer.Option(None, "--iterations", min=1, help="--model zssr: at most this many "
+                                             "training steps per image (default: 3000)"),  # fmt: skip
     as_json: bool = typer.Option(False, "--json", help="one JSON object per dataset on stdout"),
-    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda"),
+    device: Device = typer.Option("auto", "--device", help="where the model runs"),
+    save_images: Optional[Path] = typer.Option(None, "--save-images", help="write the SR images it scores "
+                                               "as DIR/DATASET/NAME.png"),  # fmt: skip
 ) -> None:
     """PSNR/SSIM on Y (border = scale) of bicubic, a trained checkpoint, MZSR with per-image
     adaptation or ZSSR, on bicubic or kernel-degraded LR images; seconds per image."""
     from .evaluation import evaluate, format_table
-    from .training import load_checkpoint, load_released_weights
-    from urllib.parse import urlsplit
 
-    from .weights import fetch_weights, is_url
-
-    if device not in _DEVICES:
-        _fail(f"--device {device!r} is not one of {', '.join(_DEVICES)}")
-    _check_scale(scale)
+    if iterations is not None and model != "zssr":
+        _fail(f"--iterations caps ZSSR's training (--model zssr), not --model {model!r}")
     k = _kernel(kernel) if kernel is not None else None
-    label = "bicubic"
-    net = "bicubic"
-    if adapt_steps and (weights is not None or model in ("bicubic", "zssr")):
-        _fail(f"--adapt-steps needs a meta-trained MZSR checkpoint as --model, not {model!r}"
-              f"{' with --weights' if weights is not None else ''}")  # fmt: skip
-    if weights is not None:
-        try:
-            net = load_released_weights(model, scale, fetch_weights(weights))
-        except (OSError, ValueError) as exc:  # FileNotFoundError and download failures are OSErrors
-            _fail(str(exc))
-        label = f"{model} ({Path(urlsplit(weights).path if is_url(weights) else weights).name})"
-    elif model == "zssr":
-        if k is None:
-            _fail("--model zssr needs --kernel (ZSSR trains on the image's own blur)")
-        net, label = _zssr_upscaler(k, scale, zssr_iterations, device), f"ZSSR (<= {zssr_iterations} steps)"
-    elif model != "bicubic":
-        try:
-            net, meta = load_checkpoint(model)
-        except (FileNotFoundError, ValueError) as exc:
-            _fail(str(exc))
-        label = f"{meta.get('arch', 'model')} ({Path(model).name})"
-        if int(meta.get("scale", scale)) != scale:
-            _fail(f"checkpoint {model!r} is for x{meta['scale']}, not --scale {scale}")
-        if "mzsr_config" in meta:  # meta-trained: MZSR's input convention, optional adaptation
-            if adapt_steps and k is None:
-                _fail("--adapt-steps needs --kernel (the son is made with the image's blur)")
-            net, label = _mzsr_upscaler(net, meta, k, scale, adapt_steps), f"MZSR({adapt_steps}) ({Path(model).name})"
-        elif adapt_steps:  # never ignored silently: only a meta-trained MZSR model adapts
-            _fail(f"--adapt-steps needs a meta-trained MZSR checkpoint; {model!r} is a {meta['arch']} "
-                  "checkpoint without an MZSR config (`srdistill mzsr train` or `srdistill mzsr import-tf` "
-                  "of a meta-trained model writes one)")  # fmt: skip
+    net, label = _upscaler(model, scale, weights=weights, kernel=k, adapt_steps=adapt_steps,
+                           zssr_iterations=iterations or 3000, device=device)  # fmt: skip
     rows = []
-    for ds in datasets:
+    for ds in _items(datasets):
         try:
-            rows.append(evaluate(net, ds, scale, device=device, kernel=k))
+            rows.append(evaluate(net, ds, scale, device=device, kernel=k, save_dir=save_images))
         except (FileNotFoundError, ValueError) as exc:
             _fail(str(exc))
     if as_json:
@@ -357,48 +558,100 @@ def eval_(
         typer.echo(f"seconds per image: {timing}")
 
 
-def _mzsr_upscaler(net, meta: dict, kernel, scale: int, steps: int):
-    """Per image: ``steps`` of MZSR's adaptation (none for 0; lr from the checkpoint's MZSR config),
-    then ``mzsr.super_resolve``. Sons are subsampled directly, as ``eval --kernel`` makes its LR."""
-    from . import mzsr
-    from .config import MZSRConfig
+def _upscaler(model: str, scale: int, **kwargs):
+    """``upscale.load_upscaler`` (``(model, label)``), its errors as exit 2."""
+    from .upscale import load_upscaler
 
-    cfg = MZSRConfig.model_validate(meta["mzsr_config"])
-    return lambda lr: mzsr.zero_shot(net, lr, kernel, scale, steps=steps, lr=cfg.adapt_lr)
+    _check_model(model)
+
+    try:
+        return load_upscaler(model, scale, **kwargs)
+    except (OSError, ValueError, RuntimeError) as exc:  # FileNotFoundError and download failures are OSErrors
+        _fail(str(exc))
 
 
-def _zssr_upscaler(kernel, scale: int, iterations: int, device: str):
-    """Per image: ZSSR from scratch (``mzsr.zssr``, ZSSR's default settings), seed 0."""
-    from . import mzsr
-    from .config import MZSRConfig
+@app.command()
+def upscale(
+    inputs: list[str] = typer.Argument(..., help="images: files, folders or s3:// prefixes (searched "
+                                       "recursively)", metavar="INPUT"),  # fmt: skip
+    model: str = typer.Option(..., "--model", help=_MODEL_HELP),
+    weights: Optional[str] = typer.Option(
+        None, "--weights", help="official released weights of --model: a file, or an http(s) URL, "
+        "optionally pinned as URL#sha256=HEX (downloaded once into $SRDISTILL_CACHE/weights)"),  # fmt: skip
+    scale: Scale = typer.Option(..., "--scale", help="SR scale (a checkpoint's own)"),
+    out: Path = typer.Option(..., "--out", help="output folder: OUT/NAME.png per image (SUB/NAME.png below a "
+                             "folder input); never an input's own file"),  # fmt: skip
+    tile: int = typer.Option(256, "--tile", min=0, help="LR tile side in pixels (bounded memory); 0 = whole image"),
+    tile_overlap: Optional[int] = typer.Option(
+        None, "--tile-overlap", min=0, help="LR pixels of context around each tile; default: the network's "
+        "receptive-field radius, so tiles equal whole-image output (EDSR-baseline 36, ESPCN 4, MZSR x2 6); "
+        "32 for RCAN and SwinIR, where tiles approximate it"),  # fmt: skip
+    tile_batch: int = typer.Option(4, "--tile-batch", min=1, help="tiles per forward pass"),
+    device: Device = typer.Option("auto", "--device", help="where the model runs"),
+    half: bool = typer.Option(False, "--half", help="float16 autocast (CUDA only)"),
+    kernel: Optional[Path] = typer.Option(None, "--kernel", help="blur kernel of the LR images (.mat, .npy or "
+                                          "image), for MZSR's adaptation and ZSSR"),  # fmt: skip
+    adapt_steps: int = typer.Option(0, "--adapt-steps", min=0, help="MZSR test-time adaptation steps per image "
+                                    "(a meta-trained MZSR checkpoint and --kernel)"),  # fmt: skip
+    iterations: int = typer.Option(3000, "--iterations", min=1, help="ZSSR: at most this many steps per image"),
+) -> None:
+    """Super-resolve images with a checkpoint, released weights or bicubic; PNGs named after the
+    inputs. Large images go in overlapping tiles; an unreadable image is skipped and reported
+    (exit code 1 when any was)."""
+    from .upscale import upscale_files
 
-    cfg = MZSRConfig(scale=scale, zssr_iterations=iterations, device=device)
-    return lambda lr: mzsr.zssr(lr, kernel, scale, cfg, seed=0)[0]
+    if device not in _DEVICES:
+        _fail(f"--device {device!r} is not one of {', '.join(_DEVICES)}")
+    _check_scale(scale)
+    if half:
+        from .training import resolve_device
+
+        try:
+            resolved = resolve_device(device)
+        except RuntimeError as exc:
+            _fail(str(exc))
+        if resolved.type != "cuda":
+            _fail(f"--half needs CUDA (float16 autocast); --device {device} is the CPU here")
+    if kernel is not None and model != "zssr" and not adapt_steps:
+        _fail("--kernel is used by MZSR's adaptation (with --adapt-steps) and --model zssr only")
+    k = _kernel(kernel) if kernel is not None else None
+    net, label = _upscaler(model, scale, weights=weights, kernel=k, adapt_steps=adapt_steps,
+                           zssr_iterations=iterations, device=device, subsample=None)  # fmt: skip
+    try:
+        report = upscale_files(net, inputs, out, scale, tile=tile, overlap=tile_overlap, batch=tile_batch, half=half)
+    except (OSError, ValueError) as exc:  # FileNotFoundError is an OSError
+        _fail(str(exc))
+    typer.echo(f"{label} x{scale}: wrote {len(report.written)} images to {out}")
+    if report.skipped:
+        typer.secho(f"skipped {len(report.skipped)} unreadable: "
+                    + "; ".join(f"{uri} ({why})" for uri, why in report.skipped), err=True)  # fmt: skip
+        raise typer.Exit(1)
 
 
 bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks that write their results to a folder.")
 app.add_typer(bench_app, name="bench")
 
 
-def _csv(value: str) -> tuple[str, ...]:
-    return tuple(v.strip() for v in value.split(",") if v.strip())
-
-
-@bench_app.command("quality")
+@bench_app.command("quality", cls=_aliases({"--datasets": "--dataset"}))
 def bench_quality(
     out: Path = typer.Option(..., "--out", help="work folder (an existing one is resumed)"),
-    preset: Optional[str] = typer.Option("bench", "--preset", help=_PRESET_HELP),
+    preset: Optional[Preset] = typer.Option("bench", "--preset", help=_PRESET_HELP),
     config: Optional[Path] = typer.Option(None, "--config", help="YAML config file"),
     overrides: list[str] = typer.Option([], "--set", help=_SET_HELP),
-    model: Optional[str] = typer.Option(None, "--model", help="the network every arm trains"),
-    scale: Optional[int] = typer.Option(None, "--scale", help="SR scale (2 by default; 4 as an option)"),
-    iterations: Optional[int] = typer.Option(None, "--iterations", help="training steps of every arm"),
+    model: Optional[Arch] = typer.Option(None, "--model", help="the network every arm trains"),
+    scale: Optional[Scale] = typer.Option(None, "--scale", help="SR scale (the preset's by default)"),
+    iterations: Optional[int] = typer.Option(None, "--iterations", min=1, help="training steps of every arm"),
     recipe: bool = typer.Option(False, "--recipe", help="the network's published training settings"),
-    arms: Optional[str] = typer.Option(None, "--arms", help="comma-separated (default: all)"),
-    budgets: Optional[str] = typer.Option(None, "--budgets", help="pixel % and/or ipcN (1%,5%,ipc10)"),
-    seeds: Optional[str] = typer.Option(None, "--seeds", help="training seeds (0,1,2)"),
-    corpus: Optional[str] = typer.Option(None, "--corpus", help="datasets forming the corpus (T91,BSD200)"),
-    datasets: Optional[str] = typer.Option(None, "--datasets", help="evaluation sets (Set5,Set14,B100)"),
+    arms: Optional[list[str]] = typer.Option(None, "--arms", help="arms to run, repeatable or comma-separated "
+                                             "(default: all)"),  # fmt: skip
+    budgets: Optional[list[str]] = typer.Option(None, "--budgets", help="pixel % and/or ipcN, repeatable or "
+                                                "comma-separated (1%,5%,ipc10)"),  # fmt: skip
+    seeds: Optional[list[str]] = typer.Option(None, "--seeds", help="training seeds, repeatable or "
+                                              "comma-separated (0,1,2)"),  # fmt: skip
+    corpus: Optional[list[str]] = typer.Option(None, "--corpus", help="datasets forming the corpus, names or "
+                                               "folders, repeatable or comma-separated (T91,BSD200)"),  # fmt: skip
+    datasets: Optional[list[str]] = typer.Option(None, "--dataset", help="evaluation sets, repeatable or "
+                                                 "comma-separated (Set5,Set14,B100)"),  # fmt: skip
     allow_random_init: bool = typer.Option(False, "--allow-random-init",
                                            help="random-init CLIP for clip-kmeans (NOT semantic)"),  # fmt: skip
     gpus: Optional[int] = typer.Option(None, "--gpus", min=0, help=_GPUS_HELP),
@@ -413,16 +666,19 @@ def bench_quality(
 
     _check_scale(scale)
     extra = [f"train.model={model}"] * bool(model) + [f"scale={scale}"] * (scale is not None)
-    extra += [f"train.iterations={iterations}"] * bool(iterations)
+    extra += [f"train.iterations={iterations}"] * (iterations is not None)
     extra += ["embed.allow_random_init=true", "complexity.allow_random_init=true"] * allow_random_init
     extra += _ray_overrides(gpus, address)
     if gpus == 0 or gpus_per_run == 0:  # runs without a GPU must not pick up one Ray does not hide
         extra += ["train.device=cpu", "evaluate.device=cpu"]
     cfg = _config(preset, config, [*overrides, *extra], recipe=recipe)
     given = {"corpus": corpus, "arms": arms, "budgets": budgets, "datasets": datasets}
-    options = {k: _csv(v) for k, v in given.items() if v is not None}
-    if seeds is not None:
-        options["seeds"] = tuple(int(s) for s in _csv(seeds))
+    options = {k: tuple(_items(v)) for k, v in given.items() if v}
+    if seeds:
+        try:
+            options["seeds"] = tuple(int(s) for s in _items(seeds))
+        except ValueError:
+            _fail(f"--seeds {','.join(seeds)!r}: give integers, e.g. 0,1,2")
     try:
         bench = QualityBench(cfg, **options)
         runner.init_ray(cfg.ray)
@@ -434,7 +690,7 @@ def bench_quality(
                 bench = QualityBench(cfg, **options)
         results = run_quality_bench(
             bench, out, map_fn=lambda f, jobs: runner.map_tasks(f, jobs, num_gpus=gpus_per_run),
-            synth_map=runner.synthesize_ray,
+            synth_map=runner.synthesize_ray, log=_stage_line,
         )
     except (FileNotFoundError, ValueError, RuntimeError) as exc:
         _fail(str(exc))
@@ -462,21 +718,27 @@ app.add_typer(zssr_app, name="zssr")
 _MZSR_SET_HELP = "override an MZSRConfig value, e.g. --set meta_iterations=2000 (repeatable)"
 
 
-def _mzsr_config(config: Optional[Path], overrides: list[str], base: Optional[dict] = None, **fixed):
-    """``MZSRConfig`` from ``base`` (e.g. a checkpoint's), a YAML file of its fields, ``--set``
-    overrides and CLI options, each over the one before."""
-    from .config import MZSRConfig, _deep_merge, parse_override
+def _model_config(model, config: Optional[Path], overrides: list[str], base: Optional[dict] = None, **fixed):
+    """A config ``model`` (``MZSRConfig``, ``SynthConfig``) from ``base`` (e.g. a checkpoint's),
+    a YAML file of its fields, ``--set`` overrides and the CLI options given (not None), each
+    over the one before; a bad value is exit 2 naming the field."""
+    from .config import _deep_merge, parse_override
 
     try:
         data = dict(base or {})
         if config is not None:
             data = _deep_merge(data, read_yaml_mapping(config))
         for item in overrides:
-            data = _deep_merge(data, parse_override(item))
+            data = _deep_merge(data, parse_override(item, model))
         data.update({k: v for k, v in fixed.items() if v is not None})
-        return MZSRConfig.model_validate(data)
+        return model.model_validate(data)
     except ValueError as exc:
-        _fail(describe_error(exc, MZSRConfig))
+        _fail(describe_error(exc, model))
+
+
+def _mzsr_config(config: Optional[Path], overrides: list[str], base: Optional[dict] = None, **fixed):
+    """``_model_config`` of ``MZSRConfig``."""
+    return _model_config(MZSRConfig, config, overrides, base, **fixed)
 
 
 def _kernel(path: Path):
@@ -488,16 +750,18 @@ def _kernel(path: Path):
         _fail(str(exc))
 
 
-@mzsr_app.command("train")
+@mzsr_app.command("train", cls=_aliases({"--data": "--input"}))
 def mzsr_train(
-    data: list[Path] = typer.Option(..., "--data", help="folder of HR training images (a corpus or "
-                                    "a run's distilled/ set); repeatable"),  # fmt: skip
+    inputs: list[str] = typer.Option(..., "--input", help="folder of HR training images (a corpus or "
+                                     "a run's distilled/ set); repeatable, or comma-separated"),  # fmt: skip
     out: Path = typer.Option(..., "--out", help="work folder (an existing one is resumed)"),
-    scale: int = typer.Option(2, "--scale", help="SR scale"),
+    scale: Optional[Scale] = typer.Option(None, "--scale", help="SR scale (MZSRConfig.scale, default 2)"),
     pretrained: Optional[Path] = typer.Option(None, "--pretrained", help="bicubic-pretrained mzsr "
                                               "checkpoint; without it one is trained first"),  # fmt: skip
-    pretrain_iterations: int = typer.Option(20_000, "--pretrain-iterations",
+    pretrain_iterations: int = typer.Option(20_000, "--pretrain-iterations", min=1,
                                             help="steps of the bicubic pretraining (RECIPES['mzsr'])"),  # fmt: skip
+    iterations: Optional[int] = typer.Option(None, "--iterations", min=1, help="meta-training steps "
+                                             "(MZSRConfig.meta_iterations)"),  # fmt: skip
     config: Optional[Path] = typer.Option(None, "--config", help="YAML file of MZSRConfig fields"),
     overrides: list[str] = typer.Option([], "--set", help=_MZSR_SET_HELP),
     workers: Optional[int] = typer.Option(None, "--workers", min=0,
@@ -507,13 +771,17 @@ def mzsr_train(
 ) -> None:
     """Bicubic pretraining (L1, Adam 4e-4), then meta-transfer learning over random anisotropic
     Gaussian kernels (MZSR, arXiv 2002.12213). Writes OUT/pretrain/ and OUT/meta/; the result
-    is OUT/mzsr.safetensors."""
+    is OUT/mzsr.safetensors. Its settings are MZSRConfig's (--config, --set), which the run
+    presets do not carry: there is no --preset here."""
     import shutil
 
     from .config import RECIPES, TrainConfig
     from .evaluation import list_images
 
-    cfg = _mzsr_config(config, [*overrides, *_training_overrides("", workers, gpus)], scale=scale)
+    cfg = _mzsr_config(config, [*overrides, *_training_overrides("", workers, gpus)], scale=scale,
+                       meta_iterations=iterations)  # fmt: skip
+    scale = cfg.scale
+    data = [Path(d) for d in _items(inputs)]
     images = [str(p) for d in data for p in (list_images(d) if d.is_dir() else [])]
     missing = [str(d) for d in data if not d.is_dir()]
     if missing or not images:
@@ -545,13 +813,13 @@ def mzsr_import_tf(
                                   "Directx2.index + Directx2.data-00000-of-00001), one of its files, or its "
                                   "folder"),  # fmt: skip
     out: Path = typer.Option(..., "--out", help="the .safetensors file to write"),
-    scale: Optional[int] = typer.Option(None, "--scale", help="SR factor; known for the released Directx2, "
-                                        "Bicubicx2, Pretrained (2) and Directx4 (4); needed otherwise"),  # fmt: skip
-    stage: str = typer.Option("auto", "--stage", help="meta (meta-trained: adapts per image) | pretrained "
-                              "(the bicubic pretraining: an init for `mzsr train --pretrained`) | auto "
-                              "(from the released name)"),  # fmt: skip
-    subsample: Optional[str] = typer.Option(None, "--subsample", help="direct | bicubic: the subsampling the "
-                                            "model was meta-trained for (known for the released models)"),  # fmt: skip
+    scale: Optional[Scale] = typer.Option(None, "--scale", help="SR factor; known for the released Directx2, "
+                                          "Bicubicx2, Pretrained (2) and Directx4 (4); needed otherwise"),  # fmt: skip
+    stage: Literal["auto", "meta", "pretrained"] = typer.Option(
+        "auto", "--stage", help="meta (meta-trained: adapts per image), pretrained (the bicubic pretraining: an "
+        "init for `mzsr train --pretrained`) or auto (from the released name)"),  # fmt: skip
+    subsample: Optional[Subsample] = typer.Option(None, "--subsample", help="the subsampling the model was "
+                                                  "meta-trained for (known for the released models)"),  # fmt: skip
     scope: str = typer.Option("MODEL", "--scope", help="variable scope of the conv{k}/kernel|bias variables"),
     config: Optional[Path] = typer.Option(None, "--config", help="YAML file of MZSRConfig fields"),
     overrides: list[str] = typer.Option([], "--set", help=_MZSR_SET_HELP + "; e.g. adapt_lr=[0.01,0.005]"),
@@ -562,8 +830,6 @@ def mzsr_import_tf(
     learning rates) are recorded with it; options, --config and --set override them."""
     from . import mzsr, tfbundle
 
-    if stage not in ("auto", "meta", "pretrained"):
-        _fail(f"--stage {stage!r} is not one of auto, meta, pretrained")
     try:
         resolved = tfbundle.resolve_prefix(prefix)
     except FileNotFoundError as exc:
@@ -591,13 +857,20 @@ def mzsr_import_tf(
     typer.echo(f"wrote {path}: mzsr x{cfg.scale} from {resolved} ({what}; {crc})")
 
 
-@zssr_app.command("adapt")
+def _steps_alias(args: list[str]) -> str:
+    """The old ``zssr adapt --steps``: MZSR's adaptation steps with ``--model``, else ZSSR's cap."""
+    return "--adapt-steps" if any(a == "--model" or a.startswith("--model=") for a in args) else "--iterations"
+
+
+@zssr_app.command("adapt", cls=_aliases({"--lr-image": "--input", "--steps": _steps_alias}))
 def zssr_adapt(
-    lr_image: Path = typer.Option(..., "--lr-image", help="the LR test image"),
+    lr_image: Path = typer.Option(..., "--input", help="the LR test image"),
     kernel: Path = typer.Option(..., "--kernel", help="its blur kernel (.mat, .npy or image)"),
-    scale: int = typer.Option(2, "--scale", help="SR scale"),
-    steps: Optional[int] = typer.Option(None, "--steps", help="gradient steps (MZSR: 1 or 10; "
-                                        "ZSSR: at most this many, default 3000)"),  # fmt: skip
+    scale: Scale = typer.Option(2, "--scale", help="SR scale"),
+    adapt_steps: Optional[int] = typer.Option(None, "--adapt-steps", min=0, help="MZSR (--model): test-time "
+                                              "adaptation steps (default: the checkpoint's; 1 or 10)"),  # fmt: skip
+    iterations: Optional[int] = typer.Option(None, "--iterations", min=1, help="ZSSR (no --model): at most this "
+                                             "many training steps (default: 3000)"),  # fmt: skip
     out: Path = typer.Option(..., "--out", help="the SR image (.png)"),
     model: Optional[Path] = typer.Option(None, "--model", help="meta-trained mzsr.safetensors; "
                                          "without it: ZSSR, a network trained from scratch on the image"),  # fmt: skip
@@ -612,19 +885,21 @@ def zssr_adapt(
 
     from . import imaging, mzsr
 
+    if model is None and adapt_steps is not None:
+        _fail("--adapt-steps adapts a meta-trained MZSR checkpoint: give --model (or --iterations for ZSSR)")
+    if model is not None and iterations is not None:
+        _fail("--iterations caps ZSSR (no --model); MZSR's adaptation takes --adapt-steps")
     net, meta = _load_mzsr(model, scale) if model is not None else (None, {})
-    cfg = _mzsr_config(config, overrides, base=meta.get("mzsr_config"), scale=scale)
+    cfg = _mzsr_config(config, overrides, base=meta.get("mzsr_config"), scale=scale, zssr_iterations=iterations)
     k = _kernel(kernel)
     try:
         lr = imaging.read_image(lr_image)
         t0 = time.perf_counter()
         if net is not None:  # the checkpoint's adapt_lr/subsample unless --config/--set change them
-            steps = cfg.adapt_steps if steps is None else steps
+            steps = cfg.adapt_steps if adapt_steps is None else adapt_steps
             sr = mzsr.zero_shot(net, lr, k, scale, steps=steps, lr=cfg.adapt_lr, subsample=cfg.subsample)
             what = f"MZSR({steps})"
         else:
-            if steps is not None:
-                cfg = cfg.model_copy(update={"zssr_iterations": steps})
             sr, info = mzsr.zssr(lr, k, scale, cfg, seed=seed, progress=True)
             what = f"ZSSR ({info['iterations']} steps)"
     except (FileNotFoundError, ValueError) as exc:  # ImageReadError is a ValueError
@@ -661,8 +936,9 @@ def k8s_render(
     input: str = typer.Option(..., "--input", help=_INPUT_HELP),
     out: str = typer.Option(..., "--out", help="run directory, an s3:// URI"),
     config: Optional[Path] = typer.Option(None, "--config", help="YAML config file (the schema of `run --config`)"),
-    preset: Optional[str] = typer.Option(None, "--preset", help=_PRESET_HELP),
-    distill: Optional[str] = typer.Option(None, "--distill", help="coreset or synth"),
+    overrides: list[str] = typer.Option([], "--set", help=_SET_HELP + "; merged into spec.config"),
+    preset: Optional[Preset] = typer.Option(None, "--preset", help=_PRESET_HELP),
+    distill: Optional[Distill] = typer.Option(None, "--distill", help="what the run trains on (`run --distill`)"),
     allow_random_init: bool = typer.Option(False, "--allow-random-init", help="random-init CLIP (NOT semantic)"),
     cluster: Optional[Path] = typer.Option(
         None, "--cluster", help="YAML of the cluster shape: an SRDistillation's spec.cluster "
@@ -677,12 +953,15 @@ def k8s_render(
     import yaml
 
     from . import k8s
+    from .config import _deep_merge, parse_override
 
     spec: dict = {"input": input, "output": out, "allowRandomInit": allow_random_init}
     spec.update({k: v for k, v in {"preset": preset, "distill": distill}.items() if v is not None})
     try:
         if config is not None:
             spec["config"] = read_yaml_mapping(config)
+        for item in overrides:
+            spec["config"] = _deep_merge(spec.get("config", {}), parse_override(item, RunConfig))
         shape = read_yaml_mapping(cluster) if cluster is not None else {}
     except ValueError as exc:
         _fail(str(exc))
@@ -713,25 +992,25 @@ def data_list() -> None:
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
     for row in [header, *rows]:
         typer.echo("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
-    typer.echo(f"\nsrdistill data get NAME... [--dest DIR] (default DIR: {datasets.cache_root() / 'datasets'}); "
+    typer.echo(f"\nsrdistill data get NAME... [--out DIR] (default DIR: {datasets.cache_root() / 'datasets'}); "
                "checksum 'unconfirmed': get records the sha256 it computed")  # fmt: skip
 
 
-@data_app.command("get")
+@data_app.command("get", cls=_aliases({"--dest": "--out"}))
 def data_get(
     names: list[str] = typer.Argument(..., help="catalogue names (see `srdistill data list`)"),
-    dest: Optional[Path] = typer.Option(None, "--dest", help="data root to lay out DEST/NAME/HR/*.png in "
+    dest: Optional[Path] = typer.Option(None, "--out", help="data root to lay out OUT/NAME/HR/*.png in "
                                         "(default: <cache>/datasets, which eval searches)"),  # fmt: skip
     keep_archives: bool = typer.Option(False, "--keep-archives", help="keep the archives in <cache>/downloads"),
 ) -> None:
-    """Download, verify and lay out sets as DEST/NAME/HR/*.png.
+    """Download, verify and lay out sets as OUT/NAME/HR/*.png.
 
     An interrupted download resumes from its .part file; a set already present is left alone;
     a set whose checksum is unconfirmed gets a warning and its computed sha256 recorded."""
     from . import datasets
 
     try:
-        datasets.get_many(names, dest, keep_archives=keep_archives, log=typer.echo)
+        datasets.get_many(names, dest, keep_archives=keep_archives, log=_stage_line)
     except (datasets.DatasetError, OSError) as exc:  # requests' errors are OSErrors
         _fail(str(exc))
     if dest is not None and dest.expanduser().resolve() not in {r.resolve() for r in datasets.data_roots()}:

@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Literal
+from types import UnionType
+from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -351,6 +352,7 @@ class TrainConfig(_Strict):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     log_every: int = Field(100, ge=1)
     checkpoint_every: int = Field(500, ge=1)
+    tensorboard: bool = Field(False, description="TensorBoard event files in <out>/tensorboard/ (needs tensorboard)")
     curriculum: CurriculumConfig = CurriculumConfig()
 
     @model_validator(mode="after")
@@ -577,6 +579,7 @@ class FinetuneConfig(_Strict):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     log_every: int = Field(50, ge=1)
     checkpoint_every: int = Field(500, ge=1)
+    tensorboard: bool = Field(False, description="TensorBoard event files in <out>/tensorboard/ (needs tensorboard)")
     difffit: Literal["first-half", "all-blocks"] = "first-half"
     tie_embeddings: bool = Field(True, description="one class table + timestep embedder for all DiT blocks")
     class_init: Literal["mean", "imagenet-rows"] = "mean"
@@ -737,8 +740,13 @@ def _deep_merge(base: dict, over: dict) -> dict:
     return out
 
 
-def parse_override(item: str) -> dict:
+def parse_override(item: str, model: type[BaseModel] | None = None) -> dict:
     """``"train.iterations=500"`` -> ``{"train": {"iterations": 500}}`` (value parsed as YAML).
+
+    With ``model`` (the config class the key belongs to, e.g. ``RunConfig``), a list field also
+    takes comma-separated items: ``evaluate.datasets=Set5,Set14`` is ``[Set5, Set14]`` (each item
+    parsed as YAML), and a single item is a one-item list; YAML's ``[Set5, Set14]`` works for
+    every field.
 
     Raises:
         ValueError: if ``item`` has no ``=``, or its value is not valid YAML (the message names
@@ -752,9 +760,30 @@ def parse_override(item: str) -> dict:
     except yaml.YAMLError as exc:
         raise ValueError(f"--set {item!r}: the value is not valid YAML{_yaml_where(exc, len(key) + 1)}"
                          f"{_yaml_problem(exc)} (fix it, or quote a string value)") from None  # fmt: skip
-    for part in reversed(key.strip().split(".")):
+    parts = key.strip().split(".")
+    scalar = value is not None and not isinstance(value, (list, dict))
+    if model is not None and scalar and _is_list_field(model, parts):
+        items = value.split(",") if isinstance(value, str) else [value]
+        value = [yaml.safe_load(v.strip()) if isinstance(v, str) else v for v in items if str(v).strip()]
+    for part in reversed(parts):
         value = {part: value}
     return value
+
+
+def _is_list_field(model: type[BaseModel], path: list[str]) -> bool:
+    """Whether the field at ``path`` (walked from ``model`` through nested models) is a tuple or
+    list (optionally ``| None``); ``False`` for an unknown path (validation then names it)."""
+    for i, part in enumerate(path):
+        field = model.model_fields.get(part)
+        if field is None:
+            return False
+        annotation = field.annotation
+        if i < len(path) - 1:
+            if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+                return False
+            model = annotation
+    options = get_args(annotation) if get_origin(annotation) in (Union, UnionType) else (annotation,)
+    return any(get_origin(a) in (tuple, list) for a in options)
 
 
 def _yaml_where(exc: yaml.YAMLError, column_offset: int | None = None) -> str:
@@ -854,7 +883,7 @@ def load_config(
             raise ValueError(f"config data must be a mapping, got {type(data).__name__}")
         layers.append(("config data", data))
     for item in overrides:
-        layers.append((f"--set {item!r}", parse_override(item)))
+        layers.append((f"--set {item!r}", parse_override(item, RunConfig)))
     merged: dict = {}
     for where, layer in layers:
         merged = _merge_layer(merged, layer, where)

@@ -71,7 +71,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .config import FinetuneConfig
-from .training import _publish, announce, resolve_device
+from .training import ScalarLog, _publish, announce, resolve_device
 from .weights import (MissingWeightsError, diffusers_patterns, is_repo_id, local_dir, resolve_hf_weights,
                       snapshot_ref)
 
@@ -1193,7 +1193,8 @@ def finetune(cfg: FinetuneConfig, backbone: Backbone, data: EncodedSet, out_dir:
         backbone: from ``build_backbone``; its trainable parameters are updated.
         data: this worker's shard (``load_encoded``).
         out_dir: created if missing; ``model/`` (``save_finetuned``, rank 0), ``checkpoint/``,
-            ``log.jsonl`` (rank 0: step, loss terms, images/s).
+            ``log.jsonl`` (rank 0: step, loss terms, images/s) and, with ``cfg.tensorboard``,
+            ``tensorboard/`` (rank 0: the ``log.jsonl`` numbers as scalars ``finetune/<key>``).
 
     Returns:
         ``out_dir / "model"``.
@@ -1201,6 +1202,7 @@ def finetune(cfg: FinetuneConfig, backbone: Backbone, data: EncodedSet, out_dir:
     Raises:
         ValueError: empty data, labels outside ``[0, k)``, a checkpoint of another run, or
             ``loss: hybrid`` for a backbone without learned variance.
+        ImportError: ``cfg.tensorboard`` without the tensorboard package.
     """
     from diffusers import DDPMScheduler
 
@@ -1273,6 +1275,8 @@ def finetune(cfg: FinetuneConfig, backbone: Backbone, data: EncodedSet, out_dir:
 
     start = step
     log_file = out_dir / "log.jsonl"
+    tb = ScalarLog(out_dir / "tensorboard" if lead and cfg.tensorboard else None, "finetune",
+                   option="finetune.tensorboard", start_step=step)  # fmt: skip
     bar = tqdm(total=iterations, initial=step, desc="finetune", disable=not (progress and lead),
                mininterval=0.5 if sys.stderr.isatty() else 30)  # a line per 30 s in a log file
     t0, seen, sums, n = time.perf_counter(), 0, {"loss": 0.0, "simple": 0.0, "vb": 0.0, "pos": 0.0, "neg": 0.0}, 0
@@ -1329,12 +1333,14 @@ def finetune(cfg: FinetuneConfig, backbone: Backbone, data: EncodedSet, out_dir:
                    "elapsed_s": round(elapsed0 + secs, 2)}  # fmt: skip
             with open(log_file, "a") as f:
                 f.write(json.dumps(row) + "\n")
+            tb.add(row)
             sums, n = dict.fromkeys(sums, 0.0), 0
         if step % cfg.checkpoint_every == 0 or step == iterations:
             save_checkpoint()
             if dp.report is not None:
                 dp.report({"step": step, "loss": float(loss.detach())}, ckpt)
     bar.close()
+    tb.close()
     model.eval()
     final = out_dir / "model"
     if start == step:  # resumed at or past the iterations: nothing to train, hand the model out

@@ -111,6 +111,7 @@ def evaluate(
     *,
     device: str = "auto",
     kernel: np.ndarray | None = None,
+    save_dir: str | Path | None = None,
 ) -> dict:
     """PSNR/SSIM on Y (border = ``scale``) of ``model`` on every HR image of ``dataset``.
 
@@ -124,6 +125,8 @@ def evaluate(
         device: ``"auto"``, ``"cpu"`` or ``"cuda"`` (for a network).
         kernel: ``(k, k)`` blur kernel summing to 1: the LR images are
             ``degradation.degrade(hr, kernel, scale)`` instead of MATLAB bicubic downscaling.
+        save_dir: write every SR image scored, ``(H, W, 3)`` uint8 as PNG, to
+            ``save_dir/<dataset>/<HR image's stem>.png`` (folders made as needed).
 
     Returns:
         ``{"dataset", "scale", "n_images", "psnr_y" (mean dB), "ssim_y" (mean),
@@ -169,6 +172,10 @@ def evaluate(
             seconds = time.perf_counter() - t0
             if sr.shape != hr.shape:
                 raise ValueError(f"{f.name}: the upscaler returned {sr.shape}, expected {hr.shape}")
+            if save_dir is not None:
+                out = Path(save_dir) / _dataset_name(dataset, hr_dir)
+                out.mkdir(parents=True, exist_ok=True)
+                imaging.write_png(out / f"{f.stem}.png", sr)
             per_image.append(
                 {
                     "name": f.stem,
@@ -198,9 +205,11 @@ def evaluate_many(
     *,
     device: str = "auto",
     kernel: np.ndarray | None = None,
+    save_dir: str | Path | None = None,
 ) -> list[dict]:
-    """``evaluate`` on each dataset in order; one result dict per dataset."""
-    return [evaluate(model, d, scale, device=device, kernel=kernel) for d in datasets]
+    """``evaluate`` on each dataset in order; one result dict per dataset (SR images written
+    to ``save_dir/<dataset>/`` with ``save_dir``)."""
+    return [evaluate(model, d, scale, device=device, kernel=kernel, save_dir=save_dir) for d in datasets]
 
 
 def format_table(rows: dict[str, list[dict]]) -> str:

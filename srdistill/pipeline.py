@@ -29,7 +29,9 @@ which keep the parts that exist, redo exactly those shards, and the stages downs
 Before a stage runs, the partitioned outputs it may read must hold exactly the recorded parts;
 a part that cannot be read mid-stage is one ``storage.UnreadableFileError`` line naming it.
 
-The manifest (``manifest.json``) records the resolved config, package versions, per-stage
+The manifest (``manifest.json``) records the resolved config (also written as ``config.yaml``,
+which ``srdistill run --config`` reads back), the package versions, the git commit of the source
+tree when srdistill runs from a git checkout (``git_commit``, ``git_dirty``), per-stage
 fingerprint/counts/timings, the first skipped inputs with their reasons, the CLIP and ViT
 provenance, the Ray it ran on (``ray``: local or joined, GCS address, CPUs/GPUs) and where each
 stage ran (``placement``, decided by ``runner.plan_placement`` before any work; each stage's
@@ -41,12 +43,14 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import functools
 import hashlib
 import json
 import os
 import platform
 import re
 import shutil
+import subprocess
 import sys
 import time
 import uuid
@@ -57,6 +61,7 @@ from typing import Callable
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import yaml
 
 from . import storage
 from .config import RunConfig
@@ -71,11 +76,12 @@ EXECUTION_ONLY = {
     "embed": _ACTOR_EXECUTION,
     "complexity": _ACTOR_EXECUTION,
     "align": {"device"},
-    "train": {"device", "log_every", "checkpoint_every", "val_every", "val_dataset", "workers", "use_gpu"},
+    "train": {"device", "log_every", "checkpoint_every", "val_every", "val_dataset", "workers", "use_gpu",
+              "tensorboard"},
     "evaluate": {"device"},
     "encode": {"encode_batch_size", "device", "use_gpu"},
     "finetune": {"device", "log_every", "checkpoint_every", "encode_batch_size", "use_gpu", "workers",
-                 "zero_stage"},
+                 "zero_stage", "tensorboard"},
     "synthesize": {"batch_size", "num_actors", "actor_num_cpus", "actor_num_gpus", "device"},
 }
 #: Partitioned outputs written straight to the run URI (never mirrored locally), by stage. A
@@ -88,6 +94,10 @@ _PARTITIONED = tuple(PARTS.values())
 MAX_SKIPPED_LISTED = 1000
 _PACKAGES = ("srdistill", "torch", "ray", "faiss-cpu", "transformers", "diffusers", "deepspeed", "numpy",
              "pyarrow", "pillow", "opencv-python-headless", "scikit-learn")
+#: The distributions of faiss (one is installed); its version is recorded as ``faiss``.
+_FAISS = ("faiss-cpu", "faiss-gpu", "faiss-gpu-cu12", "faiss-gpu-cu11")
+#: Seconds each ``git`` call of ``git_commit`` may take.
+GIT_TIMEOUT_S = 5.0
 NOT_SEMANTIC = "CLIP is randomly initialised (--allow-random-init): the clusters are NOT semantic"
 NOT_LEARNED = ("the ViT is randomly initialised (--allow-random-init): complexity scores and ViT "
                "features are NOT learned")  # fmt: skip
@@ -111,14 +121,71 @@ def _sha(*parts: str) -> str:
 
 
 def package_versions() -> dict[str, str]:
-    """Versions of Python and the packages a result depends on."""
+    """Versions of Python and the packages a result depends on (``"not installed"`` for those
+    missing); ``faiss`` is the version of whichever faiss distribution is installed."""
     out = {"python": platform.python_version()}
     for name in _PACKAGES:
         try:
             out[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
             out[name] = "not installed"
+    out["faiss"] = next((v for v in map(_version_or_none, _FAISS) if v), "not installed")
     return out
+
+
+def _version_or_none(name: str) -> str | None:
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+@functools.lru_cache(maxsize=1)
+def git_commit() -> tuple[str | None, bool | None]:
+    """``(commit, dirty)`` of the git checkout srdistill runs from: the ``HEAD`` commit (40 hex
+    digits) and whether tracked files differ from it; ``(None, None)`` when the package does not
+    lie in a git work tree of its own (an installed wheel, a Ray job's working_dir copy), git is
+    missing, or a call takes over ``GIT_TIMEOUT_S`` seconds. A work tree that merely encloses
+    the package (a virtual environment inside a repository) does not count: its top level must
+    hold this very ``srdistill`` package."""
+    package = Path(__file__).resolve().parent
+
+    def git(*args: str) -> str | None:
+        try:
+            done = subprocess.run(["git", "-C", str(package), *args], capture_output=True, text=True,
+                                  timeout=GIT_TIMEOUT_S, check=False)  # fmt: skip
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return done.stdout if done.returncode == 0 else None
+
+    out = git("rev-parse", "--show-toplevel", "HEAD")
+    lines = out.split() if out else []
+    if len(lines) != 2 or (Path(lines[0]) / "srdistill").resolve() != package:
+        return None, None
+    status = git("status", "--porcelain", "--untracked-files=no")
+    return lines[1], (bool(status.strip()) if status is not None else None)
+
+
+def config_yaml(cfg: RunConfig) -> str:
+    """``cfg`` as YAML (every field, resolved), the form ``config.load_config(config_file=...)``
+    reads back to an equal config. Sections are block mappings, lists are written inline."""
+
+    class Dumper(yaml.SafeDumper):
+        pass
+
+    Dumper.add_representer(list, lambda d, v: d.represent_sequence("tag:yaml.org,2002:seq", v, flow_style=True))
+    return yaml.dump(cfg.model_dump(mode="json"), Dumper=Dumper, sort_keys=False, width=100)
+
+
+def stage_chain(cfg: RunConfig) -> list[str]:
+    """The stages a full run of ``cfg`` executes, in order (``STAGES`` minus those its
+    ``distill``, ``select.method`` and ``align.enabled`` leave out), ``report`` last."""
+    synth = cfg.distill == "synth"
+    clusters = synth or cfg.select.method == "clip-kmeans"
+    scored = not synth and (cfg.select.method == "tripled" or cfg.align.enabled)
+    return ["plan", "mine", *(["embed", "cluster"] if clusters else []), *(["complexity"] if scored else []),
+            *(["encode", "finetune", "synthesize"] if synth else ["select", *(["align"] if cfg.align.enabled else [])]),
+            "train", "evaluate", "report"]  # fmt: skip
 
 
 def _absolute(uri: str | Path) -> str:
@@ -163,8 +230,11 @@ class Run:
         self.dir.mkdir(parents=True, exist_ok=True)
         path = self.at("manifest.json")
         old = storage.read_json(path) if storage.exists(path) else {}
+        commit, dirty = git_commit()
         self.manifest = {
             "srdistill_version": package_versions()["srdistill"],
+            "git_commit": commit,
+            "git_dirty": dirty,
             "created": old.get("created", _now()),
             "updated": _now(),
             "input": self.input,
@@ -178,6 +248,7 @@ class Run:
         for key in ("clip", "vit"):
             if key in old:
                 self.manifest[key] = old[key]
+        self.write_config()
         #: Where each stage of this invocation runs (``runner.plan_placement``); a stage that runs
         #: updates its entry (e.g. with the GPU ids its workers got) and records it in ``stages``.
         self.placement: dict[str, dict] = {}
@@ -189,6 +260,15 @@ class Run:
     def at(self, *parts: str) -> str:
         """The URI of ``parts`` inside the run directory."""
         return storage.join(self.uri, *parts)
+
+    def write_config(self) -> None:
+        """Write the resolved config (redacted) as ``config.yaml`` to the run URI, and to the
+        local mirror for S3 (``config_yaml``: ``srdistill run --config`` reads it back)."""
+        text = storage.redact("# The resolved config of this run (every field): `srdistill run --config config.yaml` "
+                              "runs it again.\n" + config_yaml(self.cfg))  # fmt: skip
+        storage.write_text(self.at("config.yaml"), text)
+        if self.remote:
+            storage.write_text(self.dir / "config.yaml", text)
 
     def save(self) -> None:
         """Write the manifest (redacted) to the run URI, and to the local mirror for S3."""
@@ -812,7 +892,7 @@ def _evaluate(run: Run, train_fp: str) -> dict:
 
 #: What the report reads from the local mirror (a resumed S3 run downloads it first).
 _REPORT_INPUTS = ("select", "distilled", "encode/meta.json", "finetune/log.jsonl", "finetune/model/backbone.json",
-                  "synthesize", "train/log.jsonl", "evaluate")
+                  "synthesize", "train/log.jsonl", "train/model.safetensors", "evaluate")
 
 
 def check_run_dir(run_dir: str | Path) -> None:
@@ -868,6 +948,8 @@ def run_pipeline(input_dir: str | Path, run_dir: str | Path, cfg: RunConfig, *,
         OSError: storage failed after its retries (rerunning resumes).
         ValueError: a stage's ``device`` is ``cuda`` (or its ``use_gpu`` true) and the Ray
             cluster has no GPUs (``runner.plan_placement``), raised before any stage runs.
+        ImportError: ``train.tensorboard`` or ``finetune.tensorboard`` (for a stage the run
+            reaches) without the tensorboard package (``training.require_tensorboard``).
 
     Preflight: everything above except "holds no images", the GPU placement and storage
     failures is raised before Ray starts and before the run directory is written; weights are
@@ -896,9 +978,7 @@ def run_pipeline(input_dir: str | Path, run_dir: str | Path, cfg: RunConfig, *,
         raise ValueError("until='complexity': the complexity stage runs only for distill 'coreset' with "
                          "select.method 'tripled' or align.enabled")  # fmt: skip
     # the stages this invocation runs (up to ``until``): preflight checks only what they need
-    order = ["plan", "mine", *(["embed", "cluster"] if clusters else []), *(["complexity"] if scored else []),
-             *(["encode", "finetune", "synthesize"] if synth else ["select", *(["align"] if cfg.align.enabled else [])]),
-             "train"]  # fmt: skip
+    order = stage_chain(cfg)[:-2]  # up to train
     order = order[: order.index(until) + 1] if until in order else [*order, "evaluate"]
     # ---- preflight: every check that can fail before the first stage runs (nor Ray starts)
     if not storage.exists(input_dir):
@@ -931,6 +1011,11 @@ def run_pipeline(input_dir: str | Path, run_dir: str | Path, cfg: RunConfig, *,
         from .synthesis import resolve_decoder
 
         resolve_decoder(cfg.synthesize, cfg.finetune.resolved_backbone)  # decoder VAE: ValueError for unet
+    for stage, section in (("train", cfg.train), ("finetune", cfg.finetune)):
+        if stage in order and section.tensorboard:
+            from .training import require_tensorboard
+
+            require_tensorboard(f"{stage}.tensorboard")  # ImportError naming pip install tensorboard
     fps: dict[str, str] = {}
 
     def mine(f: str) -> str:
@@ -972,10 +1057,11 @@ def run_pipeline(input_dir: str | Path, run_dir: str | Path, cfg: RunConfig, *,
     write_report(run.dir, run_uri=run.uri)
     if run.remote:
         storage.copy_dir(run.dir / "report", run.at("report"))
-    run.manifest["stages"]["report"] = {"status": "done", "finished_at": _now(),
-                                        "counts": {"path": run.at("report", "report.md")}, "skipped": False}  # fmt: skip
+    run.manifest["stages"]["report"] = {"status": "done", "finished_at": _now(), "skipped": False,
+                                        "counts": {"path": run.at("report", "report.md"),
+                                                   "html": run.at("report", "report.html")}}  # fmt: skip
     run.save()
-    log(f"report: {run.at('report', 'report.md')}")
+    log(f"report: {run.at('report', 'report.md')} (one file with the figures: {run.at('report', 'report.html')})")
     if "clip" in run.manifest and not run.manifest["clip"]["semantic"]:
         print(f"WARNING: {NOT_SEMANTIC}", file=sys.stderr)
     if "vit" in run.manifest and not run.manifest["vit"]["pretrained"]:

@@ -1,22 +1,36 @@
-"""Markdown report of a run directory, with plots.
+"""The report of a run directory: markdown with PNG figures, and one self-contained HTML file.
 
 ``write_report(run_dir, run_uri)`` reads what the pipeline left in ``run_dir`` (see
-``docs/ARCHITECTURE.md``: ``manifest.json``, ``select/selected.parquet``,
-``evaluate/results.json``; for a ``distill: synth`` run ``finetune/model/backbone.json``,
-``finetune/log.jsonl`` and ``synthesize/``) and the partitioned tables at ``run_uri`` (a local
-path or ``s3://`` URI, by default ``run_dir`` itself): the patch table ``mine/patches/`` with
-its keep rule ``mine/keep.json`` (read through ``mining.read_patches``) and the cluster
-assignments ``cluster/assignments/`` (``storage.read_dataset``), of which only the columns (and
-for lookups the rows) needed are read. It writes ``run_dir/report/report.md`` with its figures
-beside it:
+``docs/ARCHITECTURE.md``: ``manifest.json``, ``config.yaml``, ``select/selected.parquet``,
+``train/log.jsonl``, ``train/model.safetensors``, ``evaluate/results.json``; for a ``distill:
+synth`` run ``finetune/model/backbone.json``, ``finetune/log.jsonl`` and ``synthesize/``) and the
+partitioned tables at ``run_uri`` (a local path or ``s3://`` URI, by default ``run_dir`` itself):
+the patch table ``mine/patches/`` with its keep rule ``mine/keep.json`` (read through
+``mining.read_patches``) and the cluster assignments ``cluster/assignments/``
+(``storage.read_dataset``), of which only the columns (and for lookups the rows) needed are
+read. It writes ``run_dir/report/report.md`` with its figures beside it, and
+``run_dir/report/report.html``: the same sections with the figures embedded as ``data:`` URIs
+(one file to send or open anywhere):
 
+* ``crops_<set>.png``, one per evaluation set: for the ``CROPS_PER_SET`` images where the model's
+  PSNR differs most from bicubic's (either way), the whole HR image with the crop marked, then
+  the HR, bicubic and model crops at the same place: the ``CROP`` x ``CROP`` HR-pixel window of
+  largest mean |model - bicubic|. The model (``train/model.safetensors``) runs on those images
+  only, under the evaluation protocol (``imaging.modcrop``, MATLAB-bicubic LR);
+* ``curves.png``: the SR training loss and, where ``train.val_every`` was set, the validation
+  PSNR against the step (``train/log.jsonl``), with the bicubic PSNR of the validation set;
 * ``scores.png``: histograms of ``psnr_bic`` and ``grad``, all patches vs kept patches, with
   the keep threshold when the keep rule is ``threshold``;
-* ``clusters.png`` (coreset runs): one row per cluster, up to 8 of its selected patches in
-  rank order;
+* ``clusters.png`` (coreset runs): one row per cluster, ``SELECTION_PER_SIDE`` random members
+  of the cluster beside its first selected patches in rank order, each captioned with its
+  selection score and source image;
 * ``synthesis.png`` (synth runs): one row per cluster, its 4 real patches closest to the
   centroid (highest ``cos_sim``), a gap, then its first 4 synthesized images;
 * ``finetune_loss.png`` (synth runs): the diffusion fine-tuning loss against the step.
+
+Tables: the stages (state ``done``, ``skipped (up to date)``, ``disabled`` or ``not reached``,
+and a few short count columns; the full counts stay in the manifest), the mean PSNR/SSIM per
+set and the per-image PSNR/SSIM of every set (``evaluate/results.json``).
 
 Every section after the header is optional: a run stopped after mining still gets a report
 with the sections whose artifacts exist, and a line saying which stage is missing for the
@@ -25,11 +39,15 @@ others. Nothing here imports Ray; plots use matplotlib's Agg backend (no display
 
 from __future__ import annotations
 
+import base64
 import csv
 import datetime as _dt
+import html
 import importlib.metadata
 import json
+import math
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -45,49 +63,61 @@ import pyarrow.parquet as pq  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from srdistill import imaging, storage  # noqa: E402
-from srdistill.config import LOWER_IS_HARDER  # noqa: E402
+from srdistill.config import LOWER_IS_HARDER, RunConfig  # noqa: E402
 from srdistill.mining import PATCH_SCHEMA, read_patches  # noqa: E402
-from srdistill.pipeline import STAGES, SYNTH_ONLY  # noqa: E402
+from srdistill.pipeline import STAGES, SYNTH_ONLY, stage_chain  # noqa: E402
 
-__all__ = ["write_report"]
+__all__ = ["write_report", "markdown_to_html"]
 
-#: Pipeline stages in run order, as recorded in ``manifest["stages"]``.
-
-#: Thumbnails per cluster row and their side in pixels in ``clusters.png``.
-MONTAGE_COLUMNS = 8
+#: Thumbnail side in pixels in ``clusters.png`` / ``synthesis.png``.
 THUMB = 96
-#: Clusters shown in ``clusters.png`` / ``synthesis.png`` at most (the rest are listed only in
-#: the tables).
+#: Random members, and selected patches, per cluster row of ``clusters.png``.
+SELECTION_PER_SIDE = 4
+#: Clusters shown in ``synthesis.png`` at most, and in ``clusters.png`` (taller rows, with
+#: captions) at most (the rest are listed only in the tables).
 MONTAGE_MAX_ROWS = 64
+SELECTION_MAX_ROWS = 16
 #: Real patches, and synthesized images, per cluster row of ``synthesis.png``.
 SYNTH_PER_SIDE = 4
-#: Grid geometry in pixels: padding between thumbnails, the gap between the real and the
-#: synthesized half of ``synthesis.png``, and the figure margins around the thumbnail canvas
-#: (left holds the row labels; ``GRID_HEADER`` is added on top when columns have headers).
+#: Grid geometry in pixels: padding between thumbnails, the gap between the two halves of a
+#: grid, and the figure margins around the thumbnail canvas (left holds the row labels;
+#: ``GRID_HEADER`` is added on top when columns have headers); ``CAPTION`` is the band under
+#: each thumbnail that holds its caption (two lines), in grids with captions.
 GRID_PAD = 4
 GRID_GAP = THUMB // 2
 GRID_LEFT, GRID_RIGHT, GRID_TOP, GRID_BOTTOM, GRID_HEADER = 130, 10, 10, 10, 22
+CAPTION = 24
+#: Images per evaluation set in its crops figure, the crop side in HR pixels, and the margin
+#: the crop keeps from the image edge (where zero padding makes any network differ from bicubic
+#: most; at least the border PSNR ignores, the scale).
+CROPS_PER_SET = 3
+CROP = 96
+CROP_MARGIN = 16
+#: Packages whose versions the header lists (keys of ``manifest["versions"]``).
+KEY_PACKAGES = ("torch", "ray", "diffusers", "transformers", "faiss", "numpy")
 
 _SKIPPED_STATUSES = {"skipped", "up-to-date", "up_to_date", "cached"}
 
 
 def write_report(run_dir: Path, run_uri: str | None = None) -> Path:
-    """Write ``run_dir/report/report.md`` and its figures from the run's artifacts.
+    """Write ``run_dir/report/report.md``, its figures and ``report.html`` from the run's artifacts.
 
-    Sections: header (input, run dir, date, versions, preset; a warning when CLIP was randomly
-    initialised and the clusters are therefore not semantic), stages, skipped inputs, score
-    histograms (``scores.png``), cluster montage (``clusters.png``) and selection summary
-    (coreset runs) or the synthesis summary (synth runs: backbone, fine-tuning, sampler, budget,
-    ``synthesis.png`` and ``finetune_loss.png``), and the PSNR/SSIM table (PSNR in dB, SSIM in
-    [0, 1], both on Y, as ``evaluate`` computed them). A section whose artifact is missing is
-    replaced by one line naming the stage not run; a coreset run has no synthesis section, and
-    a synth run (``config.distill == "synth"``, or ``synthesize/provenance.csv`` present) says
-    in its clusters section that it has no ``select`` stage and has no selection section.
-    Files are written atomically (temp file, then ``os.replace``).
+    Sections: header (input, run dir, dates, srdistill version, git commit, key package
+    versions, preset, ``config.yaml``; a warning when CLIP or the ViT was randomly initialised),
+    stages, skipped inputs, PSNR/SSIM (mean per set: PSNR in dB, SSIM in [0, 1], both on Y, as
+    ``evaluate`` computed them), per evaluation set the crops figure and the per-image table,
+    SR training (``curves.png``), score histograms (``scores.png``), then for a coreset run the
+    cluster montage (``clusters.png``) and selection summary, for a synth run the synthesis
+    summary (``synthesis.png``, ``finetune_loss.png``). A section whose artifact is missing is
+    replaced by one line naming the stage not run; a synth run (``config.distill == "synth"``,
+    or ``synthesize/provenance.csv`` present) says in its clusters section that it has no
+    ``select`` stage. ``report.html`` holds the same text with every figure inlined
+    (``markdown_to_html``). Files are written atomically (temp file, then ``os.replace``).
 
     Args:
         run_dir: a run directory holding at least ``manifest.json`` (the local mirror of the
-            run: manifest, ``select/``, ``synthesize/``, ``finetune/``, ``evaluate/``, ...).
+            run: manifest, ``select/``, ``synthesize/``, ``finetune/``, ``train/``,
+            ``evaluate/``, ...).
         run_uri: where the run's partitioned tables live (``mine/patches/``, ``mine/keep.json``,
             ``cluster/assignments/``): a local path or ``s3://`` URI; default ``run_dir``.
 
@@ -108,20 +138,25 @@ def write_report(run_dir: Path, run_uri: str | None = None) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
 
     synth = _is_synth(run_dir, manifest)
+    results = _read_json(run_dir / "evaluate" / "results.json")
     sections = [
         _header(manifest, run_dir),
         _stages_section(manifest, synth),
         _skipped_section(manifest),
+        _psnr_section(run_dir, results),
+        *_results_sections(run_dir, manifest, results, out_dir),
+        _training_section(run_dir, manifest, results, out_dir),
         _scores_section(tables, manifest, out_dir),
-        _clusters_section(run_dir, out_dir, synth, tables),
+        _clusters_section(run_dir, manifest, out_dir, synth, tables),
     ]
     if synth:
         sections.append(_synthesis_section(run_dir, manifest, out_dir, tables))
     else:
         sections.append(_selection_section(run_dir, manifest, tables))
-    sections.append(_psnr_section(run_dir))
+    text = "\n\n".join(s.rstrip() for s in sections) + "\n"
     path = out_dir / "report.md"
-    _atomic_write_text(path, "\n\n".join(s.rstrip() for s in sections) + "\n")
+    _atomic_write_text(path, text)
+    _atomic_write_text(out_dir / "report.html", markdown_to_html(text, out_dir, title="srdistill run report"))
     return path
 
 
@@ -140,8 +175,21 @@ def _header(manifest: dict, run_dir: Path) -> str:
         f"- report date: {now}",
         f"- srdistill version: {version}",
     ]
+    if "git_commit" in manifest:
+        commit = manifest["git_commit"]
+        if commit:
+            dirty = {True: " (with uncommitted changes)", False: ""}.get(manifest.get("git_dirty"), "")
+            lines.append(f"- git commit: `{commit}`{dirty}")
+        else:
+            lines.append("- git commit: none (srdistill did not run from a git checkout)")
+    versions = manifest.get("versions") or {}
+    shown = [f"{name} {versions[name]}" for name in KEY_PACKAGES if name in versions]
+    if shown:
+        lines.append(f"- versions: {', '.join(shown)} (all in `manifest.json`)")
     if manifest.get("preset"):
         lines.append(f"- config preset: `{manifest['preset']}`")
+    if (run_dir / "config.yaml").is_file():
+        lines.append("- resolved config: `config.yaml` in the run dir (`srdistill run --config config.yaml`)")
     if "scale" in manifest.get("config", {}):
         lines.append(f"- SR scale: x{manifest['config']['scale']}")
     clip = manifest.get("clip")
@@ -168,27 +216,135 @@ def _header(manifest: dict, run_dir: Path) -> str:
     return "\n".join(lines)
 
 
+def _chain(manifest: dict, synth: bool) -> list[str]:
+    """The stages the run's config executes (``pipeline.stage_chain``); for a config this
+    version cannot read, every stage of its mode (coreset or synth)."""
+    try:
+        return stage_chain(RunConfig.model_validate(manifest.get("config") or {}))
+    except ValueError:
+        other = {"select", "align", "complexity"} if synth else set(SYNTH_ONLY)
+        return [s for s in STAGES if s not in other]
+
+
+def _stage_state(name: str, entry: dict | None, chain: list[str]) -> str:
+    """The state of stage ``name`` in the report: ``disabled`` (the config runs no such stage),
+    ``not reached`` (it does, but the run stopped before it: ``--until`` or a failure),
+    ``skipped (up to date)``, ``done``, or ``not finished`` (it started and did not end)."""
+    if name not in chain and (name in STAGES or entry is None):
+        return "disabled"
+    if entry is None:
+        return "not reached"
+    status = str(entry.get("status", "unknown"))
+    if entry.get("skipped") or status in _SKIPPED_STATUSES:
+        return "skipped (up to date)"
+    return "not finished" if status == "running" else status
+
+
 def _stages_section(manifest: dict, synth: bool) -> str:
     recorded = manifest.get("stages", {})
+    chain = _chain(manifest, synth)
     # every stage but the report itself (this document), in pipeline order
     names = [s for s in STAGES if s != "report"] + [s for s in recorded if s not in STAGES]
-    other_mode = {"select"} if synth else set(SYNTH_ONLY)
     rows = []
     for name in names:
         entry = recorded.get(name)
-        if entry is None:
-            mode = "synth" if synth else "coreset"
-            status = f"n/a ({mode} run)" if name in other_mode else "not run"
-            rows.append([name, status, "", ""])
-            continue
-        seconds = entry.get("seconds")
-        rows.append([
-            name,
-            _status(entry),
-            f"{seconds:.1f}" if isinstance(seconds, (int, float)) else "",
-            ", ".join(f"{k}={v}" for k, v in _flatten(entry.get("counts") or {})),
-        ])
-    return "## Stages\n\n" + _table(["stage", "status", "seconds", "counts"], rows)
+        state = _stage_state(name, entry, chain)
+        seconds = (entry or {}).get("seconds")
+        cells = _stage_cells(name, (entry or {}).get("counts") or {}) if state != "disabled" else ("", "", "")
+        rows.append([name, state, f"{seconds:.1f}" if isinstance(seconds, (int, float)) else "", *cells])
+    return ("## Stages\n\n" + _table(["stage", "state", "seconds", "input", "output", "notes"], rows)
+            + "\n\nThe full counts of every stage are in `manifest.json`.")  # fmt: skip
+
+
+def _num(value: Any) -> str:
+    """A count or measure, short: ints with thousands separators, floats to 4 significant digits."""
+    if isinstance(value, bool) or value is None:
+        return str(value)
+    if isinstance(value, int):
+        return f"{value:,}"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def _count(value: int, noun: str) -> str:
+    """``"1 shard"``, ``"3 shards"``."""
+    return f"{_num(value)} {noun}{'' if value == 1 else 's'}"
+
+
+def _stage_cells(name: str, c: dict) -> tuple[str, str, str]:
+    """``(input, output, notes)`` of a stage's counts, each a few words; "" where not recorded."""
+
+    def has(*keys: str) -> bool:
+        return all(c.get(k) is not None for k in keys)
+
+    def join(*parts: str | None) -> str:
+        return "; ".join(p for p in parts if p)
+
+    n = _num
+    if name == "plan":
+        return (f"{n(c['images_listed'])} image files" if has("images_listed") else "",
+                _count(c["shards"], "shard") if has("shards") else "",
+                f"{n(c['other_files_ignored'])} other files ignored" if c.get("other_files_ignored") else "")
+    if name == "mine":
+        kept = f", {n(c['patches_kept'])} kept" if has("patches_kept") else ""
+        return (f"{n(c['images_mined'])} images" if has("images_mined") else "",
+                f"{n(c['patches'])} patches{kept}" if has("patches") else "",
+                join(_count(c["images_skipped"], "image") + " skipped" if c.get("images_skipped") else None,
+                     _count(c["images_duplicate"], "duplicate") if c.get("images_duplicate") else None,
+                     f"{n(c['megapixels_per_s'])} MP/s" if has("megapixels_per_s") else None))
+    if name in ("embed", "complexity"):
+        what = "embeddings" if name == "embed" else "ViT features"
+        random_init = c.get("pretrained") is False or c.get("semantic") is False
+        return (f"{n(c['patches'])} patches" if has("patches") else "",
+                f"{n(c['dim'])}-d {what}" if has("dim") else "",
+                "random-init weights" if random_init else "")
+    if name == "cluster":
+        return (f"{n(c['patches'])} patches" if has("patches") else "",
+                f"{n(c['k_used'])} clusters" if has("k_used") else "",
+                join(f"k={c['k']}" if has("k") else None,
+                     f"trained on {n(c['n_train'])}" if has("n_train") else None))
+    if name == "select":
+        return (f"{n(c['available'])} patches" if has("available") else "",
+                f"{n(c['selected'])} selected" if has("selected") else "",
+                join(f"`{c['method']}`" if has("method") else None,
+                     f"pixel fraction {n(c['pixel_fraction'])}" if has("pixel_fraction") else None,
+                     f"feature MMD {n(c['feature_mmd'])}" if has("feature_mmd") else None))
+    if name == "align":
+        return (f"{n(c['images'])} images" if has("images") else "",
+                f"{n(c['images'])} aligned" if has("images") else "",
+                f"MMD {n(c['mmd_before'])} -> {n(c['mmd_after'])}" if has("mmd_before", "mmd_after") else "")
+    if name == "encode":
+        shape = "x".join(str(d) for d in c["sample_shape"]) if has("sample_shape") else None
+        return (f"{n(c['patches'])} patches" if has("patches") else "",
+                f"{shape} {c.get('dtype', '')} samples".strip() if shape else "",
+                f"`{c['backbone']}`" if has("backbone") else "")
+    if name == "finetune":
+        return (f"{n(c['patches'])} patches" if has("patches") else "",
+                f"{n(c['iterations'])} iterations" if has("iterations") else "",
+                join(f"`{c['backbone']}` ({c.get('trainable')})" if has("backbone") else None,
+                     f"final loss {n(c['final_loss'])}" if has("final_loss") else None,
+                     f"resumed at {c['resumed_from']}" if c.get("resumed_from") else None))
+    if name == "synthesize":
+        return ("",
+                f"{n(c['images'])} images" if has("images") else "",
+                join(f"`{c['sampler']}`, {c.get('steps')} steps" if has("sampler") else None,
+                     f"guidance {c['guidance_scale']}" if has("guidance_scale") else None))
+    if name == "train":
+        return (f"{n(c['train_images'])} images" if has("train_images") else "",
+                f"`{c['model']}` x{c.get('scale')}" if has("model") else "",
+                join(f"{n(c['iterations'])} iterations" if has("iterations") else None,
+                     f"resumed at {c['resumed_from']}" if c.get("resumed_from") else None))
+    if name == "evaluate":
+        bic = {k[len("bicubic "):]: v for k, v in c.items() if k.startswith("bicubic ") and isinstance(v, (int, float))}
+        gains = []
+        for key, value in c.items():
+            label, _, ds = key.rpartition(" ")
+            if label and label != "bicubic" and ds in bic and isinstance(value, (int, float)):
+                gains.append(f"{ds} {value - bic[ds]:+.2f} dB")
+        return (", ".join(bic) if bic else "", "PSNR / SSIM tables" if c else "",
+                "vs bicubic: " + ", ".join(gains) if gains else "")
+    return ("", "", ", ".join(f"{k}={_num(v)}" for k, v in list(c.items())[:3] if not isinstance(v, (dict, list))))
 
 
 def _skipped_section(manifest: dict) -> str:
@@ -207,6 +363,267 @@ def _skipped_section(manifest: dict) -> str:
         return f"## Skipped inputs ({total})\n\n" + note.rstrip()
     rows = [[f"`{s.get('file', '')}`", s.get("reason", "")] for s in skipped]
     return f"## Skipped inputs ({total})\n\n" + note + _table(["file", "reason"], rows)
+
+
+def _psnr_section(run_dir: Path, results: dict) -> str:
+    title = "## PSNR / SSIM (Y channel)\n\n"
+    if not (run_dir / "evaluate" / "results.json").is_file():
+        return title + "Not available: the `evaluate` stage has not run."
+    rows_by_label: dict[str, list[dict]] = results.get("rows", {})
+    datasets: list[str] = []
+    for entries in rows_by_label.values():
+        for e in entries:
+            if e["dataset"] not in datasets:
+                datasets.append(e["dataset"])
+    n_images = {}
+    for entries in rows_by_label.values():
+        for e in entries:
+            n_images.setdefault(e["dataset"], e.get("n_images"))
+    base = {e["dataset"]: e["psnr_y"] for e in rows_by_label.get("bicubic", [])}
+
+    rows = []
+    for label, entries in rows_by_label.items():
+        by_ds = {e["dataset"]: e for e in entries}
+        cells = [
+            f"{by_ds[d]['psnr_y']:.2f} / {by_ds[d]['ssim_y']:.4f}" if d in by_ds else ""
+            for d in datasets
+        ]
+        gains = [by_ds[d]["psnr_y"] - base[d] for d in datasets if d in by_ds and d in base]
+        rows.append([label, *cells, f"{np.mean(gains):+.2f}" if gains else "n/a"])
+    headers = ["method"] + [
+        f"{d} (n={n_images[d]})" if n_images.get(d) else d for d in datasets
+    ] + ["mean gain vs bicubic (dB)"]
+    scale = results.get("scale")
+    return title + (
+        f"Scale x{scale}; cells are PSNR (dB) / SSIM, the gain column is the PSNR gain over "
+        "bicubic averaged over the datasets both were evaluated on.\n\n"
+        + _table(headers, rows)
+    )
+
+
+def _model_label(results: dict) -> str | None:
+    """The label of the trained model's rows in ``results.json`` (the first that is not bicubic)."""
+    return next((label for label in results.get("rows", {}) if label != "bicubic"), None)
+
+
+def _results_sections(run_dir: Path, manifest: dict, results: dict, out_dir: Path) -> list[str]:
+    """Per evaluation set: ``crops_<set>.png`` (``_crops_figure``) and the per-image table."""
+    rows = results.get("rows", {})
+    label = _model_label(results)
+    if not rows or label is None:
+        return []
+    bicubic = {e["dataset"]: e for e in rows.get("bicubic", [])}
+    model_rows = rows[label]
+    configured = list(manifest.get("config", {}).get("evaluate", {}).get("datasets") or [])
+    model, why_not = _load_model(run_dir)
+    scale = int(results.get("scale") or manifest.get("config", {}).get("scale", 2))
+    sections = []
+    for i, entry in enumerate(model_rows):
+        ds = entry["dataset"]
+        base = {r["name"]: r for r in bicubic.get(ds, {}).get("per_image", [])}
+        per_image = [(r, base.get(r["name"])) for r in entry.get("per_image", [])]
+        parts = [f"## {ds}: bicubic vs {label}"]
+        # the images where the model differs most from bicubic, either way
+        ranked = sorted((p for p in per_image if p[1] is not None),
+                        key=lambda p: -abs(p[0]["psnr_y"] - p[1]["psnr_y"]))[:CROPS_PER_SET]  # fmt: skip
+        name = configured[i] if i < len(configured) and len(configured) == len(model_rows) else ds
+        png = f"crops_{_safe_name(ds)}.png"
+        if model is None:
+            parts.append(f"No crops: {why_not}.")
+        elif ranked:
+            try:
+                windows = _crops_figure(model, name, scale, ranked, label, out_dir / png)
+            except (OSError, ValueError, imaging.ImageReadError) as exc:
+                parts.append(f"No crops: {_cell(exc)}.")
+            else:
+                where = ", ".join(f"{r['name']} ({x}, {y})" for (r, _), (x, y, _) in zip(ranked, windows))
+                side = windows[0][2] if windows else CROP
+                parts.append(
+                    f"The {len(ranked)} images whose PSNR differs most from bicubic's (gain or loss), each "
+                    f"the whole HR image with the crop marked, then HR, bicubic and {label} over the "
+                    f"{side}x{side} HR-pixel window (shown enlarged, nearest neighbour) where the model "
+                    f"differs most from bicubic (largest mean |model - bicubic|; top-left corner: {where}). "
+                    "The PSNR in the titles is the whole image's, from `evaluate/results.json`.\n\n"
+                    f"![{ds}: HR / bicubic / model crops]({png})"
+                )
+        table = [[r["name"], f"{b['psnr_y']:.2f} / {b['ssim_y']:.4f}" if b else "",
+                  f"{r['psnr_y']:.2f} / {r['ssim_y']:.4f}", f"{r['psnr_y'] - b['psnr_y']:+.2f}" if b else ""]
+                 for r, b in per_image]  # fmt: skip
+        if table:
+            parts.append(f"Per image (PSNR dB / SSIM on Y, border {scale}):\n\n"
+                         + _table(["image", "bicubic", label, "gain (dB)"], table))  # fmt: skip
+        sections.append("\n\n".join(parts))
+    return sections
+
+
+def _load_model(run_dir: Path) -> tuple[Any, str]:
+    """The trained network of ``train/model.safetensors`` (CPU, eval mode), or ``(None, why)``."""
+    path = run_dir / "train" / "model.safetensors"
+    if not path.is_file():
+        return None, "`train/model.safetensors` is not in the run directory"
+    from srdistill.training import load_checkpoint
+
+    try:
+        model, _ = load_checkpoint(path)
+    except (OSError, ValueError) as exc:
+        return None, _cell(exc)
+    return model, ""
+
+
+def _crops_figure(model: Any, dataset: str, scale: int, ranked: list[tuple[dict, dict]], label: str,
+                  path: Path) -> list[tuple[int, int, int]]:  # fmt: skip
+    """Write the crops figure of ``dataset`` and return each image's window ``(x, y, side)``.
+
+    For each ``(model row, bicubic row)`` of ``ranked`` (per-image rows of ``results.json``,
+    PSNR on Y in dB), the HR image is read, ``modcrop``-ed to ``scale``, downscaled by MATLAB
+    bicubic, and upscaled by bicubic and by ``model`` (whole image, float32, rounded to uint8;
+    on CUDA where available), as ``evaluation.evaluate`` does. The window is the ``CROP`` x ``CROP`` one (smaller for a
+    smaller image), ``CROP_MARGIN`` (at least ``scale``) pixels clear of the image edge, of
+    largest mean absolute difference between the model and bicubic over the three channels
+    (windows on a 4-pixel grid).
+
+    Raises:
+        FileNotFoundError: the dataset or an image of it is not found.
+        imaging.ImageReadError: an image cannot be read.
+    """
+    import torch
+
+    from srdistill.evaluation import list_images, resolve_dataset, upscale_bicubic
+    from srdistill.training import resolve_device, to_tensor
+
+    files = {f.stem: f for f in list_images(resolve_dataset(dataset))}
+    device = resolve_device("auto")
+    model = model.to(device)
+    fig, axes = plt.subplots(len(ranked), 4, figsize=(4 * 2.3, len(ranked) * 2.55), squeeze=False)
+    windows = []
+    for row, (r, b) in zip(axes, ranked):
+        if r["name"] not in files:
+            raise FileNotFoundError(f"image {r['name']!r} of {dataset!r} not found")
+        hr = imaging.modcrop(imaging.read_image(files[r["name"]]), scale)  # (H, W, 3) uint8
+        lr = imaging.imresize(hr, 1 / scale)
+        bic = upscale_bicubic(lr, scale)
+        with torch.no_grad():
+            sr = model(to_tensor(lr, device)).clamp(0, 1)  # (1, 3, H, W) float32 in [0, 1]
+        sr = (sr[0] * 255).round().byte().permute(1, 2, 0).cpu().numpy()
+        x, y, side = _busiest_window(np.abs(sr.astype(np.float32) - bic.astype(np.float32)).mean(axis=2),
+                                     CROP, border=max(scale, CROP_MARGIN))  # fmt: skip
+        windows.append((x, y, side))
+        gain = r["psnr_y"] - b["psnr_y"]
+        panels = [(hr, f"{r['name']} (HR)"), (hr[y : y + side, x : x + side], "HR"),
+                  (bic[y : y + side, x : x + side], f"bicubic {b['psnr_y']:.2f} dB"),
+                  (sr[y : y + side, x : x + side], f"{label}\n{r['psnr_y']:.2f} dB ({gain:+.2f})")]  # fmt: skip
+        for k, (ax, (img, title)) in enumerate(zip(row, panels)):
+            ax.imshow(img, interpolation="nearest" if k else "antialiased")
+            ax.set_title(title, fontsize=8)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if k == 0:
+                ax.add_patch(matplotlib.patches.Rectangle((x - 0.5, y - 0.5), side, side, fill=False,
+                                                          edgecolor="red", linewidth=1.2))  # fmt: skip
+    fig.tight_layout()
+    _atomic_savefig(fig, path, dpi=100)
+    return windows
+
+
+def _busiest_window(diff: np.ndarray, size: int, *, border: int = 0, step: int = 4) -> tuple[int, int, int]:
+    """``(x, y, side)`` of the square window of side ``min(size, ...)`` inside ``border`` with the
+    largest sum of ``diff`` ``(H, W)``; windows start on a ``step``-pixel grid (ties: first in
+    row-major order)."""
+    h, w = diff.shape
+    inner = diff[border : h - border, border : w - border] if min(h, w) > 2 * border + 1 else diff
+    off = border if inner is not diff else 0
+    side = max(1, min(size, *inner.shape))
+    sat = np.pad(inner.astype(np.float64).cumsum(0).cumsum(1), ((1, 0), (1, 0)))  # summed-area table
+    ys = np.arange(0, inner.shape[0] - side + 1, step)
+    xs = np.arange(0, inner.shape[1] - side + 1, step)
+    sums = (sat[ys[:, None] + side, xs[None] + side] - sat[ys[:, None], xs[None] + side]
+            - sat[ys[:, None] + side, xs[None]] + sat[ys[:, None], xs[None]])  # fmt: skip
+    i, j = np.unravel_index(int(np.argmax(sums)), sums.shape)
+    return int(xs[j]) + off, int(ys[i]) + off, int(side)
+
+
+def _safe_name(name: str) -> str:
+    """``name`` reduced to characters safe in a file name (``[A-Za-z0-9_.-]``)."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("._") or "set"
+
+
+def _training_section(run_dir: Path, manifest: dict, results: dict, out_dir: Path) -> str:
+    title = "## SR training\n\n"
+    log = _read_log(run_dir / "train" / "log.jsonl")
+    if not log:
+        return title + "Not available: the `train` stage has not run (no `train/log.jsonl`)."
+    cfg = manifest.get("config", {}).get("train", {})
+    counts = (manifest.get("stages", {}).get("train") or {}).get("counts") or {}
+    rows = _last_per_step(log)
+    loss = [(r["step"], r["loss"]) for r in rows if _is_num(r.get("loss"))]
+    val = [(r["step"], r["val_psnr_y"]) for r in rows if _is_num(r.get("val_psnr_y"))]
+    resumed = sorted({r["resumed_from_step"] for r in log if _is_num(r.get("resumed_from_step"))})
+    switch = [r["step"] for r in log if r.get("curriculum_stage") == 2 and _is_num(r.get("step"))]
+    val_set = cfg.get("val_dataset")
+    bic = next((e["psnr_y"] for e in results.get("rows", {}).get("bicubic", []) if e["dataset"] == val_set), None)
+
+    what = [f"`{counts.get('model', cfg.get('model', '?'))}` x{manifest.get('config', {}).get('scale', '?')}"]
+    if counts.get("train_images") is not None:
+        what.append(f"on {counts['train_images']} images")
+    lines = [f"- model: {' '.join(what)}, {_num(cfg.get('iterations'))} iterations, batch {cfg.get('batch_size')}, "
+             f"L1 loss on [0, 1] pixels, lr {cfg.get('lr')} (`{cfg.get('schedule')}` schedule)"]  # fmt: skip
+    if loss:
+        lines.append(f"- loss (mean over each {cfg.get('log_every', '?')}-step interval): "
+                     f"{loss[0][1]:.4f} at step {loss[0][0]} -> {loss[-1][1]:.4f} at step {loss[-1][0]}")  # fmt: skip
+    if val:
+        best = max(val, key=lambda p: p[1])
+        lines.append(f"- validation PSNR on {val_set} (Y): {val[-1][1]:.2f} dB at step {val[-1][0]} "
+                     f"(best {best[1]:.2f} at step {best[0]})"
+                     + (f"; bicubic {bic:.2f} dB" if bic is not None else ""))  # fmt: skip
+    else:
+        lines.append("- no validation PSNR: set `train.val_every` to measure it during training")
+    if resumed:
+        lines.append(f"- resumed at step(s) {', '.join(str(s) for s in resumed)} (dotted lines)")
+    if not loss:
+        return title + "\n".join(lines)
+    _curves_plot(loss, val, val_set, bic, resumed, switch, out_dir / "curves.png")
+    return title + "\n".join(lines) + "\n\n![training loss and validation PSNR](curves.png)"
+
+
+def _is_num(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _last_per_step(log: list[dict]) -> list[dict]:
+    """The metric rows (with ``loss``) of a training log, the last one of each step, by step: a
+    run resumed from a checkpoint logs again the steps after it."""
+    by_step: dict[int, dict] = {}
+    for row in log:
+        if _is_num(row.get("step")) and "loss" in row:
+            by_step[int(row["step"])] = row
+    return [by_step[s] for s in sorted(by_step)]
+
+
+def _curves_plot(loss: list[tuple[int, float]], val: list[tuple[int, float]], val_set: str | None,
+                 bicubic: float | None, resumed: list[int], switch: list[int], path: Path) -> None:  # fmt: skip
+    """``curves.png``: the loss against the step and, with ``val`` rows, the validation PSNR
+    (with the ``bicubic`` PSNR of the set as a dashed line); ``resumed`` steps as dotted lines,
+    the curriculum ``switch`` as a dash-dotted one."""
+    fig, axes = plt.subplots(1, 2 if val else 1, figsize=(11 if val else 6, 3.6), squeeze=False)
+    panels = [(axes[0][0], loss, "L1 loss (on [0, 1] pixels)", "training loss")]
+    if val:
+        panels.append((axes[0][1], val, "PSNR on Y (dB)", f"validation PSNR on {val_set}"))
+    for ax, points, ylabel, title in panels:
+        steps, values = zip(*points)
+        ax.plot(steps, values, marker="." if len(points) < 50 else None, color="tab:blue", label=title)
+        for s in resumed:
+            ax.axvline(s, color="grey", linestyle=":", linewidth=1)
+        for s in switch:
+            ax.axvline(s, color="tab:green", linestyle="-.", linewidth=1, label="curriculum switch")
+        ax.set_xlabel("step")
+        ax.set_ylabel(ylabel)
+        ax.set_title(title, fontsize=10)
+        ax.grid(alpha=0.3)
+    if val and bicubic is not None:
+        axes[0][1].axhline(bicubic, color="crimson", linestyle="--", label=f"bicubic {bicubic:.2f} dB")
+        axes[0][1].legend(fontsize=8)
+    fig.tight_layout()
+    _atomic_savefig(fig, path)
 
 
 def _scores_section(tables: _Tables, manifest: dict, out_dir: Path) -> str:
@@ -262,7 +679,7 @@ def _histogram(ax: Any, values: np.ndarray, kept: np.ndarray, xlabel: str) -> No
     ax.set_ylabel("patches")
 
 
-def _clusters_section(run_dir: Path, out_dir: Path, synth: bool, tables: _Tables) -> str:
+def _clusters_section(run_dir: Path, manifest: dict, out_dir: Path, synth: bool, tables: _Tables) -> str:
     title = "## Clusters\n\n"
     if synth:
         where = ("in the Synthesis section" if (run_dir / "synthesize" / "provenance.csv").is_file()
@@ -274,6 +691,9 @@ def _clusters_section(run_dir: Path, out_dir: Path, synth: bool, tables: _Tables
     selected_path = run_dir / "select" / "selected.parquet"
     if not selected_path.is_file():
         return title + "Not available: the `select` stage has not run."
+    select_cfg = manifest.get("config", {}).get("select", {})
+    method = select_cfg.get("method", "clip-kmeans")
+    score = select_cfg.get("score") or "psnr_bic"
     selected = _selected_rows(run_dir, tables)
     sizes = tables.cluster_sizes()
     by_cluster: dict[int, list[dict]] = {}
@@ -281,21 +701,97 @@ def _clusters_section(run_dir: Path, out_dir: Path, synth: bool, tables: _Tables
         by_cluster.setdefault(int(row["cluster"]), []).append(row)
     if not by_cluster:
         return title + "No patch was selected."
-    clusters = sorted(by_cluster)[:MONTAGE_MAX_ROWS]
-    shown = {c: by_cluster[c][:MONTAGE_COLUMNS] for c in clusters}
-    labels = [
-        f"cluster {c}" + (f"\n(n={sizes[c]})" if c in sizes else "") for c in clusters
-    ]
+    clusters = sorted(by_cluster)[:SELECTION_MAX_ROWS]
+    n_sel = min(SELECTION_PER_SIDE, max(len(by_cluster[c]) for c in clusters))
+    members = method == "clip-kmeans" and bool(sizes)  # random members of each cluster, else of the pool
+    pool = "all" if method == "tripled" else "kept"
+    randoms = (_random_members(tables, clusters, SELECTION_PER_SIDE, score) if members
+               else _random_pool(tables, clusters, SELECTION_PER_SIDE, score, kept_only=pool == "kept"))  # fmt: skip
+    shown = {(c, side): rows for c in clusters
+             for side, rows in (("random", randoms.get(c, [])), ("selected", by_cluster[c][:n_sel]))}  # fmt: skip
     thumbs = _real_thumbs(shown)
-    _grid([thumbs[c] for c in clusters], labels, out_dir / "clusters.png", columns=MONTAGE_COLUMNS)
+
+    def caption(row: dict) -> str:
+        value = row.get(score, row.get("score"))
+        return f"{_score_text(score, value)}\n{_source_name(row['source'])}"
+
+    rows, captions = [], []
+    for c in clusters:
+        left, right = thumbs[(c, "random")], thumbs[(c, "selected")]
+        rows.append((left + [None] * SELECTION_PER_SIDE)[:SELECTION_PER_SIDE] + right)
+        caps = [caption(r) for r in shown[(c, "random")]]
+        captions.append((caps + [""] * SELECTION_PER_SIDE)[:SELECTION_PER_SIDE]
+                        + [caption(r) for r in shown[(c, "selected")]])  # fmt: skip
+    unit = "stratum" if method == "tripled" else "cluster"
+    labels = [("all patches" if c < 0 else f"{unit} {c}") + (f"\n(n={sizes[c]})" if members and c in sizes else "")
+              for c in clusters]  # fmt: skip
+    left_head = "random members" if members else f"random {pool} patches"
+    _grid(rows, labels, out_dir / "clusters.png", columns=SELECTION_PER_SIDE + n_sel, gap_after=SELECTION_PER_SIDE,
+          headers=(left_head, "selected (rank order)"), captions=captions)  # fmt: skip
     note = ""
     if len(by_cluster) > len(clusters):
-        note = f" Only the first {len(clusters)} of {len(by_cluster)} clusters are shown."
+        note = f" Only the first {len(clusters)} of {len(by_cluster)} {unit}s are shown."
+    harder = "lower" if LOWER_IS_HARDER.get(score, True) else "higher"
+    drawn = (f"{SELECTION_PER_SIDE} members of the cluster drawn at random (seeded)" if members
+             else f"{SELECTION_PER_SIDE} of the {pool} patches drawn at random (seeded)")  # fmt: skip
+    grouped = clusters != [-1]  # a baseline selection (random, score-topk) has no groups
+    label = f" the row label gives the {unit}" + (" and its number of assigned patches" if members else "") + "."
     return title + (
-        f"Up to {MONTAGE_COLUMNS} selected patches per cluster, in rank order; the row label "
-        f"gives the cluster id and its number of assigned patches.{note}\n\n"
-        "![selected patches per cluster](clusters.png)"
+        (f"Per {unit}: left, {drawn}; right, its first" if grouped else f"Left, {drawn}; right, the first")
+        + f" {n_sel} selected patches in rank order. Each patch is captioned with its `{score}` ({harder} = "
+        f"harder) and its source image" + (f";{label}" if grouped else ".") + f"{note}\n\n"
+        "![random members | selected patches, per cluster](clusters.png)"
     )
+
+
+def _score_text(name: str, value: Any) -> str:
+    """A patch score, short: ``psnr_bic`` in dB, other scores by name."""
+    if not _is_num(value):
+        return ""
+    return f"{value:.1f} dB" if name == "psnr_bic" else f"{name} {value:.3g}"
+
+
+def _source_name(source: str) -> str:
+    """The file name of a patch's source (no folder, no extension), at most 16 characters."""
+    stem = Path(str(source).rsplit("/", 1)[-1]).stem
+    return stem if len(stem) <= 16 else stem[:15] + "…"
+
+
+def _random_members(tables: _Tables, clusters: list[int], n: int, score: str) -> dict[int, list[dict]]:
+    """Per cluster of ``clusters``, ``n`` of its assigned patches drawn at random (seeded by the
+    cluster id, from the members in ``patch_id`` order), as patch rows with geometry and
+    ``score``; members missing from the patch table are left out."""
+    table = tables.assignments(["patch_id", "cluster"],
+                               filter=pads.field("cluster").isin(pa.array(clusters, pa.int64())))  # fmt: skip
+    if table is None:
+        return {}
+    cluster = table.column("cluster").to_numpy(zero_copy_only=False).astype(np.int64)
+    ids = np.asarray(table.column("patch_id").to_pylist(), dtype=str)
+    picked = {}
+    for c in clusters:
+        members = np.sort(ids[cluster == c])
+        rng = np.random.default_rng([0, c])
+        picked[c] = list(members[rng.choice(len(members), min(n, len(members)), replace=False)])
+    lookup = tables.rows(sorted({i for rows in picked.values() for i in rows}), [score])
+    return {c: [lookup[i] for i in rows if i in lookup] for c, rows in picked.items()}
+
+
+def _random_pool(tables: _Tables, keys: list[int], n: int, score: str, *, kept_only: bool) -> dict[int, list[dict]]:
+    """Per key (stratum, or -1), ``n`` patches drawn at random (seeded by the key) from the kept
+    patches (``kept_only``) or all mined patches, as in ``_random_members``."""
+    table = tables.patches(["patch_id", "kept"])
+    if table is None:
+        return {}
+    ids = np.asarray(table.column("patch_id").to_pylist(), dtype=str)
+    if kept_only:
+        ids = ids[table.column("kept").to_numpy(zero_copy_only=False).astype(bool)]
+    ids = np.sort(ids)
+    picked = {}
+    for key in keys:
+        rng = np.random.default_rng([0, abs(key), key < 0])
+        picked[key] = list(ids[rng.choice(len(ids), min(n, len(ids)), replace=False)])
+    lookup = tables.rows(sorted({i for rows in picked.values() for i in rows}), [score])
+    return {k: [lookup[i] for i in rows if i in lookup] for k, rows in picked.items()}
 
 
 def _real_thumbs(shown: dict[Any, list[dict]]) -> dict[Any, list[np.ndarray]]:
@@ -334,18 +830,19 @@ def _thumb(img: np.ndarray) -> np.ndarray:
     return np.asarray(Image.fromarray(img).resize((THUMB, THUMB), Image.Resampling.BICUBIC))
 
 
-def _grid_size(n_rows: int, columns: int, *, gap_after: int | None = None,
-               headers: bool = False) -> tuple[int, int]:  # fmt: skip
+def _grid_size(n_rows: int, columns: int, *, gap_after: int | None = None, headers: bool = False,
+               captions: bool = False) -> tuple[int, int]:  # fmt: skip
     """``(width, height)`` in pixels of the figure ``_grid`` writes for these arguments."""
     cell = THUMB + GRID_PAD
     w = columns * cell + GRID_PAD + (GRID_GAP if gap_after is not None else 0)
-    h = n_rows * cell + GRID_PAD
+    h = n_rows * (cell + (CAPTION if captions else 0)) + GRID_PAD
     return (GRID_LEFT + w + GRID_RIGHT,
             GRID_TOP + (GRID_HEADER if headers else 0) + h + GRID_BOTTOM)  # fmt: skip
 
 
 def _grid(rows: list[list[np.ndarray | None]], labels: list[str], path: Path, *, columns: int,
-          gap_after: int | None = None, headers: tuple[str, str] | None = None) -> None:  # fmt: skip
+          gap_after: int | None = None, headers: tuple[str, str] | None = None,
+          captions: list[list[str]] | None = None) -> None:  # fmt: skip
     """Write a PNG grid of ``THUMB`` x ``THUMB`` thumbnails, one row per entry of ``rows``.
 
     Args:
@@ -357,14 +854,17 @@ def _grid(rows: list[list[np.ndarray | None]], labels: list[str], path: Path, *,
         gap_after: insert a ``GRID_GAP`` pixel blank band, with a thin grey rule in its middle,
             after this many columns.
         headers: texts above the columns before / after the gap (``gap_after`` required).
+        captions: per row, a text per thumbnail (up to two short lines), written in a
+            ``CAPTION`` pixel band under it; without them rows have no band.
 
     The figure is ``_grid_size(len(rows), columns, ...)`` pixels, one canvas pixel per figure
     pixel.
     """
     cell = THUMB + GRID_PAD
+    row_h = cell + (CAPTION if captions is not None else 0)
     gap = GRID_GAP if gap_after is not None else 0
     canvas_w = columns * cell + GRID_PAD + gap
-    canvas_h = len(rows) * cell + GRID_PAD
+    canvas_h = len(rows) * row_h + GRID_PAD
     canvas = np.full((canvas_h, canvas_w, 3), 255, np.uint8)
 
     def x_of(col: int) -> int:
@@ -374,23 +874,29 @@ def _grid(rows: list[list[np.ndarray | None]], labels: list[str], path: Path, *,
         for col, thumb in enumerate(thumbs[:columns]):
             if thumb is None:
                 continue
-            y0, x0 = GRID_PAD + r * cell, x_of(col)
+            y0, x0 = GRID_PAD + r * row_h, x_of(col)
             canvas[y0 : y0 + THUMB, x0 : x0 + THUMB] = thumb
     if gap_after is not None:
         mid = x_of(gap_after) - GRID_PAD // 2 - gap // 2
         canvas[:, mid - 1 : mid + 1] = 160
 
     dpi = 100
-    fig_w, fig_h = _grid_size(len(rows), columns, gap_after=gap_after, headers=headers is not None)
+    fig_w, fig_h = _grid_size(len(rows), columns, gap_after=gap_after, headers=headers is not None,
+                              captions=captions is not None)  # fmt: skip
     fig = plt.figure(figsize=(fig_w / dpi, fig_h / dpi), dpi=dpi)
     ax = fig.add_axes((GRID_LEFT / fig_w, GRID_BOTTOM / fig_h, canvas_w / fig_w, canvas_h / fig_h))
     ax.imshow(canvas, interpolation="nearest")
     ax.set_xticks([])
-    ax.set_yticks([GRID_PAD + r * cell + THUMB / 2 for r in range(len(rows))])
+    ax.set_yticks([GRID_PAD + r * row_h + THUMB / 2 for r in range(len(rows))])
     ax.set_yticklabels(labels, fontsize=8)
     ax.tick_params(length=0)
     for spine in ax.spines.values():
         spine.set_visible(False)
+    for r, texts in enumerate(captions or []):
+        for col, text in enumerate(texts[:columns]):
+            if text:
+                ax.text(x_of(col) + THUMB / 2, GRID_PAD + r * row_h + THUMB + 1, text, ha="center", va="top",
+                        fontsize=6.5, linespacing=1.1, color="#222222")  # fmt: skip
     if headers is not None and gap_after is not None:
         left = (x_of(0) + x_of(gap_after - 1) + THUMB) / 2
         right = (x_of(gap_after) + x_of(columns - 1) + THUMB) / 2
@@ -405,7 +911,6 @@ def _selection_section(run_dir: Path, manifest: dict, tables: _Tables) -> str:
         return title + "Not available: the `select` stage has not run."
     select_cfg = manifest.get("config", {}).get("select", {})
     counts = manifest.get("stages", {}).get("select", {}).get("counts") or {}
-    budget = ", ".join(f"{k}={v}" for k, v in _flatten(counts)) or "not recorded"
     cfg_budget = (f"ipc={select_cfg['ipc']}" if select_cfg.get("ipc") is not None
                   else f"pixel_fraction={select_cfg.get('pixel_fraction')}")
     selected = _selected_rows(run_dir, tables)
@@ -418,10 +923,19 @@ def _selection_section(run_dir: Path, manifest: dict, tables: _Tables) -> str:
         for c in sorted(set(sizes) | set(picked))
     ]
     rows.append(["total", str(sum(sizes.values())) if sizes else "", str(len(selected))])
+    got = []
+    if counts.get("selected") is not None:
+        of = f" of {_num(counts['available'])} available" if counts.get("available") is not None else ""
+        budget = f" (budget {_num(counts['budget_patches'])})" if counts.get("budget_patches") is not None else ""
+        got.append(f"{_num(counts['selected'])} patches selected{of}{budget}")
+    if counts.get("pixel_fraction") is not None:
+        got.append(f"pixel fraction of the corpus {counts['pixel_fraction']}")
+    if counts.get("feature_mmd") is not None:
+        got.append(f"feature MMD to the corpus {counts['feature_mmd']}")
     return title + (
         f"- method: `{select_cfg.get('method', 'unknown')}` (score `{select_cfg.get('score')}`)\n"
         f"- budget: {cfg_budget}\n"
-        f"- counts: {budget}\n\n"
+        f"- result: {', '.join(got) or 'not recorded'}\n\n"
         + _table(["cluster", "assigned patches", "selected"], rows)
     )
 
@@ -600,42 +1114,102 @@ def _loss_plot(log: list[dict], path: Path) -> bool:
     return True
 
 
-def _psnr_section(run_dir: Path) -> str:
-    title = "## PSNR / SSIM (Y channel)\n\n"
-    path = run_dir / "evaluate" / "results.json"
-    if not path.is_file():
-        return title + "Not available: the `evaluate` stage has not run."
-    results = json.loads(path.read_text())
-    rows_by_label: dict[str, list[dict]] = results.get("rows", {})
-    datasets: list[str] = []
-    for entries in rows_by_label.values():
-        for e in entries:
-            if e["dataset"] not in datasets:
-                datasets.append(e["dataset"])
-    n_images = {}
-    for entries in rows_by_label.values():
-        for e in entries:
-            n_images.setdefault(e["dataset"], e.get("n_images"))
-    base = {e["dataset"]: e["psnr_y"] for e in rows_by_label.get("bicubic", [])}
+# --------------------------------------------------------------------------- HTML
 
-    rows = []
-    for label, entries in rows_by_label.items():
-        by_ds = {e["dataset"]: e for e in entries}
-        cells = [
-            f"{by_ds[d]['psnr_y']:.2f} / {by_ds[d]['ssim_y']:.4f}" if d in by_ds else ""
-            for d in datasets
-        ]
-        gains = [by_ds[d]["psnr_y"] - base[d] for d in datasets if d in by_ds and d in base]
-        rows.append([label, *cells, f"{np.mean(gains):+.2f}" if gains else "n/a"])
-    headers = ["method"] + [
-        f"{d} (n={n_images[d]})" if n_images.get(d) else d for d in datasets
-    ] + ["mean gain vs bicubic (dB)"]
-    scale = results.get("scale")
-    return title + (
-        f"Scale x{scale}; cells are PSNR (dB) / SSIM, the gain column is the PSNR gain over "
-        "bicubic averaged over the datasets both were evaluated on.\n\n"
-        + _table(headers, rows)
-    )
+_CSS = """
+body { font-family: -apple-system, "Segoe UI", Helvetica, Arial, sans-serif; max-width: 1200px;
+       margin: 2em auto; padding: 0 1em; color: #222; line-height: 1.45; }
+h1 { border-bottom: 2px solid #ddd; padding-bottom: .2em; }
+h2 { border-bottom: 1px solid #eee; padding-bottom: .15em; margin-top: 1.8em; }
+table { border-collapse: collapse; margin: .8em 0; font-size: 90%; }
+th, td { border: 1px solid #ccc; padding: .25em .6em; text-align: left; vertical-align: top; }
+th { background: #f4f4f4; }
+tr:nth-child(even) td { background: #fafafa; }
+code { background: #f2f2f2; padding: 0 .25em; border-radius: 3px; font-size: 90%; }
+blockquote { border-left: 4px solid #d33; margin: .8em 0; padding: .2em 1em; background: #fff4f4; }
+img { max-width: 100%; height: auto; display: block; margin: .6em 0; }
+"""
+_INLINE = re.compile(r"!\[([^\]]*)\]\(([^)\s]+)\)|\[([^\]]+)\]\(([^)\s]+)\)|`([^`]+)`|\*\*(.+?)\*\*")
+
+
+def markdown_to_html(text: str, base_dir: Path, *, title: str = "report") -> str:
+    """A self-contained HTML page of the markdown ``text`` that ``write_report`` writes.
+
+    Handles that subset: ``#``/``##``/``###`` headings, paragraphs, ``- `` lists, ``> ``
+    quotes, pipe tables (``\\|`` for a literal pipe in a cell), and inline ``code``,
+    ``**bold**``, links and images. An image ``![alt](file.png)`` is read from ``base_dir`` and
+    embedded as a ``data:image/png;base64,...`` URI, so the page loads nothing else; an image
+    that cannot be read becomes its alt text. All other text is HTML-escaped.
+    """
+
+    def inline(s: str) -> str:
+        out, pos = [], 0
+        for m in _INLINE.finditer(s):
+            out.append(html.escape(s[pos : m.start()]))
+            alt, src, label, href, code, bold = m.groups()
+            if src is not None:
+                out.append(_img_tag(base_dir, src, alt))
+            elif href is not None:
+                out.append(f'<a href="{html.escape(href)}">{inline(label)}</a>')
+            elif code is not None:
+                out.append(f"<code>{html.escape(code)}</code>")
+            else:
+                out.append(f"<strong>{inline(bold)}</strong>")
+            pos = m.end()
+        out.append(html.escape(s[pos:]))
+        return "".join(out)
+
+    def cells(line: str) -> list[str]:
+        parts = re.split(r"(?<!\\)\|", line.strip())[1:-1]
+        return [inline(p.strip().replace("\\|", "|")) for p in parts]
+
+    body: list[str] = []
+    for block in re.split(r"\n\s*\n", text.strip()):
+        lines = block.splitlines()
+        first = lines[0]
+        heading = re.match(r"(#{1,6})\s+(.*)", first)
+        if heading and len(lines) == 1:
+            level = len(heading.group(1))
+            body.append(f"<h{level}>{inline(heading.group(2))}</h{level}>")
+        elif all(line.lstrip().startswith("|") for line in lines):
+            rows = [cells(line) for line in lines if not re.fullmatch(r"\s*\|(\s*:?-+:?\s*\|)+\s*", line)]
+            head, rest = rows[0], rows[1:]
+            body.append("<table><thead><tr>" + "".join(f"<th>{c}</th>" for c in head) + "</tr></thead><tbody>"
+                        + "".join("<tr>" + "".join(f"<td>{c}</td>" for c in r) + "</tr>" for r in rest)
+                        + "</tbody></table>")  # fmt: skip
+        elif all(line.startswith(">") for line in lines):
+            body.append("<blockquote>" + "<br>".join(inline(line[1:].strip()) for line in lines) + "</blockquote>")
+        elif all(line.startswith("- ") for line in lines):
+            body.append("<ul>" + "".join(f"<li>{inline(line[2:])}</li>" for line in lines) + "</ul>")
+        else:  # a paragraph, or a heading / list / text run without blank lines between
+            items: list[str] = []
+            for line in lines:
+                if line.startswith("- "):
+                    items.append(f"<li>{inline(line[2:])}</li>")
+                    continue
+                if items:
+                    body.append("<ul>" + "".join(items) + "</ul>")
+                    items = []
+                h = re.match(r"(#{1,6})\s+(.*)", line)
+                if h:
+                    body.append(f"<h{len(h.group(1))}>{inline(h.group(2))}</h{len(h.group(1))}>")
+                else:
+                    body.append(f"<p>{inline(line)}</p>")
+            if items:
+                body.append("<ul>" + "".join(items) + "</ul>")
+    return ("<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
+            f"<title>{html.escape(title)}</title>\n<style>{_CSS}</style>\n</head>\n<body>\n"
+            + "\n".join(body) + "\n</body>\n</html>\n")  # fmt: skip
+
+
+def _img_tag(base_dir: Path, src: str, alt: str) -> str:
+    """``<img>`` with the PNG ``base_dir/src`` inlined as a data URI, or ``alt`` (escaped) when
+    ``src`` is not a readable file name inside ``base_dir``."""
+    path = base_dir / src
+    if "/" in src or "\\" in src or not path.is_file():
+        return f"<em>[{html.escape(alt)}: {html.escape(src)} missing]</em>"
+    data = base64.b64encode(path.read_bytes()).decode("ascii")
+    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{data}">'
 
 
 # --------------------------------------------------------------------------- helpers
@@ -712,9 +1286,15 @@ class _Tables:
     def geometry(self, ids: list[str]) -> dict[str, dict]:
         """``patch_id`` -> ``{patch_id, source, x, y, size}`` for those of ``ids`` in the patch
         table ({} without one)."""
+        return self.rows(ids, [])
+
+    def rows(self, ids: list[str], extra: list[str]) -> dict[str, dict]:
+        """``patch_id`` -> ``{patch_id, source, x, y, size, *extra}`` for those of ``ids`` in the
+        patch table ({} without one); ``extra`` names not in the patch table are left out."""
         if not ids:
             return {}
-        table = self.patches(["patch_id", *_GEOMETRY],
+        extra = [c for c in extra if c in _PATCH_COLUMNS.names and c not in ("patch_id", *_GEOMETRY)]
+        table = self.patches(["patch_id", *_GEOMETRY, *extra],
                              filter=pads.field("patch_id").isin(pa.array(ids, pa.string())))  # fmt: skip
         return {} if table is None else {r["patch_id"]: r for r in table.to_pylist()}
 
@@ -777,25 +1357,6 @@ def _read_provenance(path: Path) -> list[dict]:
             except (KeyError, TypeError, ValueError):
                 continue
     return [r for r in rows if r.get("file")]
-
-
-def _status(entry: dict) -> str:
-    status = str(entry.get("status", "unknown"))
-    if entry.get("skipped") or status in _SKIPPED_STATUSES:
-        return "skipped (up to date)"
-    return status
-
-
-def _flatten(d: dict, prefix: str = "") -> list[tuple[str, Any]]:
-    """Nested dict -> ``[("a.b", value), ...]`` in insertion order."""
-    out: list[tuple[str, Any]] = []
-    for key, value in d.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            out += _flatten(value, name + ".")
-        else:
-            out.append((name, value))
-    return out
 
 
 def _cell(value: Any) -> str:

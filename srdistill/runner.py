@@ -42,7 +42,7 @@ if TYPE_CHECKING:  # torch/transformers are imported only by the embedding and s
     from .complexity import VitSource
     from .embedding import ClipSource
 
-__all__ = ["init_ray", "shutdown_ray", "ray_info", "cluster_gpus", "actor_gpus", "resolve_use_gpu",
+__all__ = ["init_ray", "route_ray_logs", "shutdown_ray", "ray_info", "cluster_gpus", "actor_gpus", "resolve_use_gpu",
            "plan_placement", "run_task", "map_images", "map_shards", "mine_plan", "embed_parts_ray",
            "complexity_parts_ray", "train_ray", "meta_train_ray",
            "map_tasks", "encode_patches_ray", "finetune_ray", "synthesize_ray"]
@@ -59,14 +59,20 @@ def init_ray(cfg: RayConfig) -> None:
     ``cfg.num_gpus`` GPUs (None: all it detects). With either, it joins that cluster, passing
     no resource counts (a cluster's resources are its own).
 
+    Ray's output stays off the console: the workers' stdout/stderr are not forwarded
+    (``log_to_driver=False``; they stay in the session's log files) and the driver's Ray log
+    records go to the root logger (``route_ray_logs``).
+
     Raises:
         ConnectionError: the address given cannot be reached (from ``ray.init``).
     """
     global _JOINED
     import ray
+    import ray.data  # configures the "ray.data" logger on import: routed below with "ray"
 
     if ray.is_initialized():
         return
+    route_ray_logs()
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # local runs need no token file
     address = cfg.address or os.environ.get("RAY_ADDRESS") or None
     kwargs: dict = {"ignore_reinit_error": True, "log_to_driver": False}
@@ -76,11 +82,32 @@ def init_ray(cfg: RayConfig) -> None:
         kwargs.update(address="local", num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus, include_dashboard=False)
     ray.init(**kwargs)
     _JOINED = bool(address)
-    import ray.data
-
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False  # one bar per stage of our own (``_progress``) instead
-    logging.getLogger("ray.data").setLevel(logging.WARNING)
+
+
+#: The driver-side loggers Ray gives console handlers of its own (``ray`` at import,
+#: ``ray.data`` when ``ray.data`` is imported); ``ray.train`` and the others propagate to ``ray``.
+RAY_LOGGERS = ("ray", "ray.data")
+
+
+def route_ray_logs() -> None:
+    """Send the driver's Ray log records ("Started a local Ray instance", Ray Data's "Progress
+    bars disabled" and execution plans, Ray Train's status) to the root logger like any
+    library's, instead of Ray's own console handlers: the CLI writes them to the run's
+    ``run.log`` and shows only errors (``cli``). Ray's file handlers (the session's
+    ``ray-data.log``) are kept. Idempotent.
+
+    Not covered (no Python logging): the C++ core worker of the driver, which writes its
+    ERROR lines to the process's stderr itself (e.g. ``core_worker.cc ... has constructor
+    arguments in the object store``, logged for every Ray Data actor, ray-project/ray#57733).
+    """
+    for name in RAY_LOGGERS:
+        logger = logging.getLogger(name)
+        for handler in list(logger.handlers):
+            if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
+                logger.removeHandler(handler)
+        logger.propagate = True
 
 
 def _progress(total: int, desc: str, unit: str) -> tqdm:
@@ -500,8 +527,8 @@ def _train_worker(config: dict) -> None:
         resume_from=resume,
     )
     local = Path(tempfile.mkdtemp(prefix=f"srdistill-train-rank{dp.rank}-"))
-    if resume is not None and dp.rank == 0 and (resume.parent / "log.jsonl").is_file():
-        shutil.copy2(resume.parent / "log.jsonl", local / "log.jsonl")  # keep the whole history
+    if resume is not None and dp.rank == 0:
+        _keep_history(resume.parent, local)
     if config.get("meta"):
         from .mzsr import meta_train
 
@@ -593,11 +620,23 @@ def meta_train_ray(cfg: MZSRConfig, hr_images: list[str], out_dir: Path, *, init
     return _copy_final(result, out_dir)
 
 
+def _keep_history(src: Path, dst: Path) -> None:
+    """Copy ``log.jsonl`` and the ``tensorboard/`` event files, where ``src`` has them, into
+    ``dst``: a restored worker keeps the whole history."""
+    if (src / "log.jsonl").is_file():
+        shutil.copy2(src / "log.jsonl", dst / "log.jsonl")
+    if (src / "tensorboard").is_dir():
+        shutil.copytree(src / "tensorboard", dst / "tensorboard", dirs_exist_ok=True)
+
+
 def _copy_final(result, out_dir: Path) -> Path:
-    """Copy the final model, its resumable state and the log from a Ray Train result."""
+    """Copy the final model, its resumable state, the log and the TensorBoard event files (if
+    any) from a Ray Train result."""
     with result.checkpoint.as_directory() as ckpt:
         for name in ("model.safetensors", "last.safetensors", "log.jsonl"):
             shutil.copy2(Path(ckpt) / name, out_dir / name)
+        if (Path(ckpt) / "tensorboard").is_dir():
+            shutil.copytree(Path(ckpt) / "tensorboard", out_dir / "tensorboard", dirs_exist_ok=True)
     return out_dir / "model.safetensors"
 
 
@@ -686,12 +725,12 @@ def _finetune_worker(config: dict) -> None:
     restored = ray.train.get_checkpoint()
     resume = Path(restored.to_directory()) if restored else None
     local = Path(tempfile.mkdtemp(prefix=f"srdistill-finetune-rank{rank}-"))
-    if resume is not None and rank == 0 and (resume / "log.jsonl").is_file():
-        shutil.copy2(resume / "log.jsonl", local / "log.jsonl")  # keep the whole history
+    if resume is not None and rank == 0:
+        _keep_history(resume, local)
 
     def report(metrics: dict, checkpoint_dir: Path | None) -> None:
-        if rank == 0 and checkpoint_dir is not None and (local / "log.jsonl").is_file():
-            shutil.copy2(local / "log.jsonl", checkpoint_dir / "log.jsonl")
+        if rank == 0 and checkpoint_dir is not None:
+            _keep_history(local, checkpoint_dir)
         ckpt = ray.train.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
         ray.train.report(metrics, checkpoint=ckpt)
 
@@ -731,8 +770,7 @@ def finetune_ray(cfg: FinetuneConfig, encoded_dir: Path, out_dir: Path, *, num_c
         if (out_dir / "model").exists():
             shutil.rmtree(out_dir / "model")
         shutil.copytree(Path(ckpt) / "model", out_dir / "model")
-        if (Path(ckpt) / "log.jsonl").is_file():
-            shutil.copy2(Path(ckpt) / "log.jsonl", out_dir / "log.jsonl")
+        _keep_history(Path(ckpt), out_dir)
     return out_dir / "model"
 
 

@@ -20,6 +20,8 @@ Files written in ``out_dir``:
   resumed run); with ``cfg.curriculum.enabled`` also one line at the start of each stage (see
   ``train_sr``); a resumed run one ``{"step": S, "resumed_from_step": S, "iterations",
   "elapsed_s", "checkpoint"}`` line where it resumed (also announced on stderr).
+* ``tensorboard/`` (``cfg.tensorboard``): TensorBoard event files of the ``log.jsonl`` metrics
+  (``train/loss``, ``train/lr``, ``train/elapsed_s``, ``train/val_psnr_y``) at their steps.
 
 Every file is written mode ``0o666 & ~umask`` (0644), safetensors' own 0600 included.
 """
@@ -51,7 +53,9 @@ from srdistill.models import ARCHS, build_model
 
 __all__ = [
     "DataParallel",
+    "ScalarLog",
     "lr_at",
+    "require_tensorboard",
     "train_sr",
     "sample_batch",
     "save_checkpoint",
@@ -97,6 +101,54 @@ def announce(message: str) -> None:
     """One line on the console (stderr, above any tqdm bar) and in the log."""
     tqdm.write(message, file=sys.stderr)
     log.info(message)
+
+
+def require_tensorboard(option: str) -> type:
+    """``torch.utils.tensorboard.SummaryWriter``, for the config field ``option`` that asks for it.
+
+    Raises:
+        ImportError: one line naming ``option`` and ``pip install tensorboard``, when the
+            ``tensorboard`` package (which ``torch.utils.tensorboard`` needs) cannot be imported.
+    """
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as exc:
+        raise ImportError(f"{option}: true needs the tensorboard package ({exc}); run: pip install tensorboard "
+                          "(or pip install 'srdistill[tensorboard]'), or set it false") from None  # fmt: skip
+    return SummaryWriter
+
+
+class ScalarLog:
+    """TensorBoard scalars of a training loop's log rows, or nothing (``log_dir`` None).
+
+    ``add(row)`` writes every number of a ``log.jsonl`` row but ``step`` as a scalar at
+    ``row["step"]``, tagged ``f"{prefix}/{key}"``; a resumed run (``start_step`` > 0) first drops
+    the events a killed run wrote after ``start_step`` (``purge_step``). Event files go to
+    ``log_dir`` (created), flushed on every ``add``.
+
+    Raises:
+        ImportError: ``log_dir`` given and tensorboard missing (``require_tensorboard(option)``).
+    """
+
+    def __init__(self, log_dir: Path | None, prefix: str, *, option: str, start_step: int = 0):
+        self.prefix = prefix
+        self.writer = None
+        if log_dir is not None:
+            writer_cls = require_tensorboard(option)
+            # a resumed run redoes the steps after start_step: drop those a killed run logged
+            self.writer = writer_cls(log_dir=str(log_dir), purge_step=start_step + 1 if start_step else None)
+
+    def add(self, row: dict) -> None:
+        if self.writer is None:
+            return
+        for key, value in row.items():
+            if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
+                self.writer.add_scalar(f"{self.prefix}/{key}", value, global_step=int(row["step"]))
+        self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
 
 
 def resolve_device(device: str) -> torch.device:
@@ -252,7 +304,7 @@ def train_sr(
         hr_images: HR image files; those smaller than the HR crop are skipped with a warning
             (recorded in the model metadata as ``skipped_images``).
         out_dir: created if missing; holds ``model.safetensors``, ``last.safetensors``,
-            ``log.jsonl`` (rank 0).
+            ``log.jsonl`` and, with ``cfg.tensorboard``, ``tensorboard/`` (rank 0).
         progress: show a tqdm progress bar (rank 0).
         dp: data-parallel context (see ``DataParallel``); one process by default.
 
@@ -263,6 +315,7 @@ def train_sr(
         ValueError: no usable image, ``last.safetensors`` belongs to another arch/scale, or
             the curriculum cannot score the images (``curriculum.image_complexity``).
         imaging.ImageReadError: an image cannot be read.
+        ImportError: ``cfg.tensorboard`` without the tensorboard package (``require_tensorboard``).
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -343,6 +396,8 @@ def train_sr(
             save_checkpoint(ema.module if ema else net, final, arch=cfg.model, scale=scale,
                             model_kwargs=model_kwargs, extra=extra)  # fmt: skip
 
+    tb = ScalarLog(out_dir / "tensorboard" if lead and cfg.tensorboard else None, "train",
+                   option="train.tensorboard", start_step=step)  # fmt: skip
     model.train()
     bar = tqdm(total=cfg.iterations, initial=min(step, cfg.iterations), disable=not (progress and lead),
                desc=f"train {cfg.model} x{scale}", mininterval=0.5 if sys.stderr.isatty() else 30)  # fmt: skip
@@ -410,6 +465,7 @@ def train_sr(
                 if lead and cfg.val_every and (step % cfg.val_every == 0 or step == cfg.iterations):
                     metrics["val_psnr_y"] = _validate(ema.module if ema else net, cfg, scale, device)
                 note(metrics)
+                tb.add(metrics)
                 bar.set_postfix({k: f"{v:.4g}" for k, v in metrics.items() if k in ("loss", "val_psnr_y")})
             if step % cfg.checkpoint_every == 0 or step == cfg.iterations:
                 if lead:
@@ -418,6 +474,7 @@ def train_sr(
                     dp.report({**metrics, "step": step}, out_dir if lead else None)
     finally:
         bar.close()
+        tb.close()
         if log_file:
             log_file.close()
 

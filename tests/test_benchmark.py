@@ -71,7 +71,7 @@ def test_quality_bench_runs_every_arm_and_resumes(tmp_path, ray_local):
 
     r = CliRunner().invoke(app, ["bench", "quality", "--out", str(tmp_path / "bench"), "--preset", "tiny",
                                  "--allow-random-init", "--iterations", "3", "--corpus", str(corpus),
-                                 "--budgets", "20%,ipc1", "--seeds", "0,1", "--datasets", "Set5"])  # fmt: skip
+                                 "--budgets", "20%,ipc1", "--seeds", "0,1", "--dataset", "Set5"])  # fmt: skip
     assert r.exit_code == 0, r.output
     assert (tmp_path / "bench" / "quality.png").is_file()
     text = (tmp_path / "bench" / "results.md").read_text()

@@ -436,7 +436,7 @@ def test_cli_data_list(env, tmp_path, monkeypatch):
 def test_cli_data_get(server, env, tmp_path, monkeypatch):
     monkeypatch.setitem(datasets.CATALOG, "Tiny", _tiny(server))
     runner = CliRunner()
-    result = runner.invoke(app, ["data", "get", "Tiny", "--dest", str(tmp_path / "d")])
+    result = runner.invoke(app, ["data", "get", "Tiny", "--out", str(tmp_path / "d")])
     assert result.exit_code == 0, result.output
     assert "3 images in" in result.output and "not searched by default" in result.output
     assert len(list((tmp_path / "d" / "Tiny" / "HR").glob("*.png"))) == 3
@@ -449,6 +449,6 @@ def test_cli_data_get(server, env, tmp_path, monkeypatch):
     result = runner.invoke(app, ["data", "get", "Manga109"])
     assert result.exit_code == 2 and "manga109.org" in result.output
     server.override["/tiny.zip"] = b"not the archive"
-    result = runner.invoke(app, ["data", "get", "Tiny", "--dest", str(tmp_path / "e")])
+    result = runner.invoke(app, ["data", "get", "Tiny", "--out", str(tmp_path / "e")])
     assert result.exit_code == 2 and "checksum mismatch" in result.output
     assert "error:" in result.output and len([x for x in result.output.splitlines() if "error" in x]) == 1

@@ -192,7 +192,7 @@ def test_cli_train_then_eval(tmp_path):
     for f in sorted(T91.glob("*.png"))[:3]:
         shutil.copy(f, data / f.name)
     out = tmp_path / "model"
-    r = CliRunner().invoke(app, ["train", "--data", str(data), "--out", str(out), "--preset", "tiny",
+    r = CliRunner().invoke(app, ["train", "--input", str(data), "--out", str(out), "--preset", "tiny",
                                  "--iterations", "5", "--scale", "3"])  # fmt: skip
     assert r.exit_code == 0, r.output
     assert (out / "model.safetensors").is_file() and len((out / "log.jsonl").read_text().splitlines()) >= 1

@@ -122,8 +122,9 @@ def test_unknown_until_gets_a_close_match(corpus, tmp_path, ray_sentinel):
 
 
 @pytest.mark.parametrize("args, needle", [
-    (["--device", "gpu"], "--device 'gpu'"),
-    (["--scale", "1"], "--scale 1"),
+    (["--device", "gpu"], "--device 'gpu' is not one of: auto, cpu, cuda"),
+    (["--scale", "1"], "--scale '1' is not one of: 2, 3, 4, 8"),
+    (["--scale", "5"], "--scale '5' is not one of: 2, 3, 4, 8"),
 ])  # fmt: skip
 def test_eval_scale_and_device_choices(args, needle):
     base = {"--device": ["--scale", "2"], "--scale": []}[args[0]]
@@ -132,8 +133,8 @@ def test_eval_scale_and_device_choices(args, needle):
 
 
 def test_train_scale_zero_is_not_ignored(tmp_path):
-    result = CliRunner().invoke(app, ["train", "--data", str(T91), "--out", str(tmp_path / "o"), "--scale", "0"])
-    assert result.exit_code == 2 and "--scale 0" in result.output
+    result = CliRunner().invoke(app, ["train", "--input", str(T91), "--out", str(tmp_path / "o"), "--scale", "0"])
+    assert result.exit_code == 2 and "--scale '0'" in result.output
     assert not (tmp_path / "o").exists()
 
 

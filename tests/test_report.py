@@ -124,8 +124,8 @@ def _full_run(run_dir: Path, *, semantic: bool) -> None:
             {"dataset": "Set14", "psnr_y": 31.10, "ssim_y": 0.88123, "n_images": 14}],
     }}
     (run_dir / "evaluate" / "results.json").write_text(json.dumps(results))
-    stages = {"mine": _stage(1.5, images=3, patches=len(patches), kept=len(kept)),
-              "embed": _stage(2.0, embedded=len(kept)),
+    stages = {"mine": _stage(1.5, images_mined=3, patches=len(patches), patches_kept=len(kept)),
+              "embed": _stage(2.0, patches=len(kept), dim=512),
               "cluster": _stage(0.3, k=k),
               "select": {**_stage(0.1, selected=len(selected), ipc=10), "status": "skipped"},
               "evaluate": _stage(4.0, datasets=2)}
@@ -150,10 +150,13 @@ def test_full_report(tmp_path):
         assert heading in md
     assert "not semantic" in md.lower()
     assert "config preset: `tiny`" in md
-    # stages table: done, skipped, not run, and flattened counts
-    assert "| mine | done | 1.5 | images=3, patches=" in md
-    assert "| select | skipped (up to date) |" in md
-    assert "| train | not run |" in md
+    # stages table: done, skipped, not reached, disabled, and counts in short columns
+    n_patches = json.loads((tmp_path / "manifest.json").read_text())["stages"]["mine"]["counts"]["patches"]
+    assert f"| mine | done | 1.5 | 3 images | {n_patches} patches, 18 kept |  |" in md
+    assert "| embed | done | 2.0 | 18 patches | 512-d embeddings |" in md
+    assert "| select | skipped (up to date) | 0.1 |  | 18 selected |" in md
+    assert "| train | not reached |  |  |  |  |" in md
+    assert "| complexity | disabled |" in md and "| finetune | disabled |" in md
     assert "broken.png" in md and "not an image file" in md
     # PSNR table: cells with 2 / 4 decimals and the mean gain over bicubic
     assert "| bicubic | 33.66 / 0.9299 | 30.24 / 0.8688 | +0.00 |" in md
@@ -182,7 +185,7 @@ def test_report_after_mine_only(tmp_path):
 
     md = write_report(tmp_path).read_text()
     assert "## Skipped inputs\n\nnone" in md
-    assert "| embed | not run |" in md
+    assert "| embed | not reached |" in md
     assert "the `select` stage has not run" in md
     assert "the `evaluate` stage has not run" in md
     _assert_png(tmp_path / "report" / "scores.png")
@@ -304,7 +307,7 @@ def test_synth_report(tmp_path):
     assert "## Synthesis" in md and "## Selection" not in md
     assert "the `select` stage has not run" not in md
     assert "A `synth` run has no `select` stage" in md
-    assert "| select | n/a (synth run) |" in md and "| finetune | done |" in md
+    assert "| select | disabled |" in md and "| finetune | done | 9.0 |" in md
     assert ("- backbone: `dit` (pretrained DiT from `/models/DiT-XL-2-256`, VAE "
             "`/models/DiT-XL-2-256/vae`), trainable `difffit`: 1,234,567 of 675,129,632 "
             "parameters trainable (0.18%)") in md
@@ -368,7 +371,7 @@ def test_synth_report_before_synthesize(tmp_path):
     _synth_run(tmp_path, synthesized=False)
     md = write_report(tmp_path).read_text()
     assert "## Synthesis\n\nNot available: the `synthesize` stage has not run.\n" in md
-    assert "| synthesize | not run |" in md
+    assert "| synthesize | not reached |" in md
     assert "## Selection" not in md and "the `select` stage has not run" not in md
     assert "once `synthesize` has run" in md
     assert not (tmp_path / "report" / "synthesis.png").exists()
@@ -379,12 +382,12 @@ def test_coreset_report_has_no_synthesis(tmp_path):
     _full_run(tmp_path, semantic=True)
     md = write_report(tmp_path).read_text()
     assert "## Synthesis" not in md and "synthesize` stage" not in md
-    assert "## Selection" in md and "![selected patches per cluster](clusters.png)" in md
-    assert "| encode | n/a (coreset run) |" in md
+    assert "## Selection" in md and "![random members | selected patches, per cluster](clusters.png)" in md
+    assert "| encode | disabled |" in md
     assert not (tmp_path / "report" / "synthesis.png").exists()
     assert not (tmp_path / "report" / "finetune_loss.png").exists()
-    with Image.open(tmp_path / "report" / "clusters.png") as im:
-        assert im.size == _grid_size(3, 8)
+    with Image.open(tmp_path / "report" / "clusters.png") as im:  # 4 random members | 4 selected
+        assert im.size == _grid_size(3, 8, gap_after=4, headers=True, captions=True)
 
 
 def test_skipped_inputs_beyond_the_manifest_list(tmp_path):
@@ -448,3 +451,249 @@ def test_mine_without_parts_is_an_empty_table(tmp_path):
     _manifest(tmp_path, semantic=True, stages={"mine": _stage(0.1, patches=0)})
     md = write_report(tmp_path).read_text()
     assert "The patch table is empty" in md
+
+
+# --------------------------------------------------------------------------- a real tiny run
+
+import base64  # noqa: E402
+import re  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+
+from conftest import copy_t91, encoded_set  # noqa: E402
+from srdistill import diffusion as D  # noqa: E402
+from srdistill.config import FinetuneConfig, TrainConfig, load_config  # noqa: E402
+from srdistill.pipeline import run_pipeline  # noqa: E402
+from srdistill.report import CROP_MARGIN, CROPS_PER_SET, _busiest_window, markdown_to_html  # noqa: E402
+from srdistill.training import train_sr  # noqa: E402
+
+TINY = ["embed.allow_random_init=true", "train.val_every=10"]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory, ray_local):
+    """A whole ``tiny`` pipeline run (clip-kmeans, ESPCN 20 steps validated every 10, Set5) on
+    five real T91 images: ``(run_dir, cfg, manifest)``."""
+    root = tmp_path_factory.mktemp("tiny")
+    cfg = load_config("tiny", overrides=TINY)
+    manifest = run_pipeline(copy_t91(root / "in", 5), root / "run", cfg, preset="tiny", log=lambda s: None)
+    return root / "run", cfg, manifest
+
+
+def _md_table_rows(md: str, heading: str) -> list[str]:
+    """The table lines of the section that starts with ``heading``."""
+    section = md.split(heading, 1)[1].split("\n## ", 1)[0]
+    return [line for line in section.splitlines() if line.startswith("| ")]
+
+
+@pytest.mark.slow
+def test_report_of_a_real_run(tiny_run):
+    run_dir, cfg, manifest = tiny_run
+    report = run_dir / "report"
+    md = (report / "report.md").read_text()
+    results = json.loads((run_dir / "evaluate" / "results.json").read_text())
+    label = "espcn (clip-kmeans)"
+    (bic,), (model,) = results["rows"]["bicubic"], results["rows"][label]
+
+    # stage states: every stage of a clip-kmeans run done, the others disabled; short cells
+    for stage in ("plan", "mine", "embed", "cluster", "select", "train", "evaluate"):
+        assert re.search(rf"^\| {stage} \| done \| \d+\.\d \|", md, re.M), stage
+    for stage in ("complexity", "align", "encode", "finetune", "synthesize"):
+        assert f"| {stage} | disabled |  |  |  |  |" in md
+    n_sel = manifest["stages"]["select"]["counts"]["selected"]
+    assert f"| {n_sel} selected | `clip-kmeans`; pixel fraction" in md
+    assert all(len(line) < 160 for line in _md_table_rows(md, "## Stages"))
+
+    # per-image PSNR / SSIM: exactly the rows of results.json, in its order
+    base = {r["name"]: r for r in bic["per_image"]}
+    want = [f"| {r['name']} | {base[r['name']]['psnr_y']:.2f} / {base[r['name']]['ssim_y']:.4f} | "
+            f"{r['psnr_y']:.2f} / {r['ssim_y']:.4f} | {r['psnr_y'] - base[r['name']]['psnr_y']:+.2f} |"
+            for r in model["per_image"]]
+    assert _md_table_rows(md, "## Set5: bicubic vs")[1:] == want  # after the header
+
+    # crops of the images where the model differs most from bicubic, one row each
+    assert "![Set5: HR / bicubic / model crops](crops_Set5.png)" in md
+    _assert_png(report / "crops_Set5.png")
+    gains = sorted(model["per_image"], key=lambda r: -abs(r["psnr_y"] - base[r["name"]]["psnr_y"]))
+    where = re.search(r"top-left corner: (.*?)\)\. ", md).group(1) + ")"
+    shown = re.findall(r"(\w+) \((\d+), (\d+)\)", where)
+    assert [name for name, _, _ in shown] == [r["name"] for r in gains[:CROPS_PER_SET]]
+    for _, x, y in shown:  # clear of the image edge
+        assert int(x) >= CROP_MARGIN and int(y) >= CROP_MARGIN
+    with Image.open(report / "crops_Set5.png") as im:
+        w, h = im.size
+    assert w > 800 and CROPS_PER_SET * 200 < h < CROPS_PER_SET * 300
+
+    # training curves: loss and validation PSNR from train/log.jsonl
+    log = [json.loads(x) for x in (run_dir / "train" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [10, 20]
+    assert "![training loss and validation PSNR](curves.png)" in md
+    assert (f"validation PSNR on Set5 (Y): {log[-1]['val_psnr_y']:.2f} dB at step 20") in md
+    assert f"bicubic {bic['psnr_y']:.2f} dB" in md
+    _assert_png(report / "curves.png")
+    with Image.open(report / "curves.png") as im:
+        assert im.size == (1100, 360)  # two panels: loss | validation PSNR
+    assert not (run_dir / "train" / "tensorboard").exists()  # train.tensorboard is off
+
+    # the selection: random members | selected, with captions
+    assert "![random members | selected patches, per cluster](clusters.png)" in md
+    _assert_png(report / "clusters.png")
+
+
+@pytest.mark.slow
+def test_html_report_is_self_contained(tiny_run):
+    run_dir, _, _ = tiny_run
+    page = (run_dir / "report" / "report.html").read_text()
+    md = (run_dir / "report" / "report.md").read_text()
+    assert page.startswith("<!DOCTYPE html>") and "</html>" in page
+    assert "<h2>Stages</h2>" in page and "<td>disabled</td>" in page and "<th>state</th>" in page
+    assert not re.search(r"""(?:href|src)\s*=\s*["'](?!data:)""", page), "a link to another file"
+    assert "<link" not in page and "<script" not in page and "url(" not in page
+    images = re.findall(r'<img alt="([^"]*)" src="data:image/png;base64,([A-Za-z0-9+/=]+)">', page)
+    files = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md)
+    assert len(images) == len(files) == page.count("<img ") >= 4
+    for (_, data), name in zip(images, files):
+        assert base64.b64decode(data) == (run_dir / "report" / name).read_bytes(), name
+
+
+def test_markdown_to_html_escapes_and_inlines(tmp_path):
+    Image.new("RGB", (4, 3), (255, 0, 0)).save(tmp_path / "a.png")
+    md = ("# T <x>\n\n- a `b|c` **d**\n- e\n\n> **W** & z\n\n| h1 | h2 |\n|---|---|\n| a \\| b | `c` |\n\n"
+          "![pic](a.png)\n\n![gone](nope.png) and ![up](../a.png)")
+    page = markdown_to_html(md, tmp_path, title="t")
+    assert "<h1>T &lt;x&gt;</h1>" in page
+    assert "<ul><li>a <code>b|c</code> <strong>d</strong></li><li>e</li></ul>" in page
+    assert "<blockquote><strong>W</strong> &amp; z</blockquote>" in page
+    assert "<tr><td>a | b</td><td><code>c</code></td></tr>" in page and "<th>h1</th>" in page
+    data = base64.b64encode((tmp_path / "a.png").read_bytes()).decode()
+    assert f'<img alt="pic" src="data:image/png;base64,{data}">' in page
+    assert "nope.png missing" in page and "../a.png missing" in page and page.count("<img") == 1
+
+
+@pytest.mark.slow
+def test_run_dir_provenance(tiny_run):
+    run_dir, cfg, manifest = tiny_run
+    assert load_config(config_file=run_dir / "config.yaml") == cfg  # the resolved config round-trips
+    on_disk = json.loads((run_dir / "manifest.json").read_text())
+    assert on_disk["config"] == cfg.model_dump(mode="json")
+    for name in ("srdistill", "torch", "ray", "diffusers", "transformers", "faiss", "numpy"):
+        assert on_disk["versions"][name] not in ("", None), name
+    assert on_disk["versions"]["numpy"] == np.__version__
+    package = Path(__import__("srdistill").__file__).resolve().parent
+    try:
+        top, head = subprocess.run(["git", "-C", str(package), "rev-parse", "--show-toplevel", "HEAD"],
+                                   capture_output=True, text=True, check=True, timeout=10).stdout.split()
+    except (OSError, subprocess.SubprocessError):
+        top = head = None
+    if top is not None and (Path(top) / "srdistill").resolve() == package:
+        assert on_disk["git_commit"] == head and isinstance(on_disk["git_dirty"], bool)
+    else:
+        assert on_disk["git_commit"] is None
+    md = (run_dir / "report" / "report.md").read_text()
+    assert "- versions: torch " in md and "resolved config: `config.yaml`" in md
+    assert ("- git commit: `" in md) == bool(on_disk["git_commit"])
+
+
+@pytest.mark.slow
+def test_stages_not_reached_with_until(tmp_path, ray_local):
+    cfg = load_config("tiny", overrides=TINY)
+    run_pipeline(copy_t91(tmp_path / "in", 3), tmp_path / "run", cfg, until="mine", log=lambda s: None)
+    md = (tmp_path / "run" / "report" / "report.md").read_text()
+    assert re.search(r"^\| mine \| done \| [\d.]+ \| 3 images \| \d+ patches, \d+ kept \|", md, re.M)
+    for stage in ("embed", "cluster", "select", "train", "evaluate"):
+        assert f"| {stage} | not reached |  |  |  |  |" in md
+    for stage in ("complexity", "align", "encode", "finetune", "synthesize"):
+        assert f"| {stage} | disabled |" in md
+    assert "the `train` stage has not run" in md and "the `evaluate` stage has not run" in md
+    assert (tmp_path / "run" / "report" / "report.html").is_file()
+    assert not list((tmp_path / "run" / "report").glob("crops_*.png"))
+
+
+def test_busiest_window():
+    diff = np.zeros((100, 120), np.float32)
+    diff[40:60, 70:90] = 1.0  # the hot spot
+    diff[:, :3] = 50.0  # the border, which PSNR ignores
+    x, y, side = _busiest_window(diff, 20, border=4, step=1)
+    assert (x, y, side) == (70, 40, 20)
+    assert _busiest_window(diff, 500, border=4)[2] == 92  # at most the image inside the border
+    assert _busiest_window(np.ones((5, 5)), 96, border=0) == (0, 0, 5)
+
+
+# --------------------------------------------------------------------------- TensorBoard
+
+def _scalars(log_dir: Path, tag: str) -> list[tuple[int, float]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(log_dir))
+    acc.Reload()
+    return [(e.step, e.value) for e in acc.Scalars(tag)]
+
+
+def _train_cfg(**kw) -> TrainConfig:
+    return TrainConfig(model="espcn", iterations=4, batch_size=2, lr_patch=8, log_every=2, checkpoint_every=2, **kw)
+
+
+def test_train_tensorboard_event_files(tmp_path):
+    pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+    train_sr(_train_cfg(tensorboard=True, val_every=4), 2, SOURCES[:2], tmp_path, progress=False)
+    files = list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+    assert len(files) == 1 and files[0].stat().st_size > 0
+    log = [json.loads(x) for x in (tmp_path / "log.jsonl").read_text().splitlines()]
+    got = _scalars(tmp_path / "tensorboard", "train/loss")
+    assert [s for s, _ in got] == [2, 4]
+    assert np.allclose([v for _, v in got], [r["loss"] for r in log], rtol=1e-6)
+    (val,) = _scalars(tmp_path / "tensorboard", "train/val_psnr_y")
+    assert val[0] == 4 and val[1] == pytest.approx(log[-1]["val_psnr_y"], rel=1e-6)
+
+
+def test_finetune_tensorboard_event_files(tmp_path):
+    pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+    cfg = FinetuneConfig(resolution=16, unet_channels=(16, 32), iterations=3, batch_size=2, log_every=1,
+                         checkpoint_every=3, tensorboard=True)  # fmt: skip
+    D.finetune(cfg, D.build_backbone(cfg, 3), encoded_set(tmp_path), tmp_path / "ft", progress=False)
+    log = [json.loads(x) for x in (tmp_path / "ft" / "log.jsonl").read_text().splitlines()]
+    for tag in ("loss", "simple", "images_per_s"):
+        got = _scalars(tmp_path / "ft" / "tensorboard", f"finetune/{tag}")
+        assert [s for s, _ in got] == [1, 2, 3]
+        assert np.allclose([v for _, v in got], [r[tag] for r in log], rtol=1e-6)
+
+
+def test_tensorboard_missing_is_one_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # as without the package
+    with pytest.raises(ImportError, match=r"train\.tensorboard: true needs the tensorboard package.*pip install"):
+        train_sr(_train_cfg(tensorboard=True), 2, SOURCES[:2], tmp_path / "a", progress=False)
+    train_sr(_train_cfg(), 2, SOURCES[:2], tmp_path / "b", progress=False)  # off: no tensorboard needed
+    assert (tmp_path / "b" / "model.safetensors").is_file() and not (tmp_path / "b" / "tensorboard").exists()
+    cfg = FinetuneConfig(resolution=16, unet_channels=(16, 32), iterations=1, batch_size=2, tensorboard=True)
+    with pytest.raises(ImportError, match=r"finetune\.tensorboard: true .*pip install tensorboard"):
+        D.finetune(cfg, D.build_backbone(cfg, 3), encoded_set(tmp_path), tmp_path / "ft", progress=False)
+    # the pipeline says so before it starts Ray or writes the run directory
+    cfg = load_config("tiny", overrides=[*TINY, "train.tensorboard=true"])
+    with pytest.raises(ImportError, match=r"train\.tensorboard: true .*pip install tensorboard"):
+        run_pipeline(copy_t91(tmp_path / "in", 1), tmp_path / "run", cfg, log=lambda s: None)
+    assert not (tmp_path / "run").exists()
+
+
+def test_tensorboard_does_not_change_the_fingerprints():
+    """``tensorboard`` only adds event files: switching it on retrains nothing."""
+    from srdistill.pipeline import stage_config
+
+    on = load_config("tiny", overrides=["train.tensorboard=true", "finetune.tensorboard=true"])
+    for stage in ("train", "finetune"):
+        assert stage_config(on, stage) == stage_config(load_config("tiny"), stage)
+
+
+@pytest.mark.slow
+def test_ray_train_tensorboard_event_files_survive_resume(tmp_path, ray_local):
+    """Under Ray Train (2 workers) rank 0's event files travel in the checkpoint: the stage
+    folder gets them, and a resumed run keeps the steps before the resume."""
+    pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+    from srdistill import runner
+
+    cfg = dict(model="espcn", batch_size=4, lr_patch=8, workers=2, log_every=1, checkpoint_every=2, tensorboard=True)
+    runner.train_ray(TrainConfig(iterations=2, **cfg), 2, SOURCES, tmp_path)
+    runner.train_ray(TrainConfig(iterations=4, **cfg), 2, SOURCES, tmp_path)  # resumes at step 2
+    log = [json.loads(x) for x in (tmp_path / "log.jsonl").read_text().splitlines() if "loss" in x]
+    got = _scalars(tmp_path / "tensorboard", "train/loss")
+    assert [s for s, _ in got] == [1, 2, 3, 4] == [r["step"] for r in log]
+    assert np.allclose([v for _, v in got], [r["loss"] for r in log], rtol=1e-6)

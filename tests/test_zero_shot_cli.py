@@ -35,7 +35,8 @@ def meta_model(tmp_path_factory):
     data.mkdir()
     for name in ("t1.png", "t2.png"):
         shutil.copy(T91 / name, data / name)
-    result = _run("mzsr", "train", "--data", str(data), "--out", str(root / "run"), "--pretrain-iterations", "2", *TINY)
+    result = _run("mzsr", "train", "--input", str(data), "--out", str(root / "run"), "--pretrain-iterations", "2",
+                  *TINY)  # fmt: skip
     assert result.exit_code == 0, result.output
     return root / "run" / "mzsr.safetensors"
 
@@ -53,11 +54,11 @@ def test_zssr_adapt_writes_an_image_of_the_right_size_with_either_method(meta_mo
     G20 = data_path("Set5/LR_g20_x2_MZSR")
     lr = imaging.read_image(G20 / "butterfly.png")[:40, :48]  # a real g20 LR crop
     imaging.write_png(tmp_path / "lr.png", lr)
-    common = ["zssr", "adapt", "--lr-image", str(tmp_path / "lr.png"), "--kernel", str(G20 / "kernel.mat"), "--scale", "2"]
-    result = _run(*common, "--steps", "1", "--model", str(meta_model), "--out", str(tmp_path / "mzsr.png"))
+    common = ["zssr", "adapt", "--input", str(tmp_path / "lr.png"), "--kernel", str(G20 / "kernel.mat"), "--scale", "2"]
+    result = _run(*common, "--adapt-steps", "1", "--model", str(meta_model), "--out", str(tmp_path / "mzsr.png"))
     assert result.exit_code == 0, result.output
     assert "MZSR(1)" in result.output and imaging.read_image(tmp_path / "mzsr.png").shape == (80, 96, 3)
-    result = _run(*common, "--steps", "5", "--out", str(tmp_path / "zssr.png"))
+    result = _run(*common, "--iterations", "5", "--out", str(tmp_path / "zssr.png"))
     assert result.exit_code == 0, result.output
     assert "ZSSR (5 steps)" in result.output and imaging.read_image(tmp_path / "zssr.png").shape == (80, 96, 3)
 
@@ -97,15 +98,15 @@ def test_zero_shot_errors_are_clear(meta_model, tmp_path):
     assert result.exit_code == 2 and "--model zssr needs --kernel" in result.output
     result = _run("eval", "--model", str(meta_model), "--adapt-steps", "3", "--dataset", "Set5", "--scale", "2")
     assert result.exit_code == 2 and "--adapt-steps needs --kernel" in result.output
-    result = _run("zssr", "adapt", "--lr-image", str(G20 / "baby.png"), "--kernel", str(tmp_path / "none.mat"),
+    result = _run("zssr", "adapt", "--input", str(G20 / "baby.png"), "--kernel", str(tmp_path / "none.mat"),
                   "--out", str(tmp_path / "x.png"))  # fmt: skip
     assert result.exit_code == 2 and "none.mat" in result.output
-    result = _run("zssr", "adapt", "--lr-image", str(G20 / "baby.png"), "--kernel", str(G20 / "kernel.mat"),
+    result = _run("zssr", "adapt", "--input", str(G20 / "baby.png"), "--kernel", str(G20 / "kernel.mat"),
                   "--model", str(meta_model), "--scale", "4", "--out", str(tmp_path / "x.png"))  # fmt: skip
     assert result.exit_code == 2 and "is for x2, not --scale 4" in result.output
-    result = _run("mzsr", "train", "--data", str(tmp_path / "empty"), "--out", str(tmp_path / "o"))
+    result = _run("mzsr", "train", "--input", str(tmp_path / "empty"), "--out", str(tmp_path / "o"))
     assert result.exit_code == 2 and "no HR images" in result.output
-    result = _run("mzsr", "train", "--data", str(T91), "--out", str(tmp_path / "o"), "--set", "inner_stepz=2")
+    result = _run("mzsr", "train", "--input", str(T91), "--out", str(tmp_path / "o"), "--set", "inner_stepz=2")
     assert result.exit_code == 2 and "inner_stepz" in result.output
 
 
@@ -178,8 +179,9 @@ def test_imported_models_run_in_eval_zssr_adapt_and_mzsr_train(imported, tmp_pat
     G20 = data_path("Set5/LR_g20_x2_MZSR")
     lr = imaging.read_image(G20 / "butterfly.png")[:32, :40]
     imaging.write_png(tmp_path / "lr.png", lr)
-    result = _run("zssr", "adapt", "--lr-image", str(tmp_path / "lr.png"), "--kernel", str(G20 / "kernel.mat"),
-                  "--model", str(imported["Bicubicx2"]), "--steps", "2", "--out", str(tmp_path / "sr.png"))  # fmt: skip
+    result = _run("zssr", "adapt", "--input", str(tmp_path / "lr.png"), "--kernel", str(G20 / "kernel.mat"),
+                  "--model", str(imported["Bicubicx2"]), "--adapt-steps", "2",
+                  "--out", str(tmp_path / "sr.png"))  # fmt: skip
     assert result.exit_code == 0, result.output
     net, _ = load_checkpoint(imported["Bicubicx2"])
     kernel = degradation.load_kernel(G20 / "kernel.mat")
@@ -192,7 +194,7 @@ def test_imported_models_run_in_eval_zssr_adapt_and_mzsr_train(imported, tmp_pat
     data = tmp_path / "hr"
     data.mkdir()
     shutil.copy(T91 / "t1.png", data / "t1.png")
-    result = _run("mzsr", "train", "--data", str(data), "--out", str(tmp_path / "run"), "--pretrained",
+    result = _run("mzsr", "train", "--input", str(data), "--out", str(tmp_path / "run"), "--pretrained",
                   str(imported["Pretrained"]), "--set", "n_feats=4", *TINY)  # fmt: skip
     assert result.exit_code == 0, result.output
     assert load_checkpoint(tmp_path / "run" / "mzsr.safetensors")[1]["init"] == str(imported["Pretrained"])
