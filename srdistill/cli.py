@@ -253,7 +253,7 @@ _INPUT_HELP = ("HR corpus: a folder or s3:// prefix of images (searched recursiv
 _OUT_HELP = "run directory, local or s3:// (an existing one is resumed)"
 _PRESET_HELP = "bundled preset: " + ", ".join(preset_names())
 _SET_HELP = "override a config value, e.g. --set train.iterations=500 (repeatable)"
-#: The same spelling on every command that starts Ray (README, "Usage").
+#: The same spelling on every command that starts Ray (docs/USAGE.md, "Commands").
 _GPUS_HELP = ("GPUs Ray may use: a local Ray gets N, a joined cluster is counted on having N (e.g. while "
               "its GPU nodes are scaled to zero); 0 = CPU only; default: the GPUs the cluster has")
 _TRAIN_GPUS_HELP = ("GPUs to train on, one per Ray Train worker (--workers defaults to N and must equal it); "
@@ -621,7 +621,8 @@ def upscale(
         report = upscale_files(net, inputs, out, scale, tile=tile, overlap=tile_overlap, batch=tile_batch, half=half)
     except (OSError, ValueError) as exc:  # FileNotFoundError is an OSError
         _fail(str(exc))
-    typer.echo(f"{label} x{scale}: wrote {len(report.written)} images to {out}")
+    n = len(report.written)
+    typer.echo(f"{label} x{scale}: wrote {n} image{'s' * (n != 1)} to {out}")
     if report.skipped:
         typer.secho(f"skipped {len(report.skipped)} unreadable: "
                     + "; ".join(f"{uri} ({why})" for uri, why in report.skipped), err=True)  # fmt: skip
