@@ -300,6 +300,9 @@ def _config(preset, config, overrides, *, recipe: bool = False, data: dict | Non
         _fail(describe_error(exc))
 
 
+_TENSORBOARD_HELP = "also write TensorBoard event files (STAGE/tensorboard/; needs the tensorboard extra)"
+
+
 @app.command()
 def run(
     input: str = typer.Option(..., "--input", help=_INPUT_HELP),
@@ -324,6 +327,7 @@ def run(
     workers: Optional[int] = typer.Option(None, "--workers", min=0,
                                           help="Ray Train workers of train and finetune (0: in-process)"),
     address: Optional[str] = typer.Option(None, "--address", help=_ADDRESS_HELP),
+    tensorboard: bool = typer.Option(False, "--tensorboard", help=_TENSORBOARD_HELP),
 ) -> None:
     """Run mine -> embed -> cluster -> select (coreset) or encode -> finetune -> synthesize
     (synth) -> train -> evaluate -> report. Every stage runs on GPUs where the Ray cluster has
@@ -331,6 +335,7 @@ def run(
     warnings and Ray's own log lines are appended to OUT/run.log."""
     extra = _ray_overrides(gpus, address)
     extra += [f"{s}.workers={workers}" for s in ("train", "finetune")] * (workers is not None)
+    extra += ["train.tensorboard=true", "finetune.tensorboard=true"] * tensorboard
     _pipeline("run", input, out, config, preset, [*overrides, *extra], allow_random_init, until, distill,
               config_json)  # fmt: skip
 
@@ -393,12 +398,14 @@ def finetune(
                                           help="Ray Train workers (DeepSpeed); 0: in-process"),
     gpus: Optional[int] = typer.Option(None, "--gpus", min=0, help=_TRAIN_GPUS_HELP + " (0: every stage on CPU)"),
     address: Optional[str] = typer.Option(None, "--address", help=_ADDRESS_HELP),
+    tensorboard: bool = typer.Option(False, "--tensorboard", help=_TENSORBOARD_HELP),
 ) -> None:
     """Fine-tune the cluster-conditioned diffusion model of a run (mine -> embed -> cluster ->
     encode -> finetune); writes OUT/finetune/model and appends to OUT/run.log. It is `run
     --distill synth --until finetune`, so it takes no --until or --distill."""
     extra = _training_overrides("finetune", workers, gpus) + _ray_overrides(0 if gpus == 0 else None, address)
     extra += [f"finetune.iterations={iterations}"] * (iterations is not None)
+    extra += ["finetune.tensorboard=true"] * tensorboard
     _pipeline("finetune", input, out, config, preset, [*overrides, *extra], allow_random_init, "finetune", "synth")
 
 
@@ -482,6 +489,7 @@ def train(
                                           help="Ray Train data-parallel workers (0: in-process)"),
     gpus: Optional[int] = typer.Option(None, "--gpus", min=0, help=_TRAIN_GPUS_HELP + " (NCCL)"),
     address: Optional[str] = typer.Option(None, "--address", help=_ADDRESS_HELP),
+    tensorboard: bool = typer.Option(False, "--tensorboard", help=_TENSORBOARD_HELP),
 ) -> None:
     """Train an SR network on a folder of HR images; writes OUT/model.safetensors. In-process
     (``device: auto``: the local GPU if any) or, with ``--workers``/``--gpus N``, on Ray Train."""
@@ -492,11 +500,16 @@ def train(
     extra = [f"train.model={model}"] * bool(model) + [f"scale={scale}"] * (scale is not None)
     extra += [f"train.iterations={iterations}"] * (iterations is not None)
     extra += _training_overrides("train", workers, gpus) + _ray_overrides(None, address)
+    extra += ["train.tensorboard=true"] * tensorboard
     cfg = _config(preset, config, [*overrides, *extra], recipe=recipe)
     if not data.is_dir():
         _fail(f"--input {str(data)!r} is not a directory")
     images = list_images(data)
     try:
+        if cfg.train.tensorboard:  # before anything is written
+            from .training import require_tensorboard
+
+            require_tensorboard("train.tensorboard")
         if cfg.train.workers:
             from . import runner
 
@@ -504,7 +517,7 @@ def train(
             path = runner.train_ray(cfg.train, cfg.scale, images, out)
         else:
             path = train_sr(cfg.train, cfg.scale, images, out)
-    except ValueError as exc:
+    except (ValueError, ImportError) as exc:  # ImportError: --tensorboard without the package
         _fail(str(exc))
     typer.echo(f"model: {path}")
 

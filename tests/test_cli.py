@@ -26,7 +26,7 @@ import typer
 import yaml
 from typer.testing import CliRunner
 
-from conftest import copy_t91, kill_ray_processes
+from conftest import T91, copy_t91, kill_ray_processes
 from srdistill import __version__
 from srdistill.cli import MODEL_NAMES, app
 from srdistill.config import MZSRConfig, RunConfig, parse_override
@@ -287,3 +287,19 @@ def test_console_output_is_ours_and_ray_lines_go_to_run_log(tmp_path):
 def test_main_command_of_the_readme_keeps_its_spelling():
     visible = _options(COMMANDS[("run",)])  # srdistill run --input DIR --out DIR --preset demo
     assert visible["--input"].required and visible["--out"].required and "demo" in _choices(visible["--preset"])
+
+
+@pytest.mark.parametrize("command", [
+    ["train", "--input", "{t91}", "--out", "{tmp}/m", "--preset", "tiny"],
+    ["run", "--input", "{t91}", "--out", "{tmp}/r", "--preset", "tiny", "--allow-random-init"],
+    ["finetune", "--input", "{t91}", "--out", "{tmp}/f", "--preset", "tiny", "--allow-random-init"],
+])  # fmt: skip
+def test_tensorboard_flag_sets_the_config_and_a_missing_package_is_one_line(command, tmp_path, monkeypatch):
+    """--tensorboard turns on train.tensorboard / finetune.tensorboard; without the package the
+    command stops at once with one line naming the option and the install (nothing written)."""
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # as without the package
+    args = [a.format(t91=T91, tmp=tmp_path) for a in command]
+    line = _one_error_line(_invoke(*args, "--tensorboard"))
+    option = "finetune" if command[0] == "finetune" else "train"
+    assert f"{option}.tensorboard: true needs the tensorboard package" in line and "pip install" in line, line
+    assert not any(tmp_path.iterdir())
