@@ -402,7 +402,7 @@ def test_pipeline_scores_every_patch_then_selects_tripled(small_corpus, tmp_path
     assert [r["curriculum_stage"] for r in log if "curriculum_stage" in r] == [1, 2]
     assert "evaluate" in manifest["stages"]
     report = (run_dir / "report" / "report.md").read_text()
-    assert "NOT learned" in report and "feature_mmd=" in report
+    assert "NOT learned" in report and "feature MMD" in report
 
 
 @pytest.mark.slow
