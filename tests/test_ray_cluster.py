@@ -140,11 +140,13 @@ def test_ray_job_submit_runs_the_pipeline_on_the_cluster(ray_cluster, tmp_path):
     assert manifest["config"]["cluster"]["k"] == 2
     assert (out / "evaluate" / "results.json").is_file()
 
-    # It ran on this cluster: the driver joined it (no local Ray of its own) ...
-    driver_log = client.get_job_logs(sub_id)
-    assert "Connecting to existing Ray cluster at address: " in driver_log, driver_log[-3000:]
-    assert f":{ray_cluster.gcs_port}" in driver_log
-    assert "Started a local Ray instance" not in driver_log
+    # It ran on this cluster: the driver joined it (no local Ray of its own); Ray's own log
+    # lines go to the run's run.log, not to the console (the job's driver log)
+    ray_log = (out / "run.log").read_text()
+    assert "Connecting to existing Ray cluster at address: " in ray_log, ray_log[-3000:]
+    assert f":{ray_cluster.gcs_port}" in ray_log
+    assert "Started a local Ray instance" not in ray_log
+    assert "Connecting to existing Ray cluster" not in client.get_job_logs(sub_id)
     assert info.driver_node_id == head[0]
     # ... and its tasks ran on the worker nodes (the head has no CPU).
     tasks = list_tasks(address=ray_cluster.dashboard, filters=[("job_id", "=", info.job_id)],
