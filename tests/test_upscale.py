@@ -141,7 +141,7 @@ def test_cli_checkpoint_in_tiles(tmp_path):
     result = _run("upscale", src, "--model", ckpt, "--scale", 2, "--out", tmp_path / "out", "--tile", 40,
                   "--device", "cpu")  # fmt: skip
     assert result.exit_code == 0, result.output
-    assert "edsr-baseline (edsr.safetensors) x2: wrote 1 images" in result.stdout
+    assert "edsr-baseline (edsr.safetensors) x2: wrote 1 image to" in result.stdout
     _close(imaging.read_image(tmp_path / "out" / "t1.png"), upscale_image(_tiny("edsr-baseline", 2), _lr(), 2, tile=0))
 
 
