@@ -81,6 +81,8 @@ class TensorEntry:
 
     @property
     def dtype_name(self) -> str:
+        """TensorFlow's name of the entry's ``DataType`` enum (e.g. ``"float32"``), or
+        ``"DataType N"`` for a code this reader does not know."""
         return DTYPE_NAMES.get(self.dtype, f"DataType {self.dtype}")
 
 

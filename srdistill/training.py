@@ -139,6 +139,12 @@ class ScalarLog:
             self.writer = writer_cls(log_dir=str(log_dir), purge_step=start_step + 1 if start_step else None)
 
     def add(self, row: dict) -> None:
+        """Write each numeric (non-bool) value of a ``log.jsonl`` row, except ``step``, as the
+        scalar ``<prefix>/<key>`` at ``row["step"]``; a no-op without a writer.
+
+        Raises:
+            KeyError: ``row`` has no ``step``.
+        """
         if self.writer is None:
             return
         for key, value in row.items():
@@ -147,6 +153,7 @@ class ScalarLog:
         self.writer.flush()
 
     def close(self) -> None:
+        """Flush and close the event file (a no-op without a writer)."""
         if self.writer is not None:
             self.writer.close()
 
