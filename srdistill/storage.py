@@ -54,7 +54,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 __all__ = ["S3Settings", "is_s3", "join", "filesystem", "write_bytes", "write_text", "write_json",
-           "write_parquet", "atomic_writer", "errors", "retry", "parent", "read_bytes", "read_dataset", "read_text", "read_json", "read_parquet", "exists",
+           "write_parquet", "atomic_writer", "errors", "retry", "parent", "read_bytes", "read_once", "read_dataset", "read_text", "read_json", "read_parquet", "exists",
            "delete", "list_files", "walk_local", "LocalListing", "size", "copy_dir", "redact"]
 
 URI = Union[str, "os.PathLike[str]"]
@@ -307,7 +307,21 @@ def read_bytes(uri: URI) -> bytes:
         FileNotFoundError: no such file or object (naming the URI).
         OSError: the read failed (S3: after retries).
     """
-    fs, path = filesystem(uri)
+    return read_once(uri)
+
+
+def read_once(uri: URI, settings: S3Settings | None = None) -> bytes:
+    """The content of ``uri`` in one attempt: no re-issue (``retry``) on top of the AWS SDK's
+    own retries, which ``settings`` bound. For callers that must answer quickly rather than
+    surely, e.g. ``read_once(uri, S3Settings(max_attempts=1, connect_timeout_s=2,
+    request_timeout_s=3))`` gives up on an endpoint that accepts but never answers after about
+    3 s per request (the operator's status pass reads the run manifest this way).
+
+    Raises:
+        FileNotFoundError: no such file or object (naming the URI).
+        OSError: the read failed or timed out.
+    """
+    fs, path = filesystem(uri, settings)
     with errors("read", uri), fs.open_input_stream(path) as f:
         return f.read()
 

@@ -219,6 +219,22 @@ def test_gives_up_after_max_attempts(faulty_s3, mode, monkeypatch):
     assert not storage.exists(uri)
 
 
+def test_read_once_makes_one_attempt(faulty_s3):
+    """``read_once`` with ``max_attempts=1`` (the operator's manifest read) gives up at the first
+    fault; ``read_bytes`` keeps retrying."""
+    uri = faulty_s3.uri("once/manifest.json")
+    storage.write_text(uri, "{}")
+    one = storage.S3Settings(max_attempts=1)
+    assert storage.read_once(uri, one) == b"{}"
+    faulty_s3.proxy.fail_next(1, "503")
+    with pytest.raises(OSError, match="S3 read failed for " + uri):
+        storage.read_once(uri, one)
+    assert len(faulty_s3.proxy.faults()) == 1
+    faulty_s3.proxy.fail_next(1, "503")
+    assert storage.read_bytes(uri) == b"{}"
+    assert len(faulty_s3.proxy.faults()) == 1
+
+
 FAKE_KEY_ID = "AKIAIOSFODNN7EXAMPLE"  # AWS's documentation examples
 FAKE_SECRET = "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY"
 
