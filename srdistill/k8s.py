@@ -15,11 +15,14 @@ Every pod follows the Pod Security Standard "restricted": non-root (uid 1000, th
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import json
 import re
 import shlex
-from typing import Any, Literal, Optional, Union
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic.alias_generators import to_camel
@@ -185,7 +188,10 @@ class DistillationSpec(_Spec):
 
     ``config`` has the schema of the CLI's ``--config`` YAML (``srdistill.config.RunConfig``),
     merged over ``preset``. ``output`` must be an ``s3://`` URI: pod disks vanish with the
-    RayCluster, and a RayJob retry resumes from what the output holds.
+    RayCluster, and a RayJob retry resumes from what the output holds. ``run_id`` (any string or
+    integer) is the explicit request to run a spec again: the operator never reruns a spec whose
+    RayJob it created once, so a finished or failed run is rerun by setting a new ``runId``
+    (it resumes from ``output``: stages already done there are skipped).
     """
 
     input: str = Field(..., min_length=1, description="HR corpus: folder/prefix or manifest file")
@@ -196,6 +202,7 @@ class DistillationSpec(_Spec):
     config: dict[str, Any] = Field({}, validate_default=True)
     cluster: ClusterSpec = ClusterSpec()
     job: JobSpec = JobSpec()
+    run_id: Optional[Union[int, str]] = Field(None, description="a new value reruns a finished spec")
 
     @field_validator("preset")
     @classmethod
@@ -428,6 +435,104 @@ def rayjob_name(distillation: str, digest: str) -> str:
     """The owned RayJob's name: ``<distillation>-<digest[:8]>``, at most 39 characters (KubeRay
     derives the RayCluster's and pods' names from it)."""
     return f"{distillation[:30].rstrip('-')}-{digest[:8]}"
+
+
+#: Fields of the spec that say how the RayJob is kept and retried, not what the pipeline computes
+#: (``model_dump`` exclude form): they are left out of ``spec_identity``, so changing one never
+#: reruns anything. The operator patches the ``job`` ones into a live RayJob (``LIVE_FIELDS``);
+#: ``cluster.imagePullPolicy`` applies from the next run on.
+LIFECYCLE_FIELDS: dict[str, set[str]] = {
+    "job": {"ttl_seconds_after_finished", "backoff_limit", "active_deadline_seconds"},
+    "cluster": {"image_pull_policy"},
+}
+#: The RayJob ``spec`` fields the ``job`` lifecycle fields render to (KubeRay reads them on
+#: every reconcile, so a patch takes effect in the running job).
+LIVE_FIELDS = ("ttlSecondsAfterFinished", "backoffLimit", "activeDeadlineSeconds")
+
+
+def spec_identity(spec: DistillationSpec) -> str:
+    """What ``spec`` computes, as 10 hex digits: SHA-256 over the canonical JSON of the fields the
+    user set (values equal to a default count as unset, so a default the API server or a newer
+    srdistill fills in changes nothing), without ``LIFECYCLE_FIELDS``; ``run_id`` is part of it.
+    The operator's defaults (image, ...) are not: they are resolved once per resource and
+    recorded in its status, so an operator upgrade never changes an identity."""
+    data = spec.model_dump(mode="json", by_alias=True, exclude_defaults=True, exclude=LIFECYCLE_FIELDS)
+    data = {key: value for key, value in data.items() if not (key in LIFECYCLE_FIELDS and value == {})}
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:10]
+
+
+def render_defaults(environ: Mapping[str, str]) -> dict[str, Any]:
+    """The operator's rendering defaults from its environment: keyword arguments of ``rayjob``
+    (``default_image``: ``$SRDISTILL_DEFAULT_IMAGE``, else ``DEFAULT_IMAGE``). The operator
+    records them in a resource's ``.status.defaults`` once and renders with those afterwards."""
+    return {"default_image": environ.get("SRDISTILL_DEFAULT_IMAGE") or DEFAULT_IMAGE}
+
+
+@dataclass(frozen=True)
+class AllowList:
+    """What an ``SRDistillation`` may name: image, ServiceAccount and Secret name patterns
+    (``fnmatch`` globs: ``rayproject/ray:*``; ``*`` allows any). ``None`` allows anything, an
+    empty tuple nothing. Images the spec leaves to the operator (its default image) are always
+    allowed: only what the spec names is checked."""
+
+    images: tuple[str, ...] | None = None
+    service_accounts: tuple[str, ...] | None = None
+    secrets: tuple[str, ...] | None = None
+
+    #: The operator's environment variables of each list (comma- or space-separated globs;
+    #: unset: no limit; set but empty: nothing allowed). The chart always sets them.
+    ENV: ClassVar[dict[str, str]] = {"images": "SRDISTILL_ALLOWED_IMAGES", "service_accounts": "SRDISTILL_ALLOWED_SERVICE_ACCOUNTS",
+           "secrets": "SRDISTILL_ALLOWED_SECRETS"}  # fmt: skip
+
+    @classmethod
+    def from_environ(cls, environ: Mapping[str, str]) -> AllowList:
+        """The allow-list of ``ENV``'s variables in ``environ``."""
+
+        def globs(var: str) -> tuple[str, ...] | None:
+            value = environ.get(var)
+            return None if value is None else tuple(p for p in re.split(r"[,\s]+", value) if p)
+
+        return cls(**{field: globs(var) for field, var in cls.ENV.items()})
+
+    def check(self, spec: DistillationSpec) -> None:
+        """Raise ``InvalidSpec`` naming each image, ServiceAccount or Secret of ``spec`` (by its
+        path) that the lists do not allow; the Secrets are ``cluster.s3Secret`` and those of
+        ``cluster.volumes`` (``secret``, projected ``secret`` sources, ``*SecretRef``)."""
+        cluster = spec.cluster
+        named = {
+            "images": [("spec.cluster.image", cluster.image)]
+            + [(f"spec.cluster.workerGroups[{i}].image", g.image) for i, g in enumerate(cluster.worker_groups)],
+            "service_accounts": [("spec.cluster.serviceAccountName", cluster.service_account_name)],
+            "secrets": [("spec.cluster.s3Secret", cluster.s3_secret),
+                        *_secret_refs(list(cluster.volumes), "spec.cluster.volumes")],
+        }  # fmt: skip
+        problems = []
+        for field, items in named.items():
+            allowed = getattr(self, field)
+            if allowed is None:
+                continue
+            for path, value in items:
+                if value is not None and not any(fnmatch.fnmatchcase(value, p) for p in allowed):
+                    problems.append(f"{path}: {value!r} is not in the operator's allow-list of {field.replace('_', ' ')} "
+                                    f"[{', '.join(allowed)}] (chart value allowList.{to_camel(field)})")  # fmt: skip
+        if problems:
+            raise InvalidSpec("; ".join(problems))
+
+
+def _secret_refs(node: Any, path: str) -> Iterator[tuple[str, str]]:
+    """``(path, name)`` of each Secret named in Kubernetes volume objects: ``secret.secretName``,
+    a projected source's ``secret.name``, and ``<anything>SecretRef.name`` (e.g. CSI's
+    ``nodePublishSecretRef``)."""
+    if isinstance(node, list):
+        for i, item in enumerate(node):
+            yield from _secret_refs(item, f"{path}[{i}]")
+    elif isinstance(node, dict):
+        for key, value in node.items():
+            if isinstance(value, dict) and (key == "secret" or key.endswith(("SecretRef", "secretRef"))):
+                field = "secretName" if "secretName" in value else "name"
+                if isinstance(value.get(field), str):
+                    yield f"{path}.{key}.{field}", value[field]
+            yield from _secret_refs(value, f"{path}.{key}")
 
 
 # --------------------------------------------------------------------------- status

@@ -225,6 +225,77 @@ def test_spec_hash_and_rayjob_name():
     assert len(name) <= 39 and name.endswith("-01234567") and "--" not in name
 
 
+def test_spec_identity_is_what_the_spec_computes():
+    """The operator's RayJob identity: lifecycle fields, values equal to their defaults and the
+    key order change nothing; whatever changes the computation (or runId) does."""
+    base = k8s.spec_identity(k8s.parse_spec(FULL))
+    same = [
+        {**FULL, "job": {"ttlSecondsAfterFinished": 5, "backoffLimit": 0}},  # lifecycle: patched, not rerun
+        {**FULL, "job": {}},
+        {**FULL, "cluster": {**FULL["cluster"], "imagePullPolicy": "Always"}},  # next run
+        {**FULL, "allowRandomInit": False, "cluster": {**FULL["cluster"], "existingCluster": None}},  # defaults
+        dict(reversed(list(FULL.items()))),
+    ]
+    for spec in same:
+        assert k8s.spec_identity(k8s.parse_spec(spec)) == base, spec
+    other = [
+        {**FULL, "config": {**FULL["config"], "train": {"iterations": 51, "model": "edsr-baseline"}}},
+        {**FULL, "runId": 1},
+        {**FULL, "runId": "1"},
+        {**FULL, "output": "s3://runs/div2k-2"},
+        {**FULL, "cluster": {**FULL["cluster"], "image": "registry.example/srdistill:2-cpu"}},
+    ]
+    digests = {k8s.spec_identity(k8s.parse_spec(spec)) for spec in other}
+    assert len(digests) == len(other) and base not in digests
+    assert len(base) == 10 and int(base, 16) >= 0
+    # lifecycle fields are exactly what the RayJob's live fields render from
+    job = k8s.rayjob(k8s.parse_spec(FULL), "x")["spec"]
+    assert [job[f] for f in k8s.LIVE_FIELDS] == [600, 3, 86400]
+
+
+def test_render_defaults_come_from_the_operators_environment():
+    assert k8s.render_defaults({}) == {"default_image": k8s.DEFAULT_IMAGE}
+    assert k8s.render_defaults({"SRDISTILL_DEFAULT_IMAGE": ""}) == {"default_image": k8s.DEFAULT_IMAGE}
+    defaults = k8s.render_defaults({"SRDISTILL_DEFAULT_IMAGE": "rayproject/ray:2.60.0"})
+    job = k8s.rayjob(k8s.parse_spec({"input": "s3://a/", "output": "s3://b/c"}), "x", **defaults)
+    assert job["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"][0]["image"] == (
+        "rayproject/ray:2.60.0")  # fmt: skip
+
+
+def test_allow_list_from_the_environment():
+    assert k8s.AllowList.from_environ({}) == k8s.AllowList()  # unset: no limit
+    allow = k8s.AllowList.from_environ({"SRDISTILL_ALLOWED_IMAGES": "rayproject/ray:*, ghcr.io/x/*",
+                                        "SRDISTILL_ALLOWED_SERVICE_ACCOUNTS": "default",
+                                        "SRDISTILL_ALLOWED_SECRETS": ""})  # fmt: skip
+    assert allow == k8s.AllowList(images=("rayproject/ray:*", "ghcr.io/x/*"), service_accounts=("default",), secrets=())
+
+
+def test_allow_list_names_each_field_outside_it():
+    allow = k8s.AllowList(images=("registry.example/srdistill:*",), service_accounts=("default", "ray-*"),
+                          secrets=("s3-credentials",))  # fmt: skip
+    allow.check(k8s.parse_spec(FULL))  # every image, account and secret of FULL is allowed
+    k8s.AllowList().check(k8s.parse_spec(FULL))
+    volumes = [
+        {"name": "a", "secret": {"secretName": "db-password"}},
+        {"name": "b", "projected": {"sources": [{"secret": {"name": "tls"}}, {"configMap": {"name": "cm"}}]}},
+        {"name": "c", "csi": {"driver": "x", "nodePublishSecretRef": {"name": "csi-key"}}},
+        {"name": "d", "configMap": {"name": "secret-looking-but-a-configmap"}},
+    ]
+    cluster = {**FULL["cluster"], "image": "evil.example/x:1", "serviceAccountName": "admin", "volumes": volumes,
+               "volumeMounts": [], "s3Secret": "s3-credentials"}  # fmt: skip
+    with pytest.raises(k8s.InvalidSpec) as err:
+        allow.check(k8s.parse_spec({**FULL, "cluster": cluster}))
+    message = str(err.value)
+    assert [p.split(":")[0] for p in message.split("; ")] == [
+        "spec.cluster.image", "spec.cluster.serviceAccountName", "spec.cluster.volumes[0].secret.secretName",
+        "spec.cluster.volumes[1].projected.sources[0].secret.name",
+        "spec.cluster.volumes[2].csi.nodePublishSecretRef.name"]  # fmt: skip
+    assert "'evil.example/x:1' is not in the operator's allow-list of images [registry.example/srdistill:*]" in message
+    assert "allowList.serviceAccounts" in message and "'tls'" in message and "cm" not in message
+    with pytest.raises(k8s.InvalidSpec, match=r"spec.cluster.s3Secret: 's3-credentials' .* \[\] \(chart value allowList.secrets\)$"):
+        k8s.AllowList(secrets=()).check(k8s.parse_spec(FULL))
+
+
 def test_stage_progress_from_a_real_run_manifest(tmp_path):
     run = Run(tmp_path / "corpus", tmp_path / "run", load_config("tiny"), log=lambda _: None)
     run.run_stage("plan", "fp", [], lambda _d: {"images": 3})
