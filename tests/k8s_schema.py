@@ -29,7 +29,7 @@ KUBERAY_CRDS = Path(os.environ["SRDISTILL_KUBERAY_CRDS"]) if os.environ.get("SRD
 #: This project's CRDs (SRDistillation).
 CHART_CRDS = REPO / "charts" / "srdistill" / "crds"
 #: API groups validated against a CRD; every other group is a built-in kind.
-CUSTOM_GROUPS = frozenset({"ray.io", "srdistill.io"})
+CUSTOM_GROUPS = frozenset({"ray.io", "srdistill.io", "kopf.dev"})
 
 #: libyaml's loader where PyYAML has it: KubeRay's CRDs are large (seconds with pure Python).
 _Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)

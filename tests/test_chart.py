@@ -47,15 +47,20 @@ needs_hadolint = pytest.mark.skipif(
 VALUE_SETS = [None, *CI_VALUES]
 VALUE_IDS = ["defaults", *(p.stem for p in CI_VALUES)]
 
-#: The operator's permissions (its ClusterRole, or a Role per watched namespace). Nothing on CRDs or
-#: namespaces: the operator turns kopf's cluster scanning off (settings.scanning.disabled).
+#: The operator's permissions (its ClusterRole, or a Role per watched namespace), exactly what it
+#: requests (tests/test_operator.py checks the rendered rules against the requests it records).
+#: Nothing on CRDs or namespaces: the operator turns kopf's cluster scanning off
+#: (settings.scanning.disabled).
 OPERATOR_RULES = {
-    ("srdistill.io", "srdistillations"): {"get", "list", "watch", "patch", "update"},
-    ("srdistill.io", "srdistillations/status"): {"get", "patch", "update"},
+    ("srdistill.io", "srdistillations"): {"list", "watch", "patch"},
+    ("srdistill.io", "srdistillations/status"): {"patch"},
     ("srdistill.io", "srdistillations/finalizers"): {"update"},
-    ("ray.io", "rayjobs"): {"get", "list", "watch", "create", "patch", "delete"},
-    ("", "events"): {"create", "patch"},
+    ("ray.io", "rayjobs"): {"list", "create", "patch", "delete"},
+    ("", "events"): {"create"},
 }
+#: kopf peering: cluster-wide for an operator of all namespaces, else in each watched namespace.
+CLUSTER_PEERING = {("kopf.dev", "clusterkopfpeerings"): {"list", "watch", "patch"}}
+NAMESPACED_PEERING = {("kopf.dev", "kopfpeerings"): {"list", "watch", "patch"}}
 
 
 def _pyproject() -> dict:
@@ -140,7 +145,7 @@ def test_rendered_objects_validate(values):
             validate_any(doc, K8S_VERSION)
         except AssertionError as exc:
             errors.append(str(exc))
-        if doc["kind"] not in ("CustomResourceDefinition", "ClusterRole", "ClusterRoleBinding"):
+        if doc["kind"] not in ("CustomResourceDefinition", "ClusterRole", "ClusterRoleBinding", "ClusterKopfPeering"):
             assert doc["metadata"].get("namespace"), f"{doc['kind']} {doc['metadata']['name']} has no namespace"
         assert doc["metadata"]["labels"]["app.kubernetes.io/name"] == "srdistill"
     assert not errors, "\n".join(errors)
@@ -193,17 +198,23 @@ def test_operator_deployment():
     docs = render()
     deployment = _one(docs, "Deployment")
     spec = deployment["spec"]
-    assert spec["replicas"] == 1 and spec["strategy"] == {"type": "Recreate"}  # kopf standalone: never two
+    assert spec["replicas"] == 1 and spec["strategy"]["rollingUpdate"] == {"maxSurge": 1, "maxUnavailable": 0}
     pod = spec["template"]["spec"]
     assert pod["automountServiceAccountToken"] is True
     assert pod["serviceAccountName"] == _one(docs, "ServiceAccount")["metadata"]["name"]
     ctr = _operator_container(docs)
     assert ctr["command"] == ["kopf"]
-    assert ctr["args"][:3] == ["run", "--standalone", "--liveness=http://0.0.0.0:8080/healthz"]
+    assert ctr["args"][:3] == ["run", f"--peering={RELEASE}", "--liveness=http://0.0.0.0:8080/healthz"]
+    (peering,) = [d for d in docs if d["kind"] == "ClusterKopfPeering"]  # what --peering names
+    assert peering["metadata"]["name"] == RELEASE
     assert ctr["args"][-1] == "/app/operators/srdistill_operator.py"
     assert ctr["livenessProbe"]["httpGet"]["path"] == "/healthz"
-    port = ctr["livenessProbe"]["httpGet"]["port"]
-    assert port in (8080, *(p["name"] for p in ctr["ports"] if p["containerPort"] == 8080))
+    for probe in ("livenessProbe", "readinessProbe"):
+        port = ctr[probe]["httpGet"]["port"]
+        assert ctr[probe]["httpGet"]["path"] == "/healthz"
+        assert port in (8080, *(p["name"] for p in ctr["ports"] if p["containerPort"] == 8080))
+    pod_id = [e for e in ctr["env"] if e["name"] == "POD_ID"]  # kopf's peering identity
+    assert pod_id == [{"name": "POD_ID", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}]
     assert ctr["securityContext"]["readOnlyRootFilesystem"] is True
     mounts = {m["mountPath"]: m["name"] for m in ctr["volumeMounts"]}
     (tmp,) = [v for v in pod["volumes"] if v["name"] == mounts["/tmp"]]
@@ -257,7 +268,7 @@ def test_rbac_all_namespaces():
     docs = render()
     assert not [d for d in docs if d["kind"] in ("Role", "RoleBinding")]
     cluster_role = _one(docs, "ClusterRole")
-    assert _permissions(cluster_role) == OPERATOR_RULES
+    assert _permissions(cluster_role) == {**OPERATOR_RULES, **CLUSTER_PEERING}
     binding = _one(docs, "ClusterRoleBinding")
     assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole",
                                   "name": cluster_role["metadata"]["name"]}  # fmt: skip
@@ -279,7 +290,7 @@ def test_rbac_watched_namespaces():
     assert sorted(roles) == sorted(bindings) == sorted(watched)
     sa = _one(docs, "ServiceAccount")["metadata"]
     for ns in watched:
-        assert _permissions(roles[ns]) == OPERATOR_RULES
+        assert _permissions(roles[ns]) == {**OPERATOR_RULES, **NAMESPACED_PEERING}
         assert bindings[ns]["roleRef"]["name"] == roles[ns]["metadata"]["name"]
         assert bindings[ns]["subjects"] == [{"kind": "ServiceAccount", "name": sa["name"], "namespace": NAMESPACE}]
     ctr = _operator_container(docs)
@@ -288,6 +299,8 @@ def test_rbac_watched_namespaces():
     assert [args[i + 1] for i, a in enumerate(args) if a == "--namespace"] == watched
     assert ctr["envFrom"] == [{"secretRef": {"name": "s3-credentials"}}]
     assert _env(ctr)["SRDISTILL_OPERATOR_INTERVAL"] == "30"
+    peerings = {d["metadata"]["namespace"]: d["metadata"]["name"] for d in docs if d["kind"] == "KopfPeering"}
+    assert peerings == {ns: RELEASE for ns in watched}
 
 
 @needs_helm
@@ -297,6 +310,58 @@ def test_rbac_can_be_left_out():
     assert not [d for d in docs if d["kind"] in ("Role", "RoleBinding", "ClusterRole", "ClusterRoleBinding",
                                                  "ServiceAccount")]  # fmt: skip
     assert _one(docs, "Deployment")["spec"]["template"]["spec"]["serviceAccountName"] == "operator"
+
+
+# --------------------------------------------------------------------------- replicas, metrics, allow-list
+
+
+@needs_helm
+def test_several_operator_replicas_render():
+    """kopf peering makes more than one replica safe (tests/test_operator.py runs two)."""
+    deployment = _one(render(None, "--set", "operator.replicas=3"), "Deployment")
+    assert deployment["spec"]["replicas"] == 3
+    assert any(a.startswith("--peering=") for a in deployment["spec"]["template"]["spec"]["containers"][0]["args"])
+
+
+@needs_helm
+def test_metrics_service_and_optional_service_monitor():
+    docs = render()
+    ctr = _operator_container(docs)
+    assert _env(ctr)["SRDISTILL_METRICS_PORT"] == "8081"
+    assert {"name": "metrics", "containerPort": 8081, "protocol": "TCP"} in ctr["ports"]
+    service = _one(docs, "Service")
+    pod_labels = _one(docs, "Deployment")["spec"]["template"]["metadata"]["labels"]
+    assert service["spec"]["selector"].items() <= pod_labels.items()
+    assert service["spec"]["ports"] == [{"name": "metrics", "port": 8081, "targetPort": "metrics", "protocol": "TCP"}]
+    assert not [d for d in docs if d["kind"] == "ServiceMonitor"]  # needs prometheus-operator's CRDs: opt-in
+
+    docs = render(None, "--set", "operator.metrics.serviceMonitor.enabled=true",
+                  "--set", "operator.metrics.serviceMonitor.labels.release=prometheus")  # fmt: skip
+    monitor = _one(docs, "ServiceMonitor")
+    assert monitor["apiVersion"] == "monitoring.coreos.com/v1" and monitor["metadata"]["labels"]["release"] == "prometheus"
+    assert monitor["spec"]["selector"]["matchLabels"].items() <= _one(docs, "Service")["metadata"]["labels"].items()
+    assert monitor["spec"]["endpoints"] == [{"port": "metrics", "path": "/metrics", "interval": "30s"}]
+
+    docs = render(None, "--set", "operator.metrics.enabled=false", "--set", "operator.metrics.serviceMonitor.enabled=true")
+    assert not [d for d in docs if d["kind"] in ("Service", "ServiceMonitor")]
+    ctr = _operator_container(docs)
+    assert "SRDISTILL_METRICS_PORT" not in _env(ctr) and [p["name"] for p in ctr["ports"]] == ["healthz"]
+
+
+@needs_helm
+def test_allow_list_reaches_the_operator():
+    """allowList values become the operator's SRDISTILL_ALLOWED_* (srdistill.k8s.AllowList), with
+    the chart's own image repository and the default Ray image always allowed."""
+    k8s = pytest.importorskip("srdistill.k8s")
+    env = _env(_operator_container(render()))
+    allow = k8s.AllowList.from_environ(env)
+    assert set(allow.images) == {"rayproject/ray:*", "docker.io/rayproject/ray:*", "ghcr.io/srdistill/srdistill:*",
+                                 env["SRDISTILL_DEFAULT_IMAGE"]}  # fmt: skip
+    assert allow.service_accounts == ("default",) and allow.secrets == ("s3-credentials",)
+    env = _env(_operator_container(render(None, "--set-json", "allowList.secrets=[]",
+                                          "--set-json", 'allowList.serviceAccounts=["*"]')))  # fmt: skip
+    allow = k8s.AllowList.from_environ(env)
+    assert allow.secrets == () and allow.service_accounts == ("*",)  # none, and any
 
 
 # --------------------------------------------------------------------------- RayCluster
@@ -364,7 +429,9 @@ def test_raycluster_without_autoscaling_keeps_replicas():
     "flags",
     [
         pytest.param(("--set", "operator.replicas=two"), id="replicas-not-an-integer"),
-        pytest.param(("--set", "operator.replicas=2"), id="two-operators"),  # kopf --standalone: one
+        pytest.param(("--set", "operator.replicas=-1"), id="negative-replicas"),
+        pytest.param(("--set", "operator.metrics.port=8080"), id="metrics-on-the-health-port"),
+        pytest.param(("--set-json", 'allowList.images=["a:*,b:*"]'), id="allow-list-comma"),
         pytest.param(("--set", "operator.replicsa=1"), id="unknown-key"),
         pytest.param(("--set", "image.pullPolicy=Sometimes"), id="pull-policy"),
         pytest.param(("--set", "rayCluster.head.cpu=lots"), id="cpu-not-a-quantity"),

@@ -113,33 +113,6 @@ seccompProfile:
 {{- end }}
 
 {{/*
-RBAC rules of the operator (a ClusterRole's, or each watched namespace's Role): its own
-resources and their status, the RayJobs it owns, and events (kopf posts core/v1 events; the
-events.k8s.io rule covers the same objects through the newer API).
-*/}}
-{{- define "srdistill.operatorRules" -}}
-- apiGroups: ["srdistill.io"]
-  resources: ["srdistillations"]
-  verbs: ["get", "list", "watch", "patch", "update"]
-- apiGroups: ["srdistill.io"]
-  resources: ["srdistillations/status"]
-  verbs: ["get", "patch", "update"]
-# ownerReferences with blockOwnerDeletion (kopf.adopt) need this where the
-# OwnerReferencesPermissionEnforcement admission plugin is on (e.g. OpenShift)
-- apiGroups: ["srdistill.io"]
-  resources: ["srdistillations/finalizers"]
-  verbs: ["update"]
-- apiGroups: ["ray.io"]
-  resources: ["rayjobs"]
-  verbs: ["get", "list", "watch", "create", "patch", "delete"]
-# kopf posts core/v1 events (kubectl describe srd NAME)
-- apiGroups: [""]
-  resources: ["events"]
-  verbs: ["create", "patch"]
-{{- end }}
-
-
-{{/*
 A Ray pod template of the standing RayCluster. Arguments (a dict):
   ctx: the root context; container: ray-head or ray-worker; image; group: the values of the
   head or worker group (cpu, memory, optional gpu, nodeSelector, tolerations); head: true for the
