@@ -660,8 +660,12 @@ def bench_quality(
                                              "(default: all)"),  # fmt: skip
     budgets: Optional[list[str]] = typer.Option(None, "--budgets", help="pixel % and/or ipcN, repeatable or "
                                                 "comma-separated (1%,5%,ipc10)"),  # fmt: skip
-    seeds: Optional[list[str]] = typer.Option(None, "--seeds", help="training seeds, repeatable or "
-                                              "comma-separated (0,1,2)"),  # fmt: skip
+    seeds: Optional[list[str]] = typer.Option(None, "--seeds", help="training seeds of every set, repeatable "
+                                              "or comma-separated (0,1)"),  # fmt: skip
+    draws: int = typer.Option(5, "--draws", min=1, help="sets drawn per stochastic arm and budget"),
+    curve_every: Optional[int] = typer.Option(
+        None, "--curve-every", min=1, help="PSNR on the curve set (Set5) every N training steps (a multiple of "
+        "train.log_every); default: iterations/20 rounded to log_every"),  # fmt: skip
     corpus: Optional[list[str]] = typer.Option(None, "--corpus", help="datasets forming the corpus, names or "
                                                "folders, repeatable or comma-separated (T91,BSD200)"),  # fmt: skip
     datasets: Optional[list[str]] = typer.Option(None, "--dataset", help="evaluation sets, repeatable or "
@@ -674,9 +678,11 @@ def bench_quality(
         "default: 1 when the cluster has GPUs, else 0"),  # fmt: skip
     address: Optional[str] = typer.Option(None, "--address", help=_ADDRESS_HELP),
 ) -> None:
-    """Distillation benchmark: arms x budgets x seeds, same step budget, PSNR/SSIM table + plot."""
+    """Distillation benchmark: arms x budgets x draws x seeds, same step budget; PSNR/SSIM with
+    paired 95% intervals against full and random, training curves, plot."""
     from . import runner
-    from .benchmark import QualityBench, markdown_table, plot, run_quality_bench, summarize
+    from .benchmark import QualityBench, curves, markdown_table, plot, run_quality_bench, summarize
+    from .evaluation import evaluate
 
     _check_scale(scale)
     extra = [f"train.model={model}"] * bool(model) + [f"scale={scale}"] * (scale is not None)
@@ -693,6 +699,10 @@ def bench_quality(
             options["seeds"] = tuple(int(s) for s in _items(seeds))
         except ValueError:
             _fail(f"--seeds {','.join(seeds)!r}: give integers, e.g. 0,1,2")
+    if curve_every is None:
+        every = cfg.train.log_every
+        curve_every = max(every, round(cfg.train.iterations / 20 / every) * every)
+    options.update(draws=draws, curve_every=curve_every)
     try:
         bench = QualityBench(cfg, **options)
         runner.init_ray(cfg.ray)
@@ -710,18 +720,31 @@ def bench_quality(
         _fail(str(exc))
     rows = summarize(results, bench.datasets)
     table = markdown_table(rows, bench.datasets)
-    plot(rows, bench.datasets, out / "quality.png")
+    bicubic = evaluate("bicubic", bench.curve_dataset, cfg.scale)["psnr_y"]
+    curve_budget = bench.budgets[0]
+    curve_rows = curves(results, curve_budget, bicubic) if any(r["arm"] == "full" for r in results) else []
+    plot(rows, bench.datasets, out / "quality.png", curve_rows)
     semantic = {r["clip_semantic"] for r in results if r["arm"] == "clip-kmeans"}
     notes = ["random-init CLIP: the clip-kmeans clusters are NOT semantic"] * (False in semantic)
     if any(r.get("vit_pretrained") is False for r in results):
-        notes.append("random-init ViT: the tripled complexity scores and feature distances are NOT learned")
+        notes.append("random-init ViT: the tripled complexity scores and features are NOT learned")
     note = "; ".join(notes)
     command = "srdistill " + " ".join(sys.argv[1:])
+    timing = ""
+    if curve_rows:
+        lines = [f"| {c['arm']} | {c['budget']} | {c['curve'][-1][1]:.2f} | {c['steps_to_target'] or 'not reached'} |"
+                 for c in curve_rows]  # fmt: skip
+        timing = (f"\n\nTraining time on {bench.curve_dataset} (bicubic {bicubic:.2f} dB): steps to reach "
+                  f"{curve_rows[0]['target']:.2f} dB, 95% of full's final gain over bicubic (measured every "
+                  f"{bench.curve_every} steps; mean curve over runs).\n\n| arm | budget | final (dB) | steps to 95% |\n"
+                  "|---|---|---|---|\n" + "\n".join(lines))  # fmt: skip
     text = (f"Command: `{command}`\n\n{cfg.train.model} x{cfg.scale}, {cfg.train.iterations} steps per "
-            f"arm, seeds {list(bench.seeds)}; PSNR (dB, mean ± std over seeds) / SSIM on Y.\n"
-            f"{note and '**' + note + '**'}\n\n{table}\n\n![PSNR vs budget](quality.png)\n")  # fmt: skip
+            f"arm; {bench.draws} sets per stochastic arm, each trained with seeds {list(bench.seeds)}; PSNR (dB, "
+            "mean ± std over runs) / SSIM on Y; differences of the mean PSNR over the sets, paired by training "
+            "seed, with 95% t-intervals over the independent sets (* significant, Holm-corrected per budget).\n"
+            f"{note and '**' + note + '**'}\n\n{table}{timing}\n\n![PSNR vs budget](quality.png)\n")  # fmt: skip
     (out / "results.md").write_text(text)
-    (out / "summary.json").write_text(json.dumps(rows, indent=2))
+    (out / "summary.json").write_text(json.dumps({"rows": rows, "curves": curve_rows, "bicubic": bicubic}, indent=2))
     typer.echo(text)
 
 

@@ -333,6 +333,9 @@ class TrainConfig(_Strict):
     """
 
     model: Arch = "espcn"
+    model_kwargs: dict[str, int | float | str] = Field(
+        default_factory=dict, description="constructor arguments of the network beyond scale, e.g. "
+        "{n_resblocks: 4, n_feats: 32} for a slim EDSR (srdistill.models)")  # fmt: skip
     iterations: int = Field(2000, ge=1)
     batch_size: int = Field(16, ge=1)
     lr_patch: int = Field(48, ge=4, description="LR crop side in pixels; HR crop = lr_patch*scale")
@@ -685,6 +688,7 @@ _NEUTRAL = {
     "embed": {"normalize": True},
     "cluster": {"method": "spherical-faiss"},
     "synthesize": {"guidance_channels": None, "vae_path": None},
+    "train": {"model_kwargs": {}},
 }
 _ENCODE_FIELDS = {"backbone", "dit_path", "vae_path", "resolution", "max_patches", "seed"}
 
