@@ -17,7 +17,8 @@ pretrained model is needed. What differs from the paper: the squared error per p
 so patches of any size compare) instead of the norm, a regression output instead of class
 probabilities, and a fixed number of steps instead of epochs.
 
-Measured (``bench/bench_proxy_error.py``): see ``proxy_error_scores``.
+Cost: about a minute for 12,000 96x96 patches at x2 with the defaults on 2 free CPU cores,
+mostly the scoring pass (``bench/bench_proxy_error.py``, ``docs/BENCHMARKS.md``).
 """
 
 from __future__ import annotations
@@ -118,9 +119,8 @@ def proxy_error_scores(table: pa.Table, scale: int, cfg: ProxyConfig) -> np.ndar
 
     Deterministic given ``cfg.seeds`` on one device and thread count. Higher = the proxy learnt
     the patch less = harder (``LOWER_IS_HARDER["proxy_error"]`` is False). Memory: the pool
-    (``POOL_CROPS * c^2 * 3`` bytes at most) plus about 4 million HR pixels at a time.
-    Measured with the defaults (``bench/bench_proxy_error.py``, 2 CPU cores, x2, 96x96 patches):
-    see ``docs/BENCHMARKS.md``.
+    (``POOL_CROPS * c^2 * 3`` bytes at most) plus about 4 million HR pixels at a time. Time:
+    see the module docstring.
 
     Args:
         table: ``source``, ``x``, ``y``, ``size`` columns (the patch table), N rows.
