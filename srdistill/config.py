@@ -372,7 +372,7 @@ class TrainConfig(_Strict):
     """
 
     model: Arch = "espcn"
-    model_kwargs: dict[str, int | float | str] = Field(
+    model_kwargs: dict[str, int | float] = Field(
         default_factory=dict, description="constructor arguments of the network beyond scale, e.g. "
         "{n_resblocks: 4, n_feats: 32} for a slim EDSR (srdistill.models)")  # fmt: skip
     iterations: int = Field(2000, ge=1)

@@ -630,7 +630,9 @@ def _openapi(node: dict, defs: dict, path: str) -> dict:
         target = defs[node["$ref"].rsplit("/", 1)[-1]]
         own = {k: v for k, v in node.items() if k != "$ref"}
         node = {**target, **own, "description": own.get("description") or _summary(target.get("description", ""))}
-    if "anyOf" in node:  # Optional[X]: X, nullable (pydantic's only union in RunConfig)
+    if "anyOf" in node and sorted(b.get("type") for b in node["anyOf"]) == ["integer", "number"]:
+        node = {**{k: v for k, v in node.items() if k != "anyOf"}, "type": "number"}  # int | float
+    if "anyOf" in node:  # Optional[X]: X, nullable
         branches = [b for b in node["anyOf"] if b != {"type": "null"}]
         if len(branches) != 1 or len(branches) == len(node["anyOf"]):
             raise ValueError(f"{path}: a union other than Optional[X] has no structural schema: {node['anyOf']}")
