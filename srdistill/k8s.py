@@ -715,28 +715,17 @@ def stage_progress(manifest: dict | None) -> dict:
     Returns:
         ``{"stages": {stage: "done"|"running"|..., in pipeline order}, "stagesDone": int,
         "stagesTotal": int, "currentStage": str | None}``; the total counts the stages this
-        run's config executes (``distill: synth`` adds encode/finetune/synthesize, ``select``
-        is coreset-only, embed/cluster run for ``clip-kmeans`` and synth, ``complexity`` for
-        a coreset with ``select.method: tripled`` or ``align.enabled``, ``align`` with
-        ``align.enabled``), and ``{}`` without a
-        manifest.
+        run's config executes (``pipeline.stage_chain``), and ``{}`` without a manifest.
     """
-    from .pipeline import STAGES, SYNTH_ONLY
+    from .pipeline import STAGES, stage_chain
 
     if not manifest:
         return {}
     stages = manifest.get("stages") or {}
-    config = manifest.get("config") or {}
-    synth = config.get("distill") == "synth"
-    method = (config.get("select") or {}).get("method", "clip-kmeans")
-    skip = set() if synth or method == "clip-kmeans" else {"embed", "cluster"}
-    align = bool((config.get("align") or {}).get("enabled"))
-    if synth or not (method == "tripled" or align):
-        skip.add("complexity")
-    if synth or not align:
-        skip.add("align")
-    planned = [s for s in STAGES if s not in skip
-               and ((s in SYNTH_ONLY) == synth or s not in (*SYNTH_ONLY, "select"))]  # fmt: skip
+    try:
+        planned = stage_chain(RunConfig.model_validate(manifest.get("config") or {}))
+    except ValidationError:  # a run of another srdistill version: count what it recorded
+        planned = list(stages)
     status = {s: str(stages[s].get("status", "unknown")) for s in STAGES if s in stages}
     running = [s for s, v in status.items() if v == "running"]
     return {

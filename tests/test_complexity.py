@@ -434,6 +434,10 @@ def test_stage_progress_counts_the_complexity_stage():
     assert total("select.method=tripled") == 7  # plan mine complexity select train evaluate report
     assert total("align.enabled=true") == 10  # clip-kmeans + complexity + align
     assert total("select.method=random") == 6
+    assert total("select.method=kcenter", "select.features=clip") == 8  # reads the CLIP embeddings
+    assert total("select.method=kcenter", "select.features=vit") == 7  # reads the ViT features
+    assert k8s.stage_progress({"config": {"no_such_field": 1}, "stages": {"plan": {"status": "done"}}}) == {
+        "stages": {"plan": "done"}, "stagesDone": 1, "stagesTotal": 1, "currentStage": None}  # another version
 
 
 @pytest.mark.slow
