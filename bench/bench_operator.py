@@ -64,10 +64,10 @@ def run(variant: str, s3: str, args, cluster, moto_url: str, hanging, folder: Pa
         for i in range(args.repeats):
             name = f"r{i}"
             emu._create(api, name, {**spec, "output": f"s3://bench/runs/{namespace}-{i}"})
-            out["first status"].append(_timed(lambda: emu._status(api, name).get("phase"), args.cap))
+            out["first status"].append(_timed(lambda name=name: emu._status(api, name).get("phase"), args.cap))
             time.sleep(random.uniform(0, args.interval))
             api[0].delete_namespaced_custom_object(emu.k8s.GROUP, emu.k8s.VERSION, namespace, emu.k8s.PLURAL, name)
-            out["delete"].append(_timed(lambda: emu._get(api, name) is None, args.cap))
+            out["delete"].append(_timed(lambda name=name: emu._get(api, name) is None, args.cap))
             if out["delete"][-1] == float("inf"):
                 break  # the operator is stuck: the next resource would wait behind it
     finally:

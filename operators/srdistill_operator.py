@@ -51,9 +51,9 @@ container restarts (the same peer: ``POD_ID``, the pod's name), after the peerin
 Prometheus metrics on ``SRDISTILL_METRICS_PORT`` (unset or 0: none):
 ``srdistill_operator_reconciles_total``, ``srdistill_operator_reconcile_errors_total`` and
 ``srdistill_distillations{phase=...}`` (the resources this replica reconciled lately: a paused
-replica reports zeros). Environment also:
-``SRDISTILL_DEFAULT_IMAGE`` (the image of resources that name none), ``AWS_*`` for reading
-manifests. Installed by ``charts/srdistill``.
+replica reports zeros). Environment also: the rendering defaults of ``srdistill.k8s.RENDER_ENV``
+(``SRDISTILL_DEFAULT_IMAGE``, the image of resources that name none, the pods' security
+contexts, the install mode), ``AWS_*`` for reading manifests. Installed by ``charts/srdistill``.
 """
 
 from __future__ import annotations
@@ -77,6 +77,9 @@ from srdistill import k8s, storage
 INTERVAL_S = float(os.environ.get("SRDISTILL_OPERATOR_INTERVAL", "10"))
 METRICS_PORT = int(os.environ.get("SRDISTILL_METRICS_PORT") or 0)
 ALLOW = k8s.AllowList.from_environ(os.environ)
+#: The rendering defaults of this operator (image, security contexts, install mode: the chart's
+#: SRDISTILL_* variables), every one explicit: recorded in a resource's status at its first RayJob.
+DEFAULTS = k8s.pinned_defaults(k8s.render_defaults(os.environ))
 RESOURCE = (k8s.GROUP, k8s.VERSION, k8s.PLURAL)
 RAYJOBS = ("ray.io", "v1", "rayjobs")
 TERMINAL = ("Succeeded", "Failed")
@@ -241,12 +244,12 @@ def _reconcile(name: str, namespace: str, body: kopf.Body, spec: kopf.Spec, stat
     legacy = "defaults" not in old and old.get("specHash") and old.get("observedGeneration") == generation
     started = bool(old.get("rayJobName")) and (old.get("specHash") == digest or legacy)  # its RayJob was made
     job_name = old["rayJobName"] if started else k8s.rayjob_name(name, digest)
-    recorded = old.get("defaults") or k8s.render_defaults(os.environ)
+    recorded = old.get("defaults") or DEFAULTS
     for other in set(jobs) - {job_name}:
         logger.info(f"deleting RayJob {other}: superseded by a changed spec")
         _delete_rayjob(namespace, other)
     desired = k8s.rayjob(parsed, job_name, namespace=namespace, labels={k8s.LABEL: name},
-                         **{**k8s.render_defaults(os.environ), **recorded})  # fmt: skip
+                         **k8s.defaults_from_status(recorded))  # fmt: skip
     desired["metadata"]["annotations"][k8s.SPEC_HASH] = digest
     kopf.adopt(desired, owner=body)
     conditions = [cond("Valid", True, "SpecValid")]

@@ -660,8 +660,12 @@ def bench_quality(
                                              "(default: all)"),  # fmt: skip
     budgets: Optional[list[str]] = typer.Option(None, "--budgets", help="pixel % and/or ipcN, repeatable or "
                                                 "comma-separated (1%,5%,ipc10)"),  # fmt: skip
-    seeds: Optional[list[str]] = typer.Option(None, "--seeds", help="training seeds, repeatable or "
-                                              "comma-separated (0,1,2)"),  # fmt: skip
+    seeds: Optional[list[str]] = typer.Option(None, "--seeds", help="training seeds of every set, repeatable "
+                                              "or comma-separated (0,1)"),  # fmt: skip
+    draws: int = typer.Option(5, "--draws", min=1, help="sets drawn per stochastic arm and budget"),
+    curve_every: Optional[int] = typer.Option(
+        None, "--curve-every", min=1, help="PSNR on the curve set (Set5) every N training steps (a multiple of "
+        "train.log_every); default: iterations/20 rounded to log_every"),  # fmt: skip
     corpus: Optional[list[str]] = typer.Option(None, "--corpus", help="datasets forming the corpus, names or "
                                                "folders, repeatable or comma-separated (T91,BSD200)"),  # fmt: skip
     datasets: Optional[list[str]] = typer.Option(None, "--dataset", help="evaluation sets, repeatable or "
@@ -674,9 +678,11 @@ def bench_quality(
         "default: 1 when the cluster has GPUs, else 0"),  # fmt: skip
     address: Optional[str] = typer.Option(None, "--address", help=_ADDRESS_HELP),
 ) -> None:
-    """Distillation benchmark: arms x budgets x seeds, same step budget, PSNR/SSIM table + plot."""
+    """Distillation benchmark: arms x budgets x draws x seeds, same step budget; PSNR/SSIM with
+    paired 95% intervals against full and random, training curves, plot."""
     from . import runner
-    from .benchmark import QualityBench, markdown_table, plot, run_quality_bench, summarize
+    from .benchmark import QualityBench, curves, markdown_table, plot, run_quality_bench, summarize
+    from .evaluation import evaluate
 
     _check_scale(scale)
     extra = [f"train.model={model}"] * bool(model) + [f"scale={scale}"] * (scale is not None)
@@ -693,6 +699,10 @@ def bench_quality(
             options["seeds"] = tuple(int(s) for s in _items(seeds))
         except ValueError:
             _fail(f"--seeds {','.join(seeds)!r}: give integers, e.g. 0,1,2")
+    if curve_every is None:
+        every = cfg.train.log_every
+        curve_every = max(every, round(cfg.train.iterations / 20 / every) * every)
+    options.update(draws=draws, curve_every=curve_every)
     try:
         bench = QualityBench(cfg, **options)
         runner.init_ray(cfg.ray)
@@ -710,18 +720,31 @@ def bench_quality(
         _fail(str(exc))
     rows = summarize(results, bench.datasets)
     table = markdown_table(rows, bench.datasets)
-    plot(rows, bench.datasets, out / "quality.png")
+    bicubic = evaluate("bicubic", bench.curve_dataset, cfg.scale)["psnr_y"]
+    curve_budget = bench.budgets[0]
+    curve_rows = curves(results, curve_budget, bicubic) if any(r["arm"] == "full" for r in results) else []
+    plot(rows, bench.datasets, out / "quality.png", curve_rows)
     semantic = {r["clip_semantic"] for r in results if r["arm"] == "clip-kmeans"}
     notes = ["random-init CLIP: the clip-kmeans clusters are NOT semantic"] * (False in semantic)
     if any(r.get("vit_pretrained") is False for r in results):
-        notes.append("random-init ViT: the tripled complexity scores and feature distances are NOT learned")
+        notes.append("random-init ViT: the tripled complexity scores and features are NOT learned")
     note = "; ".join(notes)
     command = "srdistill " + " ".join(sys.argv[1:])
+    timing = ""
+    if curve_rows:
+        lines = [f"| {c['arm']} | {c['budget']} | {c['curve'][-1][1]:.2f} | {c['steps_to_target'] or 'not reached'} |"
+                 for c in curve_rows]  # fmt: skip
+        timing = (f"\n\nTraining time on {bench.curve_dataset} (bicubic {bicubic:.2f} dB): steps to reach "
+                  f"{curve_rows[0]['target']:.2f} dB, 95% of full's final gain over bicubic (measured every "
+                  f"{bench.curve_every} steps; mean curve over runs).\n\n| arm | budget | final (dB) | steps to 95% |\n"
+                  "|---|---|---|---|\n" + "\n".join(lines))  # fmt: skip
     text = (f"Command: `{command}`\n\n{cfg.train.model} x{cfg.scale}, {cfg.train.iterations} steps per "
-            f"arm, seeds {list(bench.seeds)}; PSNR (dB, mean ± std over seeds) / SSIM on Y.\n"
-            f"{note and '**' + note + '**'}\n\n{table}\n\n![PSNR vs budget](quality.png)\n")  # fmt: skip
+            f"arm; {bench.draws} sets per stochastic arm, each trained with seeds {list(bench.seeds)}; PSNR (dB, "
+            "mean ± std over runs) / SSIM on Y; differences of the mean PSNR over the sets, paired by training "
+            "seed, with 95% t-intervals over the independent sets (* significant, Holm-corrected per budget).\n"
+            f"{note and '**' + note + '**'}\n\n{table}{timing}\n\n![PSNR vs budget](quality.png)\n")  # fmt: skip
     (out / "results.md").write_text(text)
-    (out / "summary.json").write_text(json.dumps(rows, indent=2))
+    (out / "summary.json").write_text(json.dumps({"rows": rows, "curves": curve_rows, "bicubic": bicubic}, indent=2))
     typer.echo(text)
 
 
@@ -948,7 +971,7 @@ app.add_typer(k8s_app, name="k8s")
 @k8s_app.command("render")
 def k8s_render(
     input: str = typer.Option(..., "--input", help=_INPUT_HELP),
-    out: str = typer.Option(..., "--out", help="run directory, an s3:// URI"),
+    out: str = typer.Option(..., "--out", help="run directory: an s3:// URI, or a path on a PVC that --cluster mounts"),
     config: Optional[Path] = typer.Option(None, "--config", help="YAML config file (the schema of `run --config`)"),
     overrides: list[str] = typer.Option([], "--set", help=_SET_HELP + "; merged into spec.config"),
     preset: Optional[Preset] = typer.Option(None, "--preset", help=_PRESET_HELP),
@@ -956,14 +979,27 @@ def k8s_render(
     allow_random_init: bool = typer.Option(False, "--allow-random-init", help="random-init CLIP (NOT semantic)"),
     cluster: Optional[Path] = typer.Option(
         None, "--cluster", help="YAML of the cluster shape: an SRDistillation's spec.cluster "
-        "(image, s3Secret, env, head, workerGroups, existingCluster)"),  # fmt: skip
-    image: Optional[str] = typer.Option(None, "--image", help="Ray image with srdistill (overrides --cluster)"),
+        "(image, s3Secret, env, volumes, volumeMounts, head, workerGroups, existingCluster)"),  # fmt: skip
+    image: Optional[str] = typer.Option(None, "--image", help="Ray image (overrides --cluster); default: "
+                                        "the srdistill image, or Ray's own with --install runtimeEnv"),  # fmt: skip
     s3_secret: Optional[str] = typer.Option(None, "--s3-secret", help="Secret holding AWS_* env vars"),
     name: str = typer.Option("srdistill", "--name", help="metadata.name of the RayJob"),
     namespace: Optional[str] = typer.Option(None, "--namespace", help="metadata.namespace (default: none)"),
+    pod_security_context: Optional[str] = typer.Option(
+        None, "--pod-security-context", help="every pod's securityContext, a JSON object (default: the "
+        "restricted standard, uid 1000); the chart's ray.podSecurityContext"),  # fmt: skip
+    security_context: Optional[str] = typer.Option(
+        None, "--security-context", help="every container's securityContext, a JSON object (default: the "
+        "restricted standard); the chart's ray.securityContext"),  # fmt: skip
+    install: Literal["image", "runtimeEnv"] = typer.Option(
+        "image", "--install", help="image: srdistill is in the image; runtimeEnv: Ray's stock image, "
+        "Ray pip-installs srdistill at job start (runtimeEnvYAML)"),  # fmt: skip
+    package: Optional[str] = typer.Option(
+        None, "--package", help="--install runtimeEnv: pinned pip requirement of srdistill (default "
+        "srdistill[cpu,synth]==<this version>; or 'srdistill[cpu,synth] @ git+<repo>@<tag>')"),  # fmt: skip
 ) -> None:
     """Print the RayJob (YAML) for `kubectl apply -f -`: what the operator would create for an
-    SRDistillation with this spec."""
+    SRDistillation with this spec (and the chart's settings given by the last four options)."""
     import yaml
 
     from . import k8s
@@ -971,12 +1007,17 @@ def k8s_render(
 
     spec: dict = {"input": input, "output": out, "allowRandomInit": allow_random_init}
     spec.update({k: v for k, v in {"preset": preset, "distill": distill}.items() if v is not None})
+    settings = {"mode": install, **({"package": package} if package is not None else {})}
     try:
         if config is not None:
             spec["config"] = read_yaml_mapping(config)
         for item in overrides:
             spec["config"] = _deep_merge(spec.get("config", {}), parse_override(item, RunConfig))
         shape = read_yaml_mapping(cluster) if cluster is not None else {}
+        where = {"pod_security_context": "--pod-security-context", "security_context": "--security-context",
+                 "install": "--install/--package"}  # fmt: skip
+        defaults = k8s.render_settings(pod_security_context=pod_security_context, security_context=security_context,
+                                       install=json.dumps(settings), where=where)  # fmt: skip
     except ValueError as exc:
         _fail(str(exc))
     shape.update({k: v for k, v in {"image": image, "s3Secret": s3_secret}.items() if v is not None})
@@ -985,7 +1026,33 @@ def k8s_render(
         parsed = k8s.parse_spec(spec)
     except k8s.InvalidSpec as exc:
         _fail(str(exc))
-    typer.echo(yaml.safe_dump(k8s.rayjob(parsed, name, namespace=namespace), sort_keys=False), nl=False)
+    typer.echo(yaml.safe_dump(k8s.rayjob(parsed, name, namespace=namespace, **defaults), sort_keys=False), nl=False)
+
+
+@k8s_app.command("crd")
+def k8s_crd(
+    path: Path = typer.Argument(..., help="the CRD file, charts/srdistill/crds/srdistill.io_srdistillations.yaml"),
+    check: bool = typer.Option(False, "--check", help="change nothing; exit 1 if the file is out of date"),
+) -> None:
+    """Regenerate spec.config's schema in the SRDistillation CRD from srdistill.config.RunConfig
+    (the rest of the file is kept). Run it after changing the config models."""
+    from . import k8s
+
+    try:
+        text = path.read_text()
+        new = k8s.crd_with_config_schema(text)
+    except (OSError, ValueError) as exc:
+        _fail(f"{path}: {exc}")
+    if check:
+        if new != text:
+            typer.echo(f"{path}: spec.config is out of date; run: srdistill k8s crd {path}", err=True)
+            raise typer.Exit(1)
+        typer.echo(f"{path}: up to date")
+    elif new != text:
+        path.write_text(new)
+        typer.echo(f"{path}: spec.config regenerated")
+    else:
+        typer.echo(f"{path}: up to date")
 
 
 data_app = typer.Typer(no_args_is_help=True, help="Standard SR datasets: list the catalogue, download sets.")

@@ -30,11 +30,15 @@ PATCH_PRESETS: dict[str, tuple[int, int]] = {
 }
 
 Score = Literal["psnr_bic", "grad"]
+#: Scores ``select.score`` may rank by: the mined ones, and ``proxy_error`` (``srdistill.proxy_error``,
+#: a column the caller attaches).
+SelectScore = Literal["psnr_bic", "grad", "proxy_error"]
 #: Complexity scores of a patch (``srdistill.complexity``; TripleD): all higher = more complex.
 ComplexityScore = Literal["vit_complexity", "entropy", "grad_energy"]
 #: For each patch score, whether a lower value means a harder (more valuable) patch.
 LOWER_IS_HARDER: dict[str, bool] = {
     "psnr_bic": True, "grad": False, "vit_complexity": False, "entropy": False, "grad_energy": False,
+    "proxy_error": False,
 }  # fmt: skip
 
 
@@ -232,26 +236,61 @@ class ClusterConfig(_Strict):
         return self
 
 
+class ProxyConfig(_Strict):
+    """The proxy SR network of the ``proxy_error`` score (``srdistill.proxy_error``, after EL2N).
+
+    For each of ``seeds``, an ESPCN of ``n_feats`` channels at the run's scale is trained for
+    ``steps`` Adam steps (L1, learning rate ``lr``) on ``batch_size`` random ``crop`` x ``crop``
+    HR crops of the corpus' own patches (LR by MATLAB bicubic, as training makes it); every patch
+    is then scored by the networks' mean squared error on it, averaged over the seeds. The
+    defaults score 10,000 96x96 patches at x2 in about a minute on 2 CPU cores (see the module).
+    """
+
+    steps: int = Field(200, ge=1, description="Adam steps per proxy network")
+    seeds: tuple[int, ...] = Field(
+        (0, 1), min_length=1, description="one proxy network per seed (its initialisation and batches)")
+    batch_size: int = Field(16, ge=1, description="HR crops per step")
+    crop: int = Field(48, ge=4, description="HR crop side in pixels (rounded down to a multiple of the scale)")
+    lr: float = Field(1e-3, gt=0.0)
+    n_feats: int = Field(32, ge=2, description="ESPCN width: channels of its first layer")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
 class SelectConfig(_Strict):
     """Budgeted selection of the distilled real set (coreset).
 
     Exactly one budget: ``ipc`` patches per cluster, or ``pixel_fraction`` of the corpus'
     HR pixels (all readable source images). ``method`` ``clip-kmeans`` ranks by ``score``
-    inside each cluster; ``random`` and ``score-topk`` are the same-budget baselines. Before
-    any method, overlapping windows are thinned (``max_overlap``) so the budget is not spent on
-    near-duplicate crops.
+    inside each cluster; ``random`` and ``score-topk`` are the same-budget baselines;
+    ``tripled``, ``kcenter``, ``stratified`` and ``hard-mix`` are described in
+    ``srdistill.selection``. Before any method, overlapping windows are thinned
+    (``max_overlap``) so the budget is not spent on near-duplicate crops.
     """
 
-    method: Literal["clip-kmeans", "random", "score-topk", "tripled"] = "clip-kmeans"
+    method: Literal["clip-kmeans", "random", "score-topk", "tripled", "kcenter", "stratified", "hard-mix"] = (
+        "clip-kmeans")  # fmt: skip
     ipc: int | None = Field(None, ge=1)
     pixel_fraction: float | None = Field(None, gt=0.0, le=1.0)
-    score: Score = "psnr_bic"
+    score: SelectScore = Field(
+        "psnr_bic", description="hardness score: psnr_bic (lower is harder), grad or proxy_error (higher "
+        "is harder; a column the caller attaches, srdistill.proxy_error)")  # fmt: skip
     complexity_score: ComplexityScore = Field(
         "vit_complexity", description="tripled: the complexity score whose quantiles are the strata")
     strata: int = Field(
-        8, ge=1, description="tripled: complexity strata (quantile bins of complexity_score); the "
-        "budget is shared in proportion to their sizes, and an IPC budget is ipc per stratum",
+        8, ge=1, description="bins of a score: tripled, equal-count quantile bins of complexity_score (the "
+        "budget shared in proportion to their sizes, and an IPC budget is ipc per stratum); stratified, "
+        "equal-width bins of score (the budget shared by CCS's rule)",
     )  # fmt: skip
+    features: Literal["descriptor", "clip", "vit"] = Field(
+        "descriptor", description="kcenter's feature space: descriptor (pixel statistics, "
+        "srdistill.kcenter.patch_descriptors), clip (the embed stage's 'embedding' column) or vit "
+        "(the complexity stage's 'feature' column)")  # fmt: skip
+    prune_hard: float = Field(
+        0.0, ge=0.0, lt=1.0, description="stratified: drop this fraction of the hardest candidates first (CCS's beta)")
+    hard_fraction: float = Field(
+        0.5, ge=0.0, le=1.0, description="hard-mix: share of the budget taken hardest first by score; "
+        "the rest is uniform random from the other candidates")  # fmt: skip
+    proxy: ProxyConfig = Field(ProxyConfig(), description="score proxy_error: the proxy network")
     max_overlap: float = Field(
         0.25, ge=0.0, le=1.0,
         description="drop a patch overlapping a harder one of the same image by more than this "
@@ -333,6 +372,9 @@ class TrainConfig(_Strict):
     """
 
     model: Arch = "espcn"
+    model_kwargs: dict[str, int | float] = Field(
+        default_factory=dict, description="constructor arguments of the network beyond scale, e.g. "
+        "{n_resblocks: 4, n_feats: 32} for a slim EDSR (srdistill.models)")  # fmt: skip
     iterations: int = Field(2000, ge=1)
     batch_size: int = Field(16, ge=1)
     lr_patch: int = Field(48, ge=4, description="LR crop side in pixels; HR crop = lr_patch*scale")
@@ -684,7 +726,10 @@ _NEUTRAL = {
     "mine": {"psnr_bic_resize": "matlab"},
     "embed": {"normalize": True},
     "cluster": {"method": "spherical-faiss"},
+    "select": {"features": "descriptor", "prune_hard": 0.0, "hard_fraction": 0.5,
+               "proxy": ProxyConfig().model_dump(mode="json")},
     "synthesize": {"guidance_channels": None, "vae_path": None},
+    "train": {"model_kwargs": {}},
 }
 _ENCODE_FIELDS = {"backbone", "dit_path", "vae_path", "resolution", "max_patches", "seed"}
 

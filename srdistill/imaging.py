@@ -32,6 +32,7 @@ __all__ = [
     "modcrop",
     "crop",
     "read_crops",
+    "iter_crops",
     "to_gray",
 ]
 
@@ -182,6 +183,27 @@ def read_crops(sources, xs, ys, sizes) -> list[np.ndarray]:
         except ValueError as exc:
             raise ValueError(f"{src}: {exc}") from None
     return out
+
+
+def iter_crops(sources, xs, ys, sizes, *, max_pixels: int = 1 << 22):
+    """``read_crops`` of many patches in bounded memory: yields ``(rows, patches)``, where
+    ``rows`` is an int64 array of indices into the inputs and ``patches`` their ``(size, size,
+    3)`` uint8 arrays, in chunks of at most ``max_pixels`` patch pixels (at least one patch)
+    taken in source order, so each source is decoded once per chunk it appears in. Every index
+    appears exactly once.
+
+    Raises:
+        ImageReadError, ValueError: as ``read_crops``.
+    """
+    sources = np.asarray(sources).astype(str)
+    xs, ys, sizes = (np.asarray(v) for v in (xs, ys, sizes))
+    if not len(sources):
+        return
+    order = np.argsort(sources, kind="stable")
+    chunk = max(1, max_pixels // int(sizes.max()) ** 2)
+    for lo in range(0, len(order), chunk):
+        rows = order[lo : lo + chunk]
+        yield rows, read_crops(sources[rows], xs[rows], ys[rows], sizes[rows])
 
 
 def to_gray(img: np.ndarray) -> np.ndarray:

@@ -181,8 +181,8 @@ def stage_chain(cfg: RunConfig) -> list[str]:
     """The stages a full run of ``cfg`` executes, in order (``STAGES`` minus those its
     ``distill``, ``select.method`` and ``align.enabled`` leave out), ``report`` last."""
     synth = cfg.distill == "synth"
-    clusters = synth or cfg.select.method == "clip-kmeans"
-    scored = not synth and (cfg.select.method == "tripled" or cfg.align.enabled)
+    clusters = synth or _needs_clip(cfg.select)
+    scored = not synth and (_needs_vit(cfg.select) or cfg.align.enabled)
     return ["plan", "mine", *(["embed", "cluster"] if clusters else []), *(["complexity"] if scored else []),
             *(["encode", "finetune", "synthesize"] if synth else ["select", *(["align"] if cfg.align.enabled else [])]),
             "train", "evaluate", "report"]  # fmt: skip
@@ -683,6 +683,18 @@ def _select(run: Run, upstream_fp: str, *, scored: bool = False) -> str:
             kept = _kept(run)
             kept = kept.append_column("cluster", pa.array(np.full(kept.num_rows, -1, np.int32)))
             n_clusters = run.cfg.cluster.k  # IPC baselines take the same budget as clip-kmeans
+            if cfg.method == "kcenter" and cfg.features == "clip":
+                emb = storage.read_dataset(run.at("embed", "parts"), columns=["patch_id", "embedding"])
+                rows = pc.index_in(kept.column("patch_id"), value_set=emb.column("patch_id"))
+                kept = kept.append_column("embedding", emb.column("embedding").take(rows))  # a list column: no join
+            elif cfg.method == "kcenter" and cfg.features == "vit":
+                from .complexity import attach_scores, read_scores
+
+                kept = attach_scores(kept, read_scores(run.at("complexity", "parts")))
+        if cfg.score == "proxy_error":  # a small SR network's error on each candidate (EL2N-like)
+            from .proxy_error import attach_proxy_error, proxy_error_scores
+
+            kept = attach_proxy_error(kept, proxy_error_scores(kept, run.cfg.scale, cfg.proxy))
         corpus = run.manifest["stages"]["mine"]["counts"]["corpus_pixels"]
         n_total = budget_patches(cfg, n_clusters=n_clusters, corpus_pixels=corpus,
                                  patch_size=run.cfg.mine.patch_size)  # fmt: skip
@@ -704,6 +716,16 @@ def _select(run: Run, upstream_fp: str, *, scored: bool = False) -> str:
 
     run.run_stage("select", fp, ["select/selected.parquet", "distilled/provenance.csv"], stage, also=("distilled",))
     return fp
+
+
+def _needs_clip(cfg) -> bool:
+    """Whether the selection reads the CLIP embeddings or their clusters (embed, cluster)."""
+    return cfg.method == "clip-kmeans" or (cfg.method == "kcenter" and cfg.features == "clip")
+
+
+def _needs_vit(cfg) -> bool:
+    """Whether the selection reads the complexity stage's ViT scores or features."""
+    return cfg.method == "tripled" or (cfg.method == "kcenter" and cfg.features == "vit")
 
 
 def _n_clusters(run: Run) -> int:
@@ -966,14 +988,14 @@ def run_pipeline(input_dir: str | Path, run_dir: str | Path, cfg: RunConfig, *,
         hint = f"; did you mean {close[0]!r}?" if close else ""
         raise ValueError(f"until={until!r} is not one of {', '.join(STAGES)}{hint}")
     synth = cfg.distill == "synth"
-    clusters = synth or cfg.select.method == "clip-kmeans"
+    clusters = synth or _needs_clip(cfg.select)
     if until in ("embed", "cluster") and not clusters:
         raise ValueError(f"until={until!r}: select.method {cfg.select.method!r} runs no {until} stage")
     if until == "align" and (synth or not cfg.align.enabled):
         raise ValueError("until='align': the align stage runs only with align.enabled and distill 'coreset'")
     if (until in SYNTH_ONLY and not synth) or (until == "select" and synth):
         raise ValueError(f"until={until!r}: distill {cfg.distill!r} runs no {until} stage")
-    scored = not synth and (cfg.select.method == "tripled" or cfg.align.enabled)
+    scored = not synth and (_needs_vit(cfg.select) or cfg.align.enabled)
     if until == "complexity" and not scored:
         raise ValueError("until='complexity': the complexity stage runs only for distill 'coreset' with "
                          "select.method 'tripled' or align.enabled")  # fmt: skip

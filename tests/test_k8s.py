@@ -13,9 +13,10 @@ from k8s_schema import validate_custom
 from pydantic import BaseModel
 from typer.testing import CliRunner
 
+import srdistill
 from srdistill import k8s
 from srdistill.cli import app
-from srdistill.config import load_config
+from srdistill.config import RunConfig, load_config, preset_names
 from srdistill.pipeline import Run
 
 REPO = Path(__file__).resolve().parents[1]
@@ -158,7 +159,9 @@ def test_gpu_image(image, expected):
 
 
 @pytest.mark.parametrize("patch, expected", [
-    ({"output": "/data/run"}, "spec.output: output '/data/run' must be an s3:// URI"),
+    ({"output": "/data/run"}, "spec.output: output '/data/run' is not under a read-write persistentVolumeClaim mount"),
+    ({"output": "runs/x"}, "spec.output: output 'runs/x' must be an s3:// URI or an absolute path on a mounted PVC"),
+    ({"output": "s3://"}, "spec.output: output 's3://' names no bucket"),
     ({"input": ""}, "spec.input: String should have at least 1 character"),
     ({"preset": "huge"}, "spec.preset: preset 'huge' is not one of"),
     ({"distill": "gan"}, "spec.distill: Input should be 'coreset' or 'synth'"),
@@ -253,13 +256,23 @@ def test_spec_identity_is_what_the_spec_computes():
     assert [job[f] for f in k8s.LIVE_FIELDS] == [600, 3, 86400]
 
 
-def test_render_defaults_come_from_the_operators_environment():
-    assert k8s.render_defaults({}) == {"default_image": k8s.DEFAULT_IMAGE}
-    assert k8s.render_defaults({"SRDISTILL_DEFAULT_IMAGE": ""}) == {"default_image": k8s.DEFAULT_IMAGE}
-    defaults = k8s.render_defaults({"SRDISTILL_DEFAULT_IMAGE": "rayproject/ray:2.60.0"})
-    job = k8s.rayjob(k8s.parse_spec({"input": "s3://a/", "output": "s3://b/c"}), "x", **defaults)
-    assert job["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"][0]["image"] == (
-        "rayproject/ray:2.60.0")  # fmt: skip
+def test_pinned_defaults_render_alike_through_json():
+    """What the operator records in ``.status.defaults``: every default explicit, JSON as the API
+    server stores it, and rendering as the defaults it came from."""
+    plain = k8s.parse_spec({"input": "s3://a/", "output": "s3://b/c"})
+    for env in ({}, {"SRDISTILL_INSTALL": '{"mode": "runtimeEnv"}'},
+                {"SRDISTILL_DEFAULT_IMAGE": "reg.example/x:1-cpu", "SRDISTILL_SECURITY_CONTEXT": '{"runAsNonRoot": true}'}):
+        defaults = k8s.render_defaults(env)
+        pinned = k8s.pinned_defaults(defaults)
+        assert set(pinned) == set(k8s.RENDER_ENV)
+        recorded = json.loads(json.dumps(pinned))
+        assert k8s.rayjob(plain, "x", **k8s.defaults_from_status(recorded)) == k8s.rayjob(plain, "x", **defaults)
+    assert k8s.pinned_defaults({})["default_image"] == k8s.DEFAULT_IMAGE
+    stock = k8s.pinned_defaults(k8s.render_defaults({"SRDISTILL_INSTALL": '{"mode": "runtimeEnv"}'}))
+    assert stock["default_image"] == k8s.STOCK_IMAGE and stock["install"]["mode"] == "runtimeEnv"
+    assert k8s.defaults_from_status({"default_image": "a"}) == {"default_image": "a"}  # an older, shorter record
+    with pytest.raises(ValueError, match="status.defaults.install: mode"):
+        k8s.defaults_from_status({"install": {"mode": "pip"}})
 
 
 def test_allow_list_from_the_environment():
@@ -349,7 +362,13 @@ def test_cli_render_prints_a_valid_rayjob(tmp_path):
 
 def test_cli_render_rejects_bad_input_with_the_reason(tmp_path):
     result = CliRunner().invoke(app, ["k8s", "render", "--input", "s3://c/", "--out", "runs/local"])
-    assert result.exit_code == 2 and "must be an s3:// URI" in result.output
+    assert result.exit_code == 2 and "must be an s3:// URI or an absolute path" in result.output
+    result = CliRunner().invoke(app, ["k8s", "render", "--input", "s3://c/", "--out", "s3://r/x",
+                                      "--pod-security-context", "[1, 2]"])  # fmt: skip
+    assert result.exit_code == 2 and "--pod-security-context must be a JSON object" in result.output
+    result = CliRunner().invoke(app, ["k8s", "render", "--input", "s3://c/", "--out", "s3://r/x",
+                                      "--install", "runtimeEnv", "--package", "srdistill>=0.1"])  # fmt: skip
+    assert result.exit_code == 2 and "--install/--package: package: package 'srdistill>=0.1' is not a pinned" in result.output
     result = CliRunner().invoke(app, ["k8s", "render", "--input", "s3://c/", "--out", "s3://r/x", "--cluster",
                                       str(tmp_path / "absent.yaml")])  # fmt: skip
     assert result.exit_code == 2 and "absent.yaml' does not exist" in result.output
@@ -361,3 +380,215 @@ def test_run_config_json_is_validated(tmp_path):
     assert result.exit_code == 2 and "iterationz" in result.output
     result = CliRunner().invoke(app, ["run", "--input", str(tmp_path), "--out", str(tmp_path / "o"), "--config-json", "{"])
     assert result.exit_code == 2 and "--config-json is not valid JSON" in result.output
+
+
+# --------------------------------------------------------------------------- output on a PVC
+
+PVC = {"volumes": [{"name": "runs", "persistentVolumeClaim": {"claimName": "srdistill-runs"}},
+                   {"name": "ro", "persistentVolumeClaim": {"claimName": "corpus", "readOnly": True}},
+                   {"name": "scratch", "emptyDir": {}}],
+       "volumeMounts": [{"name": "runs", "mountPath": "/runs"}, {"name": "ro", "mountPath": "/corpus"},
+                        {"name": "models", "mountPath": "/models", "readOnly": True}, {"name": "scratch", "mountPath": "/scratch"}]}  # fmt: skip
+PVC["volumes"].append({"name": "models", "persistentVolumeClaim": {"claimName": "models"}})
+
+
+@pytest.mark.parametrize("output", ["/runs/a", "/runs", "/runs/deep/er/"])
+def test_output_on_a_mounted_pvc(output):
+    """A run directory on a read-write PVC mount of every Ray pod: the RayJob passes the path
+    to ``srdistill run --out`` and mounts the claim in every Ray pod."""
+    spec = k8s.parse_spec({"input": "/app/data/T91/HR", "output": output, "cluster": PVC})
+    job = k8s.rayjob(spec, "x")
+    validate_custom(job)
+    args = shlex.split(job["spec"]["entrypoint"])
+    assert args[args.index("--out") + 1] == output
+    for pod in _pods(job)[1:]:
+        assert {"name": "runs", "mountPath": "/runs"} in pod["spec"]["containers"][0]["volumeMounts"]
+        assert {"name": "runs", "persistentVolumeClaim": {"claimName": "srdistill-runs"}} in pod["spec"]["volumes"]
+
+
+@pytest.mark.parametrize("output", ["/corpus/run", "/models/run", "/scratch/run", "/runsx/run", "/data/run"])
+def test_output_off_a_writable_pvc_is_rejected(output):
+    """A read-only claim or mount, an emptyDir (one per pod), or no mount at all: the error names
+    the mounts there are."""
+    with pytest.raises(k8s.InvalidSpec) as err:
+        k8s.parse_spec({"input": "s3://a/", "output": output, "cluster": PVC})
+    assert f"spec.output: output '{output}' is not under a read-write persistentVolumeClaim mount" in str(err.value)
+    assert "runs:/runs" in str(err.value)
+
+
+def test_output_path_on_a_standing_cluster_is_taken_as_is():
+    spec = k8s.parse_spec({"input": "s3://a/", "output": "/shared/run", "cluster": {"existingCluster": "standing"}})
+    assert "--out /shared/run" in k8s.rayjob(spec, "x")["spec"]["entrypoint"]
+
+
+# --------------------------------------------------------------------------- rendering settings
+
+
+def test_security_contexts_reach_every_pod_and_container():
+    pod_sc = {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}}
+    ctr_sc = {**k8s.RESTRICTED_SECURITY_CONTEXT, "readOnlyRootFilesystem": True}
+    job = k8s.rayjob(k8s.parse_spec(FULL), "x", pod_security_context=pod_sc, security_context=ctr_sc)
+    validate_custom(job)
+    for pod in _pods(job):
+        assert pod["spec"]["securityContext"] == pod_sc
+        assert pod["spec"]["containers"][0]["securityContext"] == ctr_sc
+    assert job["spec"]["rayClusterSpec"]["autoscalerOptions"]["securityContext"] == ctr_sc
+    default = k8s.rayjob(k8s.parse_spec(FULL), "x")
+    for pod in _pods(default):
+        assert pod["spec"]["securityContext"] == k8s.RESTRICTED_POD_SECURITY_CONTEXT
+        assert pod["spec"]["containers"][0]["securityContext"] == k8s.RESTRICTED_SECURITY_CONTEXT
+    assert default["metadata"]["annotations"] != job["metadata"]["annotations"]
+
+
+def test_render_defaults_from_the_operator_environment():
+    env = {"SRDISTILL_DEFAULT_IMAGE": "reg.example/srdistill:2-cpu", "SRDISTILL_POD_SECURITY_CONTEXT": '{"runAsNonRoot": true}',
+           "SRDISTILL_SECURITY_CONTEXT": "", "SRDISTILL_INSTALL": '{"mode": "runtimeEnv", "package": "srdistill==2"}',
+           "HOME": "/home/ray"}  # fmt: skip
+    defaults = k8s.render_defaults(env)
+    assert defaults == {"default_image": "reg.example/srdistill:2-cpu", "pod_security_context": {"runAsNonRoot": True},
+                        "install": k8s.Install(mode="runtimeEnv", package="srdistill==2")}  # fmt: skip
+    assert k8s.render_defaults({}) == {}
+    job = k8s.rayjob(k8s.parse_spec({"input": "s3://a/", "output": "s3://b/c"}), "x", **defaults)
+    assert yaml.safe_load(job["spec"]["runtimeEnvYAML"])["pip"]["packages"][0] == "srdistill==2"
+    with pytest.raises(ValueError, match="SRDISTILL_SECURITY_CONTEXT is not valid JSON"):
+        k8s.render_defaults({"SRDISTILL_SECURITY_CONTEXT": "{runAsUser: [}"})
+    with pytest.raises(ValueError, match="SRDISTILL_POD_SECURITY_CONTEXT must be a JSON object"):
+        k8s.render_defaults({"SRDISTILL_POD_SECURITY_CONTEXT": '"restricted"'})
+    with pytest.raises(ValueError, match="SRDISTILL_INSTALL: mode: Input should be 'image' or 'runtimeEnv'"):
+        k8s.render_defaults({"SRDISTILL_INSTALL": '{"mode": "pip"}'})
+
+
+@pytest.mark.parametrize("package, ok", [
+    ("srdistill[cpu,synth]==0.1.0", True), ("srdistill==0.2.0rc1", True),
+    ("srdistill[cpu,synth] @ git+https://github.com/srdistill/srdistill@v0.1.0", True),
+    ("srdistill[cpu] @ https://example.org/srdistill-0.1.0.tar.gz", True),
+    ("srdistill", False), ("srdistill>=0.1", False), ("torch==2.13.0", False),
+    ("srdistill[cpu,synth] @ git+https://github.com/srdistill/srdistill", False),
+])  # fmt: skip
+def test_install_package_must_be_pinned(package, ok):
+    if ok:
+        assert k8s.Install(mode="runtimeEnv", package=package).package == package
+    else:
+        with pytest.raises(ValueError, match="is not a pinned requirement of srdistill"):
+            k8s.Install(mode="runtimeEnv", package=package)
+
+
+def test_runtime_env_mode_installs_srdistill_on_the_stock_image():
+    """Ray's stock image (-gpu for GPU pods); pip installs the pinned srdistill and torch, the
+    CPU build only where the job's own cluster has no GPU; the evaluation sets are fetched
+    before the run (the stock image vendors none)."""
+    install = k8s.Install(mode="runtimeEnv")
+    cpu = k8s.parse_spec({"input": "s3://a/", "output": "s3://b/c", "config": {"evaluate": {"datasets": ["Set5", "Set14"]}}})
+    job = k8s.rayjob(cpu, "x", install=install)
+    validate_custom(job)
+    assert {p["spec"]["containers"][0]["image"] for p in _pods(job)} == {k8s.STOCK_IMAGE}
+    pip = yaml.safe_load(job["spec"]["runtimeEnvYAML"])["pip"]
+    assert pip["packages"] == [install.package, f"torch=={k8s.TORCH_VERSION}"]
+    assert install.package == f"srdistill[cpu,synth]=={srdistill.__version__}"
+    assert pip["pip_install_options"] == ["--no-cache-dir", "--disable-pip-version-check",
+                                          "--extra-index-url", k8s.TORCH_CPU_INDEX]  # fmt: skip
+    first, _, rest = job["spec"]["entrypoint"].partition(" && ")
+    assert shlex.split(first) == ["srdistill", "data", "get", "Set5", "Set14"] and rest == cpu.entrypoint()
+
+    gpu = k8s.rayjob(k8s.parse_spec(FULL), "y", install=install, default_image=None)
+    assert "--extra-index-url" not in yaml.safe_load(gpu["spec"]["runtimeEnvYAML"])["pip"]["pip_install_options"]
+    standing = k8s.rayjob(k8s.parse_spec({**FULL, "cluster": {"existingCluster": "s"}}), "z", install=install)
+    assert "--extra-index-url" not in yaml.safe_load(standing["spec"]["runtimeEnvYAML"])["pip"]["pip_install_options"]
+    groups = [{"name": "gpu", "gpu": 1, "replicas": 1}]
+    own = k8s.rayjob(k8s.parse_spec({"input": "s3://a/", "output": "s3://b/c", "cluster": {"workerGroups": groups}}),
+                     "w", install=install)  # fmt: skip
+    worker = own["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]
+    assert worker["image"] == k8s.gpu_image(k8s.STOCK_IMAGE) == f"rayproject/ray:{k8s.RAY_VERSION}-py311-gpu"
+    # the image mode carries no runtime env and runs the srdistill image
+    plain = k8s.rayjob(cpu, "x")
+    assert "runtimeEnvYAML" not in plain["spec"] and plain["spec"]["entrypoint"] == cpu.entrypoint()
+    assert {p["spec"]["containers"][0]["image"] for p in _pods(plain)} == {k8s.DEFAULT_IMAGE}
+
+
+def test_cli_render_takes_the_charts_settings():
+    result = CliRunner().invoke(app, ["k8s", "render", "--input", "s3://c/HR/", "--out", "s3://r/run1", "--install",
+                                      "runtimeEnv", "--pod-security-context", '{"runAsNonRoot": true}',
+                                      "--security-context", '{"allowPrivilegeEscalation": false, "capabilities": {"drop": ["ALL"]}}'])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    job = yaml.safe_load(result.stdout)
+    validate_custom(job)
+    expected = k8s.rayjob(k8s.parse_spec({"input": "s3://c/HR/", "output": "s3://r/run1"}), "srdistill",
+                          **k8s.render_defaults({"SRDISTILL_POD_SECURITY_CONTEXT": '{"runAsNonRoot": true}',
+                                                 "SRDISTILL_SECURITY_CONTEXT": '{"allowPrivilegeEscalation": false, "capabilities": {"drop": ["ALL"]}}',
+                                                 "SRDISTILL_INSTALL": '{"mode": "runtimeEnv"}'}))  # fmt: skip
+    assert job == expected  # what the operator makes with the same settings
+
+
+# --------------------------------------------------------------------------- spec.config's schema in the CRD
+
+
+def test_crd_config_schema_is_generated_from_run_config(tmp_path):
+    """The committed CRD's spec.config is what ``srdistill k8s crd`` generates; the command
+    notices and repairs a stale one."""
+    text = CRD.read_text()
+    assert k8s.crd_with_config_schema(text) == text, "stale spec.config schema: run srdistill k8s crd " + str(CRD)
+    assert _crd_spec_schema()["properties"]["config"] == k8s.config_schema()
+    stale = tmp_path / "crd.yaml"
+    stale.write_text(text.replace("description: SR scale of train/evaluate", "description: old"))
+    result = CliRunner().invoke(app, ["k8s", "crd", str(stale), "--check"])
+    assert result.exit_code == 1 and "out of date" in result.output
+    result = CliRunner().invoke(app, ["k8s", "crd", str(stale)])
+    assert result.exit_code == 0 and stale.read_text() == text
+
+
+def _nodes(node: dict, path: str = "config"):
+    yield path, node
+    for key, sub in node.get("properties", {}).items():
+        yield from _nodes(sub, f"{path}.{key}")
+    for key in ("items", "additionalProperties"):
+        if isinstance(node.get(key), dict):
+            yield from _nodes(node[key], f"{path}.{key}")
+
+
+def test_crd_config_schema_is_structural_and_closed():
+    """Kubernetes' structural-schema rules: every node typed, no $ref, no anyOf/oneOf/allOf, no
+    properties next to additionalProperties; no default (it would override the preset), nothing
+    required (config is merged over the preset), no unknown field kept; each model's fields."""
+    schema = _crd_spec_schema()["properties"]["config"]
+    for path, node in _nodes(schema):
+        assert "type" in node, path
+        assert not {"$ref", "anyOf", "oneOf", "allOf", "not", "default", "required", "x-kubernetes-preserve-unknown-fields"} & set(node), path
+        assert not ("properties" in node and "additionalProperties" in node), path
+        if node.get("nullable") and "enum" in node:
+            assert None in node["enum"], path
+    assert set(schema["properties"]) == set(RunConfig.model_fields)
+    assert set(schema["properties"]["train"]["properties"]["curriculum"]["properties"]) == set(
+        RunConfig.model_fields["train"].annotation.model_fields["curriculum"].annotation.model_fields)  # fmt: skip
+    assert schema["properties"]["mine"]["properties"]["top_fraction"] == {
+        "type": "number", "maximum": 1.0, "minimum": 0.0, "exclusiveMinimum": True}  # fmt: skip
+
+
+def _resource(config: dict) -> dict:
+    return {"apiVersion": "srdistill.io/v1alpha1", "kind": "SRDistillation", "metadata": {"name": "x", "namespace": "ml"},
+            "spec": {"input": "s3://a/", "output": "s3://b/c", "preset": "tiny", "config": config}}  # fmt: skip
+
+
+@pytest.mark.parametrize("config, error", [
+    ({"train": {"iterationz": 5}}, "spec.config.train: Additional properties are not allowed ('iterationz' was unexpected)"),
+    ({"trian": {"iterations": 5}}, "spec.config: Additional properties are not allowed ('trian' was unexpected)"),
+    ({"train": {"model": "srgan"}}, "spec.config.train.model: 'srgan' is not one of"),
+    ({"train": {"iterations": "lots"}}, "spec.config.train.iterations: 'lots' is not of type 'integer'"),
+    ({"mine": {"top_fraction": 0}}, "spec.config.mine.top_fraction: 0 is less than or equal to the minimum of 0"),
+    ({"select": {"ipc": 0}}, "spec.config.select.ipc: 0 is less than the minimum of 1"),
+])  # fmt: skip
+def test_crd_rejects_a_misspelt_or_bad_config_key(config, error):
+    """What the API server does with kubectl's strict field validation: an unknown key in
+    spec.config is an error (k8s_schema reports what the server would prune), as is a bad value."""
+    with pytest.raises(AssertionError) as err:
+        validate_custom(_resource(config))
+    assert error in str(err.value)
+
+
+def test_crd_accepts_every_valid_config():
+    """The schema is not stricter than the models: partial configs, nulls where a field is
+    Optional, and each preset's fields validate."""
+    validate_custom(_resource({"train": {"iterations": 5, "ema_decay": None}, "mine": {"patch_preset": None},
+                               "evaluate": {"datasets": ["Set5"]}, "ray": {"num_gpus": 2}}))  # fmt: skip
+    for preset in preset_names():
+        full = load_config(preset).model_dump(mode="json")
+        validate_custom(_resource(full))

@@ -399,7 +399,8 @@ def test_create_owns_one_rayjob_and_mirrors_its_status_and_the_run_manifest(api,
     assert _head_image(job) == IMAGE  # the operator's default image
     status = _phase(api, "div2k", "Pending", operator)
     assert status["rayJobName"] == job["metadata"]["name"]
-    assert status["defaults"] == {"default_image": IMAGE}  # recorded for every later RayJob
+    assert status["defaults"]["default_image"] == IMAGE  # recorded for every later RayJob
+    assert status["defaults"]["install"]["mode"] == "image"
     assert status["specHash"] == k8s.spec_identity(k8s.parse_spec(owner["spec"]))
     assert job["metadata"]["name"] == k8s.rayjob_name("div2k", status["specHash"])
     conds = _conditions(status)
@@ -536,10 +537,12 @@ def test_a_hanging_s3_endpoint_neither_holds_back_the_status_nor_a_delete(api, s
         operator = start_operator(AWS_ENDPOINT_URL=hanging.url)
         _create(api, "slow-s3", _spec(s3_server, "slow-s3"))
         job = _wait("the RayJob", lambda: _rayjobs(api), operator)[0]["metadata"]["name"]
-        # the status is written while the manifest read hangs (the server holds the connection)
-        status = _phase(api, "slow-s3", "Pending", operator, rayJobName=job)
-        assert hanging.connections
+        # the status is there while the first manifest read hangs (it gives up after seconds)
+        _wait("a manifest read", lambda: hanging.connections, operator)
+        status = _status(api, "slow-s3")
+        assert status["phase"] == "Pending" and status["rayJobName"] == job
         assert _conditions(status)["RayJobCreated"]["status"] == "True"
+        assert "ProgressAvailable" not in _conditions(status)  # that read has not ended
         progress = _wait("the manifest read given up", lambda: _condition(api, "slow-s3", "ProgressAvailable"), operator)
         assert progress["reason"] == "ManifestUnreadable" and "slow-s3/manifest.json" in progress["message"]
         _set_rayjob_status(api, job, jobDeploymentStatus="Running", jobStatus="RUNNING")
@@ -569,7 +572,7 @@ def test_restart_with_other_defaults_keeps_the_run_and_lifecycle_edits_patch_it(
     status = _phase(api, "steady", "Running", operator)
     _passes()
     assert [j["metadata"]["uid"] for j in _rayjobs(api)] == [first["metadata"]["uid"]]
-    assert status["defaults"] == {"default_image": IMAGE}
+    assert status["defaults"]["default_image"] == IMAGE
 
     # lifecycle fields patch the running RayJob: same object, no rerun
     _patch_spec(api, "steady", {"job": {"ttlSecondsAfterFinished": 60, "activeDeadlineSeconds": 7200}})
@@ -670,7 +673,7 @@ def test_an_operator_killed_at_an_api_call_makes_no_duplicate_and_keeps_its_defa
     status = _phase(api, "killed", "Pending", operator, rayJobName=jobs[0]["metadata"]["name"])
     _passes()
     assert [j["metadata"]["uid"] for j in _rayjobs(api)] == [jobs[0]["metadata"]["uid"]]
-    assert _head_image(jobs[0]) == IMAGE and status["defaults"] == {"default_image": IMAGE}
+    assert _head_image(jobs[0]) == IMAGE and status["defaults"]["default_image"] == IMAGE
 
 
 @pytest.mark.slow
@@ -692,7 +695,7 @@ def test_a_resource_of_an_older_operator_is_adopted_not_rerun(api, start_operato
     _set_rayjob_status(api, "legacy-0123abcd", jobDeploymentStatus="Complete", jobStatus="SUCCEEDED")
     status = _phase(api, "legacy", "Succeeded", operator, rayJobName="legacy-0123abcd")
     assert status["specHash"] == k8s.spec_identity(k8s.parse_spec(spec))
-    assert status["defaults"] == {"default_image": IMAGE}
+    assert status["defaults"]["default_image"] == IMAGE
     done = _phase(api, "legacy-done", "Succeeded", operator)
     assert done["defaults"] and done["specHash"] != "feedbeef00"
     _passes()

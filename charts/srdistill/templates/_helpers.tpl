@@ -70,10 +70,30 @@ gives <image.repository>:<image.tag or appVersion>-<variant>.
 {{- end }}
 
 {{/*
+The CPU image of Ray pods that name none: the chart's CPU image, or with ray.install runtimeEnv
+Ray's stock image (srdistill.k8s.STOCK_IMAGE for rayCluster.rayVersion).
+*/}}
+{{- define "srdistill.rayCpuImage" -}}
+{{- if eq .Values.ray.install "runtimeEnv" }}
+{{- printf "rayproject/ray:%s-py311-cpu" .Values.rayCluster.rayVersion }}
+{{- else }}
+{{- include "srdistill.image" (dict "ctx" . "variant" "cpu") }}
+{{- end }}
+{{- end }}
+
+{{/*
 The Ray image of SRDistillations that name none (the operator's SRDISTILL_DEFAULT_IMAGE).
 */}}
 {{- define "srdistill.defaultRayImage" -}}
-{{- .Values.operator.defaultRayImage | default (include "srdistill.image" (dict "ctx" . "variant" "cpu")) }}
+{{- .Values.operator.defaultRayImage | default (include "srdistill.rayCpuImage" .) }}
+{{- end }}
+
+{{/*
+How srdistill reaches the Ray pods, as the JSON of srdistill.k8s.Install (SRDISTILL_INSTALL).
+*/}}
+{{- define "srdistill.install" -}}
+{{- $package := .Values.ray.package | default (printf "srdistill[cpu,synth]==%s" .Chart.AppVersion) }}
+{{- dict "mode" .Values.ray.install "package" $package "torchCpuIndex" .Values.ray.torchCpuIndex | toJson }}
 {{- end }}
 
 {{/*
@@ -84,41 +104,13 @@ The standing RayCluster's name.
 {{- end }}
 
 {{/*
-Pod-level securityContext of the Pod Security Standard "restricted": the image's non-root
-"ray" user (uid 1000, gid 100) and the runtime's default seccomp profile.
-*/}}
-{{- define "srdistill.podSecurityContext" -}}
-runAsNonRoot: true
-runAsUser: 1000
-runAsGroup: 100
-fsGroup: 100
-seccompProfile:
-  type: RuntimeDefault
-{{- end }}
-
-{{/*
-Container-level securityContext of the "restricted" standard. Pass the root context with
-readOnlyRootFilesystem set: include "srdistill.containerSecurityContext" (dict "readOnlyRootFilesystem" true).
-*/}}
-{{- define "srdistill.containerSecurityContext" -}}
-allowPrivilegeEscalation: false
-privileged: false
-readOnlyRootFilesystem: {{ .readOnlyRootFilesystem }}
-runAsNonRoot: true
-capabilities:
-  drop:
-    - ALL
-seccompProfile:
-  type: RuntimeDefault
-{{- end }}
-
-{{/*
 A Ray pod template of the standing RayCluster. Arguments (a dict):
   ctx: the root context; container: ray-head or ray-worker; image; group: the values of the
   head or worker group (cpu, memory, optional gpu, nodeSelector, tolerations); head: true for the
   head (ports, autoscaler v2 switch); restartNever: true for autoscaler-v2 workers.
-Every container follows the "restricted" standard, with a writable root filesystem (Ray writes
-under its home); /dev/shm (object store) and /tmp (Ray's session dir) are emptyDirs.
+Pod and containers get ray.podSecurityContext and ray.securityContext ("restricted" by default,
+with a writable root filesystem: Ray writes under its home); /dev/shm (object store) and /tmp
+(Ray's session dir) are emptyDirs.
 */}}
 {{- define "srdistill.rayPodTemplate" -}}
 {{- $ray := .ctx.Values.rayCluster }}
@@ -134,7 +126,7 @@ metadata:
   {{- end }}
 spec:
   securityContext:
-    {{- include "srdistill.podSecurityContext" .ctx | nindent 4 }}
+    {{- toYaml .ctx.Values.ray.podSecurityContext | nindent 4 }}
   {{- with $ray.serviceAccountName }}
   serviceAccountName: {{ . }}
   {{- end }}
@@ -187,7 +179,7 @@ spec:
             name: {{ . }}
       {{- end }}
       securityContext:
-        {{- include "srdistill.containerSecurityContext" (dict "readOnlyRootFilesystem" false) | nindent 8 }}
+        {{- toYaml .ctx.Values.ray.securityContext | nindent 8 }}
       volumeMounts:
         - name: shm
           mountPath: /dev/shm
