@@ -171,6 +171,8 @@ PROGRESS = ("stages", "stagesDone", "stagesTotal", "currentStage")
 def _read_manifest(output: str) -> tuple[dict | None, str, str]:
     """The run manifest at ``output`` (one short attempt, ``MANIFEST_S3``), and a condition
     reason and message about reading it."""
+    if not storage.is_s3(output):  # a path on the Ray pods' volume, not mounted here
+        return None, "OutputOnVolume", f"{output} is on the Ray pods' volume: the operator cannot read its manifest"
     uri = storage.join(output, "manifest.json")
     try:
         return json.loads(storage.read_once(uri, storage.S3Settings(**MANIFEST_S3))), "ManifestRead", uri

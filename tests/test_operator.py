@@ -480,6 +480,17 @@ def test_invalid_spec_gets_a_condition_and_no_rayjob(api, operator, s3_server):
 
 
 @pytest.mark.slow
+def test_an_output_on_a_volume_makes_a_rayjob_and_says_why_there_is_no_progress(api, operator, s3_server):
+    cluster = {**_spec(s3_server, "x")["cluster"], "volumes": [{"name": "runs", "persistentVolumeClaim": {
+        "claimName": "runs"}}], "volumeMounts": [{"name": "runs", "mountPath": "/runs"}]}  # fmt: skip
+    _create(api, "onpvc", _spec(s3_server, "x", output="/runs/onpvc", cluster=cluster))
+    _wait("the RayJob", lambda: _rayjobs(api, "onpvc"), operator)
+    progress = _wait("ProgressAvailable", lambda: _condition(api, "onpvc", "ProgressAvailable"), operator)
+    assert progress["status"] == "False" and progress["reason"] == "OutputOnVolume"
+    assert "/runs/onpvc" in progress["message"]
+
+
+@pytest.mark.slow
 def test_after_an_invalid_edit_the_status_follows_the_running_job_to_its_end(api, operator, s3_server):
     _create(api, "edit", _spec(s3_server, "edit"))
     job = _wait("the RayJob", lambda: _rayjobs(api), operator)[0]["metadata"]["name"]
