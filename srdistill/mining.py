@@ -66,6 +66,7 @@ __all__ = [
     "content_digest",
     "patch_id",
     "patch_positions",
+    "prefetched",
     "score_patches",
     "mine_image",
     "mine_images",
@@ -387,19 +388,29 @@ def mine_images(paths: list[str] | np.ndarray, cfg: MineConfig, *, root: str | N
     items = list(zip(map(str, paths), keys if keys is not None else [None] * len(paths),
                      skips if skips is not None else [""] * len(paths)))  # fmt: skip
 
-    def load(i: int) -> tuple[np.ndarray, np.ndarray] | str:
-        path, _, why = items[i]
+    def load(item: tuple[str, str | None, str]) -> tuple[np.ndarray, np.ndarray] | str:
+        path, _, why = item
         return why or _load(path, cfg)
 
     rows: list[dict] = []
-    with one_core(), ThreadPoolExecutor(1) as pool:
-        ahead = pool.submit(load, 0) if prefetch and items else None
-        for i, (path, key, _) in enumerate(items):
-            loaded = ahead.result() if ahead is not None else load(i)
-            if ahead is not None:
-                ahead = pool.submit(load, i + 1) if i + 1 < len(items) else None
+    with one_core():
+        for (path, key, _), loaded in zip(items, prefetched(load, items, enabled=prefetch)):
             rows += _mine_loaded(path, loaded, cfg, key, root)
     return pa.Table.from_pylist(rows, schema=MINED_SCHEMA)
+
+
+def prefetched(fn: Callable, items: list, *, enabled: bool = True) -> Iterator:
+    """``fn(item)`` for each of ``items``, in order; with ``enabled``, each computed in a second
+    thread while the caller works on the one before (reading and decoding overlap the work,
+    when both release the GIL: Pillow, OpenCV, BLAS and torch do)."""
+    if not enabled:
+        yield from map(fn, items)
+        return
+    with ThreadPoolExecutor(1) as pool:
+        ahead = pool.submit(fn, items[0]) if items else None
+        for i in range(len(items)):
+            done, ahead = ahead.result(), (pool.submit(fn, items[i + 1]) if i + 1 < len(items) else None)
+            yield done
 
 
 def part_name(shard: int) -> str:
@@ -427,7 +438,9 @@ def map_patch_part(fn: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]],
     Reads ``read_patches(mine_uri, [patch_id, source, x, y, size], kept_only=kept_only,
     shard=shard)``; calls ``fn`` on batches of at most ``batch_size`` rows (numpy arrays of those
     columns) and once on an empty batch, so a shard without patches still gets a part with
-    the full schema. ``fn`` returns a dict of ``(n,)`` or ``(n, D)`` arrays, rows in input
+    the full schema. An ``fn`` with ``prepare`` and ``forward`` methods (``fn(b) ==
+    fn.forward(fn.prepare(b))``, e.g. ``embedding.ClipEmbedder``) has the next batch prepared in
+    a second thread meanwhile (``prefetched``). ``fn`` returns a dict of ``(n,)`` or ``(n, D)`` arrays, rows in input
     order; they are concatenated and written atomically in that column order: ``(n, D)`` as
     ``fixed_size_list<float32>[D]``, strings as ``string``, numbers as their dtype.
     Idempotent: a shard whose part exists is skipped, so a retried or resumed shard neither
@@ -445,8 +458,12 @@ def map_patch_part(fn: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]],
     cols = ["patch_id", "source", "x", "y", "size"]
     part = read_patches(mine_uri, cols, kept_only=kept_only, shard=shard)
     arrays = {c: part.column(c).to_numpy(zero_copy_only=False) for c in cols}
+    batches = [{c: v[i : i + batch_size] for c, v in arrays.items()} for i in range(0, part.num_rows, batch_size)]
     results = [fn({c: v[:0] for c, v in arrays.items()})]
-    results += [fn({c: v[i : i + batch_size] for c, v in arrays.items()}) for i in range(0, part.num_rows, batch_size)]
+    if hasattr(fn, "prepare"):  # decoding and cropping the next batch overlap this one's forward
+        results += [fn.forward(prepared) for prepared in prefetched(fn.prepare, batches)]
+    else:
+        results += [fn(batch) for batch in batches]
     table = pa.table({k: _arrow_column(np.concatenate([r[k] for r in results])) for k in results[0]})
     storage.write_parquet(out, table)
     return part.num_rows

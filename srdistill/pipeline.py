@@ -435,7 +435,11 @@ def _short(counts: dict) -> str:
 # --------------------------------------------------------------------------- stages
 
 
-def _plan(run: Run) -> str:
+def _plan(run: Run, min_shards: int = 1) -> str:
+    """The plan stage: ``corpus.plan_corpus`` with shards of at most ``mine.images_per_shard``
+    images, and at least ``min_shards`` of them when the corpus has that many images (two per
+    CPU of the cluster: every core mines). ``min_shards`` is not part of the fingerprint: a run
+    resumed on a cluster of another size keeps the plan (and the parts) it has."""
     from .corpus import input_signature, plan_corpus
 
     cfg = run.cfg.mine
@@ -444,11 +448,12 @@ def _plan(run: Run) -> str:
 
     def stage(sdir: Path) -> dict:
         plan = plan_corpus(run.input, run.at("plan", "files.parquet"), extensions=cfg.extensions,
-                           images_per_shard=cfg.images_per_shard)  # fmt: skip
+                           images_per_shard=cfg.images_per_shard, min_shards=min_shards)  # fmt: skip
         if not plan.images:
             raise FileNotFoundError(f"input {run.input!r} holds no files with extensions {list(cfg.extensions)}")
         return {"images_listed": plan.images, "other_files_ignored": plan.other_files_ignored,
-                "shards": plan.shards, "source": plan.source, "digest": plan.digest}  # fmt: skip
+                "shards": plan.shards, "images_per_shard": plan.images_per_shard, "min_shards": min_shards,
+                "source": plan.source, "digest": plan.digest}  # fmt: skip
 
     counts = run.run_stage("plan", fp, ["plan/files.parquet"], stage)
     return _sha(fp, counts["digest"])
@@ -987,7 +992,7 @@ def run_pipeline(input_dir: str | Path, run_dir: str | Path, cfg: RunConfig, *,
         raise FileNotFoundError(f"input {str(input_dir)!r} is not a directory or a manifest file")
     check_run_dir(run_dir)
     if "evaluate" in order:
-        from .evaluation import resolve_dataset
+        from .datasets import resolve_dataset
 
         for name in cfg.evaluate.datasets:  # FileNotFoundError naming the places tried (and the fix)
             resolve_dataset(name)
@@ -1036,28 +1041,33 @@ def run_pipeline(input_dir: str | Path, run_dir: str | Path, cfg: RunConfig, *,
             steps.append(("align", lambda f: _align(run, f, vit_source)))
     steps.append(("train", lambda f: _train(run, f)))
     assert ["plan", *(name for name, _ in steps), "evaluate"][: len(order)] == order, order
-    runner.init_ray(cfg.ray)
+    runner.use_ray(cfg.ray)  # started by the first stage that needs it, if any does
+    resources = runner.cluster_resources(cfg.ray)  # a local Ray's without starting it
+    gpus = float(cfg.ray.num_gpus) if cfg.ray.num_gpus is not None else resources["GPU"]
     # before any work: ValueError for a device 'cuda' / use_gpu true without GPUs in the cluster
-    placement = runner.plan_placement(cfg, order, runner.cluster_gpus(cfg.ray))
+    placement = runner.plan_placement(cfg, order, gpus)
     run = Run(input_dir, run_dir, cfg, preset=preset, log=log)
     run.placement = placement
     run.chain = order
     run.manifest.update(ray=runner.ray_info(), placement=placement)
     run.save()
-    fp = _plan(run)
+    fp = _plan(run, min_shards=2 * max(1, int(resources["CPU"])))
     done = ["plan"]
     for name, step in steps:
         if until in done:
             break
         fp = step(fp)
         done.append(name)
+        run.manifest["ray"] = runner.ray_info()  # once a stage has started Ray: what it runs on
     if until not in done:
         _evaluate(run, fp)
+    t0 = time.perf_counter()
     run.pull(*_REPORT_INPUTS)
     write_report(run.dir, run_uri=run.uri)
     if run.remote:
         storage.copy_dir(run.dir / "report", run.at("report"))
     run.manifest["stages"]["report"] = {"status": "done", "finished_at": _now(), "skipped": False,
+                                        "seconds": round(time.perf_counter() - t0, 3),
                                         "counts": {"path": run.at("report", "report.md"),
                                                    "html": run.at("report", "report.html")}}  # fmt: skip
     run.save()

@@ -42,13 +42,27 @@ if TYPE_CHECKING:  # torch/transformers are imported only by the embedding and s
     from .complexity import VitSource
     from .embedding import ClipSource
 
-__all__ = ["init_ray", "route_ray_logs", "shutdown_ray", "ray_info", "cluster_gpus", "actor_gpus", "resolve_use_gpu",
+__all__ = ["init_ray", "use_ray", "cluster_resources", "route_ray_logs", "shutdown_ray", "ray_info", "cluster_gpus", "actor_gpus", "resolve_use_gpu",
            "plan_placement", "run_task", "map_images", "map_shards", "mine_plan", "embed_parts_ray",
            "complexity_parts_ray", "train_ray", "meta_train_ray",
            "map_tasks", "encode_patches_ray", "finetune_ray", "synthesize_ray"]
 
 #: Whether this process's Ray was joined (an address) rather than started here; None: not by us.
 _JOINED: bool | None = None
+#: What ``_ensure_ray`` starts Ray with when a stage first needs it (``use_ray``).
+_PENDING: RayConfig | None = None
+
+
+def use_ray(cfg: RayConfig) -> None:
+    """Use ``cfg`` for this process's Ray, started only when first needed: every Ray call of this
+    module goes through ``_ensure_ray``, which then calls ``init_ray(cfg)``. A run whose stages
+    need no Ray (all done, or run in the driver) never starts it."""
+    global _PENDING
+    _PENDING = cfg
+
+
+def _joins(cfg: RayConfig | None) -> bool:
+    return bool((cfg is not None and cfg.address) or os.environ.get("RAY_ADDRESS"))
 
 
 def init_ray(cfg: RayConfig) -> None:
@@ -116,19 +130,20 @@ def _progress(total: int, desc: str, unit: str) -> tqdm:
 
 
 def shutdown_ray() -> None:
-    """Stop the Ray started by ``init_ray`` (no-op if none)."""
-    global _JOINED
-    import ray
-
-    if ray.is_initialized():
-        ray.shutdown()
-    _JOINED = None
+    """Stop the Ray started by ``init_ray`` (no-op if none), and forget ``use_ray``'s config.
+    Called by a command when it is done: at interpreter exit Ray's own hook sleeps 0.5 s first."""
+    global _JOINED, _PENDING
+    if _is_up():
+        sys.modules["ray"].shutdown()
+    _JOINED = _PENDING = None
 
 
 def ray_info() -> dict:
     """What this process runs on, for the manifest: ``{"mode": "local" | "joined" | "external",
     "gcs_address", "resources": {"CPU", "GPU"}}`` (``external``: Ray was initialised by someone
-    other than ``init_ray``)."""
+    other than ``init_ray``), or ``{"mode": "none"}`` when Ray was not started."""
+    if not _is_up():
+        return {"mode": "none"}
     import ray
 
     res = ray.cluster_resources()
@@ -138,24 +153,45 @@ def ray_info() -> dict:
 
 
 def _ensure_ray() -> None:
-    """``init_ray(RayConfig())`` unless Ray is up: a library call into this module starts a local
-    Ray (or joins ``$RAY_ADDRESS``), never what Ray's own auto-init would join."""
+    """``init_ray`` of the ``use_ray`` config (default ``RayConfig()``) unless Ray is up: a library
+    call into this module starts a local Ray (or joins ``$RAY_ADDRESS``), never what Ray's own
+    auto-init would join."""
     import ray
 
     if not ray.is_initialized():
-        init_ray(RayConfig())
+        init_ray(_PENDING or RayConfig())
+
+
+def _is_up() -> bool:
+    return "ray" in sys.modules and sys.modules["ray"].is_initialized()
+
+
+def cluster_resources(cfg: RayConfig | None = None) -> dict[str, float]:
+    """``{"CPU": n, "GPU": n}`` of the cluster this process runs on, without starting a local Ray
+    for it: those of the live Ray when it is up; for a local Ray still to start (no
+    ``cfg.address``, no ``$RAY_ADDRESS``), what it will have (``cfg.num_cpus``/``num_gpus``, else
+    what Ray detects on this machine); a cluster to join is joined and asked."""
+    cfg = cfg or _PENDING
+    if _is_up() or _joins(cfg):
+        import ray
+
+        _ensure_ray()
+        res = ray.cluster_resources()
+        return {"CPU": float(res.get("CPU", 0)), "GPU": float(res.get("GPU", 0))}
+    from ray._private.resource_and_label_spec import ResourceAndLabelSpec  # what init_ray's Ray detects
+
+    cfg = cfg or RayConfig()
+    spec = ResourceAndLabelSpec(num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus).resolve(is_head=True)
+    return {"CPU": float(spec.num_cpus), "GPU": float(spec.num_gpus or 0)}
 
 
 def cluster_gpus(cfg: RayConfig | None = None) -> float:
     """The GPUs placement counts on: ``cfg.num_gpus`` when given (0: CPU only; for a joined,
-    autoscaled cluster the GPUs its worker groups can bring up), else the ``GPU`` total of
-    ``ray.cluster_resources()`` now (Ray is started by ``init_ray(RayConfig())`` if it is not)."""
+    autoscaled cluster the GPUs its worker groups can bring up), else the cluster's
+    (``cluster_resources``: a local Ray is not started for it)."""
     if cfg is not None and cfg.num_gpus is not None:
         return float(cfg.num_gpus)
-    import ray
-
-    _ensure_ray()
-    return float(ray.cluster_resources().get("GPU", 0))
+    return cluster_resources(cfg)["GPU"]
 
 
 def actor_gpus(device: str, per_actor: float, gpus: float, field: str) -> float:
@@ -452,7 +488,8 @@ def _patch_parts_ray(make: Callable, shard_fn: Callable, cfg: "EmbedConfig | Com
                      shards: list[int], num_gpus: float, placement: dict | None, **kwargs) -> int:  # fmt: skip
     """``shard_fn(make(), shard, **kwargs, batch_size=cfg.batch_size)`` for every shard on a pool of
     ``cfg.num_actors`` Ray Data actors (``cfg.actor_num_cpus`` CPUs each, fractional so a small
-    machine cannot deadlock; ``num_gpus`` GPUs each)."""
+    machine cannot deadlock; ``num_gpus`` GPUs each). A ``batch_size`` of None is the actor's to
+    choose (by its device)."""
     return map_shards(shards, _write_part, desc=desc, make_state=make, num_actors=cfg.num_actors,
                       num_cpus=cfg.actor_num_cpus, num_gpus=num_gpus, placement=placement,
                       shard_fn=shard_fn, batch_size=cfg.batch_size, **kwargs)  # fmt: skip
