@@ -414,6 +414,16 @@ class Run:
 
 
 @contextlib.contextmanager
+def _written_now(parts_uri: str):
+    """``[n]``, set on leaving to the parts below ``parts_uri`` that were not there on entry: the
+    shards done by this run of a stage, whether or not the task that wrote one was retried
+    after (a retry finds its part and skips it)."""
+    before, now = set(storage.part_files(parts_uri)), [0]
+    yield now
+    now[0] = len(set(storage.part_files(parts_uri)) - before)
+
+
+@contextlib.contextmanager
 def _named_unreadable():
     """Re-raise a Ray worker's failure on an unreadable part (``storage.UnreadableFileError``,
     wrapped by Ray in a multi-line ``RayTaskError``) as that error's one line."""
@@ -468,9 +478,9 @@ def _mine(run: Run, plan_fp: str) -> str:
     def stage(sdir: Path) -> dict:
         plan = run.manifest["stages"]["plan"]["counts"]
         t0 = time.perf_counter()
-        with _named_unreadable():
-            mined_now = runner.mine_plan(run.at("plan", "files.parquet"), run.at("mine", "patches"), cfg,
-                                         list(range(plan["shards"])), placement=run.placement.get("mine"))  # fmt: skip
+        with _written_now(run.at("mine", "patches")) as mined_now, _named_unreadable():
+            runner.mine_plan(run.at("plan", "files.parquet"), run.at("mine", "patches"), cfg,
+                             list(range(plan["shards"])), placement=run.placement.get("mine"))  # fmt: skip
         seconds = time.perf_counter() - t0
         rule, counts = mining.summarize_parts(run.at("mine", "patches"), cfg, run.at("mine", "skipped.parquet"))
         storage.write_json(run.at("mine", "keep.json"), rule)
@@ -479,7 +489,7 @@ def _mine(run: Run, plan_fp: str) -> str:
         for s in run.manifest["skipped_inputs"]:
             run.log(f"[mine] skipped {s['file']}: {s['reason']}")
         return {"images_listed": plan["images_listed"], "other_files_ignored": plan["other_files_ignored"],
-                **counts, "shards": plan["shards"], "shards_mined_now": mined_now,
+                **counts, "shards": plan["shards"], "shards_mined_now": mined_now[0],
                 "megapixels_per_s": round(counts["corpus_pixels"] / 1e6 / max(seconds, 1e-9), 2)}  # fmt: skip
 
     run.run_stage("mine", fp, ["mine/keep.json"], stage)
@@ -515,13 +525,13 @@ def _embed(run: Run, mine_fp: str, source) -> str:
                                "mine.keep_rule=top_fraction")  # fmt: skip
         shards = list(range(run.manifest["stages"]["plan"]["counts"]["shards"]))
         place = run.placement["embed"]
-        with _named_unreadable():  # a mine part that cannot be read: one line naming it
-            now = runner.embed_parts_ray(run.at("mine"), run.at("embed", "parts"), shards, cfg, source,
-                                         num_gpus=place["num_gpus"], placement=place)  # fmt: skip
+        with _written_now(run.at("embed", "parts")) as now, _named_unreadable():  # an unreadable mine part: one line
+            runner.embed_parts_ray(run.at("mine"), run.at("embed", "parts"), shards, cfg, source,
+                                   num_gpus=place["num_gpus"], placement=place)  # fmt: skip
         ids = storage.read_dataset(run.at("embed", "parts"), columns=["patch_id"])
         first = storage.read_parquet(run.at("embed", "parts", "part-000000.parquet"), columns=["embedding"])
         counts = {"patches": ids.num_rows, "dim": first.schema.field("embedding").type.list_size,
-                  "shards_embedded_now": now,
+                  "shards_embedded_now": now[0],
                   "pretrained": source.pretrained, "semantic": source.semantic}  # fmt: skip
         storage.write_json(run.at("embed", "meta.json"), counts)
         return counts
@@ -581,13 +591,13 @@ def _complexity(run: Run, upstream_fp: str, mine_fp: str, source) -> str:
     def stage(sdir: Path) -> dict:
         shards = list(range(run.manifest["stages"]["plan"]["counts"]["shards"]))
         place = run.placement["complexity"]
-        with _named_unreadable():
-            now = runner.complexity_parts_ray(run.at("mine"), run.at("complexity", "parts"), shards, cfg, source,
-                                              num_gpus=place["num_gpus"], placement=place)  # fmt: skip
+        with _written_now(run.at("complexity", "parts")) as now, _named_unreadable():
+            runner.complexity_parts_ray(run.at("mine"), run.at("complexity", "parts"), shards, cfg, source,
+                                        num_gpus=place["num_gpus"], placement=place)  # fmt: skip
         ids = storage.read_dataset(run.at("complexity", "parts"), columns=["patch_id"])
         first = storage.read_parquet(run.at("complexity", "parts", "part-000000.parquet"), columns=["feature"])
         counts = {"patches": ids.num_rows, "dim": first.schema.field("feature").type.list_size,
-                  "pretrained": source.pretrained, "shards_scored_now": now}  # fmt: skip
+                  "pretrained": source.pretrained, "shards_scored_now": now[0]}  # fmt: skip
         storage.write_json(run.at("complexity", "meta.json"), counts)
         return counts
 

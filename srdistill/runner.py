@@ -8,7 +8,10 @@ the rest of the code stable (pinned: ray==2.60).
 
 Embedded default: ``init_ray`` starts a local Ray in-process (``address="local"``), whatever
 clusters a ``ray start`` left on the machine. Under ``ray job submit`` (``$RAY_ADDRESS``) or with
-``RayConfig.address`` it joins that cluster instead.
+``RayConfig.address`` it joins that cluster instead. The pipeline only names the config
+(``use_ray``): Ray starts when the first stage that needs it runs (a run of stages that are done
+or run in the driver starts none), and placement and shard planning read the resources a local
+Ray will have without starting it (``cluster_resources``).
 
 Placement (``plan_placement``): with ``device: auto`` every stage goes on GPUs when the cluster
 has them (Ray Data actors and the evaluation task ask for ``num_gpus``, Ray Train runs with
@@ -42,8 +45,8 @@ if TYPE_CHECKING:  # torch/transformers are imported only by the embedding and s
     from .complexity import VitSource
     from .embedding import ClipSource
 
-__all__ = ["init_ray", "use_ray", "cluster_resources", "route_ray_logs", "shutdown_ray", "ray_info", "cluster_gpus", "actor_gpus", "resolve_use_gpu",
-           "plan_placement", "run_task", "map_images", "map_shards", "mine_plan", "embed_parts_ray",
+__all__ = ["init_ray", "use_ray", "ray_is_up", "cluster_resources", "route_ray_logs", "shutdown_ray", "ray_info",
+           "cluster_gpus", "actor_gpus", "resolve_use_gpu", "plan_placement", "run_task", "map_images", "map_shards", "mine_plan", "embed_parts_ray",
            "complexity_parts_ray", "train_ray", "meta_train_ray",
            "map_tasks", "encode_patches_ray", "finetune_ray", "synthesize_ray"]
 
@@ -133,7 +136,7 @@ def shutdown_ray() -> None:
     """Stop the Ray started by ``init_ray`` (no-op if none), and forget ``use_ray``'s config.
     Called by a command when it is done: at interpreter exit Ray's own hook sleeps 0.5 s first."""
     global _JOINED, _PENDING
-    if _is_up():
+    if ray_is_up():
         sys.modules["ray"].shutdown()
     _JOINED = _PENDING = None
 
@@ -142,7 +145,7 @@ def ray_info() -> dict:
     """What this process runs on, for the manifest: ``{"mode": "local" | "joined" | "external",
     "gcs_address", "resources": {"CPU", "GPU"}}`` (``external``: Ray was initialised by someone
     other than ``init_ray``), or ``{"mode": "none"}`` when Ray was not started."""
-    if not _is_up():
+    if not ray_is_up():
         return {"mode": "none"}
     import ray
 
@@ -162,7 +165,8 @@ def _ensure_ray() -> None:
         init_ray(_PENDING or RayConfig())
 
 
-def _is_up() -> bool:
+def ray_is_up() -> bool:
+    """Whether this process is connected to a Ray (started or joined), without importing Ray."""
     return "ray" in sys.modules and sys.modules["ray"].is_initialized()
 
 
@@ -172,16 +176,25 @@ def cluster_resources(cfg: RayConfig | None = None) -> dict[str, float]:
     ``cfg.address``, no ``$RAY_ADDRESS``), what it will have (``cfg.num_cpus``/``num_gpus``, else
     what Ray detects on this machine); a cluster to join is joined and asked."""
     cfg = cfg or _PENDING
-    if _is_up() or _joins(cfg):
-        import ray
+    local = None if ray_is_up() or _joins(cfg) else _local_resources(cfg or RayConfig())
+    if local is not None:
+        return local
+    import ray
 
-        _ensure_ray()
-        res = ray.cluster_resources()
-        return {"CPU": float(res.get("CPU", 0)), "GPU": float(res.get("GPU", 0))}
-    from ray._private.resource_and_label_spec import ResourceAndLabelSpec  # what init_ray's Ray detects
+    _ensure_ray()
+    res = ray.cluster_resources()
+    return {"CPU": float(res.get("CPU", 0)), "GPU": float(res.get("GPU", 0))}
 
-    cfg = cfg or RayConfig()
-    spec = ResourceAndLabelSpec(num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus).resolve(is_head=True)
+
+def _local_resources(cfg: RayConfig) -> dict[str, float] | None:
+    """What ``init_ray(cfg)``'s local Ray will detect, by Ray's own code (private, so it may move:
+    None then, and the caller starts the Ray and asks it)."""
+    try:
+        from ray._private.resource_and_label_spec import ResourceAndLabelSpec
+
+        spec = ResourceAndLabelSpec(num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus).resolve(is_head=True)
+    except (ImportError, AttributeError, TypeError):
+        return None
     return {"CPU": float(spec.num_cpus), "GPU": float(spec.num_gpus or 0)}
 
 
