@@ -25,8 +25,9 @@ Parts (each prints a markdown table; ratios > 1: srdistill faster):
   already preprocessed patches, against the embed stage's own seconds.
 * ``scaling``: ``srdistill run --until mine`` (default criterion) on a local Ray cluster
   (``ray.cluster_utils.Cluster``) of one node and of two nodes of one CPU each, every node's
-  processes pinned to a core of its own (``sched_setaffinity``, inherited), on ``--images``
-  x 4 DIV2K-sized images: the mine stage's seconds, 1 node / 2 nodes.
+  processes pinned to a core of its own (``sched_setaffinity``, inherited), on ``--scale-images``
+  DIV2K-sized images, after an untimed run that starts the workers: the mine stage's seconds,
+  1 node / 2 nodes.
 * ``tax``: the README's demo (``--preset demo``, ``--demo-iterations`` training steps; the
   figure does not depend on them): wall time of the command minus the stages' own seconds.
 
@@ -316,13 +317,16 @@ def part_scaling(args, work: Path) -> None:
     from srdistill.pipeline import run_pipeline
 
     print(f"\n## scaling: local Ray cluster, 1 CPU per node (load {uptime()})\n")
-    base = div2k_like(args, work)
-    folder = work / "scaling"
+    base = sorted(div2k_like(args, work).glob("*.png"))
+    folder, warm = work / "scaling", work / "scaling_warm"
     folder.mkdir(exist_ok=True)
-    for i, p in enumerate(sorted(base.glob("*.png")) * 4):
-        shutil.copy(p, folder / f"s_{i:03d}.png")
+    warm.mkdir(exist_ok=True)
+    for i in range(args.scale_images):
+        shutil.copy(base[i % len(base)], folder / f"s_{i:04d}.png")
+    for p in base[:2]:
+        shutil.copy(p, warm / p.name)
     cores = sorted(os.sched_getaffinity(0))
-    mine = {1: [], 2: []}
+    mine: dict[int, list[float]] = {1: [], 2: []}
     for r in range(args.repeats):
         for nodes in (1, 2):
             mask = os.sched_getaffinity(0)
@@ -330,13 +334,12 @@ def part_scaling(args, work: Path) -> None:
             try:
                 for k in range(nodes):
                     os.sched_setaffinity(0, {cores[k % len(cores)]})  # the node's processes inherit it
-                    node_args = {"num_cpus": 1, "include_dashboard": False} if k == 0 else {"num_cpus": 1}
-                    cluster.add_node(**node_args)
+                    cluster.add_node(num_cpus=1, **({"include_dashboard": False} if k == 0 else {}))
                 os.sched_setaffinity(0, mask)
                 cluster.wait_for_nodes()
                 cfg = load_config(overrides=["mine.keep_rule=all", f"ray.address={cluster.address}"])
-                manifest = run_pipeline(str(folder), str(work / f"scale_{nodes}_{r}"), cfg, until="mine",
-                                        log=lambda line: None)  # fmt: skip
+                for corpus, out in ((warm, f"warm_{nodes}_{r}"), (folder, f"scale_{nodes}_{r}")):  # warm: workers up
+                    manifest = run_pipeline(str(corpus), str(work / out), cfg, until="mine", log=lambda line: None)
                 mine[nodes].append(stage_seconds(manifest, "mine"))
                 shards = manifest["stages"]["plan"]["counts"]["shards"]
             finally:
@@ -348,10 +351,11 @@ def part_scaling(args, work: Path) -> None:
             print(f"repeat {r}, {nodes} node(s): mine {mine[nodes][-1]:.1f} s, {shards} shards; load {uptime()}",
                   file=sys.stderr)  # fmt: skip
     one, two = statistics.median(mine[1]), statistics.median(mine[2])
-    n = len(list(folder.glob("*.png")))
-    print(f"{n} DIV2K-sized images ({megapixels(base) * 4:.0f} MP), default criterion, median of {args.repeats}\n")
-    print("| nodes (1 CPU each, own core) | mine stage (s) | speed-up |\n|---|---|---|")
-    print(f"| 1 | {one:.1f} | 1.00 |\n| 2 | {two:.1f} | {one / two:.2f} |")
+    mp = args.scale_images * megapixels(base[0].parent) / len(base)
+    print(f"{args.scale_images} DIV2K-sized images ({mp:.0f} MP), default criterion, workers warmed by an untimed "
+          f"run, median of {args.repeats}\n")  # fmt: skip
+    print("| nodes (1 CPU each, own core) | mine stage (s) | MP/s | speed-up |\n|---|---|---|---|")
+    print(f"| 1 | {one:.1f} | {mp / one:.1f} | 1.00 |\n| 2 | {two:.1f} | {mp / two:.1f} | {one / two:.2f} |")
 
 
 def part_tax(args, work: Path) -> None:
@@ -370,7 +374,8 @@ def main() -> None:
     ap.add_argument("--srdd", type=Path, help="a checkout of github.com/sunwoocho/SRDD (select and embed parts)")
     ap.add_argument("--part", choices=["select", "embed", "scaling", "tax", "all"], default="all")
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--images", type=int, default=16, help="DIV2K-sized images (select; x4 for scaling)")
+    ap.add_argument("--images", type=int, default=16, help="DIV2K-sized images of the select part")
+    ap.add_argument("--scale-images", type=int, default=128, help="DIV2K-sized images of the scaling part")
     ap.add_argument("--div2k", help="a folder of DIV2K HR PNGs (default: BSD200 tiled 4x4)")
     ap.add_argument("--demo-iterations", type=int, default=1500, help="train.iterations of the tax part's demo")
     ap.add_argument("--work", type=Path, help="scratch folder (default: a temporary one, deleted)")

@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import io
+import math
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -294,7 +295,7 @@ def _resize_axis(x: np.ndarray, axis: int, out_len: int, scale: float) -> np.nda
         for o0, o1, lo, hi, band in tiles:
             np.matmul(x[..., lo:hi], band.T, out=out[..., o0:o1])
         return out
-    lead, trail = int(np.prod(x.shape[:axis])), int(np.prod(x.shape[axis + 1 :]))
+    lead, trail = math.prod(x.shape[:axis]), math.prod(x.shape[axis + 1 :])
     xv, ov = x.reshape(lead, n, trail), out.reshape(lead, out_len, trail)
     for o0, o1, lo, hi, band in tiles:
         np.matmul(band, xv[:, lo:hi], out=ov[:, o0:o1])
@@ -346,7 +347,7 @@ def imresize(
         if scale <= 0:
             raise ValueError(f"scale must be positive, got {scale}")
         scales = (float(scale), float(scale))
-        out_shape = tuple(int(np.ceil(s * scale)) for s in in_shape)
+        out_shape = tuple(math.ceil(s * scale) for s in in_shape)
     if min(out_shape) < 1:
         raise ValueError(f"output shape {out_shape} from input {in_shape} is empty")
     is_uint8 = img.dtype == np.uint8

@@ -33,7 +33,8 @@ The manifest (``manifest.json``) records the resolved config (also written as ``
 which ``srdistill run --config`` reads back), the package versions, the git commit of the source
 tree when srdistill runs from a git checkout (``git_commit``, ``git_dirty``), per-stage
 fingerprint/counts/timings, the first skipped inputs with their reasons, the CLIP and ViT
-provenance, the Ray it ran on (``ray``: local or joined, GCS address, CPUs/GPUs) and where each
+provenance, the Ray it ran on (``ray``: local or joined, GCS address, CPUs/GPUs; ``none`` when no stage
+needed Ray) and where each
 stage ran (``placement``, decided by ``runner.plan_placement`` before any work; each stage's
 entry in ``stages`` keeps the placement it ran with, including the GPU ids Ray gave its
 workers); it is passed through ``storage.redact`` before it is written.

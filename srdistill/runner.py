@@ -46,8 +46,8 @@ if TYPE_CHECKING:  # torch/transformers are imported only by the embedding and s
     from .embedding import ClipSource
 
 __all__ = ["init_ray", "use_ray", "ray_is_up", "cluster_resources", "route_ray_logs", "shutdown_ray", "ray_info",
-           "cluster_gpus", "actor_gpus", "resolve_use_gpu", "plan_placement", "run_task", "map_images", "map_shards", "mine_plan", "embed_parts_ray",
-           "complexity_parts_ray", "train_ray", "meta_train_ray",
+           "cluster_gpus", "actor_gpus", "resolve_use_gpu", "plan_placement", "run_task", "map_images",
+           "map_shards", "mine_plan", "embed_parts_ray", "complexity_parts_ray", "train_ray", "meta_train_ray",
            "map_tasks", "encode_patches_ray", "finetune_ray", "synthesize_ray"]
 
 #: Whether this process's Ray was joined (an address) rather than started here; None: not by us.
