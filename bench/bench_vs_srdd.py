@@ -360,13 +360,17 @@ def part_scaling(args, work: Path) -> None:
 
 def part_tax(args, work: Path) -> None:
     print(f"\n## fixed tax of the demo (load {uptime()})\n")
-    print("| wall (s) | stages' own (s) | beyond the stages (s) | load |\n|---|---|---|---|")
+    print(f"train.iterations={args.demo_iterations}\n")
+    print("| wall (s) | stages' own (s) | beyond the stages (s) | of the stages: Ray's start (s) | stages (s) | load |\n"
+          "|---|---|---|---|---|---|")  # fmt: skip
     for r in range(args.repeats):
         wall, manifest = run_cli(["run", "--input", str(REPO / "data" / "T91"), "--out", str(work / f"demo_{r}"),
                                   "--preset", "demo", "--allow-random-init", "--set",
                                   f"train.iterations={args.demo_iterations}"])  # fmt: skip
         own = sum(s.get("seconds") or 0.0 for s in manifest["stages"].values())
-        print(f"| {wall:.1f} | {own:.1f} | {wall - own:.1f} | {uptime()} |")
+        stages = ", ".join(f"{k} {v['seconds']:.1f}" for k, v in manifest["stages"].items() if v.get("seconds"))
+        print(f"| {wall:.1f} | {own:.1f} | {wall - own:.1f} | {manifest['ray'].get('start_seconds')} | {stages} | "
+              f"{uptime()} |")  # fmt: skip
 
 
 def main() -> None:

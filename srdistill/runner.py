@@ -29,6 +29,7 @@ import os
 import shutil
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
@@ -54,6 +55,8 @@ __all__ = ["init_ray", "use_ray", "ray_is_up", "cluster_resources", "route_ray_l
 _JOINED: bool | None = None
 #: What ``_ensure_ray`` starts Ray with when a stage first needs it (``use_ray``).
 _PENDING: RayConfig | None = None
+#: Seconds ``ray.init`` took in ``init_ray`` (starting a local Ray, or joining), for the manifest.
+_START_SECONDS: float | None = None
 
 
 def use_ray(cfg: RayConfig) -> None:
@@ -83,7 +86,7 @@ def init_ray(cfg: RayConfig) -> None:
     Raises:
         ConnectionError: the address given cannot be reached (from ``ray.init``).
     """
-    global _JOINED
+    global _JOINED, _START_SECONDS
     import ray
     import ray.data  # configures the "ray.data" logger on import: routed below with "ray"
 
@@ -97,8 +100,9 @@ def init_ray(cfg: RayConfig) -> None:
         kwargs["address"] = address
     else:
         kwargs.update(address="local", num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus, include_dashboard=False)
+    t0 = time.perf_counter()
     ray.init(**kwargs)
-    _JOINED = bool(address)
+    _JOINED, _START_SECONDS = bool(address), round(time.perf_counter() - t0, 3)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False  # one bar per stage of our own (``_progress``) instead
 
@@ -135,16 +139,17 @@ def _progress(total: int, desc: str, unit: str) -> tqdm:
 def shutdown_ray() -> None:
     """Stop the Ray started by ``init_ray`` (no-op if none), and forget ``use_ray``'s config.
     Called by a command when it is done: at interpreter exit Ray's own hook sleeps 0.5 s first."""
-    global _JOINED, _PENDING
+    global _JOINED, _PENDING, _START_SECONDS
     if ray_is_up():
         sys.modules["ray"].shutdown()
-    _JOINED = _PENDING = None
+    _JOINED = _PENDING = _START_SECONDS = None
 
 
 def ray_info() -> dict:
     """What this process runs on, for the manifest: ``{"mode": "local" | "joined" | "external",
-    "gcs_address", "resources": {"CPU", "GPU"}}`` (``external``: Ray was initialised by someone
-    other than ``init_ray``), or ``{"mode": "none"}`` when Ray was not started."""
+    "gcs_address", "resources": {"CPU", "GPU"}, "start_seconds"}`` (``external``: Ray was
+    initialised by someone other than ``init_ray``; ``start_seconds``: what ``ray.init`` took, in
+    the first stage that needed Ray), or ``{"mode": "none"}`` when Ray was not started."""
     if not ray_is_up():
         return {"mode": "none"}
     import ray
@@ -152,7 +157,8 @@ def ray_info() -> dict:
     res = ray.cluster_resources()
     mode = "external" if _JOINED is None else "joined" if _JOINED else "local"
     return {"mode": mode, "gcs_address": ray.get_runtime_context().gcs_address,
-            "resources": {"CPU": float(res.get("CPU", 0)), "GPU": float(res.get("GPU", 0))}}  # fmt: skip
+            "resources": {"CPU": float(res.get("CPU", 0)), "GPU": float(res.get("GPU", 0))},
+            "start_seconds": _START_SECONDS}  # fmt: skip
 
 
 def _ensure_ray() -> None:
