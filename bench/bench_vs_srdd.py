@@ -337,7 +337,8 @@ def part_scaling(args, work: Path) -> None:
                     cluster.add_node(num_cpus=1, **({"include_dashboard": False} if k == 0 else {}))
                 os.sched_setaffinity(0, mask)
                 cluster.wait_for_nodes()
-                cfg = load_config(overrides=["mine.keep_rule=all", f"ray.address={cluster.address}"])
+                cfg = load_config(overrides=["mine.keep_rule=all", f"ray.address={cluster.address}",
+                                             f"mine.images_per_shard={args.scale_images_per_shard}"])  # fmt: skip
                 for corpus, out in ((warm, f"warm_{nodes}_{r}"), (folder, f"scale_{nodes}_{r}")):  # warm: workers up
                     manifest = run_pipeline(str(corpus), str(work / out), cfg, until="mine", log=lambda line: None)
                 mine[nodes].append(stage_seconds(manifest, "mine"))
@@ -352,8 +353,8 @@ def part_scaling(args, work: Path) -> None:
                   file=sys.stderr)  # fmt: skip
     one, two = statistics.median(mine[1]), statistics.median(mine[2])
     mp = args.scale_images * megapixels(base[0].parent) / len(base)
-    print(f"{args.scale_images} DIV2K-sized images ({mp:.0f} MP), default criterion, workers warmed by an untimed "
-          f"run, median of {args.repeats}\n")  # fmt: skip
+    print(f"{args.scale_images} DIV2K-sized images ({mp:.0f} MP) in shards of {args.scale_images_per_shard}, default "
+          f"criterion, workers warmed by an untimed run, median of {args.repeats}\n")  # fmt: skip
     print("| nodes (1 CPU each, own core) | mine stage (s) | MP/s | speed-up |\n|---|---|---|---|")
     print(f"| 1 | {one:.1f} | {mp / one:.1f} | 1.00 |\n| 2 | {two:.1f} | {mp / two:.1f} | {one / two:.2f} |")
 
@@ -380,6 +381,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--images", type=int, default=16, help="DIV2K-sized images of the select part")
     ap.add_argument("--scale-images", type=int, default=128, help="DIV2K-sized images of the scaling part")
+    ap.add_argument("--scale-images-per-shard", type=int, default=8,
+                    help="mine.images_per_shard of the scaling part (finer shards balance the nodes better)")
     ap.add_argument("--div2k", help="a folder of DIV2K HR PNGs (default: BSD200 tiled 4x4)")
     ap.add_argument("--demo-iterations", type=int, default=1500, help="train.iterations of the tax part's demo")
     ap.add_argument("--work", type=Path, help="scratch folder (default: a temporary one, deleted)")
