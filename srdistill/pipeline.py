@@ -973,7 +973,6 @@ def run_pipeline(input_dir: str | Path, run_dir: str | Path, cfg: RunConfig, *,
     """
     from . import runner
     from .corpus import is_manifest
-    from .report import write_report
 
     if until is not None and until not in STAGES:
         import difflib
@@ -1069,10 +1068,13 @@ def run_pipeline(input_dir: str | Path, run_dir: str | Path, cfg: RunConfig, *,
             break
         fp = step(fp)
         done.append(name)
-        run.manifest["ray"] = runner.ray_info()  # once a stage has started Ray: what it runs on
+        if runner.ray_is_up():
+            run.manifest["ray"] = runner.ray_info()  # what the stage that started Ray ran on
     if until not in done:
         _evaluate(run, fp)
     t0 = time.perf_counter()
+    from .report import write_report
+
     run.pull(*_REPORT_INPUTS)
     write_report(run.dir, run_uri=run.uri)
     if run.remote:

@@ -16,9 +16,9 @@ from conftest import T91
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _run(corpus: Path, out: Path, *sets: str) -> dict:
+def _run(corpus: Path, out: Path, *sets: str, until: str = "plan") -> dict:
     args = [sys.executable, "-m", "srdistill.cli", "run", "--input", str(corpus), "--out", str(out), "--preset",
-            "tiny", "--until", "plan", *(a for s in sets for a in ("--set", s))]  # fmt: skip
+            "tiny", "--until", until, *(a for s in sets for a in ("--set", s))]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     done = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
@@ -38,3 +38,14 @@ def test_plan_needs_no_ray_and_resumes_on_another_cluster_size(tmp_path):
     again = _run(corpus, out, "ray.num_cpus=1", "mine.images_per_shard=32")  # would plan 2 shards afresh
     assert again["stages"]["plan"]["skipped"] is True
     assert again["stages"]["plan"]["counts"]["shards"] == 4  # the recorded plan is kept
+
+
+def test_the_first_stage_that_needs_ray_starts_it_and_it_is_released_after(tmp_path):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for path in sorted(T91.glob("*.png"))[:3]:
+        shutil.copy(path, corpus / path.name)
+    manifest = _run(corpus, tmp_path / "run", "ray.num_cpus=2", until="mine")
+    ray = manifest["ray"]
+    assert ray["mode"] == "local" and ray["resources"]["CPU"] == 2.0 and ray["start_seconds"] > 0
+    assert manifest["stages"]["mine"]["counts"]["shards_mined_now"] == 3  # 3 images, 3 shards for 2 CPUs
