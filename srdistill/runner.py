@@ -24,6 +24,7 @@ on CPUs gets ``device: cpu`` (Ray leaves ``CUDA_VISIBLE_DEVICES`` alone for zero
 
 from __future__ import annotations
 
+import glob
 import logging
 import os
 import shutil
@@ -192,9 +193,16 @@ def cluster_resources(cfg: RayConfig | None = None) -> dict[str, float]:
     return {"CPU": float(res.get("CPU", 0)), "GPU": float(res.get("GPU", 0))}
 
 
+#: Device files of the GPUs Ray counts (NVIDIA's, AMD's ROCm): without any, a local Ray has none.
+_GPU_DEVICE_FILES = ("/dev/nvidia[0-9]*", "/dev/kfd")
+
+
 def _local_resources(cfg: RayConfig) -> dict[str, float] | None:
-    """What ``init_ray(cfg)``'s local Ray will detect, by Ray's own code (private, so it may move:
-    None then, and the caller starts the Ray and asks it)."""
+    """What ``init_ray(cfg)``'s local Ray will detect: on a machine without GPU device files,
+    ``cfg``'s counts or this process's CPUs and no GPU (Ray is not even imported); else by
+    Ray's own code (private, so it may move: None then, and the caller starts the Ray and asks it)."""
+    if cfg.num_gpus is not None or not any(glob.glob(p) for p in _GPU_DEVICE_FILES):
+        return {"CPU": float(cfg.num_cpus or len(os.sched_getaffinity(0))), "GPU": float(cfg.num_gpus or 0)}
     try:
         from ray._private.resource_and_label_spec import ResourceAndLabelSpec
 
