@@ -837,11 +837,12 @@ def _train_images(run: Run) -> list[Path]:
 
 def _train(run: Run, select_fp: str) -> str:
     from . import runner
-    from .training import load_checkpoint, train_sr
 
     fp = run.fingerprint("train", select_fp)
 
     def stage(sdir: Path) -> dict:
+        from .training import load_checkpoint, train_sr  # torch: the stage's own time
+
         images = _train_images(run)
         place, cfg = run.placement["train"], run.cfg.train
         if place["on"] == "ray-train":
@@ -877,13 +878,13 @@ def evaluation_rows(model, datasets: list[str] | tuple[str, ...], scale: int, de
 
 def _evaluate(run: Run, train_fp: str) -> dict:
     from . import runner
-    from .evaluation import format_table
-    from .training import load_checkpoint
 
     fp = run.fingerprint("evaluate", train_fp)
     out = run.dir / "evaluate" / "results.json"
 
     def stage(sdir: Path) -> dict:
+        from .training import load_checkpoint  # torch: the stage's own time
+
         run.pull("train/model.safetensors")
         model, _ = load_checkpoint(run.dir / "train" / "model.safetensors")
         scale = run.cfg.scale
@@ -900,6 +901,8 @@ def _evaluate(run: Run, train_fp: str) -> dict:
         return {f"{name} {r['dataset']}": round(r["psnr_y"], 3) for name, rs in rows.items() for r in rs}
 
     run.run_stage("evaluate", fp, ["evaluate/results.json"], stage)
+    from .evaluation import format_table
+
     run.pull("evaluate")
     rows = json.loads(out.read_text())["rows"]
     run.log(f"\nPSNR / SSIM on Y, x{run.cfg.scale}, border = scale\n" + format_table(rows))
