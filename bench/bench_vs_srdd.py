@@ -124,9 +124,11 @@ def load_srdd_select(srdd: Path):
 
 def srdd_select(srdd: Path, images: Path, out: Path, size: int, stride: int, threshold: float) -> float:
     """SRDD's patch selection in a fresh process (as the released script runs): wall seconds."""
-    code = (f"import importlib.util, sys; s = importlib.util.spec_from_file_location('m', {str(srdd / 'src' / '1_select_patches.py')!r}); "
-            f"m = importlib.util.module_from_spec(s); s.loader.exec_module(m); "
-            f"m.extract_patches_with_gradient_threshold({str(images)!r}, {str(out)!r}, ({size}, {size}), {stride}, {threshold})")  # fmt: skip
+    script = str(srdd / "src" / "1_select_patches.py")
+    code = (f"import importlib.util as u; s = u.spec_from_file_location('m', {script!r}); "
+            "m = u.module_from_spec(s); s.loader.exec_module(m); "
+            f"m.extract_patches_with_gradient_threshold({str(images)!r}, {str(out)!r}, ({size}, {size}), {stride}, "
+            f"{threshold})")  # fmt: skip
     t0 = time.perf_counter()
     subprocess.run([sys.executable, "-c", code], env=ENV, check=True, capture_output=True)
     return time.perf_counter() - t0
@@ -242,7 +244,8 @@ def export_patches(run_dir: Path, dest: Path) -> int:
 
 def srdd_cluster(srdd: Path, patches: Path, out: Path, work: Path) -> float:
     text = (srdd / "src" / "2_cluster_clip.py").read_text()
-    for old, new in (('"/path/to/input_directory"', repr(str(patches))), ('"/path/to/output_directory"', repr(str(out))),
+    for old, new in (('"/path/to/input_directory"', repr(str(patches))),
+                     ('"/path/to/output_directory"', repr(str(out))),
                      ("CLIPModel.from_pretrained(", "_RandomClip.from_pretrained("),
                      ("CLIPProcessor.from_pretrained(", "_ImageProcessor.from_pretrained(")):  # fmt: skip
         if old not in text:
@@ -362,8 +365,8 @@ def part_scaling(args, work: Path) -> None:
 def part_tax(args, work: Path) -> None:
     print(f"\n## fixed tax of the demo (load {uptime()})\n")
     print(f"train.iterations={args.demo_iterations}\n")
-    print("| wall (s) | stages' own (s) | beyond the stages (s) | of the stages: Ray's start (s) | stages (s) | load |\n"
-          "|---|---|---|---|---|---|")  # fmt: skip
+    print("| wall (s) | stages' own (s) | beyond the stages (s) | of the stages: Ray's start (s) | stages (s) "
+          "| load |\n|---|---|---|---|---|---|")  # fmt: skip
     for r in range(args.repeats):
         wall, manifest = run_cli(["run", "--input", str(REPO / "data" / "T91"), "--out", str(work / f"demo_{r}"),
                                   "--preset", "demo", "--allow-random-init", "--set",
