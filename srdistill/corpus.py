@@ -203,8 +203,9 @@ def plan_corpus(input_uri: str, plan_uri: str, *, extensions: tuple[str, ...],
         min_shards: cut at least this many shards when the corpus has as many rows (e.g. two
             per CPU of the cluster, so that a small corpus keeps every core busy): a corpus of
             ``n < images_per_shard * min_shards`` rows is cut into ``min(n, min_shards)``
-            shards whose sizes differ by at most one. Decided after reading at most ``images_per_shard * min_shards`` rows, so
-            a large manifest is still planned in one streaming pass.
+            shards whose sizes differ by at most one. Decided after reading at most
+            ``images_per_shard * min_shards`` rows, so a large manifest is still planned in one
+            streaming pass.
 
     Returns:
         ``CorpusPlan``.
