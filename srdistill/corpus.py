@@ -212,7 +212,8 @@ def plan_corpus(input_uri: str, plan_uri: str, *, extensions: tuple[str, ...],
 
     Raises:
         FileNotFoundError: the input is neither an existing directory/prefix nor a manifest.
-        ValueError: a manifest without a usable column or with an empty entry.
+        ValueError: a manifest without a usable column or with an empty entry; images_per_shard or
+            min_shards below 1.
         OSError: reading the input or writing the plan failed.
     """
     if images_per_shard < 1 or min_shards < 1:
