@@ -154,6 +154,8 @@ class EmbedConfig(_ActorStage):
     ``allow_random_init`` is set; ``random_init`` then picks the architecture size.
     """
 
+    batch_size: int | None = Field(None, ge=1, description="patches per forward pass; None: by the device "
+                                   "the actor gets (embedding.AUTO_BATCH: 32 on a CPU, 256 on a GPU)")  # fmt: skip
     backend: Literal["transformers", "open_clip"] = "transformers"
     model: str = "openai/clip-vit-base-patch32"
     pretrained: str | None = None

@@ -17,8 +17,9 @@ streaming pass. The plan (``plan/files.parquet``) holds one row per image:
   planned as such a row, so mining records it in ``mine/skipped.parquet`` with the images it
   could not decode.
 
-Each parquet row group of the plan is one *shard* of ``images_per_shard`` images, the unit of
-work of mining: a shard's output is one part file named after the shard, written atomically,
+Each parquet row group of the plan is one *shard* of at most ``images_per_shard`` images (fewer
+for a small corpus, so that it still makes ``min_shards``: two per CPU of the cluster, in the
+pipeline), the unit of work of mining: a shard's output is one part file named after the shard, written atomically,
 so a retried or resumed shard replaces nothing and duplicates nothing.
 
 Memory: planning a manifest holds one shard and one read batch; planning a directory holds the
@@ -60,12 +61,13 @@ class CorpusPlan:
 
     Attributes:
         images: rows of the plan to mine (``skip == ""``).
-        shards: row groups of the plan (``ceil((images + skipped) / images_per_shard)``).
+        shards: row groups of the plan.
         other_files_ignored: listed files or manifest entries without an image extension.
         source: ``"listing"`` (a directory or prefix) or ``"manifest"``.
         digest: 20 hex digits identifying the planned content (URIs, and sizes and mtimes for a
             listing), for stage fingerprints.
         skipped: rows planned as skipped (``skip != ""``): what a local listing could not list.
+        images_per_shard: the most rows a shard holds, as ``plan_corpus`` chose it.
     """
 
     images: int
@@ -74,6 +76,7 @@ class CorpusPlan:
     source: str
     digest: str
     skipped: int = 0
+    images_per_shard: int = 0
 
 
 def is_manifest(uri: str) -> bool:
@@ -187,7 +190,7 @@ def _manifest(uri: str, exts: tuple[str, ...]) -> Iterator[Batch]:
 
 @storage.retry
 def plan_corpus(input_uri: str, plan_uri: str, *, extensions: tuple[str, ...],
-                images_per_shard: int) -> CorpusPlan:  # fmt: skip
+                images_per_shard: int, min_shards: int = 1) -> CorpusPlan:  # fmt: skip
     """Write the plan of the corpus ``input_uri`` to ``plan_uri`` (parquet, atomically).
 
     Args:
@@ -196,18 +199,25 @@ def plan_corpus(input_uri: str, plan_uri: str, *, extensions: tuple[str, ...],
             ``.csv``: the same with a header row; ``.txt``: one entry per line).
         plan_uri: where the plan goes (local path or ``s3://``).
         extensions: image suffixes kept (case-insensitive, with the dot).
-        images_per_shard: images per row group (shard), >= 1.
+        images_per_shard: images per row group (shard), >= 1: the most a shard holds.
+        min_shards: cut at least this many shards when the corpus has as many rows (e.g. two
+            per CPU of the cluster, so that a small corpus keeps every core busy): a corpus of
+            ``n < images_per_shard * min_shards`` rows is cut into ``min(n, min_shards)``
+            shards whose sizes differ by at most one. Decided after reading at most
+            ``images_per_shard * min_shards`` rows, so a large manifest is still planned in one
+            streaming pass.
 
     Returns:
         ``CorpusPlan``.
 
     Raises:
         FileNotFoundError: the input is neither an existing directory/prefix nor a manifest.
-        ValueError: a manifest without a usable column or with an empty entry.
+        ValueError: a manifest without a usable column or with an empty entry; images_per_shard or
+            min_shards below 1.
         OSError: reading the input or writing the plan failed.
     """
-    if images_per_shard < 1:
-        raise ValueError(f"images_per_shard must be >= 1, got {images_per_shard}")
+    if images_per_shard < 1 or min_shards < 1:
+        raise ValueError(f"images_per_shard and min_shards must be >= 1, got {images_per_shard}, {min_shards}")
     exts = tuple(e.lower() for e in extensions)
     manifest = is_manifest(input_uri)
     if manifest and not storage.exists(input_uri):
@@ -215,7 +225,8 @@ def plan_corpus(input_uri: str, plan_uri: str, *, extensions: tuple[str, ...],
     batches = _manifest(input_uri, exts) if manifest else _listing(input_uri, exts)
     digest = hashlib.sha256()
     pending: list[pa.Table] = []
-    n_pending = images = ignored = skipped = 0
+    n_pending = images = ignored = skipped = written = 0
+    per_shard = None  # images_per_shard once the corpus has filled min_shards of them
     with storage.atomic_writer(plan_uri) as sink, pq.ParquetWriter(sink, PLAN_SCHEMA) as writer:
         for uris, keys, skips, lines, n_ignored in batches:
             digest.update(lines.encode())
@@ -225,16 +236,28 @@ def plan_corpus(input_uri: str, plan_uri: str, *, extensions: tuple[str, ...],
             skipped += n_skipped
             pending.append(pa.table({"uri": uris, "key": keys, "skip": skips}, schema=PLAN_SCHEMA))
             n_pending += len(uris)
-            while n_pending >= images_per_shard:  # write whole shards as row groups
+            if per_shard is None and images + skipped >= images_per_shard * min_shards:
+                per_shard = images_per_shard
+            while per_shard is not None and n_pending >= per_shard:  # write whole shards as row groups
                 table = pa.concat_tables(pending)
-                writer.write_table(table.slice(0, images_per_shard), row_group_size=images_per_shard)
-                rest = table.slice(images_per_shard)
+                writer.write_table(table.slice(0, per_shard), row_group_size=per_shard)
+                written += 1
+                rest = table.slice(per_shard)
                 pending, n_pending = [rest], rest.num_rows
-        if n_pending:
-            writer.write_table(pa.concat_tables(pending), row_group_size=images_per_shard)
-    return CorpusPlan(images=images, shards=-(-(images + skipped) // images_per_shard), other_files_ignored=ignored,
+        table = pa.concat_tables(pending) if pending else PLAN_SCHEMA.empty_table()
+        if per_shard is None:  # a small corpus, all still pending: min(n, min_shards) shards, sizes within 1
+            k = min(n_pending, min_shards)
+            sizes = [n_pending // k + (i < n_pending % k) for i in range(k)]
+        else:  # fewer than per_shard left
+            sizes = [n_pending] * bool(n_pending)
+        start = 0
+        for size in sizes:
+            writer.write_table(table.slice(start, size), row_group_size=size)
+            start += size
+        shards = written + len(sizes)
+    return CorpusPlan(images=images, shards=shards, other_files_ignored=ignored,
                       source="manifest" if manifest else "listing", digest=digest.hexdigest()[:20],
-                      skipped=skipped)  # fmt: skip
+                      skipped=skipped, images_per_shard=per_shard or max(sizes, default=1))  # fmt: skip
 
 
 @storage.retry

@@ -50,6 +50,7 @@ __all__ = [
     "cache_root",
     "data_roots",
     "lookup",
+    "resolve_dataset",
     "locate",
     "get",
     "get_many",
@@ -729,3 +730,34 @@ def catalog_rows(catalog: Mapping[str, DatasetSpec] | None = None) -> list[dict]
          "licence": s.licence, "checksum": s.checksum_status, "present": locate(s.name)}
         for s in catalog.values()
     ]  # fmt: skip
+
+
+def resolve_dataset(name_or_path: str | Path) -> Path:
+    """The folder of HR images of a benchmark name (``"Set5"``) or a directory.
+
+    An existing directory is used as is, or its ``HR`` subfolder if it has one. Otherwise the
+    name is looked up as ``<root>/<name>/HR`` for each root of ``datasets.data_roots()``:
+    ``$SRDISTILL_DATA`` (``os.pathsep``-separated), the user cache
+    (``$SRDISTILL_CACHE/datasets``, default ``~/.cache/srdistill/datasets``, where
+    ``srdistill data get`` puts sets) and the repository's vendored ``data/``; first hit wins.
+
+    Raises:
+        FileNotFoundError: nothing found; the message lists every place tried and, for a set
+            of the catalogue (``CATALOG``), ends with ``run: srdistill data get NAME``.
+    """
+    path = Path(name_or_path)
+    if path.is_dir():
+        return path / "HR" if (path / "HR").is_dir() else path
+    tried = [str(path)]
+    for root in data_roots():
+        candidate = root / str(name_or_path) / "HR"
+        if candidate.is_dir():
+            return candidate
+        tried.append(str(candidate))
+    message = f"dataset {str(name_or_path)!r} not found; tried: {', '.join(tried)}"
+    try:
+        spec = lookup(str(name_or_path))
+    except UnknownDataset:
+        raise FileNotFoundError(message) from None
+    also = f" and use the name {spec.name!r}" if spec.name != str(name_or_path) else ""
+    raise FileNotFoundError(f"{message}; run: srdistill data get {spec.name}{also}")

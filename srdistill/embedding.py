@@ -33,10 +33,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import pyarrow as pa
-import torch
-import torch.nn.functional as F
 
 from srdistill import imaging
 from srdistill.config import EmbedConfig
@@ -50,6 +50,9 @@ from srdistill.weights import (
     resolve_hf_weights,
 )
 
+
+if TYPE_CHECKING:  # torch is imported where a model is built: resolving weights needs none
+    import torch
 
 __all__ = [
     "CLIP_MEAN",
@@ -328,6 +331,8 @@ def load_clip(
         the per-channel RGB normalisation for ``[0, 1]`` input (from
         ``preprocessor_config.json`` when the weights directory has one, else CLIP's).
     """
+    import torch
+
     mean, std = CLIP_MEAN, CLIP_STD
     if source.backend == "transformers":
         from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
@@ -376,6 +381,8 @@ def load_clip(
 
 
 def _device(name: str, field: str = "embed.device") -> torch.device:
+    import torch
+
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
@@ -384,6 +391,11 @@ def _device(name: str, field: str = "embed.device") -> torch.device:
 
 
 # --------------------------------------------------------------------------- embedding
+
+
+#: Patches per forward pass when ``embed.batch_size`` is not set, by device type: enough to keep
+#: the device busy (on a CPU ViT-B/32's throughput is flat from about 16 patches on).
+AUTO_BATCH = {"cpu": 32, "cuda": 256}
 
 
 class ClipEmbedder:
@@ -400,14 +412,20 @@ class ClipEmbedder:
     Call with a numpy batch (Ray Data ``batch_format="numpy"``) with columns ``patch_id``
     (str), ``source`` (str, image path), ``x``, ``y``, ``size`` (int, HR pixels; x = column);
     returns ``{"patch_id": (N,), "embedding": (N, D) float32}`` in input order (D = 512 for
-    ViT-B/32): unit-L2 rows, or the raw projection output when ``cfg.normalize`` is false. Each distinct source image is read once per batch.
+    ViT-B/32): unit-L2 rows, or the raw projection output when ``cfg.normalize`` is false.
+    The call is ``forward(prepare(batch))``: ``prepare`` (decode, crop; CPU only, no model)
+    can run in another thread for the next batch while ``forward`` runs (``mining.map_patch_part``
+    does), and each distinct source image is decoded once per batch (the last one is kept for
+    the next batch: a shard's patches come image by image).
 
-    Raises (from ``__call__``):
+    Raises (from ``__call__``/``prepare``):
         imaging.ImageReadError: a source image cannot be read.
         ValueError: a patch lies outside its source image.
     """
 
     def __init__(self, cfg: EmbedConfig, source: ClipSource, *, num_threads: int | None = None):
+        import torch
+
         if num_threads is not None:
             torch.set_num_threads(num_threads)
         self.cfg = cfg
@@ -421,41 +439,73 @@ class ClipEmbedder:
             self.dim = int(model.config.projection_dim)
         else:
             self.dim = int(model.visual.output_dim)
+        #: Patches per forward pass: ``cfg.batch_size``, else ``AUTO_BATCH`` of the device.
+        self.batch_size = cfg.batch_size or AUTO_BATCH.get(self.device.type, AUTO_BATCH["cpu"])
+        self._last: tuple[str, np.ndarray] | None = None  # (source, decoded image) of the last batch
 
     def _preprocess(self, crops: list[np.ndarray]) -> torch.Tensor:
-        """``crops``: same-size ``(s, s, 3) uint8`` -> ``(n, 3, S, S) float32`` normalised."""
+        """``crops``: same-size ``(s, s, 3) uint8`` -> ``(n, 3, S, S) float32`` normalised: the
+        uint8 pixels go to the device as they are, then ``/255``, antialiased bicubic to ``S``
+        (clamped to [0, 1]) and CLIP's per-channel normalisation, there."""
+        import torch
+        import torch.nn.functional as F
+
         x = torch.from_numpy(np.stack(crops)).to(self.device)  # (n, s, s, 3) uint8
         x = x.permute(0, 3, 1, 2).float().div_(255.0)  # (n, 3, s, s) in [0, 1]
         if x.shape[-1] != self.image_size:
             x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bicubic",
                               align_corners=False, antialias=True).clamp_(0.0, 1.0)
-        return (x - self.mean) / self.std
+        return x.sub_(self.mean).div_(self.std)
 
-    def _forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        if self.source.backend == "transformers":
-            return self.model(pixel_values=pixels).image_embeds  # (n, D)
-        return self.model.encode_image(pixels)  # (n, D)
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def prepare(self, batch: dict[str, np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
+        """``(patch_id, crops)``: the batch's patches cut from their decoded sources, ``(s, s, 3)``
+        uint8 each, in input order (no model involved: safe in another thread)."""
         pids = np.asarray(batch["patch_id"])
-        sources = np.asarray(batch["source"])
+        sources = [str(s) for s in np.asarray(batch["source"])]
         xs, ys, sizes = (np.asarray(batch[c]).astype(np.int64) for c in ("x", "y", "size"))
+        images = dict([self._last]) if self._last is not None else {}
+        crops = []
+        for src, x, y, size in zip(sources, xs, ys, sizes):
+            if src not in images:
+                images[src] = imaging.read_image(src)
+            try:
+                crops.append(imaging.crop(images[src], int(x), int(y), int(size)))
+            except ValueError as exc:
+                raise ValueError(f"{src}: {exc}") from None
+        if sources:
+            self._last = (sources[-1], images[sources[-1]])
+        return pids, crops
+
+    def forward(self, prepared: tuple[np.ndarray, list[np.ndarray]]) -> dict[str, np.ndarray]:
+        """The embeddings of what ``prepare`` returned: one forward pass for the batch."""
+        import torch
+        import torch.nn.functional as F
+
+        pids, crops = prepared
         n = len(pids)
         if n == 0:
             return {"patch_id": pids, "embedding": np.empty((0, self.dim), dtype=np.float32)}
-        crops = imaging.read_crops(sources, xs, ys, sizes)  # each source decoded once
         by_size: dict[int, list[int]] = {}
         for i, patch in enumerate(crops):
             by_size.setdefault(patch.shape[0], []).append(i)
         side = self.image_size
-        pixels = torch.empty((n, 3, side, side), dtype=torch.float32, device=self.device)
         with torch.inference_mode():
-            for idx in by_size.values():
-                pixels[idx] = self._preprocess([crops[i] for i in idx])
-            emb = self._forward(pixels).float()  # one forward per batch
+            if len(by_size) == 1:
+                pixels = self._preprocess(crops)
+            else:
+                pixels = torch.empty((n, 3, side, side), dtype=torch.float32, device=self.device)
+                for idx in by_size.values():
+                    pixels[idx] = self._preprocess([crops[i] for i in idx])
+            if self.source.backend == "transformers":
+                emb = self.model(pixel_values=pixels).image_embeds.float()  # (n, D)
+            else:
+                emb = self.model.encode_image(pixels).float()  # (n, D)
             if self.cfg.normalize:
                 emb = F.normalize(emb, dim=-1)
         return {"patch_id": pids, "embedding": emb.cpu().numpy()}
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return self.forward(self.prepare(batch))
 
 
 def embed_patches(table: pa.Table, cfg: EmbedConfig, source: ClipSource) -> np.ndarray:
@@ -463,7 +513,7 @@ def embed_patches(table: pa.Table, cfg: EmbedConfig, source: ClipSource) -> np.n
 
     Args:
         table: ``pyarrow.Table`` with columns ``patch_id``, ``source``, ``x``, ``y``, ``size``.
-        cfg: embedding config; batches of ``cfg.batch_size`` rows.
+        cfg: embedding config; batches of ``ClipEmbedder.batch_size`` rows.
         source: resolved weights (``resolve_clip(cfg)``).
 
     Returns:
@@ -472,15 +522,16 @@ def embed_patches(table: pa.Table, cfg: EmbedConfig, source: ClipSource) -> np.n
     embedder = ClipEmbedder(cfg, source)
     cols = {c: table.column(c).to_numpy(zero_copy_only=False)
             for c in ("patch_id", "source", "x", "y", "size")}
-    n = table.num_rows
+    n, size = table.num_rows, embedder.batch_size
     parts = [np.empty((0, embedder.dim), dtype=np.float32)]
-    for start in range(0, n, cfg.batch_size):
-        batch = {c: v[start : start + cfg.batch_size] for c, v in cols.items()}
+    for start in range(0, n, size):
+        batch = {c: v[start : start + size] for c, v in cols.items()}
         parts.append(embedder(batch)["embedding"])
     return np.concatenate(parts, axis=0)
 
 
-def embed_shard(embedder: ClipEmbedder, shard: int, *, mine_uri: str, out_uri: str, batch_size: int) -> int:
+def embed_shard(embedder: ClipEmbedder, shard: int, *, mine_uri: str, out_uri: str,
+                batch_size: int | None = None) -> int:  # fmt: skip
     """Embed the kept patches of one mined shard into ``out_uri/part-<shard>.parquet``.
 
     Reads ``mine_uri/patches/part-<shard>.parquet`` and the keep rule ``mine_uri/keep.json``
@@ -488,7 +539,8 @@ def embed_shard(embedder: ClipEmbedder, shard: int, *, mine_uri: str, out_uri: s
     (fixed-size list of ``embedder.dim`` float32, unit L2 when ``normalize``), rows in part
     order, atomically.
     Idempotent: a shard whose output exists is skipped, so a retried or resumed shard neither
-    loses nor duplicates embeddings.
+    loses nor duplicates embeddings. Batches of ``batch_size`` (None: ``embedder.batch_size``),
+    the next one decoded while this one runs (``mining.map_patch_part``).
 
     Returns:
         Rows written, or -1 when the part already existed.
@@ -499,4 +551,5 @@ def embed_shard(embedder: ClipEmbedder, shard: int, *, mine_uri: str, out_uri: s
     """
     from .mining import map_patch_part
 
-    return map_patch_part(embedder, shard, mine_uri=mine_uri, out_uri=out_uri, batch_size=batch_size, kept_only=True)
+    return map_patch_part(embedder, shard, mine_uri=mine_uri, out_uri=out_uri,
+                          batch_size=batch_size or embedder.batch_size, kept_only=True)  # fmt: skip

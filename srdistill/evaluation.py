@@ -23,7 +23,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from srdistill import datasets, imaging, metrics
+from srdistill import imaging, metrics
+from srdistill.datasets import resolve_dataset
 from srdistill.training import resolve_device, to_tensor
 
 __all__ = [
@@ -36,42 +37,6 @@ __all__ = [
 ]
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
-
-
-def _data_roots() -> list[Path]:
-    """Lookup order of benchmark names: ``srdistill.datasets.data_roots()``."""
-    return datasets.data_roots()
-
-
-def resolve_dataset(name_or_path: str | Path) -> Path:
-    """The folder of HR images of a benchmark name (``"Set5"``) or a directory.
-
-    An existing directory is used as is, or its ``HR`` subfolder if it has one. Otherwise the
-    name is looked up as ``<root>/<name>/HR`` for each root of ``datasets.data_roots()``:
-    ``$SRDISTILL_DATA`` (``os.pathsep``-separated), the user cache
-    (``$SRDISTILL_CACHE/datasets``, default ``~/.cache/srdistill/datasets``, where
-    ``srdistill data get`` puts sets) and the repository's vendored ``data/``; first hit wins.
-
-    Raises:
-        FileNotFoundError: nothing found; the message lists every place tried and, for a set
-            of the catalogue (``datasets.CATALOG``), ends with ``run: srdistill data get NAME``.
-    """
-    path = Path(name_or_path)
-    if path.is_dir():
-        return path / "HR" if (path / "HR").is_dir() else path
-    tried = [str(path)]
-    for root in _data_roots():
-        candidate = root / str(name_or_path) / "HR"
-        if candidate.is_dir():
-            return candidate
-        tried.append(str(candidate))
-    message = f"dataset {str(name_or_path)!r} not found; tried: {', '.join(tried)}"
-    try:
-        spec = datasets.lookup(str(name_or_path))
-    except datasets.UnknownDataset:
-        raise FileNotFoundError(message) from None
-    also = f" and use the name {spec.name!r}" if spec.name != str(name_or_path) else ""
-    raise FileNotFoundError(f"{message}; run: srdistill data get {spec.name}{also}")
 
 
 def _dataset_name(name_or_path: str | Path, hr_dir: Path) -> str:

@@ -33,7 +33,8 @@ The manifest (``manifest.json``) records the resolved config (also written as ``
 which ``srdistill run --config`` reads back), the package versions, the git commit of the source
 tree when srdistill runs from a git checkout (``git_commit``, ``git_dirty``), per-stage
 fingerprint/counts/timings, the first skipped inputs with their reasons, the CLIP and ViT
-provenance, the Ray it ran on (``ray``: local or joined, GCS address, CPUs/GPUs) and where each
+provenance, the Ray it ran on (``ray``: local or joined, GCS address, CPUs/GPUs; ``none`` when no stage
+needed Ray) and where each
 stage ran (``placement``, decided by ``runner.plan_placement`` before any work; each stage's
 entry in ``stages`` keeps the placement it ran with, including the GPU ids Ray gave its
 workers); it is passed through ``storage.redact`` before it is written.
@@ -414,6 +415,16 @@ class Run:
 
 
 @contextlib.contextmanager
+def _written_now(parts_uri: str):
+    """``[n]``, set on leaving to the parts below ``parts_uri`` that were not there on entry: the
+    shards done by this run of a stage, whether or not the task that wrote one was retried
+    after (a retry finds its part and skips it)."""
+    before, now = set(storage.part_files(parts_uri)), [0]
+    yield now
+    now[0] = len(set(storage.part_files(parts_uri)) - before)
+
+
+@contextlib.contextmanager
 def _named_unreadable():
     """Re-raise a Ray worker's failure on an unreadable part (``storage.UnreadableFileError``,
     wrapped by Ray in a multi-line ``RayTaskError``) as that error's one line."""
@@ -435,7 +446,11 @@ def _short(counts: dict) -> str:
 # --------------------------------------------------------------------------- stages
 
 
-def _plan(run: Run) -> str:
+def _plan(run: Run, min_shards: int = 1) -> str:
+    """The plan stage: ``corpus.plan_corpus`` with shards of at most ``mine.images_per_shard``
+    images, and at least ``min_shards`` of them when the corpus has that many images (two per
+    CPU of the cluster: every core mines). ``min_shards`` is not part of the fingerprint: a run
+    resumed on a cluster of another size keeps the plan (and the parts) it has."""
     from .corpus import input_signature, plan_corpus
 
     cfg = run.cfg.mine
@@ -444,11 +459,12 @@ def _plan(run: Run) -> str:
 
     def stage(sdir: Path) -> dict:
         plan = plan_corpus(run.input, run.at("plan", "files.parquet"), extensions=cfg.extensions,
-                           images_per_shard=cfg.images_per_shard)  # fmt: skip
+                           images_per_shard=cfg.images_per_shard, min_shards=min_shards)  # fmt: skip
         if not plan.images:
             raise FileNotFoundError(f"input {run.input!r} holds no files with extensions {list(cfg.extensions)}")
         return {"images_listed": plan.images, "other_files_ignored": plan.other_files_ignored,
-                "shards": plan.shards, "source": plan.source, "digest": plan.digest}  # fmt: skip
+                "shards": plan.shards, "images_per_shard": plan.images_per_shard, "min_shards": min_shards,
+                "source": plan.source, "digest": plan.digest}  # fmt: skip
 
     counts = run.run_stage("plan", fp, ["plan/files.parquet"], stage)
     return _sha(fp, counts["digest"])
@@ -463,9 +479,9 @@ def _mine(run: Run, plan_fp: str) -> str:
     def stage(sdir: Path) -> dict:
         plan = run.manifest["stages"]["plan"]["counts"]
         t0 = time.perf_counter()
-        with _named_unreadable():
-            mined_now = runner.mine_plan(run.at("plan", "files.parquet"), run.at("mine", "patches"), cfg,
-                                         list(range(plan["shards"])), placement=run.placement.get("mine"))  # fmt: skip
+        with _written_now(run.at("mine", "patches")) as mined_now, _named_unreadable():
+            runner.mine_plan(run.at("plan", "files.parquet"), run.at("mine", "patches"), cfg,
+                             list(range(plan["shards"])), placement=run.placement.get("mine"))  # fmt: skip
         seconds = time.perf_counter() - t0
         rule, counts = mining.summarize_parts(run.at("mine", "patches"), cfg, run.at("mine", "skipped.parquet"))
         storage.write_json(run.at("mine", "keep.json"), rule)
@@ -474,7 +490,7 @@ def _mine(run: Run, plan_fp: str) -> str:
         for s in run.manifest["skipped_inputs"]:
             run.log(f"[mine] skipped {s['file']}: {s['reason']}")
         return {"images_listed": plan["images_listed"], "other_files_ignored": plan["other_files_ignored"],
-                **counts, "shards": plan["shards"], "shards_mined_now": mined_now,
+                **counts, "shards": plan["shards"], "shards_mined_now": mined_now[0],
                 "megapixels_per_s": round(counts["corpus_pixels"] / 1e6 / max(seconds, 1e-9), 2)}  # fmt: skip
 
     run.run_stage("mine", fp, ["mine/keep.json"], stage)
@@ -510,13 +526,13 @@ def _embed(run: Run, mine_fp: str, source) -> str:
                                "mine.keep_rule=top_fraction")  # fmt: skip
         shards = list(range(run.manifest["stages"]["plan"]["counts"]["shards"]))
         place = run.placement["embed"]
-        with _named_unreadable():  # a mine part that cannot be read: one line naming it
-            now = runner.embed_parts_ray(run.at("mine"), run.at("embed", "parts"), shards, cfg, source,
-                                         num_gpus=place["num_gpus"], placement=place)  # fmt: skip
+        with _written_now(run.at("embed", "parts")) as now, _named_unreadable():  # an unreadable mine part: one line
+            runner.embed_parts_ray(run.at("mine"), run.at("embed", "parts"), shards, cfg, source,
+                                   num_gpus=place["num_gpus"], placement=place)  # fmt: skip
         ids = storage.read_dataset(run.at("embed", "parts"), columns=["patch_id"])
         first = storage.read_parquet(run.at("embed", "parts", "part-000000.parquet"), columns=["embedding"])
         counts = {"patches": ids.num_rows, "dim": first.schema.field("embedding").type.list_size,
-                  "shards_embedded_now": now,
+                  "shards_embedded_now": now[0],
                   "pretrained": source.pretrained, "semantic": source.semantic}  # fmt: skip
         storage.write_json(run.at("embed", "meta.json"), counts)
         return counts
@@ -576,13 +592,13 @@ def _complexity(run: Run, upstream_fp: str, mine_fp: str, source) -> str:
     def stage(sdir: Path) -> dict:
         shards = list(range(run.manifest["stages"]["plan"]["counts"]["shards"]))
         place = run.placement["complexity"]
-        with _named_unreadable():
-            now = runner.complexity_parts_ray(run.at("mine"), run.at("complexity", "parts"), shards, cfg, source,
-                                              num_gpus=place["num_gpus"], placement=place)  # fmt: skip
+        with _written_now(run.at("complexity", "parts")) as now, _named_unreadable():
+            runner.complexity_parts_ray(run.at("mine"), run.at("complexity", "parts"), shards, cfg, source,
+                                        num_gpus=place["num_gpus"], placement=place)  # fmt: skip
         ids = storage.read_dataset(run.at("complexity", "parts"), columns=["patch_id"])
         first = storage.read_parquet(run.at("complexity", "parts", "part-000000.parquet"), columns=["feature"])
         counts = {"patches": ids.num_rows, "dim": first.schema.field("feature").type.list_size,
-                  "pretrained": source.pretrained, "shards_scored_now": now}  # fmt: skip
+                  "pretrained": source.pretrained, "shards_scored_now": now[0]}  # fmt: skip
         storage.write_json(run.at("complexity", "meta.json"), counts)
         return counts
 
@@ -843,11 +859,12 @@ def _train_images(run: Run) -> list[Path]:
 
 def _train(run: Run, select_fp: str) -> str:
     from . import runner
-    from .training import load_checkpoint, train_sr
 
     fp = run.fingerprint("train", select_fp)
 
     def stage(sdir: Path) -> dict:
+        from .training import load_checkpoint, train_sr  # torch: the stage's own time
+
         images = _train_images(run)
         place, cfg = run.placement["train"], run.cfg.train
         if place["on"] == "ray-train":
@@ -883,13 +900,13 @@ def evaluation_rows(model, datasets: list[str] | tuple[str, ...], scale: int, de
 
 def _evaluate(run: Run, train_fp: str) -> dict:
     from . import runner
-    from .evaluation import format_table
-    from .training import load_checkpoint
 
     fp = run.fingerprint("evaluate", train_fp)
     out = run.dir / "evaluate" / "results.json"
 
     def stage(sdir: Path) -> dict:
+        from .training import load_checkpoint  # torch: the stage's own time
+
         run.pull("train/model.safetensors")
         model, _ = load_checkpoint(run.dir / "train" / "model.safetensors")
         scale = run.cfg.scale
@@ -906,6 +923,8 @@ def _evaluate(run: Run, train_fp: str) -> dict:
         return {f"{name} {r['dataset']}": round(r["psnr_y"], 3) for name, rs in rows.items() for r in rs}
 
     run.run_stage("evaluate", fp, ["evaluate/results.json"], stage)
+    from .evaluation import format_table
+
     run.pull("evaluate")
     rows = json.loads(out.read_text())["rows"]
     run.log(f"\nPSNR / SSIM on Y, x{run.cfg.scale}, border = scale\n" + format_table(rows))
@@ -979,7 +998,6 @@ def run_pipeline(input_dir: str | Path, run_dir: str | Path, cfg: RunConfig, *,
     """
     from . import runner
     from .corpus import is_manifest
-    from .report import write_report
 
     if until is not None and until not in STAGES:
         import difflib
@@ -1009,7 +1027,7 @@ def run_pipeline(input_dir: str | Path, run_dir: str | Path, cfg: RunConfig, *,
         raise FileNotFoundError(f"input {str(input_dir)!r} is not a directory or a manifest file")
     check_run_dir(run_dir)
     if "evaluate" in order:
-        from .evaluation import resolve_dataset
+        from .datasets import resolve_dataset
 
         for name in cfg.evaluate.datasets:  # FileNotFoundError naming the places tried (and the fix)
             resolve_dataset(name)
@@ -1058,28 +1076,36 @@ def run_pipeline(input_dir: str | Path, run_dir: str | Path, cfg: RunConfig, *,
             steps.append(("align", lambda f: _align(run, f, vit_source)))
     steps.append(("train", lambda f: _train(run, f)))
     assert ["plan", *(name for name, _ in steps), "evaluate"][: len(order)] == order, order
-    runner.init_ray(cfg.ray)
+    runner.use_ray(cfg.ray)  # started by the first stage that needs it, if any does
+    resources = runner.cluster_resources(cfg.ray)  # a local Ray's without starting it
+    gpus = float(cfg.ray.num_gpus) if cfg.ray.num_gpus is not None else resources["GPU"]
     # before any work: ValueError for a device 'cuda' / use_gpu true without GPUs in the cluster
-    placement = runner.plan_placement(cfg, order, runner.cluster_gpus(cfg.ray))
+    placement = runner.plan_placement(cfg, order, gpus)
     run = Run(input_dir, run_dir, cfg, preset=preset, log=log)
     run.placement = placement
     run.chain = order
     run.manifest.update(ray=runner.ray_info(), placement=placement)
     run.save()
-    fp = _plan(run)
+    fp = _plan(run, min_shards=2 * max(1, int(resources["CPU"])))
     done = ["plan"]
     for name, step in steps:
         if until in done:
             break
         fp = step(fp)
         done.append(name)
+        if runner.ray_is_up():
+            run.manifest["ray"] = runner.ray_info()  # what the stage that started Ray ran on
     if until not in done:
         _evaluate(run, fp)
+    t0 = time.perf_counter()
+    from .report import write_report
+
     run.pull(*_REPORT_INPUTS)
     write_report(run.dir, run_uri=run.uri)
     if run.remote:
         storage.copy_dir(run.dir / "report", run.at("report"))
     run.manifest["stages"]["report"] = {"status": "done", "finished_at": _now(), "skipped": False,
+                                        "seconds": round(time.perf_counter() - t0, 3),
                                         "counts": {"path": run.at("report", "report.md"),
                                                    "html": run.at("report", "report.html")}}  # fmt: skip
     run.save()

@@ -8,7 +8,10 @@ the rest of the code stable (pinned: ray==2.60).
 
 Embedded default: ``init_ray`` starts a local Ray in-process (``address="local"``), whatever
 clusters a ``ray start`` left on the machine. Under ``ray job submit`` (``$RAY_ADDRESS``) or with
-``RayConfig.address`` it joins that cluster instead.
+``RayConfig.address`` it joins that cluster instead. The pipeline only names the config
+(``use_ray``): Ray starts when the first stage that needs it runs (a run of stages that are done
+or run in the driver starts none), and placement and shard planning read the resources a local
+Ray will have without starting it (``cluster_resources``).
 
 Placement (``plan_placement``): with ``device: auto`` every stage goes on GPUs when the cluster
 has them (Ray Data actors and the evaluation task ask for ``num_gpus``, Ray Train runs with
@@ -21,11 +24,13 @@ on CPUs gets ``device: cpu`` (Ray leaves ``CUDA_VISIBLE_DEVICES`` alone for zero
 
 from __future__ import annotations
 
+import glob
 import logging
 import os
 import shutil
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
@@ -42,13 +47,29 @@ if TYPE_CHECKING:  # torch/transformers are imported only by the embedding and s
     from .complexity import VitSource
     from .embedding import ClipSource
 
-__all__ = ["init_ray", "route_ray_logs", "shutdown_ray", "ray_info", "cluster_gpus", "actor_gpus", "resolve_use_gpu",
-           "plan_placement", "run_task", "map_images", "map_shards", "mine_plan", "embed_parts_ray",
-           "complexity_parts_ray", "train_ray", "meta_train_ray",
+__all__ = ["init_ray", "use_ray", "ray_is_up", "cluster_resources", "route_ray_logs", "shutdown_ray", "ray_info",
+           "cluster_gpus", "actor_gpus", "resolve_use_gpu", "plan_placement", "run_task", "map_images",
+           "map_shards", "mine_plan", "embed_parts_ray", "complexity_parts_ray", "train_ray", "meta_train_ray",
            "map_tasks", "encode_patches_ray", "finetune_ray", "synthesize_ray"]
 
 #: Whether this process's Ray was joined (an address) rather than started here; None: not by us.
 _JOINED: bool | None = None
+#: What ``_ensure_ray`` starts Ray with when a stage first needs it (``use_ray``).
+_PENDING: RayConfig | None = None
+#: Seconds ``ray.init`` took in ``init_ray`` (starting a local Ray, or joining), for the manifest.
+_START_SECONDS: float | None = None
+
+
+def use_ray(cfg: RayConfig) -> None:
+    """Use ``cfg`` for this process's Ray, started only when first needed: every Ray call of this
+    module goes through ``_ensure_ray``, which then calls ``init_ray(cfg)``. A run whose stages
+    need no Ray (all done, or run in the driver) never starts it."""
+    global _PENDING
+    _PENDING = cfg
+
+
+def _joins(cfg: RayConfig | None) -> bool:
+    return bool((cfg is not None and cfg.address) or os.environ.get("RAY_ADDRESS"))
 
 
 def init_ray(cfg: RayConfig) -> None:
@@ -66,7 +87,7 @@ def init_ray(cfg: RayConfig) -> None:
     Raises:
         ConnectionError: the address given cannot be reached (from ``ray.init``).
     """
-    global _JOINED
+    global _JOINED, _START_SECONDS
     import ray
     import ray.data  # configures the "ray.data" logger on import: routed below with "ray"
 
@@ -80,8 +101,9 @@ def init_ray(cfg: RayConfig) -> None:
         kwargs["address"] = address
     else:
         kwargs.update(address="local", num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus, include_dashboard=False)
+    t0 = time.perf_counter()
     ray.init(**kwargs)
-    _JOINED = bool(address)
+    _JOINED, _START_SECONDS = bool(address), round(time.perf_counter() - t0, 3)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False  # one bar per stage of our own (``_progress``) instead
 
@@ -116,46 +138,87 @@ def _progress(total: int, desc: str, unit: str) -> tqdm:
 
 
 def shutdown_ray() -> None:
-    """Stop the Ray started by ``init_ray`` (no-op if none)."""
-    global _JOINED
-    import ray
-
-    if ray.is_initialized():
-        ray.shutdown()
-    _JOINED = None
+    """Stop the Ray started by ``init_ray`` (no-op if none), and forget ``use_ray``'s config.
+    Called by a command when it is done: at interpreter exit Ray's own hook sleeps 0.5 s first."""
+    global _JOINED, _PENDING, _START_SECONDS
+    if ray_is_up():
+        sys.modules["ray"].shutdown()
+    _JOINED = _PENDING = _START_SECONDS = None
 
 
 def ray_info() -> dict:
     """What this process runs on, for the manifest: ``{"mode": "local" | "joined" | "external",
-    "gcs_address", "resources": {"CPU", "GPU"}}`` (``external``: Ray was initialised by someone
-    other than ``init_ray``)."""
+    "gcs_address", "resources": {"CPU", "GPU"}, "start_seconds"}`` (``external``: Ray was
+    initialised by someone other than ``init_ray``; ``start_seconds``: what ``ray.init`` took, in
+    the first stage that needed Ray), or ``{"mode": "none"}`` when Ray was not started."""
+    if not ray_is_up():
+        return {"mode": "none"}
     import ray
 
     res = ray.cluster_resources()
     mode = "external" if _JOINED is None else "joined" if _JOINED else "local"
     return {"mode": mode, "gcs_address": ray.get_runtime_context().gcs_address,
-            "resources": {"CPU": float(res.get("CPU", 0)), "GPU": float(res.get("GPU", 0))}}  # fmt: skip
+            "resources": {"CPU": float(res.get("CPU", 0)), "GPU": float(res.get("GPU", 0))},
+            "start_seconds": _START_SECONDS}  # fmt: skip
 
 
 def _ensure_ray() -> None:
-    """``init_ray(RayConfig())`` unless Ray is up: a library call into this module starts a local
-    Ray (or joins ``$RAY_ADDRESS``), never what Ray's own auto-init would join."""
+    """``init_ray`` of the ``use_ray`` config (default ``RayConfig()``) unless Ray is up: a library
+    call into this module starts a local Ray (or joins ``$RAY_ADDRESS``), never what Ray's own
+    auto-init would join."""
     import ray
 
     if not ray.is_initialized():
-        init_ray(RayConfig())
+        init_ray(_PENDING or RayConfig())
+
+
+def ray_is_up() -> bool:
+    """Whether this process is connected to a Ray (started or joined), without importing Ray."""
+    return "ray" in sys.modules and sys.modules["ray"].is_initialized()
+
+
+def cluster_resources(cfg: RayConfig | None = None) -> dict[str, float]:
+    """``{"CPU": n, "GPU": n}`` of the cluster this process runs on, without starting a local Ray
+    for it: those of the live Ray when it is up; for a local Ray still to start (no
+    ``cfg.address``, no ``$RAY_ADDRESS``), what it will have (``cfg.num_cpus``/``num_gpus``, else
+    what Ray detects on this machine); a cluster to join is joined and asked."""
+    cfg = cfg or _PENDING
+    local = None if ray_is_up() or _joins(cfg) else _local_resources(cfg or RayConfig())
+    if local is not None:
+        return local
+    import ray
+
+    _ensure_ray()
+    res = ray.cluster_resources()
+    return {"CPU": float(res.get("CPU", 0)), "GPU": float(res.get("GPU", 0))}
+
+
+#: Device files of the GPUs Ray counts (NVIDIA's, AMD's ROCm): without any, a local Ray has none.
+_GPU_DEVICE_FILES = ("/dev/nvidia[0-9]*", "/dev/kfd")
+
+
+def _local_resources(cfg: RayConfig) -> dict[str, float] | None:
+    """What ``init_ray(cfg)``'s local Ray will detect: on a machine without GPU device files,
+    ``cfg``'s counts or this process's CPUs and no GPU (Ray is not even imported); else by
+    Ray's own code (private, so it may move: None then, and the caller starts the Ray and asks it)."""
+    if cfg.num_gpus is not None or not any(glob.glob(p) for p in _GPU_DEVICE_FILES):
+        return {"CPU": float(cfg.num_cpus or len(os.sched_getaffinity(0))), "GPU": float(cfg.num_gpus or 0)}
+    try:
+        from ray._private.resource_and_label_spec import ResourceAndLabelSpec
+
+        spec = ResourceAndLabelSpec(num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus).resolve(is_head=True)
+    except (ImportError, AttributeError, TypeError):
+        return None
+    return {"CPU": float(spec.num_cpus), "GPU": float(spec.num_gpus or 0)}
 
 
 def cluster_gpus(cfg: RayConfig | None = None) -> float:
     """The GPUs placement counts on: ``cfg.num_gpus`` when given (0: CPU only; for a joined,
-    autoscaled cluster the GPUs its worker groups can bring up), else the ``GPU`` total of
-    ``ray.cluster_resources()`` now (Ray is started by ``init_ray(RayConfig())`` if it is not)."""
+    autoscaled cluster the GPUs its worker groups can bring up), else the cluster's
+    (``cluster_resources``: a local Ray is not started for it)."""
     if cfg is not None and cfg.num_gpus is not None:
         return float(cfg.num_gpus)
-    import ray
-
-    _ensure_ray()
-    return float(ray.cluster_resources().get("GPU", 0))
+    return cluster_resources(cfg)["GPU"]
 
 
 def actor_gpus(device: str, per_actor: float, gpus: float, field: str) -> float:
@@ -452,7 +515,8 @@ def _patch_parts_ray(make: Callable, shard_fn: Callable, cfg: "EmbedConfig | Com
                      shards: list[int], num_gpus: float, placement: dict | None, **kwargs) -> int:  # fmt: skip
     """``shard_fn(make(), shard, **kwargs, batch_size=cfg.batch_size)`` for every shard on a pool of
     ``cfg.num_actors`` Ray Data actors (``cfg.actor_num_cpus`` CPUs each, fractional so a small
-    machine cannot deadlock; ``num_gpus`` GPUs each)."""
+    machine cannot deadlock; ``num_gpus`` GPUs each). A ``batch_size`` of None is the actor's to
+    choose (by its device)."""
     return map_shards(shards, _write_part, desc=desc, make_state=make, num_actors=cfg.num_actors,
                       num_cpus=cfg.actor_num_cpus, num_gpus=num_gpus, placement=placement,
                       shard_fn=shard_fn, batch_size=cfg.batch_size, **kwargs)  # fmt: skip

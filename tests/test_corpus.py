@@ -69,3 +69,21 @@ def test_manifest_errors_name_the_file_and_the_problem(tmp_path):
         _plan(tmp_path, tmp_path / "nowhere")
     with pytest.raises(ValueError, match="images_per_shard"):
         _plan(tmp_path, tmp_path, per_shard=0)
+
+
+@pytest.mark.parametrize(("n", "per_shard", "min_shards", "sizes"), [
+    (16, 32, 4, [4, 4, 4, 4]),  # 16 large images on 2 CPUs: two shards per CPU, not one shard
+    (5, 32, 4, [2, 1, 1, 1]),  # as many shards as asked, sizes within one
+    (3, 32, 4, [1, 1, 1]),  # never an empty shard
+    (10, 2, 4, [2, 2, 2, 2, 2]),  # enough images for min_shards full shards: images_per_shard wins
+    (9, 2, 4, [2, 2, 2, 2, 1]),
+])  # fmt: skip
+def test_min_shards_cut_a_small_corpus_finer(tmp_path, n, per_shard, min_shards, sizes):
+    manifest = tmp_path / "m.txt"
+    manifest.write_text("".join(f"/data/img_{i:02d}.png\n" for i in range(n)))
+    out = str(tmp_path / "plan.parquet")
+    plan = plan_corpus(str(manifest), out, extensions=EXTS, images_per_shard=per_shard, min_shards=min_shards)
+    assert plan.shards == num_shards(out) == len(sizes) and plan.images_per_shard == max(sizes)
+    assert [read_shard(out, s).num_rows for s in range(plan.shards)] == sizes
+    rows = [r for s in range(plan.shards) for r in read_shard(out, s).column("key").to_pylist()]
+    assert rows == [f"/data/img_{i:02d}.png" for i in range(n)]  # every image once, in order

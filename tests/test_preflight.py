@@ -2,9 +2,10 @@
 user errors are one or two lines (exit code 2, no traceback unless ``--debug``).
 
 Each failing case asserts exit code 2, the message, no "Traceback", that no stage ran (no
-``manifest.json``: the run directory is only written after the preflight) and that Ray was
-never started (``runner.init_ray`` is replaced by a sentinel). The cases that must *pass* the
-preflight stop at that sentinel instead, so none of them runs a stage.
+``manifest.json``: the run directory is only written after the preflight) and that the run
+never got to Ray (``runner.use_ray``, which the pipeline calls right after its preflight, is
+replaced by a sentinel). The cases that must *pass* the preflight stop at that sentinel
+instead, so none of them runs a stage.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ NO_WEIGHTS = "/nonexistent/no-such-weights"
 
 
 class ReachedRay(Exception):
-    """Raised by the patched ``runner.init_ray``: the preflight passed."""
+    """Raised by the patched ``runner.use_ray``: the preflight passed."""
 
 
 @pytest.fixture
@@ -41,11 +42,11 @@ def corpus(tmp_path: Path) -> Path:
 def ray_sentinel(monkeypatch):
     calls = []
 
-    def init_ray(cfg):
+    def use_ray(cfg):
         calls.append(cfg)
         raise ReachedRay
 
-    monkeypatch.setattr(runner, "init_ray", init_ray)
+    monkeypatch.setattr(runner, "use_ray", use_ray)
     return calls
 
 

@@ -1,0 +1,51 @@
+"""Issue 21: no fixed tax and every core busy. A run starts Ray only when a stage needs it, and
+its shard plan comes from the corpus size and the cluster's CPUs; the plan is recorded, so a
+run resumed on a cluster of another size keeps it (and the parts mined by it)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from conftest import T91
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _run(corpus: Path, out: Path, *sets: str, until: str = "plan") -> dict:
+    args = [sys.executable, "-m", "srdistill.cli", "run", "--input", str(corpus), "--out", str(out), "--preset",
+            "tiny", "--until", until, *(a for s in sets for a in ("--set", s))]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    done = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return json.loads((out / "manifest.json").read_text())
+
+
+def test_plan_needs_no_ray_and_resumes_on_another_cluster_size(tmp_path):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for path in sorted(T91.glob("*.png"))[:5]:
+        shutil.copy(path, corpus / path.name)
+    out = tmp_path / "run"
+    first = _run(corpus, out, "ray.num_cpus=2", "mine.images_per_shard=32")
+    assert first["ray"] == {"mode": "none"}  # planning alone starts no Ray
+    plan = first["stages"]["plan"]
+    assert plan["counts"]["shards"] == 4 and plan["counts"]["min_shards"] == 4  # two per CPU, not one of 32
+    again = _run(corpus, out, "ray.num_cpus=1", "mine.images_per_shard=32")  # would plan 2 shards afresh
+    assert again["stages"]["plan"]["skipped"] is True
+    assert again["stages"]["plan"]["counts"]["shards"] == 4  # the recorded plan is kept
+
+
+def test_the_first_stage_that_needs_ray_starts_it_and_it_is_released_after(tmp_path):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for path in sorted(T91.glob("*.png"))[:3]:
+        shutil.copy(path, corpus / path.name)
+    manifest = _run(corpus, tmp_path / "run", "ray.num_cpus=2", until="mine")
+    ray = manifest["ray"]
+    assert ray["mode"] == "local" and ray["resources"]["CPU"] == 2.0 and ray["start_seconds"] > 0
+    assert manifest["stages"]["mine"]["counts"]["shards_mined_now"] == 3  # 3 images, 3 shards for 2 CPUs
