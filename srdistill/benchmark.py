@@ -152,8 +152,12 @@ def _link_corpus(names: tuple[str, ...], dest: Path) -> int:
 
 
 def set_fingerprint(images: list[Path]) -> str:
-    """SHA-256 (hex) of a training set's content: every file's name and bytes, in name order.
-    Two sets with the same fingerprint train the same network (same config and seed)."""
+    """SHA-256 (hex, 64 characters) of a training set's content: every file's name and bytes, in
+    name order. Two sets with the same fingerprint train the same network (same config and seed).
+
+    Raises:
+        OSError: a file cannot be read.
+    """
     h = hashlib.sha256()
     for p in sorted(map(Path, images), key=lambda p: p.name):
         h.update(p.name.encode() + b"\0" + hashlib.sha256(p.read_bytes()).digest())
@@ -190,6 +194,8 @@ class _Sets:
         self._embeddings = None
         tripled = set(bench.arms) & set(TRIPLED_ARMS)
         self._tripled = TripledSets(cfg, out, self.run_uri, self.every, log) if tripled else None
+        #: whether the ViT of the tripled arms has learned weights (None: no tripled arm)
+        self.vit_pretrained = self._tripled.source.pretrained if tripled else None
         self._synth_model = None
 
     def _with_proxy_error(self, table: pa.Table) -> pa.Table:
@@ -314,8 +320,7 @@ def run_quality_bench(
     log(f"[bench] {len(jobs)} runs, {len(pending)} to do")
     map_fn(train_and_evaluate, pending)
     results = [json.loads(Path(j["out"]).read_text()) for j in jobs]
-    vit = sets._tripled.source.pretrained if sets._tripled else None
-    return [{**r, "vit_pretrained": vit} for r in results]
+    return [{**r, "vit_pretrained": sets.vit_pretrained} for r in results]
 
 
 class TripledSets:
@@ -523,7 +528,8 @@ def markdown_table(rows: list[dict], datasets: tuple[str, ...]) -> str:
 
 
 def mean_curve(runs: list[dict]) -> list[tuple[int, float]]:
-    """The mean over runs of their ``curve`` at the steps every run measured."""
+    """The mean over runs of their ``curve`` (``[[step, PSNR dB], ...]``) at the steps every
+    run measured, as ``[(step, mean PSNR dB), ...]`` in step order; ``[]`` for no runs."""
     steps = sorted(set.intersection(*(set(s for s, _ in r["curve"]) for r in runs))) if runs else []
     return [(s, statistics.mean(dict(map(tuple, r["curve"]))[s] for r in runs)) for s in steps]
 
