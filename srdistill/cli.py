@@ -34,9 +34,9 @@ try:  # a recent typer has its own copy of click
 except ImportError:  # pragma: no cover - a typer built on the click package
     from click.exceptions import NoArgsIsHelpError, UsageError
 
-from .config import (Arch, MZSRConfig, RayConfig, RunConfig, SynthConfig, describe_error, load_config,
-                     preset_names, read_yaml_mapping)  # fmt: skip
-from .pipeline import STAGES
+from srdistill.config import (Arch, MZSRConfig, RayConfig, RunConfig, SynthConfig, describe_error, load_config,
+                              preset_names, read_yaml_mapping)  # fmt: skip
+from srdistill.run.rundir import STAGES
 
 #: Options with fixed values (``Literal``: typer lists them in --help and rejects others).
 Device = Literal["auto", "cpu", "cuda"]
@@ -194,8 +194,8 @@ def _run_log(command: str, input: str, out: str):
     """``OUT/run.log`` while a pipeline command runs: its stage lines, warnings and Ray's
     driver log lines, appended per invocation (an ``s3://`` run: in its local mirror, uploaded
     at the end)."""
-    from . import __version__, storage
-    from .pipeline import local_mirror
+    from srdistill import __version__, storage
+    from srdistill.run.rundir import local_mirror
 
     path = local_mirror(out) / "run.log"
     handler = _RunLog(path)
@@ -226,7 +226,7 @@ app = typer.Typer(cls=_Group, add_completion=False, no_args_is_help=True, help=_
 
 def _print_version(value: bool) -> None:
     if value:
-        from . import __version__
+        from srdistill import __version__
 
         typer.echo(f"srdistill {__version__}")
         raise typer.Exit()
@@ -364,8 +364,8 @@ def _training_overrides(section: str, workers: Optional[int], gpus: Optional[int
 
 def _pipeline(command, input, out, config, preset, overrides, allow_random_init, until, distill,
               config_json=None) -> None:  # fmt: skip
-    from .embedding import MissingWeightsError
-    from .pipeline import run_pipeline
+    from srdistill.distill.embedding import MissingWeightsError
+    from srdistill.run.pipeline import run_pipeline
 
     if allow_random_init:
         overrides = [*overrides, "embed.allow_random_init=true", "complexity.allow_random_init=true"]
@@ -375,7 +375,7 @@ def _pipeline(command, input, out, config, preset, overrides, allow_random_init,
         data = json.loads(config_json) if config_json is not None else None
     except json.JSONDecodeError as exc:
         _fail(f"--config-json is not valid JSON: {exc}")
-    from . import runner
+    from srdistill.run import runner
 
     cfg = _config(preset, config, overrides, data=data)
     ours = not runner.ray_is_up()  # a Ray this command starts, it stops (a caller's it leaves)
@@ -442,10 +442,10 @@ def synthesize(
     """Synthesize IPC images per cluster from a fine-tuned model (PNGs + provenance.csv)."""
     from pydantic import ValidationError
 
-    from . import runner
-    from .config import RayConfig
-    from .synthesis import resolve_decoder
-    from .synthesis import synthesize as run_synthesis
+    from srdistill.config import RayConfig
+    from srdistill.distill.synthesis import resolve_decoder
+    from srdistill.distill.synthesis import synthesize as run_synthesis
+    from srdistill.run import runner
 
     cfg = _model_config(SynthConfig, config, overrides, sampler=sampler, steps=steps, guidance_scale=guidance,
                         guidance_channels=guidance_channels, vae_path=vae, ipc=ipc, seed=seed, num_actors=workers,
@@ -499,8 +499,8 @@ def train(
 ) -> None:
     """Train an SR network on a folder of HR images; writes OUT/model.safetensors. In-process
     (``device: auto``: the local GPU if any) or, with ``--workers``/``--gpus N``, on Ray Train."""
-    from .evaluation import list_images
-    from .training import train_sr
+    from srdistill.sr.evaluation import list_images
+    from srdistill.sr.training import train_sr
 
     _check_scale(scale)
     extra = [f"train.model={model}"] * bool(model) + [f"scale={scale}"] * (scale is not None)
@@ -513,11 +513,11 @@ def train(
     images = list_images(data)
     try:
         if cfg.train.tensorboard:  # before anything is written
-            from .training import require_tensorboard
+            from srdistill.sr.training import require_tensorboard
 
             require_tensorboard("train.tensorboard")
         if cfg.train.workers:
-            from . import runner
+            from srdistill.run import runner
 
             runner.init_ray(cfg.ray)
             path = runner.train_ray(cfg.train, cfg.scale, images, out)
@@ -552,7 +552,7 @@ def eval_(
 ) -> None:
     """PSNR/SSIM on Y (border = scale) of bicubic, a trained checkpoint, MZSR with per-image
     adaptation or ZSSR, on bicubic or kernel-degraded LR images; seconds per image."""
-    from .evaluation import evaluate, format_table
+    from srdistill.sr.evaluation import evaluate, format_table
 
     if iterations is not None and model != "zssr":
         _fail(f"--iterations caps ZSSR's training (--model zssr), not --model {model!r}")
@@ -579,7 +579,7 @@ def eval_(
 
 def _upscaler(model: str, scale: int, **kwargs):
     """``upscale.load_upscaler`` (``(model, label)``), its errors as exit 2."""
-    from .upscale import load_upscaler
+    from srdistill.run.upscale import load_upscaler
 
     _check_model(model)
 
@@ -617,13 +617,13 @@ def upscale(
     """Super-resolve images with a checkpoint, released weights or bicubic; PNGs named after the
     inputs. Large images go in overlapping tiles; an unreadable image is skipped and reported
     (exit code 1 when any was)."""
-    from .upscale import upscale_files
+    from srdistill.run.upscale import upscale_files
 
     if device not in _DEVICES:
         _fail(f"--device {device!r} is not one of {', '.join(_DEVICES)}")
     _check_scale(scale)
     if half:
-        from .training import resolve_device
+        from srdistill.sr.device import resolve_device
 
         try:
             resolved = resolve_device(device)
@@ -686,9 +686,9 @@ def bench_quality(
 ) -> None:
     """Distillation benchmark: arms x budgets x draws x seeds, same step budget; PSNR/SSIM with
     paired 95% intervals against full and random, training curves, plot."""
-    from . import runner
-    from .benchmark import QualityBench, curves, markdown_table, plot, run_quality_bench, summarize
-    from .evaluation import evaluate
+    from srdistill.run import runner
+    from srdistill.run.benchmark import QualityBench, curves, markdown_table, plot, run_quality_bench, summarize
+    from srdistill.sr.evaluation import evaluate
 
     _check_scale(scale)
     extra = [f"train.model={model}"] * bool(model) + [f"scale={scale}"] * (scale is not None)
@@ -765,7 +765,7 @@ def _model_config(model, config: Optional[Path], overrides: list[str], base: Opt
     """A config ``model`` (``MZSRConfig``, ``SynthConfig``) from ``base`` (e.g. a checkpoint's),
     a YAML file of its fields, ``--set`` overrides and the CLI options given (not None), each
     over the one before; a bad value is exit 2 naming the field."""
-    from .config import _deep_merge, parse_override
+    from srdistill.config import _deep_merge, parse_override
 
     try:
         data = dict(base or {})
@@ -785,7 +785,7 @@ def _mzsr_config(config: Optional[Path], overrides: list[str], base: Optional[di
 
 
 def _kernel(path: Path):
-    from .degradation import load_kernel
+    from srdistill.sr.degradation import load_kernel
 
     try:
         return load_kernel(path)
@@ -818,8 +818,8 @@ def mzsr_train(
     presets do not carry: there is no --preset here."""
     import shutil
 
-    from .config import RECIPES, TrainConfig
-    from .evaluation import list_images
+    from srdistill.config import RECIPES, TrainConfig
+    from srdistill.sr.evaluation import list_images
 
     cfg = _mzsr_config(config, [*overrides, *_training_overrides("", workers, gpus)], scale=scale,
                        meta_iterations=iterations)  # fmt: skip
@@ -829,9 +829,9 @@ def mzsr_train(
     missing = [str(d) for d in data if not d.is_dir()]
     if missing or not images:
         _fail(f"no HR images in {missing or [str(d) for d in data]}")
-    from . import runner
-    from .mzsr import meta_train
-    from .training import train_sr
+    from srdistill.run import runner
+    from srdistill.sr.training import train_sr
+    from srdistill.zeroshot.mzsr import meta_train
 
     workers = cfg.workers
     if workers:
@@ -871,7 +871,7 @@ def mzsr_import_tf(
     Multi-scale; Pretrained/Pretrained) into an srdistill mzsr checkpoint, without TensorFlow.
     The settings each released model was published with (scale, subsampling, test-time
     learning rates) are recorded with it; options, --config and --set override them."""
-    from . import mzsr, tfbundle
+    from srdistill.zeroshot import mzsr, tfbundle
 
     try:
         resolved = tfbundle.resolve_prefix(prefix)
@@ -926,7 +926,8 @@ def zssr_adapt(
     adapt_steps; --config/--set override them), or the ZSSR baseline."""
     import time
 
-    from . import imaging, mzsr
+    from srdistill.sr import imaging
+    from srdistill.zeroshot import mzsr
 
     if model is None and adapt_steps is not None:
         _fail("--adapt-steps adapts a meta-trained MZSR checkpoint: give --model (or --iterations for ZSSR)")
@@ -955,7 +956,7 @@ def zssr_adapt(
 def _load_mzsr(path: Path, scale: int):
     """A meta-trained MZSR checkpoint (``mzsr.meta_train`` or ``mzsr.import_tf``), checked:
     ``(net, meta)``."""
-    from .training import load_checkpoint
+    from srdistill.sr.training import load_checkpoint
 
     try:
         net, meta = load_checkpoint(path)
@@ -1008,8 +1009,8 @@ def k8s_render(
     SRDistillation with this spec (and the chart's settings given by the last four options)."""
     import yaml
 
-    from . import k8s
-    from .config import _deep_merge, parse_override
+    from srdistill import k8s
+    from srdistill.config import _deep_merge, parse_override
 
     spec: dict = {"input": input, "output": out, "allowRandomInit": allow_random_init}
     spec.update({k: v for k, v in {"preset": preset, "distill": distill}.items() if v is not None})
@@ -1042,7 +1043,7 @@ def k8s_crd(
 ) -> None:
     """Regenerate spec.config's schema in the SRDistillation CRD from srdistill.config.RunConfig
     (the rest of the file is kept). Run it after changing the config models."""
-    from . import k8s
+    from srdistill import k8s
 
     try:
         text = path.read_text()
@@ -1071,7 +1072,7 @@ def data_list() -> None:
 
     Presence is looked up as eval does: $SRDISTILL_DATA, then the cache, then the vendored data/.
     Sources of the URLs and checksums: docs/DATASETS.md."""
-    from . import datasets
+    from srdistill import datasets
 
     header = ["name", "images", "size", "licence", "checksum", "present"]
     rows = [[r["name"], "?" if r["images"] is None else f"{r['images']:,}", r["size"], r["licence"],
@@ -1094,7 +1095,7 @@ def data_get(
 
     An interrupted download resumes from its .part file; a set already present is left alone;
     a set whose checksum is unconfirmed gets a warning and its computed sha256 recorded."""
-    from . import datasets
+    from srdistill import datasets
 
     try:
         datasets.get_many(names, dest, keep_archives=keep_archives, log=_stage_line)

@@ -42,7 +42,7 @@ import pyarrow.csv as pacsv
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from . import storage
+from srdistill import storage
 
 __all__ = ["PLAN_SCHEMA", "MANIFEST_SUFFIXES", "CorpusPlan", "is_manifest", "input_signature", "plan_corpus",
            "read_shard", "num_shards"]  # fmt: skip

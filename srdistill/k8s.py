@@ -37,8 +37,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic.alias_generators import to_camel
 
-from . import __version__
-from .config import RunConfig, load_config, preset_names
+from srdistill import __version__
+from srdistill.config import RunConfig, load_config, preset_names
 
 GROUP = "srdistill.io"
 VERSION = "v1alpha1"
@@ -843,9 +843,9 @@ def stage_progress(manifest: dict | None) -> dict:
     Returns:
         ``{"stages": {stage: "done"|"running"|..., in pipeline order}, "stagesDone": int,
         "stagesTotal": int, "currentStage": str | None}``; the total counts the stages this
-        run's config executes (``pipeline.stage_chain``), and ``{}`` without a manifest.
+        run's config executes (``rundir.stage_chain``), and ``{}`` without a manifest.
     """
-    from .pipeline import STAGES, stage_chain
+    from srdistill.run.rundir import STAGES, stage_chain
 
     if not manifest:
         return {}

@@ -343,7 +343,7 @@ def cache_root() -> Path:
     """srdistill's download cache: ``srdistill.datasets.cache_root()`` where that exists, else
     ``$SRDISTILL_CACHE`` (default ``~/.cache/srdistill``)."""
     try:
-        from .datasets import cache_root as datasets_cache_root
+        from srdistill.datasets import cache_root as datasets_cache_root
     except ImportError:
         return Path(os.environ.get("SRDISTILL_CACHE") or "~/.cache/srdistill").expanduser()
     return Path(datasets_cache_root())

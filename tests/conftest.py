@@ -64,8 +64,8 @@ def _one_torch_thread():
 @pytest.fixture(scope="session")
 def ray_local():
     """A real local Ray with 2 CPUs, started once and shared by the pipeline tests."""
-    from srdistill import runner
     from srdistill.config import RayConfig
+    from srdistill.run import runner
 
     runner.init_ray(RayConfig(num_cpus=2))
     yield
@@ -238,7 +238,7 @@ def encoded_set(tmp_path: Path, vae=None, resolution: int = 16, n: int = 6, size
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from srdistill import diffusion as D
+    from srdistill.distill import diffusion as D
 
     rng = np.random.default_rng(0)
     patches = [rng.integers(0, 256, (size, size, 3), dtype=np.uint8) for _ in range(n)]

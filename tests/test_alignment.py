@@ -17,11 +17,11 @@ import torch
 import torch.nn.functional as F
 
 from conftest import T91
-from srdistill import imaging
-from srdistill.alignment import AlignNet, align_folder, align_images, moment_loss
 from srdistill.config import AlignConfig
-from srdistill.metrics import feature_mmd2
-from srdistill.training import to_tensor
+from srdistill.distill.alignment import AlignNet, align_folder, align_images, moment_loss
+from srdistill.sr import imaging
+from srdistill.sr.device import to_tensor
+from srdistill.sr.metrics import feature_mmd2
 
 GAIN = np.array([1.2, 1.0, 0.8])  # RGB colour change of the target images
 

@@ -11,12 +11,12 @@ import pytest
 from typer.testing import CliRunner
 
 from conftest import T91
-from srdistill.benchmark import (
+from srdistill.cli import app
+from srdistill.config import load_config
+from srdistill.run.benchmark import (
     ARMS, DETERMINISTIC, QualityBench, _holm, _parse_budget, _t_interval, curves, paired_differences,
     run_quality_bench, summarize,
 )  # fmt: skip
-from srdistill.cli import app
-from srdistill.config import load_config
 
 TINY = ["embed.allow_random_init=true", "complexity.allow_random_init=true", "train.iterations=20"]
 

@@ -6,15 +6,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from srdistill import clustering
-from srdistill.clustering import (
+from srdistill.config import ClusterConfig
+from srdistill.distill import clustering
+from srdistill.distill.clustering import (
     CentroidIndex,
     assign_to_centroids,
     sample_rows,
     spherical_kmeans,
     train_centroids,
 )
-from srdistill.config import ClusterConfig
 
 
 def sphere_clusters(n_per: int, k: int, d: int = 32, spread: float = 0.05, seed: int = 0):

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from sklearn.cluster import KMeans
 
-from srdistill.clustering import (
+from srdistill.config import ClusterConfig
+from srdistill.distill.clustering import (
     CentroidIndex,
     assign_to_centroids,
     cluster_embeddings,
@@ -16,7 +17,6 @@ from srdistill.clustering import (
     spherical_kmeans,
     train_centroids,
 )
-from srdistill.config import ClusterConfig
 
 RELEASE = {"method": "kmeans", "nredo": 10, "niter": 300, "seed": 42}  # KMeans(n_clusters, random_state=42)
 

@@ -16,7 +16,8 @@ import pytest
 import torch
 
 from srdistill import storage
-from srdistill.complexity import (
+from srdistill.config import ComplexityConfig, MineConfig, load_config
+from srdistill.distill.complexity import (
     IMAGENET_MEAN,
     RANDOM_INIT_CONFIGS,
     ComplexityScorer,
@@ -24,14 +25,13 @@ from srdistill.complexity import (
     ViTFeatures,
     attach_scores,
     feature_matrix,
-    image_statistics,
     load_vit,
     read_scores,
     resolve_vit,
     score_shard,
 )
-from srdistill.config import ComplexityConfig, MineConfig, load_config
-from srdistill.imaging import crop, read_image
+from srdistill.sr.image_stats import image_statistics
+from srdistill.sr.imaging import crop, read_image
 
 from conftest import T91
 
@@ -256,7 +256,7 @@ def test_hf_cache_snapshot_resolves_offline_with_imagenet_normalisation(tmp_path
 def mined(tmp_path_factory):
     """A mined run without Ray: 3 T91 images and a non-image in 2 shards, 32px patches."""
     from srdistill.corpus import plan_corpus
-    from srdistill.mining import mine_shard, summarize_parts
+    from srdistill.distill.mining import mine_shard, summarize_parts
 
     root = tmp_path_factory.mktemp("mined")
     corpus = root / "corpus"
@@ -276,7 +276,7 @@ def mined(tmp_path_factory):
 
 
 def test_score_shard_writes_every_patch_once(mined, tmp_path):
-    from srdistill.mining import read_patches
+    from srdistill.distill.mining import read_patches
 
     cfg = _tiny_cfg()
     scorer = ComplexityScorer(cfg, resolve_vit(cfg))
@@ -320,7 +320,7 @@ def test_score_shard_writes_every_patch_once(mined, tmp_path):
 def test_score_shard_of_a_shard_without_patches(tmp_path):
     """A shard whose only image was skipped writes an empty part with the full schema."""
     from srdistill.corpus import plan_corpus
-    from srdistill.mining import mine_shard, summarize_parts
+    from srdistill.distill.mining import mine_shard, summarize_parts
 
     corpus = tmp_path / "corpus"
     corpus.mkdir()
@@ -353,8 +353,8 @@ def test_pipeline_scores_every_patch_then_selects_tripled(small_corpus, tmp_path
     from typer.testing import CliRunner
 
     from srdistill.cli import app
-    from srdistill.mining import read_patches
-    from srdistill.pipeline import NOT_LEARNED, run_pipeline
+    from srdistill.distill.mining import read_patches
+    from srdistill.run.pipeline import NOT_LEARNED, run_pipeline
 
     run_dir = tmp_path / "run"
     # the CLI's --allow-random-init covers the ViT too; --until complexity stops after it
@@ -408,7 +408,7 @@ def test_pipeline_scores_every_patch_then_selects_tripled(small_corpus, tmp_path
 
 @pytest.mark.slow
 def test_pipeline_feature_mmd_for_a_baseline_with_alignment(small_corpus, tmp_path, ray_local):
-    from srdistill.pipeline import run_pipeline
+    from srdistill.run.pipeline import run_pipeline
 
     cfg = load_config("tiny", overrides=["select.method=random", "align.enabled=true",
                                          "complexity.allow_random_init=true"])  # fmt: skip
@@ -451,7 +451,7 @@ def test_stage_progress_counts_the_complexity_stage():
 def test_pipeline_selects_with_the_label_free_selectors(small_corpus, tmp_path, ray_local, overrides):
     """The select stage joins what each selector reads: CLIP embeddings, ViT features, or the
     proxy network's error."""
-    from srdistill.pipeline import run_pipeline
+    from srdistill.run.pipeline import run_pipeline
 
     cfg = load_config("tiny", overrides=overrides)
     manifest = run_pipeline(small_corpus, tmp_path / "run", cfg, until="select", log=lambda s: None)

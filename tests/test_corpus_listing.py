@@ -15,10 +15,11 @@ import pytest
 from PIL import Image
 
 from conftest import T91
-from srdistill import mining, storage
+from srdistill import storage
 from srdistill.config import MineConfig, load_config
 from srdistill.corpus import plan_corpus, read_shard
-from srdistill.mining import dedupe_parts, mine_image, mine_shard, summarize_parts
+from srdistill.distill import mining
+from srdistill.distill.mining import dedupe_parts, mine_image, mine_shard, summarize_parts
 
 CFG = MineConfig(patch_size=64, stride=64)
 
@@ -194,7 +195,7 @@ def test_dedupe_resumes_after_a_kill_between_part_rewrites(dup_corpus, tmp_path,
 
 @pytest.mark.slow
 def test_pipeline_until_mine_records_listing_problems_and_duplicates(dup_corpus, tmp_path, ray_local):
-    from srdistill.pipeline import run_pipeline
+    from srdistill.run.pipeline import run_pipeline
 
     os.symlink(".", dup_corpus / "loopdir")
     os.symlink("gone.png", dup_corpus / "dangling.png")

@@ -11,12 +11,12 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from srdistill import imaging
-from srdistill.complexity import image_statistics
 from srdistill.config import CurriculumConfig, TrainConfig
-from srdistill.curriculum import Schedule, image_complexity, per_image_loss, split_easy, stage2_pool, switch_step
-from srdistill.models import build_model
-from srdistill.training import DataParallel, load_checkpoint, sample_batch, train_sr
+from srdistill.sr import imaging
+from srdistill.sr.curriculum import Schedule, image_complexity, per_image_loss, split_easy, stage2_pool, switch_step
+from srdistill.sr.image_stats import image_statistics
+from srdistill.sr.models import build_model
+from srdistill.sr.training import DataParallel, load_checkpoint, sample_batch, train_sr
 
 #: Texture amplitude of each synthetic image (grad_energy grows with it): easy = the 4 lowest.
 AMPS = [40, 0, 80, 5, 60, 10, 20]

@@ -23,7 +23,7 @@ from typer.testing import CliRunner
 from srdistill import datasets
 from srdistill.cli import app
 from srdistill.datasets import DatasetSpec, RemoteFile
-from srdistill.evaluation import resolve_dataset
+from srdistill.sr.evaluation import resolve_dataset
 
 # ------------------------------------------------------------------------------------------
 # archives and the server
@@ -366,7 +366,7 @@ def test_cache_root(monkeypatch, tmp_path):
     assert datasets.cache_root() == tmp_path / "c"
     monkeypatch.delenv("SRDISTILL_CACHE")
     assert datasets.cache_root() == Path.home() / ".cache" / "srdistill"
-    from srdistill.pipeline import local_mirror
+    from srdistill.run.rundir import local_mirror
 
     monkeypatch.setenv("SRDISTILL_CACHE", str(tmp_path / "c"))
     assert local_mirror("s3://bucket/run").parent == tmp_path / "c" / "runs"

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import scipy.io
 
-from srdistill.degradation import (
+from srdistill.sr.degradation import (
     anisotropic_gaussian,
     blur,
     degrade,
@@ -17,7 +17,7 @@ from srdistill.degradation import (
     random_kernel,
     random_kernel_params,
 )
-from srdistill.imaging import imresize, modcrop, read_image
+from srdistill.sr.imaging import imresize, modcrop, read_image
 
 from conftest import data_path
 

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from conftest import T91, encoded_set
-from srdistill import diffusion as D
 from srdistill.config import FinetuneConfig
+from srdistill.distill import diffusion as D
 
 
 def _dit_cfg(tiny_dit_dir, **kw) -> FinetuneConfig:
@@ -168,7 +168,7 @@ def test_missing_dit_directory_is_named(tmp_path):
 
 @pytest.mark.slow
 def test_deepspeed_zero2_two_ray_train_workers_complete_and_resume(tmp_path, ray_local, tiny_dit_dir):
-    from srdistill import runner
+    from srdistill.run import runner
 
     files = sorted(T91.glob("*.png"))[:4]
     table = pa.Table.from_pylist([dict(patch_id=f"{f.name}:{x}", source=str(f), x=x, y=0, size=24,
@@ -200,7 +200,7 @@ def test_deepspeed_zero2_two_ray_train_workers_complete_and_resume(tmp_path, ray
 
 @pytest.mark.slow
 def test_deepspeed_zero3_completes_and_saves_the_ema_model(tmp_path, ray_local, tiny_dit_dir):
-    from srdistill import runner
+    from srdistill.run import runner
 
     bb = D.build_backbone(_dit_cfg(tiny_dit_dir), 3)
     data = encoded_set(tmp_path, bb.vae, 16)

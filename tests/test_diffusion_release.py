@@ -15,8 +15,8 @@ from scipy.stats import norm
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from conftest import encoded_set
-from srdistill import diffusion as D
 from srdistill.config import FinetuneConfig
+from srdistill.distill import diffusion as D
 
 LN2 = math.log(2.0)
 

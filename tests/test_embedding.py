@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from srdistill.config import EmbedConfig
-from srdistill.embedding import (
+from srdistill.distill.embedding import (
     CLIP_MEAN,
     CLIP_STD,
     ClipEmbedder,
@@ -121,7 +121,7 @@ def test_missing_weights_raise_helpful_error(tmp_path):
 def test_local_directory_is_pretrained_and_loads(tmp_path):
     from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
-    from srdistill.embedding import RANDOM_INIT_CONFIGS
+    from srdistill.distill.embedding import RANDOM_INIT_CONFIGS
 
     torch.manual_seed(7)
     model = CLIPVisionModelWithProjection(CLIPVisionConfig(**RANDOM_INIT_CONFIGS["tiny"]))

@@ -7,9 +7,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from srdistill import imaging, metrics
-from srdistill.evaluation import evaluate, evaluate_many, format_table, resolve_dataset
-from srdistill.models import ESPCN
+from srdistill.sr import imaging, metrics
+from srdistill.sr.evaluation import evaluate, evaluate_many, format_table, resolve_dataset
+from srdistill.sr.models import ESPCN
 
 from conftest import data_path, need_dataset
 
@@ -96,7 +96,7 @@ def test_evaluate_many_and_format_table():
 # MZSR's Table (arXiv 2002.12213): bicubic on the g^d_2.0 (g20) kernel-degraded inputs, x2.
 @pytest.mark.parametrize("dataset, paper", [("Set5", 28.73), ("B100", 26.51)])
 def test_kernel_mode_bicubic_matches_mzsr_paper(dataset, paper):
-    from srdistill import degradation
+    from srdistill.sr import degradation
 
     need_dataset(dataset)
     kernel = degradation.load_kernel(data_path("Set5/LR_g20_x2_MZSR/kernel.mat"))

@@ -29,8 +29,8 @@ pytestmark = [pytest.mark.gpu, pytest.mark.slow,
 @pytest.fixture(scope="module")
 def ray_gpu():
     """A local Ray that detects this machine's GPUs (the session's ``ray_local`` is stopped)."""
-    from srdistill import runner
     from srdistill.config import RayConfig
+    from srdistill.run import runner
 
     runner.shutdown_ray()
     runner.init_ray(RayConfig(num_cpus=4))
@@ -45,7 +45,7 @@ def _patch_table(n: int = 8, size: int = 64) -> pa.Table:
 
 def test_clip_embeds_on_the_gpu_as_on_the_cpu():
     from srdistill.config import EmbedConfig
-    from srdistill.embedding import embed_patches, resolve_clip
+    from srdistill.distill.embedding import embed_patches, resolve_clip
 
     cfg = EmbedConfig(allow_random_init=True, batch_size=8)  # real weights if cached, else random ViT-B/32
     source = resolve_clip(cfg)
@@ -60,7 +60,7 @@ def test_clip_embeds_on_the_gpu_as_on_the_cpu():
 
 def test_bf16_autocast_sr_training(tmp_path):
     from srdistill.config import TrainConfig
-    from srdistill.training import load_checkpoint, train_sr
+    from srdistill.sr.training import load_checkpoint, train_sr
 
     cfg = TrainConfig(model="edsr-baseline", iterations=200, batch_size=16, lr_patch=32, lr=2e-4, amp="bf16",
                       device="cuda", log_every=50, checkpoint_every=100)  # fmt: skip
@@ -88,10 +88,10 @@ def _dit_s_dir(root):
 
 
 def test_deepspeed_finetunes_a_dit_s_on_the_gpu_and_gpu_actors_sample_it(tmp_path, ray_gpu):
-    from srdistill import diffusion as D
-    from srdistill import runner
     from srdistill.config import FinetuneConfig, SynthConfig
-    from srdistill.synthesis import synthesize
+    from srdistill.distill import diffusion as D
+    from srdistill.distill.synthesis import synthesize
+    from srdistill.run import runner
 
     rng = np.random.default_rng(0)
     files = []
@@ -123,9 +123,9 @@ def test_deepspeed_finetunes_a_dit_s_on_the_gpu_and_gpu_actors_sample_it(tmp_pat
 def test_auto_places_every_model_stage_on_the_gpu(tmp_path, ray_gpu):
     import shutil
 
-    from srdistill import runner
     from srdistill.config import load_config
-    from srdistill.pipeline import run_pipeline
+    from srdistill.run import runner
+    from srdistill.run.pipeline import run_pipeline
 
     ok, ids = runner.run_task(torch.cuda.is_available, num_gpus=1)
     assert ok is True and ids, "a task given a GPU must see it as cuda:0"

@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import pytest
 
-from srdistill import runner
 from srdistill.config import RayConfig, load_config
-from srdistill.pipeline import run_pipeline
+from srdistill.run import runner
+from srdistill.run.pipeline import run_pipeline
 
 from conftest import copy_t91
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from srdistill.imaging import (
+from srdistill.sr.imaging import (
     ImageReadError, crop, image_size, imresize, modcrop, read_image, to_gray,
 )  # fmt: skip
 

@@ -17,7 +17,7 @@ import srdistill
 from srdistill import k8s
 from srdistill.cli import app
 from srdistill.config import RunConfig, load_config, preset_names
-from srdistill.pipeline import Run
+from srdistill.run.rundir import Run
 
 REPO = Path(__file__).resolve().parents[1]
 CRD = REPO / "charts" / "srdistill" / "crds" / "srdistill.io_srdistillations.yaml"

@@ -10,9 +10,9 @@ import pyarrow as pa
 import pytest
 
 from srdistill.config import MineConfig, SelectConfig
-from srdistill.kcenter import attach_descriptors, covering_radius, kcenter_greedy, patch_descriptors
-from srdistill.mining import mine_images, split_mined
-from srdistill.selection import select_patches
+from srdistill.distill.kcenter import attach_descriptors, covering_radius, kcenter_greedy, patch_descriptors
+from srdistill.distill.mining import mine_images, split_mined
+from srdistill.distill.selection import select_patches
 
 from conftest import T91
 from test_selection import make_table, with_complexity

@@ -3,7 +3,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from srdistill.metrics import psnr, psnr_y, rgb_to_y, ssim_y
+from srdistill.sr.metrics import psnr, psnr_y, rgb_to_y, ssim_y
 
 
 def test_rgb_to_y_range_and_gray():

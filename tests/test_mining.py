@@ -11,13 +11,13 @@ import pytest
 from PIL import Image
 
 from srdistill.config import MineConfig
-from srdistill.imaging import imresize
-from srdistill.metrics import psnr
-from srdistill.mining import (
+from srdistill.distill.mining import (
     MINED_SCHEMA, PATCH_SCHEMA, apply_keep_rule, corpus_pixels, keep_rule, kept_mask, mine_image,
     mine_images, part_name, patch_id, patch_positions, read_patches, score_patches, split_mined,
     summarize_parts,
 )  # fmt: skip
+from srdistill.sr.imaging import imresize
+from srdistill.sr.metrics import psnr
 
 from conftest import data_path
 
@@ -57,7 +57,7 @@ def test_patch_window_psnr_is_srdd_definition():
 
 
 def test_image_window_agrees_with_patch_window_on_real_image():
-    from srdistill.imaging import read_image, to_gray
+    from srdistill.sr.imaging import read_image, to_gray
 
     gray = to_gray(read_image(data_path("BSD200/HR/100075.png")))
     pos = patch_positions(gray.shape[1], gray.shape[0], 96, 48)
@@ -69,7 +69,7 @@ def test_image_window_agrees_with_patch_window_on_real_image():
 
 
 def test_grad_box_means_match_direct_mean():
-    from srdistill.mining import sobel_magnitude
+    from srdistill.sr.image_stats import sobel_magnitude
 
     gray = _textured(seed=5)
     mag = sobel_magnitude(gray)

@@ -14,8 +14,8 @@ from PIL import Image
 
 from srdistill import storage
 from srdistill.config import MineConfig
-from srdistill.imaging import read_image, to_gray
-from srdistill.mining import _down_up, apply_keep_rule, mine_image, mine_images, patch_positions, score_patches
+from srdistill.distill.mining import _down_up, apply_keep_rule, mine_image, mine_images, patch_positions, score_patches
+from srdistill.sr.imaging import read_image, to_gray
 
 from conftest import T91, need_dataset
 

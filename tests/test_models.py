@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from srdistill.models import ARCHS, EDSR, ESPCN, RCAN, MZSRNet, SwinIR, build_model
-from srdistill.models.swinir import (
+from srdistill.sr.models import ARCHS, EDSR, ESPCN, RCAN, MZSRNet, SwinIR, build_model
+from srdistill.sr.models.swinir import (
     DropPath,
     SwinTransformerBlock,
     _mirror_pad,
@@ -431,8 +431,9 @@ def test_drop_path():
 def test_few_adam_steps_lower_l1(name):
     """Every network learns a fixed batch of real pairs (T91 crops, MATLAB-bicubic LR)."""
     from conftest import T91
-    from srdistill import imaging
-    from srdistill.training import sample_batch, to_tensor
+    from srdistill.sr import imaging
+    from srdistill.sr.device import to_tensor
+    from srdistill.sr.training import sample_batch
 
     torch.manual_seed(0)
     images = [imaging.read_image(f) for f in sorted(T91.glob("*.png"))[:4]]
@@ -453,7 +454,7 @@ def test_few_adam_steps_lower_l1(name):
 
 @pytest.mark.parametrize("name", ["rcan", "swinir-light", "mzsr"])
 def test_checkpoint_round_trip(name, tmp_path):
-    from srdistill.training import load_checkpoint, save_checkpoint
+    from srdistill.sr.training import load_checkpoint, save_checkpoint
 
     torch.manual_seed(0)
     model = build_model(name, 3, **_TINY[name]).eval()

@@ -11,10 +11,11 @@ import pytest
 import torch
 from conftest import T91, data_path
 
-from srdistill import degradation, imaging, metrics, mzsr
 from srdistill.config import MZSRConfig
-from srdistill.models.mzsr import MZSRNet
-from srdistill.training import load_checkpoint, save_checkpoint
+from srdistill.sr import degradation, imaging, metrics
+from srdistill.sr.models.mzsr import MZSRNet
+from srdistill.sr.training import load_checkpoint, save_checkpoint
+from srdistill.zeroshot import mzsr
 
 FILES = [T91 / f"t{i}.png" for i in (1, 2, 3)]
 TINY = dict(n_feats=4, n_layers=3, hr_patch=16, support=2, query=2, tasks_per_batch=2,

@@ -12,8 +12,8 @@ from PIL import Image
 
 from srdistill import storage
 from srdistill.config import MineConfig
-from srdistill.imaging import read_image
-from srdistill.mining import mine_image
+from srdistill.distill.mining import mine_image
+from srdistill.sr.imaging import read_image
 
 CFG = MineConfig(patch_size=32, stride=32, max_side=10_000)
 RGB = np.random.default_rng(0).integers(0, 256, (64, 80, 3), dtype=np.uint8)

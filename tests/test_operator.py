@@ -39,7 +39,7 @@ from k8s_schema import validate_custom  # noqa: E402
 
 from srdistill import k8s  # noqa: E402
 from srdistill.config import load_config  # noqa: E402
-from srdistill.pipeline import Run  # noqa: E402
+from srdistill.run.rundir import Run  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 OPERATOR = REPO / "operators" / "srdistill_operator.py"

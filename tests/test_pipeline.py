@@ -11,12 +11,12 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
+from srdistill import storage
 from srdistill.cli import app
 from srdistill.config import load_config
-from srdistill.embedding import MissingWeightsError
-from srdistill import storage
-from srdistill.mining import read_patches
-from srdistill.pipeline import NOT_SEMANTIC, run_pipeline
+from srdistill.distill.embedding import MissingWeightsError
+from srdistill.distill.mining import read_patches
+from srdistill.run.pipeline import NOT_SEMANTIC, run_pipeline
 
 from conftest import T91
 
@@ -206,7 +206,7 @@ def test_cli_eval_loads_official_release_layouts(tmp_path):
     """Official EDSR checkpoints are plain state dicts, SwinIR's sit under "params"."""
     import torch
 
-    from srdistill.models import build_model
+    from srdistill.sr.models import build_model
 
     edsr = build_model("edsr-baseline", 2)
     torch.save(edsr.state_dict(), tmp_path / "EDSR_x2.pt")
@@ -276,8 +276,8 @@ def test_synth_pipeline_finetunes_synthesizes_trains_and_resumes(corpus, tmp_pat
 
 
 def test_cli_synthesize_from_a_finetuned_model(tmp_path, ray_local):
-    from srdistill import diffusion
     from srdistill.config import FinetuneConfig
+    from srdistill.distill import diffusion
 
     bb = diffusion.build_backbone(FinetuneConfig(resolution=16, unet_channels=(16, 32)), 3)
     diffusion.save_finetuned(bb, tmp_path / "model", bb.model.state_dict())

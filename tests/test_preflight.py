@@ -17,9 +17,9 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from srdistill import runner
 from srdistill.cli import app
 from srdistill.config import MineConfig, describe_error, load_config
+from srdistill.run import runner
 
 T91 = Path(__file__).resolve().parents[1] / "data" / "T91" / "HR"
 NO_WEIGHTS = "/nonexistent/no-such-weights"

@@ -8,10 +8,10 @@ import pyarrow as pa
 import pytest
 from scipy.stats import spearmanr
 
-from srdistill import imaging
 from srdistill.config import ProxyConfig, SelectConfig
-from srdistill.proxy_error import attach_proxy_error, proxy_error_scores
-from srdistill.selection import select_patches
+from srdistill.distill.proxy_error import attach_proxy_error, proxy_error_scores
+from srdistill.distill.selection import select_patches
+from srdistill.sr import imaging
 
 from test_kcenter import t91_patches
 

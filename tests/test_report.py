@@ -14,8 +14,8 @@ from PIL import Image
 
 from srdistill import storage
 from srdistill.config import MineConfig, RunConfig
-from srdistill.mining import MINED_SCHEMA, keep_rule, part_name
-from srdistill.report import write_report
+from srdistill.distill.mining import MINED_SCHEMA, keep_rule, part_name
+from srdistill.run.report import write_report
 
 from conftest import T91
 SOURCES = [T91 / "t1.png", T91 / "t10.png", T91 / "t11.png"]
@@ -209,10 +209,10 @@ def test_selection_without_cluster_or_geometry(tmp_path):
 
 # --------------------------------------------------------------------------- synth runs
 
-from srdistill import imaging  # noqa: E402
-from srdistill.report import (  # noqa: E402
-    GRID_HEADER, GRID_LEFT, GRID_PAD, GRID_TOP, SYNTH_PER_SIDE, THUMB, _grid_size, _top_patches,
-)
+from srdistill.run.report import (  # noqa: E402
+        GRID_HEADER, GRID_LEFT, GRID_PAD, GRID_TOP, SYNTH_PER_SIDE, THUMB, _grid_size, _top_patches,
+    )
+from srdistill.sr import imaging  # noqa: E402
 
 #: Synthesized images per cluster in the fake synth run, and each cluster's solid colour.
 SYNTH_COUNTS = {0: 5, 1: 2, 2: 4}
@@ -461,11 +461,11 @@ import subprocess  # noqa: E402
 import sys  # noqa: E402
 
 from conftest import copy_t91, encoded_set  # noqa: E402
-from srdistill import diffusion as D  # noqa: E402
 from srdistill.config import FinetuneConfig, TrainConfig, load_config  # noqa: E402
-from srdistill.pipeline import run_pipeline  # noqa: E402
-from srdistill.report import CROP_MARGIN, CROPS_PER_SET, _busiest_window, markdown_to_html  # noqa: E402
-from srdistill.training import train_sr  # noqa: E402
+from srdistill.distill import diffusion as D  # noqa: E402
+from srdistill.run.pipeline import run_pipeline  # noqa: E402
+from srdistill.run.report import CROP_MARGIN, CROPS_PER_SET, _busiest_window, markdown_to_html  # noqa: E402
+from srdistill.sr.training import train_sr  # noqa: E402
 
 TINY = ["embed.allow_random_init=true", "train.val_every=10"]
 
@@ -676,7 +676,7 @@ def test_tensorboard_missing_is_one_clear_error(tmp_path, monkeypatch):
 
 def test_tensorboard_does_not_change_the_fingerprints():
     """``tensorboard`` only adds event files: switching it on retrains nothing."""
-    from srdistill.pipeline import stage_config
+    from srdistill.run.rundir import stage_config
 
     on = load_config("tiny", overrides=["train.tensorboard=true", "finetune.tensorboard=true"])
     for stage in ("train", "finetune"):
@@ -688,7 +688,7 @@ def test_ray_train_tensorboard_event_files_survive_resume(tmp_path, ray_local):
     """Under Ray Train (2 workers) rank 0's event files travel in the checkpoint: the stage
     folder gets them, and a resumed run keeps the steps before the resume."""
     pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
-    from srdistill import runner
+    from srdistill.run import runner
 
     cfg = dict(model="espcn", batch_size=4, lr_patch=8, workers=2, log_every=1, checkpoint_every=2, tensorboard=True)
     runner.train_ray(TrainConfig(iterations=2, **cfg), 2, SOURCES, tmp_path)

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from srdistill import diffusion as D
-from srdistill import training
 from srdistill.config import FinetuneConfig, TrainConfig
-from srdistill.training import load_checkpoint, save_checkpoint, train_sr
+from srdistill.distill import diffusion as D
+from srdistill.sr import training
+from srdistill.sr.training import load_checkpoint, save_checkpoint, train_sr
 
 from conftest import T91, encoded_set
 

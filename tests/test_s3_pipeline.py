@@ -20,11 +20,12 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import FAKE_KEY_ID, FAKE_SECRET, T91, ray_pids
 
-from srdistill import runner, storage
+from srdistill import storage
 from srdistill.config import MineConfig, RayConfig, load_config
 from srdistill.corpus import plan_corpus, read_shard
-from srdistill.mining import mine_images, mine_shard, read_patches
-from srdistill.pipeline import run_pipeline
+from srdistill.distill.mining import mine_images, mine_shard, read_patches
+from srdistill.run import runner
+from srdistill.run.pipeline import run_pipeline
 
 pytestmark = pytest.mark.slow
 N_IMAGES = 6
@@ -252,7 +253,7 @@ def test_ray_train_checkpoints_in_s3_resume_on_another_machine(s3_server, ray_s3
     """``train_ray`` with its checkpoints at an S3 URI: a second call from an empty local folder
     (another driver machine) continues from the checkpoint in S3 (steps 7..9 only)."""
     from srdistill.config import TrainConfig
-    from srdistill.training import load_checkpoint
+    from srdistill.sr.training import load_checkpoint
 
     images = sorted(T91.glob("*.png"))[:4]
     cfg = dict(model="espcn", batch_size=8, lr_patch=16, lr=1e-3, workers=2, log_every=1, checkpoint_every=3)

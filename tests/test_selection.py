@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from srdistill.config import SelectConfig
-from srdistill.selection import (
+from srdistill.distill.selection import (
     budget_patches, export_distilled, non_overlapping, select_patches, subset_mmd,
 )
 

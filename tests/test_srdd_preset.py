@@ -22,7 +22,7 @@ import pytest
 from PIL import Image
 
 from srdistill.config import load_config
-from srdistill.pipeline import run_pipeline
+from srdistill.run.pipeline import run_pipeline
 
 from conftest import T91, tiny_vae
 

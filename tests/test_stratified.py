@@ -8,8 +8,8 @@ import pyarrow as pa
 import pytest
 
 from srdistill.config import SelectConfig
-from srdistill.selection import select_patches
-from srdistill.stratified import ccs_allocation, ccs_select, hard_mix_select, rounded_count
+from srdistill.distill.selection import select_patches
+from srdistill.distill.stratified import ccs_allocation, ccs_select, hard_mix_select, rounded_count
 
 from test_selection import make_table
 

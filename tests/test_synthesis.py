@@ -16,8 +16,8 @@ from PIL import Image
 from pydantic import ValidationError
 from torch import nn
 
-from srdistill import diffusion, synthesis
 from srdistill.config import FinetuneConfig, SynthConfig
+from srdistill.distill import diffusion, synthesis
 
 from conftest import tiny_vae
 

@@ -10,10 +10,10 @@ import pytest
 from conftest import copy_t91, tiny_vae
 from typer.testing import CliRunner
 
-from srdistill import diffusion
 from srdistill.cli import app
 from srdistill.config import FinetuneConfig, load_config
-from srdistill.pipeline import run_pipeline
+from srdistill.distill import diffusion
+from srdistill.run.pipeline import run_pipeline
 
 
 def _saved(kind: str, out: Path, tiny_dit_dir: Path | None = None) -> Path:

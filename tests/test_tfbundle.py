@@ -11,10 +11,11 @@ import numpy as np
 import pytest
 import torch
 
-from srdistill import imaging, mzsr, tfbundle
 from srdistill.config import MZSRConfig
-from srdistill.models.mzsr import MZSRNet, from_tf_variables, tf_variable_names
-from srdistill.training import load_checkpoint
+from srdistill.sr import imaging
+from srdistill.sr.models.mzsr import MZSRNet, from_tf_variables, tf_variable_names
+from srdistill.sr.training import load_checkpoint
+from srdistill.zeroshot import mzsr, tfbundle
 
 FIXTURE = Path(__file__).parent / "fixtures" / "mzsr_tf"
 PREFIX = FIXTURE / "Directx2"

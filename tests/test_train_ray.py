@@ -7,9 +7,9 @@ import json
 import pytest
 
 from conftest import T91
-from srdistill import runner
 from srdistill.config import TrainConfig
-from srdistill.training import load_checkpoint
+from srdistill.run import runner
+from srdistill.sr.training import load_checkpoint
 
 pytestmark = pytest.mark.slow
 

@@ -8,10 +8,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from srdistill import imaging
 from srdistill.config import TrainConfig
-from srdistill.models import build_model
-from srdistill.training import load_checkpoint, sample_batch, save_checkpoint, train_sr
+from srdistill.sr import imaging
+from srdistill.sr.models import build_model
+from srdistill.sr.training import load_checkpoint, sample_batch, save_checkpoint, train_sr
 
 from conftest import T91
 FILES = [T91 / f"t{i}.png" for i in (1, 2, 3, 4)]  # 197x176 .. 227x188
@@ -157,7 +157,7 @@ def test_lr_step_decay_is_logged(tmp_path):
 
 
 def test_lr_schedules():
-    from srdistill.training import lr_at
+    from srdistill.sr.training import lr_at
 
     cos = _tiny_cfg(iterations=100, lr=1e-3, schedule="cosine", lr_min=1e-5)
     assert lr_at(cos, 0) == pytest.approx(1e-3) and lr_at(cos, 50) == pytest.approx(5.05e-4)
@@ -172,7 +172,7 @@ def test_lr_schedules():
 
 def test_recipes_cover_every_network():
     from srdistill.config import RECIPES, load_config
-    from srdistill.models import ARCHS
+    from srdistill.sr.models import ARCHS
 
     assert set(RECIPES) == set(ARCHS)
     for name in ARCHS:

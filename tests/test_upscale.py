@@ -13,12 +13,12 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from srdistill import degradation, imaging, metrics
 from srdistill.cli import app
 from srdistill.config import MZSRConfig
-from srdistill.models import build_model
-from srdistill.training import save_checkpoint
-from srdistill.upscale import load_upscaler, receptive_radius, upscale_image
+from srdistill.run.upscale import load_upscaler, receptive_radius, upscale_image
+from srdistill.sr import degradation, imaging, metrics
+from srdistill.sr.models import build_model
+from srdistill.sr.training import save_checkpoint
 
 from conftest import copy_t91, data_path
 

@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 from srdistill import storage
 from srdistill.cli import app
 from srdistill.config import load_config
-from srdistill.pipeline import run_pipeline
+from srdistill.run.pipeline import run_pipeline
 
 from conftest import copy_t91
 
@@ -87,7 +87,7 @@ def test_parts_are_recorded_and_bad_parts_are_redone(corpus, tmp_path, ray_local
 
 
 def test_unreadable_part_mid_stage_is_one_line_naming_it(corpus, tmp_path, ray_local, monkeypatch):
-    from srdistill.pipeline import Run
+    from srdistill.run.rundir import Run
 
     run_dir = tmp_path / "run"
     run_pipeline(corpus, run_dir, _tiny(), until="mine", log=lambda s: None)

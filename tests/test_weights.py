@@ -18,9 +18,9 @@ from conftest import T91
 from hub_server import FileServer, HubServer
 from srdistill import weights as W
 from srdistill.cli import app
-from srdistill.complexity import load_vit, resolve_vit
 from srdistill.config import ComplexityConfig, EmbedConfig, FinetuneConfig
-from srdistill.diffusion import (
+from srdistill.distill.complexity import load_vit, resolve_vit
+from srdistill.distill.diffusion import (
     MissingBackboneError,
     build_backbone,
     check_backbone,
@@ -28,7 +28,7 @@ from srdistill.diffusion import (
     load_vae,
     resolve_backbone,
 )
-from srdistill.embedding import MissingWeightsError, embed_patches, load_clip, resolve_clip
+from srdistill.distill.embedding import MissingWeightsError, embed_patches, load_clip, resolve_clip
 
 CLIP_ID = "srdistill-test/tiny-clip"
 VIT_BIN_ID = "srdistill-test/tiny-vit-bin"
@@ -377,7 +377,7 @@ def test_synth_pipeline_by_ids_resolves_on_the_driver_once(online, hub, tmp_path
     downloaded once (the Ray actors and Train workers get local directories), and the rerun
     with ``HF_HUB_OFFLINE=1`` resumes from the cache without a request."""
     from srdistill.config import load_config
-    from srdistill.pipeline import run_pipeline
+    from srdistill.run.pipeline import run_pipeline
 
     corpus = tmp_path / "corpus"
     corpus.mkdir()
@@ -404,7 +404,7 @@ def test_synth_pipeline_by_ids_resolves_on_the_driver_once(online, hub, tmp_path
 @pytest.fixture
 def release(tmp_path, monkeypatch):
     """A loopback file server with an ESPCN x2 release file; $SRDISTILL_CACHE in tmp_path."""
-    from srdistill.models import build_model
+    from srdistill.sr.models import build_model
 
     torch.manual_seed(0)
     path = tmp_path / "espcn_x2.pth"

@@ -26,10 +26,11 @@ from typing import Callable
 import pytest
 from conftest import T91, ray_pids
 
-from srdistill import runner, storage
+from srdistill import storage
 from srdistill.config import RayConfig, TrainConfig, load_config
-from srdistill.mining import read_patches
-from srdistill.pipeline import run_pipeline
+from srdistill.distill.mining import read_patches
+from srdistill.run import runner
+from srdistill.run.pipeline import run_pipeline
 
 pytestmark = pytest.mark.slow
 N_IMAGES = 12
@@ -171,7 +172,7 @@ def test_ray_train_worker_killed_after_a_checkpoint_restarts_the_group(tmp_path,
     final weights), and no step lost or repeated in the log."""
     import torch
 
-    from srdistill.training import load_checkpoint
+    from srdistill.sr.training import load_checkpoint
 
     images = sorted(T91.glob("*.png"))[:6]
     cfg = dict(model="espcn", batch_size=8, lr_patch=16, lr=1e-3, workers=2, log_every=1, checkpoint_every=4)

@@ -13,9 +13,10 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from srdistill import degradation, imaging, mzsr
 from srdistill.cli import app
-from srdistill.training import load_checkpoint
+from srdistill.sr import degradation, imaging
+from srdistill.sr.training import load_checkpoint
+from srdistill.zeroshot import mzsr
 
 from conftest import T91, data_path
 
@@ -86,7 +87,7 @@ def test_eval_kernel_mode_adapts_per_image(meta_model, tmp_path):
 
 def imaging_bicubic_g20_butterfly(G20: Path) -> float:
     """Bicubic x2 of the shipped g20 LR butterfly against its HR: what kernel mode must measure."""
-    from srdistill import metrics
+    from srdistill.sr import metrics
 
     hr = imaging.modcrop(imaging.read_image(G20.parent / "HR" / "butterfly.png"), 2)
     return metrics.psnr_y(imaging.imresize(imaging.read_image(G20 / "butterfly.png"), 2), hr, 2)

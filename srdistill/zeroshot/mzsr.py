@@ -95,19 +95,20 @@ from torch import nn
 from torch.func import functional_call
 from tqdm.auto import tqdm
 
-from srdistill import degradation, imaging, tfbundle
 from srdistill.config import MZSRConfig
-from srdistill.models.mzsr import MZSRNet, from_tf_variables, tf_variable_names
-from srdistill.training import (
+from srdistill.sr import degradation, imaging
+from srdistill.sr.device import resolve_device
+from srdistill.sr.models.mzsr import MZSRNet, from_tf_variables, tf_variable_names
+from srdistill.sr.training import (
     DataParallel,
     _load_images,
     _resume,
     _resume_history,
     announce,
     load_checkpoint,
-    resolve_device,
     save_checkpoint,
 )
+from srdistill.zeroshot import tfbundle
 
 __all__ = [
     "RELEASED_TF",

@@ -56,10 +56,10 @@ import numpy as np
 import pyarrow as pa
 from PIL import Image
 
-from srdistill import imaging
 from srdistill.config import LOWER_IS_HARDER, SelectConfig
-from srdistill.kcenter import DESCRIPTOR_COLUMN, kcenter_greedy, patch_descriptors
-from srdistill.stratified import ccs_select, hard_mix_select
+from srdistill.distill.kcenter import DESCRIPTOR_COLUMN, kcenter_greedy, patch_descriptors
+from srdistill.distill.stratified import ccs_select, hard_mix_select
+from srdistill.sr import imaging
 
 __all__ = [
     "budget_patches", "non_overlapping", "select_patches", "subset_mmd", "export_distilled",
@@ -240,7 +240,7 @@ def _tripled(table: pa.Table, scores: np.ndarray, m: int, cfg: SelectConfig):
     sample = np.sort(rng.choice(n, size=min(n, 2048), replace=False))
     import torch
 
-    from srdistill.metrics import median_bandwidth
+    from srdistill.sr.metrics import median_bandwidth
 
     sigma = median_bandwidth(torch.from_numpy(feats[sample]))
     omega = rng.standard_normal((feats.shape[1], RFF_FEATURES)) / sigma
@@ -433,7 +433,7 @@ def subset_mmd(
     """
     import torch
 
-    from srdistill.metrics import feature_mmd2, median_bandwidth
+    from srdistill.sr.metrics import feature_mmd2, median_bandwidth
 
     x = np.asarray(selected_features, dtype=np.float32)
     y = np.asarray(corpus_features, dtype=np.float32)

@@ -28,10 +28,11 @@ import pyarrow as pa
 import torch
 import torch.nn.functional as F
 
-from srdistill import imaging
 from srdistill.config import ProxyConfig
-from srdistill.models import build_model
-from srdistill.training import resolve_device, sample_batch, to_tensor
+from srdistill.sr import imaging
+from srdistill.sr.device import resolve_device, to_tensor
+from srdistill.sr.models import build_model
+from srdistill.sr.training import sample_batch
 
 __all__ = ["PROXY_COLUMN", "attach_proxy_error", "proxy_error_scores"]
 
@@ -125,7 +126,7 @@ def proxy_error_scores(table: pa.Table, scale: int, cfg: ProxyConfig) -> np.ndar
     Args:
         table: ``source``, ``x``, ``y``, ``size`` columns (the patch table), N rows.
         scale: SR factor, 2..8.
-        cfg: ``select.proxy``; ``cfg.device`` via ``training.resolve_device`` (``auto``: CUDA if
+        cfg: ``select.proxy``; ``cfg.device`` via ``device.resolve_device`` (``auto``: CUDA if
             available).
 
     Returns:

@@ -10,7 +10,7 @@ here is this project's design (docs/RESULTS.md, "TripleD: what is ours"):
   (high).
 * ``feature``: the L2-normalised mean of those patch tokens: the "ViT features" whose
   distributions selection and alignment match (MMD).
-* ``entropy`` and ``grad_energy`` (``image_statistics``): cheap statistics of the pixels.
+* ``entropy`` and ``grad_energy`` (``image_stats.image_statistics``): cheap statistics of the pixels.
 
 The ViT is any transformers checkpoint of a ViT-style model (``ViTModel``, DeiT, DINO,
 DINOv2) in a local directory or by Hugging Face id (``embedding.find_transformers_weights``:
@@ -38,11 +38,11 @@ import pyarrow.compute as pc
 import torch
 import torch.nn.functional as F
 
-from srdistill import imaging
 from srdistill.config import ComplexityConfig
-from srdistill.embedding import MissingWeightsError, _device, find_transformers_weights, transformers_dir
+from srdistill.distill.embedding import MissingWeightsError, _device, find_transformers_weights, transformers_dir
+from srdistill.sr import imaging
+from srdistill.sr.image_stats import image_statistics
 from srdistill.weights import hub_hint
-from srdistill.mining import sobel_magnitude
 
 __all__ = [
     "image_features",
@@ -56,7 +56,6 @@ __all__ = [
     "VitSource",
     "attach_scores",
     "feature_matrix",
-    "image_statistics",
     "load_vit",
     "read_scores",
     "resolve_vit",
@@ -87,32 +86,6 @@ _RANDOM_NOTE = "random-init ViT: complexity scores and features are NOT learned"
 
 
 # --------------------------------------------------------------------------- statistics
-
-
-def image_statistics(img: np.ndarray) -> dict[str, float]:
-    """Cheap complexity statistics of one image or patch, on its luma (Pillow's ``L``).
-
-    * ``entropy``: Shannon entropy of the 256-bin grey-level histogram, bits, in [0, 8].
-    * ``grad_energy``: mean squared Sobel gradient magnitude (``mining.sobel_magnitude``, /8:
-      grey levels per pixel, edge-replicated), grey levels^2 per pixel^2, >= 0.
-
-    Args:
-        img: ``(H, W, 3)`` uint8 RGB (or ``(H, W)`` uint8 grey), H, W >= 1.
-
-    Returns:
-        ``{"entropy": float, "grad_energy": float}``.
-
-    Raises:
-        ValueError: not a uint8 image of that shape.
-    """
-    if img.dtype != np.uint8 or img.ndim not in (2, 3) or (img.ndim == 3 and img.shape[2] != 3) or not img.size:
-        raise ValueError(f"expected an (H, W, 3) or (H, W) uint8 image, got {img.dtype} {img.shape}")
-    gray = imaging.to_gray(img) if img.ndim == 3 else img
-    p = np.bincount(gray.ravel(), minlength=256) / gray.size
-    p = p[p > 0]
-    entropy = float(-(p * np.log2(p)).sum()) + 0.0  # + 0.0: no -0.0 for a flat image
-    grad_energy = float(np.mean(np.square(sobel_magnitude(gray), dtype=np.float64)))
-    return {"entropy": entropy, "grad_energy": grad_energy}
 
 
 # --------------------------------------------------------------------------- resolution
@@ -411,7 +384,7 @@ def score_shard(scorer: ComplexityScorer, shard: int, *, mine_uri: str, out_uri:
         imaging.ImageReadError: a source image cannot be read (it was readable when mined).
         OSError: storage failed after retries.
     """
-    from .mining import map_patch_part
+    from srdistill.distill.mining import map_patch_part
 
     return map_patch_part(scorer, shard, mine_uri=mine_uri, out_uri=out_uri, batch_size=batch_size, kept_only=False)
 
@@ -425,7 +398,7 @@ def read_scores(uri: str, columns: list[str] | None = None) -> pa.Table:
         FileNotFoundError: nothing at ``uri``.
         OSError: storage failed.
     """
-    from . import storage
+    from srdistill import storage
 
     return storage.read_dataset(uri, columns=columns)
 

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 from torch import nn
 
-from srdistill.models.edsr import EDSR
-from srdistill.models.espcn import ESPCN
-from srdistill.models.mzsr import MZSRNet
-from srdistill.models.rcan import RCAN
-from srdistill.models.swinir import SwinIR
+from srdistill.sr.models.edsr import EDSR
+from srdistill.sr.models.espcn import ESPCN
+from srdistill.sr.models.mzsr import MZSRNet
+from srdistill.sr.models.rcan import RCAN
+from srdistill.sr.models.swinir import SwinIR
 
 __all__ = ["ARCHS", "EDSR", "ESPCN", "MZSRNet", "RCAN", "SwinIR", "build_model"]
 

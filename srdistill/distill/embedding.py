@@ -38,8 +38,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pyarrow as pa
 
-from srdistill import imaging
 from srdistill.config import EmbedConfig
+from srdistill.sr import imaging
 from srdistill.weights import (
     TRANSFORMERS_BIN_PATTERNS,
     TRANSFORMERS_PATTERNS,
@@ -549,7 +549,7 @@ def embed_shard(embedder: ClipEmbedder, shard: int, *, mine_uri: str, out_uri: s
         imaging.ImageReadError: a source image cannot be read (it was readable when mined).
         OSError: storage failed after retries.
     """
-    from .mining import map_patch_part
+    from srdistill.distill.mining import map_patch_part
 
     return map_patch_part(embedder, shard, mine_uri=mine_uri, out_uri=out_uri,
                           batch_size=batch_size or embedder.batch_size, kept_only=True)  # fmt: skip

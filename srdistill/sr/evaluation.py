@@ -23,9 +23,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from srdistill import imaging, metrics
 from srdistill.datasets import resolve_dataset
-from srdistill.training import resolve_device, to_tensor
+from srdistill.sr import imaging, metrics
+from srdistill.sr.device import resolve_device, to_tensor
 
 __all__ = [
     "resolve_dataset",
@@ -118,7 +118,7 @@ def evaluate(
         was_training = model.training
         model.to(dev).eval()
     if kernel is not None:
-        from srdistill import degradation
+        from srdistill.sr import degradation
     per_image = []
     try:
         for f in files:

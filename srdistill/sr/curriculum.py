@@ -30,8 +30,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from srdistill import imaging, storage
+from srdistill import storage
 from srdistill.config import TrainConfig
+from srdistill.sr import imaging
+from srdistill.sr.image_stats import image_statistics
 
 __all__ = [
     "Schedule",
@@ -42,7 +44,7 @@ __all__ = [
     "switch_step",
 ]
 
-#: Scores ``image_complexity`` may compute from the pixels (``complexity.image_statistics``).
+#: Scores ``image_complexity`` may compute from the pixels (``image_stats.image_statistics``).
 _COMPUTABLE = ("entropy", "grad_energy")
 
 
@@ -79,7 +81,7 @@ def image_complexity(
     export_distilled``) with a column named ``score``, each image's value is read from the row
     whose ``file`` column is its file name. Otherwise (and for a file without a value there),
     ``entropy`` and ``grad_energy`` are computed on the whole image with
-    ``complexity.image_statistics``; ``vit_complexity`` cannot be computed here and must be in
+    ``image_stats.image_statistics``; ``vit_complexity`` cannot be computed here and must be in
     the CSV.
 
     Args:
@@ -99,8 +101,6 @@ def image_complexity(
             ``select.method=tripled``).
         imaging.ImageReadError: an image to score cannot be read.
     """
-    from srdistill.complexity import image_statistics  # not at the top: training imports this module
-
     if score not in ("vit_complexity", *_COMPUTABLE):
         raise ValueError(f"complexity score {score!r} is not one of ['vit_complexity', 'entropy', 'grad_energy']")
     if images is not None and len(images) != len(paths):

@@ -12,406 +12,37 @@ work in a local mirror of the run directory (the run directory itself when it is
 ``$SRDISTILL_CACHE`` or ``~/.cache/srdistill/runs`` for S3) and upload their stage folder when
 they finish; a driver that starts on a fresh machine downloads what it needs from the run URI.
 
-A stage's fingerprint hashes its config (minus execution-only fields such as batch sizes and
-actor counts) with the fingerprints of the stages it reads; ``plan``'s hashes the input's
-signature (``corpus.input_signature``). A stage whose recorded fingerprint matches and whose
-outputs exist is skipped, so a killed or repeated run resumes where it stopped (and inside
-``mine`` and ``embed``, at the shard: finished parts are kept); a stage that reruns changes
-its fingerprint and so reruns everything downstream. A stage folder left by an attempt with
-another fingerprint is deleted before the stage runs.
-
-Verified parts: a partitioned stage (``PARTS``) records in its manifest entry the parts it wrote
-(``parts``: name -> rows and bytes, from the parquet footers) and an ``outputs_id``, new each
-time it runs, that the fingerprint handed downstream includes. On resume ``Run.is_done``
-checks the recorded parts: one missing, of another size or row count, unreadable, or not
-recorded makes the stage not done and is deleted (one log line each), so the shard writers,
-which keep the parts that exist, redo exactly those shards, and the stages downstream rerun.
-Before a stage runs, the partitioned outputs it may read must hold exactly the recorded parts;
-a part that cannot be read mid-stage is one ``storage.UnreadableFileError`` line naming it.
-
-The manifest (``manifest.json``) records the resolved config (also written as ``config.yaml``,
-which ``srdistill run --config`` reads back), the package versions, the git commit of the source
-tree when srdistill runs from a git checkout (``git_commit``, ``git_dirty``), per-stage
-fingerprint/counts/timings, the first skipped inputs with their reasons, the CLIP and ViT
-provenance, the Ray it ran on (``ray``: local or joined, GCS address, CPUs/GPUs; ``none`` when no stage
-needed Ray) and where each
-stage ran (``placement``, decided by ``runner.plan_placement`` before any work; each stage's
-entry in ``stages`` keeps the placement it ran with, including the GPU ids Ray gave its
-workers); it is passed through ``storage.redact`` before it is written.
+The run directory's bookkeeping (fingerprints that make a rerun resume, verified parts, the
+manifest) is ``rundir.Run``; this module runs the stages through it.
 """
 
 from __future__ import annotations
 
 import contextlib
-import datetime as _dt
-import functools
-import hashlib
 import json
 import os
-import platform
 import re
 import shutil
-import subprocess
 import sys
 import time
-import uuid
-from importlib import metadata
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import yaml
 
-from . import storage
-from .config import RunConfig
+from srdistill import storage
+from srdistill.config import RunConfig
+from srdistill.run.rundir import STAGES, SYNTH_ONLY, Run, needs_clip, needs_vit, short_sha, stage_chain, utc_now
 
-STAGES = ("plan", "mine", "embed", "cluster", "complexity", "select", "align", "encode", "finetune", "synthesize",
-          "train", "evaluate", "report")  # fmt: skip
-SYNTH_ONLY = ("encode", "finetune", "synthesize")
-_ACTOR_EXECUTION = {"batch_size", "num_actors", "actor_num_cpus", "actor_num_gpus", "num_threads", "device"}
-#: Config fields that change how a stage runs but not what it produces (not fingerprinted).
-EXECUTION_ONLY = {
-    "mine": {"images_per_task", "images_per_shard"},
-    "embed": _ACTOR_EXECUTION,
-    "complexity": _ACTOR_EXECUTION,
-    "align": {"device"},
-    "train": {"device", "log_every", "checkpoint_every", "val_every", "val_dataset", "workers", "use_gpu",
-              "tensorboard"},
-    "evaluate": {"device"},
-    "encode": {"encode_batch_size", "device", "use_gpu"},
-    "finetune": {"device", "log_every", "checkpoint_every", "encode_batch_size", "use_gpu", "workers",
-                 "zero_stage", "tensorboard"},
-    "synthesize": {"batch_size", "num_actors", "actor_num_cpus", "actor_num_gpus", "device"},
-}
-#: Partitioned outputs written straight to the run URI (never mirrored locally), by stage. A
-#: stage's manifest entry records its parts (``parts``: name -> rows, bytes) and an
-#: ``outputs_id`` that changes whenever the stage runs; ``is_done`` verifies the parts on resume.
-PARTS = {"mine": "mine/patches", "embed": "embed/parts", "cluster": "cluster/assignments",
-         "complexity": "complexity/parts"}  # fmt: skip
-_PARTITIONED = tuple(PARTS.values())
 #: Skipped inputs listed in the manifest (all of them are in ``mine/skipped.parquet``).
 MAX_SKIPPED_LISTED = 1000
-_PACKAGES = ("srdistill", "torch", "ray", "faiss-cpu", "transformers", "diffusers", "deepspeed", "numpy",
-             "pyarrow", "pillow", "opencv-python-headless", "scikit-learn")
-#: The distributions of faiss (one is installed); its version is recorded as ``faiss``.
-_FAISS = ("faiss-cpu", "faiss-gpu", "faiss-gpu-cu12", "faiss-gpu-cu11")
-#: Seconds each ``git`` call of ``git_commit`` may take.
-GIT_TIMEOUT_S = 5.0
 NOT_SEMANTIC = "CLIP is randomly initialised (--allow-random-init): the clusters are NOT semantic"
 NOT_LEARNED = ("the ViT is randomly initialised (--allow-random-init): complexity scores and ViT "
                "features are NOT learned")  # fmt: skip
 #: Corpus features sampled as the reference of the select stage's ``feature_mmd``.
 FEATURE_MMD_SAMPLE = 4096
-
-
-def stage_config(cfg: RunConfig, stage: str) -> dict:
-    """The settings of ``cfg`` that ``stage``'s output depends on: ``cfg.stage_json(stage)``
-    without the ``EXECUTION_ONLY`` fields (the part of the stage's fingerprint that is config)."""
-    part = json.loads(cfg.stage_json(stage))
-    return {k: v for k, v in part.items() if k not in EXECUTION_ONLY.get(stage, ())}
-
-
-def _now() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-
-
-def _sha(*parts: str) -> str:
-    return hashlib.sha256("\x1f".join(parts).encode()).hexdigest()[:20]
-
-
-def package_versions() -> dict[str, str]:
-    """Versions of Python and the packages a result depends on (``"not installed"`` for those
-    missing); ``faiss`` is the version of whichever faiss distribution is installed."""
-    out = {"python": platform.python_version()}
-    for name in _PACKAGES:
-        try:
-            out[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            out[name] = "not installed"
-    out["faiss"] = next((v for v in map(_version_or_none, _FAISS) if v), "not installed")
-    return out
-
-
-def _version_or_none(name: str) -> str | None:
-    try:
-        return metadata.version(name)
-    except metadata.PackageNotFoundError:
-        return None
-
-
-@functools.lru_cache(maxsize=1)
-def git_commit() -> tuple[str | None, bool | None]:
-    """``(commit, dirty)`` of the git checkout srdistill runs from: the ``HEAD`` commit (40 hex
-    digits) and whether tracked files differ from it; ``(None, None)`` when the package does not
-    lie in a git work tree of its own (an installed wheel, a Ray job's working_dir copy), git is
-    missing, or a call takes over ``GIT_TIMEOUT_S`` seconds. A work tree that merely encloses
-    the package (a virtual environment inside a repository) does not count: its top level must
-    hold this very ``srdistill`` package."""
-    package = Path(__file__).resolve().parent
-
-    def git(*args: str) -> str | None:
-        try:
-            done = subprocess.run(["git", "-C", str(package), *args], capture_output=True, text=True,
-                                  timeout=GIT_TIMEOUT_S, check=False)  # fmt: skip
-        except (OSError, subprocess.SubprocessError):
-            return None
-        return done.stdout if done.returncode == 0 else None
-
-    out = git("rev-parse", "--show-toplevel", "HEAD")
-    lines = out.split() if out else []
-    if len(lines) != 2 or (Path(lines[0]) / "srdistill").resolve() != package:
-        return None, None
-    status = git("status", "--porcelain", "--untracked-files=no")
-    return lines[1], (bool(status.strip()) if status is not None else None)
-
-
-def config_yaml(cfg: RunConfig) -> str:
-    """``cfg`` as YAML (every field, resolved), the form ``config.load_config(config_file=...)``
-    reads back to an equal config. Sections are block mappings, lists are written inline."""
-
-    class Dumper(yaml.SafeDumper):
-        pass
-
-    Dumper.add_representer(list, lambda d, v: d.represent_sequence("tag:yaml.org,2002:seq", v, flow_style=True))
-    return yaml.dump(cfg.model_dump(mode="json"), Dumper=Dumper, sort_keys=False, width=100)
-
-
-def stage_chain(cfg: RunConfig) -> list[str]:
-    """The stages a full run of ``cfg`` executes, in order (``STAGES`` minus those its
-    ``distill``, ``select.method`` and ``align.enabled`` leave out), ``report`` last."""
-    synth = cfg.distill == "synth"
-    clusters = synth or _needs_clip(cfg.select)
-    scored = not synth and (_needs_vit(cfg.select) or cfg.align.enabled)
-    return ["plan", "mine", *(["embed", "cluster"] if clusters else []), *(["complexity"] if scored else []),
-            *(["encode", "finetune", "synthesize"] if synth else ["select", *(["align"] if cfg.align.enabled else [])]),
-            "train", "evaluate", "report"]  # fmt: skip
-
-
-def _absolute(uri: str | Path) -> str:
-    s = os.fspath(uri)
-    return s.rstrip("/") if storage.is_s3(s) else str(Path(s).expanduser().resolve())
-
-
-def local_mirror(run_uri: str) -> Path:
-    """The local working copy of a run directory: the directory itself when local; for S3,
-    ``$SRDISTILL_CACHE/runs/<sha of the URI>`` (default ``~/.cache/srdistill``)."""
-    from .datasets import cache_root
-
-    if not storage.is_s3(run_uri):
-        return Path(run_uri)
-    return cache_root() / "runs" / _sha(run_uri)
-
-
-class Run:
-    """A run directory: its manifest, stage fingerprints and stage bookkeeping.
-
-    Args:
-        input_uri: the HR corpus: a folder or S3 prefix (searched recursively) or a manifest
-            file of image URIs (``corpus.plan_corpus``).
-        run_uri: where artifacts go (local path or ``s3://``); an existing run is resumed.
-        cfg: the resolved config.
-        preset: preset name, recorded in the manifest.
-        log: where progress lines go (``print`` by default).
-
-    Attributes:
-        uri: the run directory as an absolute path or ``s3://`` URI.
-        dir: its local mirror (``local_mirror``); equal to ``uri`` for a local run.
-    """
-
-    def __init__(self, input_uri: str | Path, run_uri: str | Path, cfg: RunConfig, *,
-                 preset: str | None = None, log: Callable[[str], None] = print):  # fmt: skip
-        self.input = _absolute(input_uri)
-        self.uri = _absolute(run_uri)
-        self.remote = storage.is_s3(self.uri)
-        self.dir = local_mirror(self.uri)
-        self.cfg = cfg
-        self.log = log
-        self.dir.mkdir(parents=True, exist_ok=True)
-        path = self.at("manifest.json")
-        old = storage.read_json(path) if storage.exists(path) else {}
-        commit, dirty = git_commit()
-        self.manifest = {
-            "srdistill_version": package_versions()["srdistill"],
-            "git_commit": commit,
-            "git_dirty": dirty,
-            "created": old.get("created", _now()),
-            "updated": _now(),
-            "input": self.input,
-            "run_dir": self.uri,
-            "preset": preset,
-            "config": cfg.model_dump(mode="json"),
-            "versions": package_versions(),
-            "stages": old.get("stages", {}),
-            "skipped_inputs": old.get("skipped_inputs", []),
-        }
-        for key in ("clip", "vit"):
-            if key in old:
-                self.manifest[key] = old[key]
-        self.write_config()
-        #: Where each stage of this invocation runs (``runner.plan_placement``); a stage that runs
-        #: updates its entry (e.g. with the GPU ids its workers got) and records it in ``stages``.
-        self.placement: dict[str, dict] = {}
-        #: The stages of this invocation in order (set by ``run_pipeline``): before a stage runs,
-        #: the parts of the partitioned stages before it must be the recorded ones.
-        self.chain: list[str] = []
-        self.save()
-
-    def at(self, *parts: str) -> str:
-        """The URI of ``parts`` inside the run directory."""
-        return storage.join(self.uri, *parts)
-
-    def write_config(self) -> None:
-        """Write the resolved config (redacted) as ``config.yaml`` to the run URI, and to the
-        local mirror for S3 (``config_yaml``: ``srdistill run --config`` reads it back)."""
-        text = storage.redact("# The resolved config of this run (every field): `srdistill run --config config.yaml` "
-                              "runs it again.\n" + config_yaml(self.cfg))  # fmt: skip
-        storage.write_text(self.at("config.yaml"), text)
-        if self.remote:
-            storage.write_text(self.dir / "config.yaml", text)
-
-    def save(self) -> None:
-        """Write the manifest (redacted) to the run URI, and to the local mirror for S3."""
-        text = storage.redact(json.dumps(self.manifest, indent=2, default=str))
-        storage.write_text(self.at("manifest.json"), text)
-        if self.remote:
-            storage.write_text(self.dir / "manifest.json", text)
-
-    def pull(self, *paths: str) -> None:
-        """Download ``paths`` (folders or files, relative to the run directory) of an S3 run into
-        the local mirror (files already there with the same size are kept); a no-op for a
-        local run."""
-        for rel in paths:
-            if self.remote and storage.exists(self.at(rel)):
-                storage.copy_dir(self.at(rel), self.dir / rel, skip_existing=True)
-
-    def config_part(self, stage: str) -> str:
-        return json.dumps(stage_config(self.cfg, stage), sort_keys=True)
-
-    def fingerprint(self, stage: str, *extra: str) -> str:
-        return _sha(stage, self.config_part(stage), *extra)
-
-    def is_done(self, stage: str, fingerprint: str, outputs: list[str]) -> bool:
-        """Whether ``stage`` finished with ``fingerprint``, its ``outputs`` (paths relative to
-        the run directory) exist at the run URI and its recorded parts (``PARTS``) are intact.
-
-        A recorded part that is missing, of another size or row count, or whose parquet footer
-        cannot be read, and a part that was not recorded, make the stage not done: they are
-        deleted (one log line each), so that rerunning the stage redoes exactly those shards.
-        (An entry without a ``parts`` record, from an older version, is checked for unreadable
-        parts only.)
-        """
-        entry = self.manifest["stages"].get(stage, {})
-        done = (
-            entry.get("status") == "done"
-            and entry.get("fingerprint") == fingerprint
-            and all(storage.exists(self.at(p)) for p in outputs)
-        )
-        return done and not self.drop_bad_parts(stage, entry.get("parts"))
-
-    def drop_bad_parts(self, stage: str, recorded: dict | None) -> dict[str, str]:
-        """Delete the parts of ``stage`` (``PARTS``; none for other stages) that ``bad_parts``
-        finds, logging one line each; returns them."""
-        if stage not in PARTS:
-            return {}
-        bad = self.bad_parts(stage, recorded)
-        for name, why in bad.items():
-            self.log(f"[{stage}] {self.at(PARTS[stage], name)} {why}: deleted, its shard is redone")
-            storage.delete(self.at(PARTS[stage], name))
-        return bad
-
-    def bad_parts(self, stage: str, recorded: dict | None) -> dict[str, str]:
-        """``{part name: what is wrong}`` for the parts of ``stage`` (``PARTS``) whose parquet
-        footer cannot be read and, given its ``recorded`` parts, that differ from the record
-        (missing, other size or row count, not recorded)."""
-        present = storage.part_files(self.at(PARTS[stage]))
-        bad = {} if recorded is None else {name: "was not written by this stage"
-                                           for name in sorted(set(present) - set(recorded))}  # fmt: skip
-        for name in sorted(set(present) | set(recorded or ())):
-            if name in bad:
-                continue
-            if name not in present:
-                bad[name] = "is missing"
-                continue
-            try:
-                got = storage.parquet_footer(present[name])
-            except storage.UnreadableFileError:
-                bad[name] = "cannot be read (truncated or corrupt)"
-                continue
-            want = got if recorded is None else recorded[name]
-            if got != want:
-                bad[name] = (f"has {got['rows']} rows, {got['bytes']} bytes, not the recorded "
-                             f"{want['rows']} rows, {want['bytes']} bytes")  # fmt: skip
-        return bad
-
-    def check_parts(self, stage: str) -> None:
-        """Raise ``ValueError`` unless the parts of ``stage`` at the run URI are exactly the set
-        its manifest entry records (a stage never consumes a partial set of parts)."""
-        recorded = set(self.manifest["stages"].get(stage, {}).get("parts", {}) or ())
-        if not recorded:
-            return
-        present = set(storage.part_files(self.at(PARTS[stage])))
-        if present != recorded:
-            missing, extra = sorted(recorded - present), sorted(present - recorded)
-            raise ValueError(f"{self.at(PARTS[stage])} does not hold the parts the {stage} stage recorded "
-                             f"(missing: {missing[:5] or 'none'}, unrecorded: {extra[:5] or 'none'}): "
-                             "rerun to redo them")  # fmt: skip
-
-    def output_fingerprint(self, stage: str, fingerprint: str) -> str:
-        """The fingerprint that stages reading ``stage``'s parts chain: ``fingerprint`` with the
-        stage's ``outputs_id`` (new each time it runs), so that redoing parts reruns them."""
-        oid = self.manifest["stages"].get(stage, {}).get("outputs_id")
-        return _sha(fingerprint, oid) if oid else fingerprint
-
-    def run_stage(self, stage: str, fingerprint: str, outputs: list[str], fn: Callable[[Path], dict], *,
-                  also: tuple[str, ...] = ()) -> dict:  # fmt: skip
-        """Run ``fn(local_stage_dir) -> counts`` unless the stage is done for ``fingerprint``.
-
-        ``outputs`` are paths relative to the run directory; ``also`` names other top-level
-        folders the stage writes locally (e.g. ``distilled``), uploaded with the stage folder.
-        """
-        if self.is_done(stage, fingerprint, outputs):
-            entry = self.manifest["stages"][stage]
-            entry["skipped"] = True
-            self.log(f"[{stage}] up to date, skipped ({entry['fingerprint']})")
-            self.save()
-            return entry["counts"]
-        marker = self.at(stage, ".fingerprint")
-        if storage.exists(self.at(stage)) and (not storage.exists(marker) or storage.read_text(marker) != fingerprint):
-            for folder in (stage, *also):  # leftovers of another config: never mix them in
-                storage.delete(self.at(folder))
-                shutil.rmtree(self.dir / folder, ignore_errors=True)
-        else:  # resuming this stage: its shard writers keep the parts there, so only readable ones
-            self.drop_bad_parts(stage, None)
-        sdir = self.dir / stage
-        sdir.mkdir(parents=True, exist_ok=True)
-        storage.write_text(marker, fingerprint)
-        self.manifest["stages"][stage] = {"status": "running", "fingerprint": fingerprint,
-                                          "started_at": _now()}  # fmt: skip
-        self.save()
-        self.log(f"[{stage}] running")
-        for up in self.chain[: self.chain.index(stage)] if stage in self.chain else ():
-            if up in PARTS:
-                self.check_parts(up)
-        t0 = time.perf_counter()
-        counts = fn(sdir)
-        if self.remote:
-            for folder in (stage, *also):
-                if (self.dir / folder).exists():
-                    storage.copy_dir(self.dir / folder, self.at(folder))
-        seconds = time.perf_counter() - t0
-        self.manifest["stages"][stage] = {
-            "status": "done", "fingerprint": fingerprint, "seconds": round(seconds, 3),
-            "counts": counts, "finished_at": _now(), "skipped": False,
-            **({"placement": self.placement[stage]} if stage in self.placement else {}),
-        }  # fmt: skip
-        if stage in PARTS:
-            self.manifest["stages"][stage].update(parts=storage.parquet_parts(self.at(PARTS[stage])),
-                                                  outputs_id=uuid.uuid4().hex[:20])  # fmt: skip
-        self.save()
-        self.log(f"[{stage}] done in {seconds:.1f}s: {_short(counts)}")
-        return counts
 
 
 @contextlib.contextmanager
@@ -439,10 +70,6 @@ def _named_unreadable():
         raise storage.UnreadableFileError(found.group(1)) from None
 
 
-def _short(counts: dict) -> str:
-    return ", ".join(f"{k}={v}" for k, v in counts.items() if not isinstance(v, (dict, list)))
-
-
 # --------------------------------------------------------------------------- stages
 
 
@@ -451,10 +78,10 @@ def _plan(run: Run, min_shards: int = 1) -> str:
     images, and at least ``min_shards`` of them when the corpus has that many images (two per
     CPU of the cluster: every core mines). ``min_shards`` is not part of the fingerprint: a run
     resumed on a cluster of another size keeps the plan (and the parts) it has."""
-    from .corpus import input_signature, plan_corpus
+    from srdistill.corpus import input_signature, plan_corpus
 
     cfg = run.cfg.mine
-    fp = _sha("plan", run.input, json.dumps(cfg.extensions), str(cfg.images_per_shard),
+    fp = short_sha("plan", run.input, json.dumps(cfg.extensions), str(cfg.images_per_shard),
               input_signature(run.input, cfg.extensions))  # fmt: skip
 
     def stage(sdir: Path) -> dict:
@@ -467,11 +94,12 @@ def _plan(run: Run, min_shards: int = 1) -> str:
                 "source": plan.source, "digest": plan.digest}  # fmt: skip
 
     counts = run.run_stage("plan", fp, ["plan/files.parquet"], stage)
-    return _sha(fp, counts["digest"])
+    return short_sha(fp, counts["digest"])
 
 
 def _mine(run: Run, plan_fp: str) -> str:
-    from . import mining, runner
+    from srdistill.distill import mining
+    from srdistill.run import runner
 
     cfg = run.cfg.mine
     fp = run.fingerprint("mine", plan_fp)
@@ -498,7 +126,7 @@ def _mine(run: Run, plan_fp: str) -> str:
 
 
 def _kept(run: Run, columns: list[str] | None = None) -> pa.Table:
-    from .mining import read_patches
+    from srdistill.distill.mining import read_patches
 
     return read_patches(run.at("mine"), columns, kept_only=True)
 
@@ -508,7 +136,7 @@ def _assignments(run: Run) -> pa.Table:
 
 
 def _embed(run: Run, mine_fp: str, source) -> str:
-    from . import runner
+    from srdistill.run import runner
 
     cfg = run.cfg.embed
     run.manifest["clip"] = {
@@ -542,7 +170,7 @@ def _embed(run: Run, mine_fp: str, source) -> str:
 
 
 def _cluster(run: Run, embed_fp: str) -> str:
-    from .clustering import CentroidIndex, sample_rows, train_centroids
+    from srdistill.distill.clustering import CentroidIndex, sample_rows, train_centroids
 
     cfg = run.cfg.cluster
     fp = run.fingerprint("cluster", embed_fp)
@@ -580,7 +208,7 @@ def _complexity(run: Run, upstream_fp: str, mine_fp: str, source) -> str:
     """The ViT complexity scores of every mined patch (``complexity/parts``, one part per
     shard). Its fingerprint depends on the mined patches and the ViT only (not on embed or
     cluster); the returned one chains ``upstream_fp`` too, for the stages after it."""
-    from . import runner
+    from srdistill.run import runner
 
     cfg = run.cfg.complexity
     run.manifest["vit"] = {"model": source.model, "path": source.path, "pretrained": source.pretrained,
@@ -603,15 +231,15 @@ def _complexity(run: Run, upstream_fp: str, mine_fp: str, source) -> str:
         return counts
 
     run.run_stage("complexity", fp, ["complexity/meta.json"], stage)
-    return _sha(upstream_fp, run.output_fingerprint("complexity", fp))
+    return short_sha(upstream_fp, run.output_fingerprint("complexity", fp))
 
 
 def _corpus_features(run: Run, k: int, seed: int, patch_ids: pa.Array | None = None) -> tuple[np.ndarray, np.ndarray]:
     """In one pass over the complexity parts (one in memory at a time): a ``seed``-seeded
     sample of at most ``k`` rows of every patch's ViT features (``clustering.sample_rows``),
     and the features of ``patch_ids`` (empty without them). Both ``(n, D)`` float32."""
-    from .clustering import sample_rows
-    from .complexity import feature_matrix
+    from srdistill.distill.clustering import sample_rows
+    from srdistill.distill.complexity import feature_matrix
 
     parts = list(storage.part_files(run.at("complexity", "parts")).values())
     n = run.manifest["stages"]["complexity"]["counts"]["patches"]
@@ -636,7 +264,7 @@ def _feature_mmd(run: Run, patch_ids: pa.Array, seed: int) -> float | None:
     Raises:
         ValueError: a patch has no complexity score (stale complexity stage).
     """
-    from .selection import subset_mmd
+    from srdistill.distill.selection import subset_mmd
 
     reference, subset = _corpus_features(run, FEATURE_MMD_SAMPLE, seed, patch_ids)
     if len(subset) != len(patch_ids):
@@ -650,10 +278,10 @@ def _feature_mmd(run: Run, patch_ids: pa.Array, seed: int) -> float | None:
 def _align(run: Run, select_fp: str, source) -> str:
     """The distilled set transformed by the alignment CNN (``alignment.align_folder``) towards
     the corpus' ViT feature distribution: ``align/*.png``, ``align/align.json``."""
-    from .alignment import align_folder
-    from .complexity import image_features, load_vit
-    from .selection import subset_mmd
-    from .training import resolve_device
+    from srdistill.distill.alignment import align_folder
+    from srdistill.distill.complexity import image_features, load_vit
+    from srdistill.distill.selection import subset_mmd
+    from srdistill.sr.device import resolve_device
 
     cfg = run.cfg.align
     fp = run.fingerprint("align", select_fp)
@@ -677,7 +305,7 @@ def _align(run: Run, select_fp: str, source) -> str:
 
 
 def _select(run: Run, upstream_fp: str, *, scored: bool = False) -> str:
-    from .selection import budget_patches, export_distilled, select_patches
+    from srdistill.distill.selection import budget_patches, export_distilled, select_patches
 
     cfg = run.cfg.select
     fp = run.fingerprint("select", upstream_fp)
@@ -685,8 +313,8 @@ def _select(run: Run, upstream_fp: str, *, scored: bool = False) -> str:
 
     def stage(sdir: Path) -> dict:
         if cfg.method == "tripled":  # every patch (the corpus distribution), with its scores
-            from .complexity import attach_scores, read_scores
-            from .mining import read_patches
+            from srdistill.distill.complexity import attach_scores, read_scores
+            from srdistill.distill.mining import read_patches
 
             kept = attach_scores(read_patches(run.at("mine"), kept_only=False),
                                  read_scores(run.at("complexity", "parts")))  # fmt: skip
@@ -704,11 +332,11 @@ def _select(run: Run, upstream_fp: str, *, scored: bool = False) -> str:
                 rows = pc.index_in(kept.column("patch_id"), value_set=emb.column("patch_id"))
                 kept = kept.append_column("embedding", emb.column("embedding").take(rows))  # a list column: no join
             elif cfg.method == "kcenter" and cfg.features == "vit":
-                from .complexity import attach_scores, read_scores
+                from srdistill.distill.complexity import attach_scores, read_scores
 
                 kept = attach_scores(kept, read_scores(run.at("complexity", "parts")))
         if cfg.score == "proxy_error":  # a small SR network's error on each candidate (EL2N-like)
-            from .proxy_error import attach_proxy_error, proxy_error_scores
+            from srdistill.distill.proxy_error import attach_proxy_error, proxy_error_scores
 
             kept = attach_proxy_error(kept, proxy_error_scores(kept, run.cfg.scale, cfg.proxy))
         corpus = run.manifest["stages"]["mine"]["counts"]["corpus_pixels"]
@@ -734,14 +362,6 @@ def _select(run: Run, upstream_fp: str, *, scored: bool = False) -> str:
     return fp
 
 
-def _needs_clip(cfg) -> bool:
-    """Whether the selection reads the CLIP embeddings or their clusters (embed, cluster)."""
-    return cfg.method == "clip-kmeans" or (cfg.method == "kcenter" and cfg.features == "clip")
-
-
-def _needs_vit(cfg) -> bool:
-    """Whether the selection reads the complexity stage's ViT scores or features."""
-    return cfg.method == "tripled" or (cfg.method == "kcenter" and cfg.features == "vit")
 
 
 def _n_clusters(run: Run) -> int:
@@ -749,8 +369,8 @@ def _n_clusters(run: Run) -> int:
 
 
 def _encode(run: Run, cluster_fp: str) -> str:
-    from . import runner
-    from .diffusion import encoded_spec, resolve_backbone
+    from srdistill.distill.diffusion import encoded_spec, resolve_backbone
+    from srdistill.run import runner
 
     fp = run.fingerprint("encode", cluster_fp)
 
@@ -782,8 +402,8 @@ def _checkpoints(run: Run, stage: str) -> str | None:
 
 
 def _finetune(run: Run, encode_fp: str) -> str:
-    from . import runner
-    from .diffusion import build_backbone, finetune, load_encoded, resolve_backbone
+    from srdistill.distill.diffusion import build_backbone, finetune, load_encoded, resolve_backbone
+    from srdistill.run import runner
 
     fp = run.fingerprint("finetune", encode_fp)
     model_dir = run.dir / "finetune" / "model"
@@ -817,9 +437,9 @@ def _finetune(run: Run, encode_fp: str) -> str:
 
 
 def _synthesize(run: Run, finetune_fp: str) -> str:
-    from . import runner
-    from .selection import budget_patches
-    from .synthesis import per_cluster_counts, resolve_decoder, synthesize
+    from srdistill.distill.selection import budget_patches
+    from srdistill.distill.synthesis import per_cluster_counts, resolve_decoder, synthesize
+    from srdistill.run import runner
 
     cfg = run.cfg.synthesize
     budget = run.cfg.select.model_dump(include={"ipc", "pixel_fraction"}) if cfg.ipc is None else {}
@@ -858,12 +478,12 @@ def _train_images(run: Run) -> list[Path]:
 
 
 def _train(run: Run, select_fp: str) -> str:
-    from . import runner
+    from srdistill.run import runner
 
     fp = run.fingerprint("train", select_fp)
 
     def stage(sdir: Path) -> dict:
-        from .training import load_checkpoint, train_sr  # torch: the stage's own time
+        from srdistill.sr.training import load_checkpoint, train_sr  # torch: the stage's own time
 
         images = _train_images(run)
         place, cfg = run.placement["train"], run.cfg.train
@@ -889,7 +509,7 @@ def evaluation_rows(model, datasets: list[str] | tuple[str, ...], scale: int, de
         FileNotFoundError, ValueError: from ``evaluation.evaluate`` (dataset not found, empty).
         RuntimeError: ``device`` is ``cuda`` where torch sees no CUDA device.
     """
-    from .evaluation import evaluate
+    from srdistill.sr.evaluation import evaluate
 
     rows: dict[str, list[dict]] = {"bicubic": [], label: []}
     for ds in datasets:
@@ -899,13 +519,13 @@ def evaluation_rows(model, datasets: list[str] | tuple[str, ...], scale: int, de
 
 
 def _evaluate(run: Run, train_fp: str) -> dict:
-    from . import runner
+    from srdistill.run import runner
 
     fp = run.fingerprint("evaluate", train_fp)
     out = run.dir / "evaluate" / "results.json"
 
     def stage(sdir: Path) -> dict:
-        from .training import load_checkpoint  # torch: the stage's own time
+        from srdistill.sr.training import load_checkpoint  # torch: the stage's own time
 
         run.pull("train/model.safetensors")
         model, _ = load_checkpoint(run.dir / "train" / "model.safetensors")
@@ -923,7 +543,7 @@ def _evaluate(run: Run, train_fp: str) -> dict:
         return {f"{name} {r['dataset']}": round(r["psnr_y"], 3) for name, rs in rows.items() for r in rs}
 
     run.run_stage("evaluate", fp, ["evaluate/results.json"], stage)
-    from .evaluation import format_table
+    from srdistill.sr.evaluation import format_table
 
     run.pull("evaluate")
     rows = json.loads(out.read_text())["rows"]
@@ -996,8 +616,8 @@ def run_pipeline(input_dir: str | Path, run_dir: str | Path, cfg: RunConfig, *,
     failures is raised before Ray starts and before the run directory is written; weights are
     checked only for the stages up to ``until`` (``until='mine'`` needs no CLIP, ViT or DiT).
     """
-    from . import runner
-    from .corpus import is_manifest
+    from srdistill.corpus import is_manifest
+    from srdistill.run import runner
 
     if until is not None and until not in STAGES:
         import difflib
@@ -1006,14 +626,14 @@ def run_pipeline(input_dir: str | Path, run_dir: str | Path, cfg: RunConfig, *,
         hint = f"; did you mean {close[0]!r}?" if close else ""
         raise ValueError(f"until={until!r} is not one of {', '.join(STAGES)}{hint}")
     synth = cfg.distill == "synth"
-    clusters = synth or _needs_clip(cfg.select)
+    clusters = synth or needs_clip(cfg.select)
     if until in ("embed", "cluster") and not clusters:
         raise ValueError(f"until={until!r}: select.method {cfg.select.method!r} runs no {until} stage")
     if until == "align" and (synth or not cfg.align.enabled):
         raise ValueError("until='align': the align stage runs only with align.enabled and distill 'coreset'")
     if (until in SYNTH_ONLY and not synth) or (until == "select" and synth):
         raise ValueError(f"until={until!r}: distill {cfg.distill!r} runs no {until} stage")
-    scored = not synth and (_needs_vit(cfg.select) or cfg.align.enabled)
+    scored = not synth and (needs_vit(cfg.select) or cfg.align.enabled)
     if until == "complexity" and not scored:
         raise ValueError("until='complexity': the complexity stage runs only for distill 'coreset' with "
                          "select.method 'tripled' or align.enabled")  # fmt: skip
@@ -1027,33 +647,33 @@ def run_pipeline(input_dir: str | Path, run_dir: str | Path, cfg: RunConfig, *,
         raise FileNotFoundError(f"input {str(input_dir)!r} is not a directory or a manifest file")
     check_run_dir(run_dir)
     if "evaluate" in order:
-        from .datasets import resolve_dataset
+        from srdistill.datasets import resolve_dataset
 
         for name in cfg.evaluate.datasets:  # FileNotFoundError naming the places tried (and the fix)
             resolve_dataset(name)
     clip_source = None
     if "embed" in order:
-        from .embedding import resolve_clip
+        from srdistill.distill.embedding import resolve_clip
 
         clip_source = resolve_clip(cfg.embed)  # MissingWeightsError, with help
     if "cluster" in order:
-        from . import clustering  # noqa: F401  (ImportError naming the faiss extras)
+        from srdistill.distill import clustering  # noqa: F401  (ImportError naming the faiss extras)
     vit_source = None
     if "complexity" in order:
-        from .complexity import resolve_vit
+        from srdistill.distill.complexity import resolve_vit
 
         vit_source = resolve_vit(cfg.complexity)  # MissingWeightsError, with help
     if "encode" in order:
-        from .diffusion import check_backbone
+        from srdistill.distill.diffusion import check_backbone
 
         check_backbone(cfg.finetune)  # (downloads HF ids): MissingBackboneError, with help
     if "synthesize" in order:
-        from .synthesis import resolve_decoder
+        from srdistill.distill.synthesis import resolve_decoder
 
         resolve_decoder(cfg.synthesize, cfg.finetune.resolved_backbone)  # decoder VAE: ValueError for unet
     for stage, section in (("train", cfg.train), ("finetune", cfg.finetune)):
         if stage in order and section.tensorboard:
-            from .training import require_tensorboard
+            from srdistill.sr.training import require_tensorboard
 
             require_tensorboard(f"{stage}.tensorboard")  # ImportError naming pip install tensorboard
     fps: dict[str, str] = {}
@@ -1098,13 +718,13 @@ def run_pipeline(input_dir: str | Path, run_dir: str | Path, cfg: RunConfig, *,
     if until not in done:
         _evaluate(run, fp)
     t0 = time.perf_counter()
-    from .report import write_report
+    from srdistill.run.report import write_report
 
     run.pull(*_REPORT_INPUTS)
     write_report(run.dir, run_uri=run.uri)
     if run.remote:
         storage.copy_dir(run.dir / "report", run.at("report"))
-    run.manifest["stages"]["report"] = {"status": "done", "finished_at": _now(), "skipped": False,
+    run.manifest["stages"]["report"] = {"status": "done", "finished_at": utc_now(), "skipped": False,
                                         "seconds": round(time.perf_counter() - t0, 3),
                                         "counts": {"path": run.at("report", "report.md"),
                                                    "html": run.at("report", "report.html")}}  # fmt: skip

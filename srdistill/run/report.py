@@ -62,10 +62,11 @@ import pyarrow.dataset as pads  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from srdistill import imaging, storage  # noqa: E402
+from srdistill import storage  # noqa: E402
 from srdistill.config import LOWER_IS_HARDER, RunConfig  # noqa: E402
-from srdistill.mining import PATCH_SCHEMA, read_patches  # noqa: E402
-from srdistill.pipeline import STAGES, SYNTH_ONLY, stage_chain  # noqa: E402
+from srdistill.distill.mining import PATCH_SCHEMA, read_patches  # noqa: E402
+from srdistill.run.rundir import STAGES, SYNTH_ONLY, stage_chain  # noqa: E402
+from srdistill.sr import imaging  # noqa: E402
 
 __all__ = ["write_report", "markdown_to_html"]
 
@@ -217,7 +218,7 @@ def _header(manifest: dict, run_dir: Path) -> str:
 
 
 def _chain(manifest: dict, synth: bool) -> list[str]:
-    """The stages the run's config executes (``pipeline.stage_chain``); for a config this
+    """The stages the run's config executes (``rundir.stage_chain``); for a config this
     version cannot read, every stage of its mode (coreset or synth)."""
     try:
         return stage_chain(RunConfig.model_validate(manifest.get("config") or {}))
@@ -461,7 +462,7 @@ def _load_model(run_dir: Path) -> tuple[Any, str]:
     path = run_dir / "train" / "model.safetensors"
     if not path.is_file():
         return None, "`train/model.safetensors` is not in the run directory"
-    from srdistill.training import load_checkpoint
+    from srdistill.sr.training import load_checkpoint
 
     try:
         model, _ = load_checkpoint(path)
@@ -488,8 +489,8 @@ def _crops_figure(model: Any, dataset: str, scale: int, ranked: list[tuple[dict,
     """
     import torch
 
-    from srdistill.evaluation import list_images, resolve_dataset, upscale_bicubic
-    from srdistill.training import resolve_device, to_tensor
+    from srdistill.sr.device import resolve_device, to_tensor
+    from srdistill.sr.evaluation import list_images, resolve_dataset, upscale_bicubic
 
     files = {f.stem: f for f in list_images(resolve_dataset(dataset))}
     device = resolve_device("auto")

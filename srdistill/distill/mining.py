@@ -48,9 +48,10 @@ import pyarrow.parquet as pq
 import xxhash
 from threadpoolctl import threadpool_limits
 
-from . import storage
-from .config import LOWER_IS_HARDER, MineConfig
-from .imaging import ImageReadError, fetch, image_size, imresize, read_image_gray
+from srdistill import storage
+from srdistill.config import LOWER_IS_HARDER, MineConfig
+from srdistill.sr.image_stats import sobel_rows
+from srdistill.sr.imaging import ImageReadError, fetch, image_size, imresize, read_image_gray
 
 __all__ = [
     "PATCH_SCHEMA",
@@ -145,25 +146,6 @@ def _box_means(values: Callable[[int, int], np.ndarray], shape: tuple[int, int],
         k = size
     total = sat[ys + k, xs + k] - sat[ys, xs + k] - sat[ys + k, xs] + sat[ys, xs]
     return total / (size * size)
-
-
-def sobel_magnitude(gray: np.ndarray) -> np.ndarray:
-    """Sobel gradient magnitude / 8 of ``(H, W)`` uint8, edge-replicated: (H, W) float32, grey levels/px.
-
-    ``sqrt(gx^2 + gy^2) / 8`` with ``gx``, ``gy`` the 3x3 Sobel responses (central difference
-    smoothed by [1, 2, 1]), computed by OpenCV.
-    """
-    return _sobel_rows(cv2.copyMakeBorder(gray, 1, 1, 0, 0, cv2.BORDER_REPLICATE), 0, gray.shape[0])
-
-
-def _sobel_rows(padded: np.ndarray, r0: int, r1: int) -> np.ndarray:
-    """Rows ``r0:r1`` of ``sobel_magnitude(gray)`` from ``padded``, ``gray`` with one replicated
-    row above and below: ``(r1 - r0, W)`` float32."""
-    band = padded[r0 : r1 + 2]
-    kw = {"ksize": 3, "scale": 0.125, "borderType": cv2.BORDER_REPLICATE}
-    gx = cv2.Sobel(band, cv2.CV_32F, 1, 0, **kw)[1:-1]
-    gy = cv2.Sobel(band, cv2.CV_32F, 0, 1, **kw)[1:-1]
-    return cv2.magnitude(gx, gy)
 
 
 def _down_up(batch: np.ndarray, factor: int, resize: Literal["matlab", "opencv"] = "matlab") -> np.ndarray:
@@ -261,7 +243,7 @@ def score_patches(
     ys = np.array([p[1] for p in positions])
     h, w = gray.shape
     padded = cv2.copyMakeBorder(gray, 1, 1, 0, 0, cv2.BORDER_REPLICATE)
-    grad = _box_means(lambda r0, r1: _sobel_rows(padded, r0, r1), (h, w), xs, ys, size, stride).astype(np.float32)
+    grad = _box_means(lambda r0, r1: sobel_rows(padded, r0, r1), (h, w), xs, ys, size, stride).astype(np.float32)
     if window == "image":
         if resize == "opencv":  # whole x bic_scale blocks: the same grid as the patches'
             src = np.pad(gray, ((0, -h % bic_scale), (0, -w % bic_scale)), mode="edge")
@@ -483,7 +465,7 @@ def mine_shard(plan_uri: str, shard: int, parts_uri: str, cfg: MineConfig) -> in
     Raises:
         OSError: reading the plan or an S3 image, or writing the part, failed after retries.
     """
-    from .corpus import read_shard
+    from srdistill.corpus import read_shard
 
     out = storage.join(parts_uri, part_name(shard))
     if storage.exists(out):

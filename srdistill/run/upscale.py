@@ -52,10 +52,11 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from srdistill import imaging, storage
-from srdistill.evaluation import IMAGE_EXTENSIONS
-from srdistill.models import ARCHS, ESPCN, RCAN, MZSRNet, SwinIR
-from srdistill.training import resolve_device, to_tensor
+from srdistill import storage
+from srdistill.sr import imaging
+from srdistill.sr.device import resolve_device, to_tensor
+from srdistill.sr.evaluation import IMAGE_EXTENSIONS
+from srdistill.sr.models import ARCHS, ESPCN, RCAN, MZSRNet, SwinIR
 
 __all__ = [
     "MZSRAdaptation",
@@ -91,7 +92,7 @@ class MZSRAdaptation:
     def adapt(self, lr_image: np.ndarray) -> MZSRNet:
         """The network adapted to ``lr_image`` (``(h, w, 3)`` uint8): an adapted copy, or the
         network itself for 0 steps. Raises ValueError as ``mzsr.adapt``."""
-        from srdistill import mzsr
+        from srdistill.zeroshot import mzsr
 
         if not self.steps:
             return self.net
@@ -99,7 +100,7 @@ class MZSRAdaptation:
                           subsample=self.subsample)  # fmt: skip
 
     def __call__(self, lr_image: np.ndarray) -> np.ndarray:
-        from srdistill import mzsr
+        from srdistill.zeroshot import mzsr
 
         return mzsr.super_resolve(self.adapt(lr_image), lr_image, self.scale)
 
@@ -112,8 +113,8 @@ Model = Union[Literal["bicubic"], nn.Module, Callable[[np.ndarray], np.ndarray]]
 
 def _zssr_upscaler(kernel: np.ndarray, scale: int, iterations: int, device: str) -> Callable[[np.ndarray], np.ndarray]:
     """Per image: ZSSR from scratch (``mzsr.zssr``, ZSSR's default settings), seed 0."""
-    from srdistill import mzsr
     from srdistill.config import MZSRConfig
+    from srdistill.zeroshot import mzsr
 
     cfg = MZSRConfig(scale=scale, zssr_iterations=iterations, device=device)
     return lambda lr: mzsr.zssr(lr, kernel, scale, cfg, seed=0)[0]
@@ -167,7 +168,7 @@ def load_upscaler(
             without ``kernel``).
         RuntimeError: ``device="cuda"`` without CUDA.
     """
-    from srdistill.training import load_checkpoint, load_released_weights
+    from srdistill.sr.training import load_checkpoint, load_released_weights
     from srdistill.weights import fetch_weights
 
     if adapt_steps and (weights is not None or model in ("bicubic", "zssr")):

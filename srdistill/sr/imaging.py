@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from . import storage
+from srdistill import storage
 
 __all__ = [
     "ImageReadError",

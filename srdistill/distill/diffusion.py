@@ -70,10 +70,11 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from .config import FinetuneConfig
-from .training import ScalarLog, _publish, announce, resolve_device
-from .weights import (MissingWeightsError, diffusers_patterns, is_repo_id, local_dir, resolve_hf_weights,
-                      snapshot_ref)
+from srdistill.config import FinetuneConfig
+from srdistill.sr.device import resolve_device
+from srdistill.sr.training import ScalarLog, _publish, announce
+from srdistill.weights import (MissingWeightsError, diffusers_patterns, is_repo_id, local_dir, resolve_hf_weights,
+                               snapshot_ref)
 
 __all__ = [
     "Backbone",
@@ -755,7 +756,7 @@ class PatchEncoder:
             self.vae.to(resolve_device(cfg.device))
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from . import imaging
+        from srdistill.sr import imaging
 
         patches = imaging.read_crops(batch["source"], batch["x"], batch["y"], batch["size"])
         samples = encode_patches(self.vae, self.resolution, patches) if patches else []

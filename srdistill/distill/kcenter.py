@@ -22,7 +22,7 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 
-from srdistill import imaging
+from srdistill.sr import imaging
 
 __all__ = ["DESCRIPTOR_COLUMN", "attach_descriptors", "covering_radius", "kcenter_greedy", "patch_descriptors"]
 

@@ -47,9 +47,10 @@ from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from srdistill import curriculum, imaging
 from srdistill.config import TrainConfig
-from srdistill.models import ARCHS, build_model
+from srdistill.sr import curriculum, imaging
+from srdistill.sr.device import resolve_device, to_tensor
+from srdistill.sr.models import ARCHS, build_model
 
 __all__ = [
     "DataParallel",
@@ -61,8 +62,6 @@ __all__ = [
     "save_checkpoint",
     "load_checkpoint",
     "load_released_weights",
-    "resolve_device",
-    "to_tensor",
 ]
 
 log = logging.getLogger(__name__)
@@ -156,27 +155,6 @@ class ScalarLog:
         """Flush and close the event file (a no-op without a writer)."""
         if self.writer is not None:
             self.writer.close()
-
-
-def resolve_device(device: str) -> torch.device:
-    """``"auto"`` -> CUDA if available else CPU; ``"cpu"``/``"cuda"`` as given.
-
-    Raises:
-        RuntimeError: ``"cuda"`` requested but no CUDA device is available.
-    """
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device 'cuda' requested but torch.cuda.is_available() is False")
-    return torch.device(device)
-
-
-def to_tensor(batch: np.ndarray, device: torch.device | str = "cpu") -> torch.Tensor:
-    """``(B, H, W, 3)`` or ``(H, W, 3)`` uint8 -> ``(B, 3, H, W)`` float32 [0, 1] on ``device``."""
-    if batch.ndim == 3:
-        batch = batch[None]
-    x = torch.from_numpy(np.ascontiguousarray(batch)).to(device)  # uint8 travels, 4x smaller
-    return x.permute(0, 3, 1, 2).float() / 255.0
 
 
 def sample_batch(
@@ -495,7 +473,7 @@ def train_sr(
 
 def _validate(net: nn.Module, cfg: TrainConfig, scale: int, device: torch.device) -> float:
     """Mean PSNR on Y (dB) of ``net`` on ``cfg.val_dataset`` (the evaluation protocol)."""
-    from .evaluation import evaluate  # evaluation imports this module
+    from srdistill.sr.evaluation import evaluate  # evaluation imports this module
 
     return evaluate(net, cfg.val_dataset, scale, device=str(device.type))["psnr_y"]
 

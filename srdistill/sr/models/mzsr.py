@@ -46,7 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from srdistill import imaging
+from srdistill.sr import imaging
 
 Upsample = Literal["matlab", "torch"]
 

@@ -40,12 +40,12 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
-from .config import (ComplexityConfig, EmbedConfig, FinetuneConfig, MineConfig, MZSRConfig, RayConfig, RunConfig,
-                     SynthConfig, TrainConfig)  # fmt: skip
+from srdistill.config import (ComplexityConfig, EmbedConfig, FinetuneConfig, MineConfig, MZSRConfig, RayConfig, RunConfig,
+                              SynthConfig, TrainConfig)  # fmt: skip
 
 if TYPE_CHECKING:  # torch/transformers are imported only by the embedding and scoring actors
-    from .complexity import VitSource
-    from .embedding import ClipSource
+    from srdistill.distill.complexity import VitSource
+    from srdistill.distill.embedding import ClipSource
 
 __all__ = ["init_ray", "use_ray", "ray_is_up", "cluster_resources", "route_ray_logs", "shutdown_ray", "ray_info",
            "cluster_gpus", "actor_gpus", "resolve_use_gpu", "plan_placement", "run_task", "map_images",
@@ -281,7 +281,7 @@ def plan_placement(cfg: RunConfig, stages: list[str] | tuple[str, ...], gpus: fl
 
     Args:
         cfg: the run's config (``device``, ``use_gpu``, ``workers``, actor settings per stage).
-        stages: pipeline stage names (``pipeline.STAGES``); others are ignored.
+        stages: pipeline stage names (``rundir.STAGES``); others are ignored.
         gpus: the GPUs of the cluster (``cluster_gpus``).
         driver_cuda: whether this process sees a CUDA device (default: ``torch.cuda``).
 
@@ -485,7 +485,7 @@ def map_shards(shards: list[int], fn: Callable, *, desc: str, make_state: Callab
 
 
 def _mine_one(state, shard: int, **kwargs) -> int:
-    from .mining import mine_shard
+    from srdistill.distill.mining import mine_shard
 
     return mine_shard(kwargs["plan_uri"], shard, kwargs["parts_uri"], kwargs["cfg"])
 
@@ -536,7 +536,7 @@ def embed_parts_ray(mine_uri: str, out_uri: str, shards: list[int], cfg: EmbedCo
     """
     from functools import partial
 
-    from .embedding import ClipEmbedder, embed_shard
+    from srdistill.distill.embedding import ClipEmbedder, embed_shard
 
     cfg, num_gpus = _actor_cfg(cfg, num_gpus, "embed.device")
     make = partial(ClipEmbedder, cfg, source, num_threads=cfg.num_threads)
@@ -557,7 +557,7 @@ def complexity_parts_ray(mine_uri: str, out_uri: str, shards: list[int], cfg: Co
     """
     from functools import partial
 
-    from .complexity import ComplexityScorer, score_shard
+    from srdistill.distill.complexity import ComplexityScorer, score_shard
 
     cfg, num_gpus = _actor_cfg(cfg, num_gpus, "complexity.device")
     make = partial(ComplexityScorer, cfg, source, num_threads=cfg.num_threads)
@@ -572,7 +572,7 @@ def _train_worker(config: dict) -> None:
     import ray.train
     import ray.train.torch
 
-    from .training import DataParallel, train_sr
+    from srdistill.sr.training import DataParallel, train_sr
 
     ctx = ray.train.get_context()
     restored = ray.train.get_checkpoint()
@@ -594,7 +594,7 @@ def _train_worker(config: dict) -> None:
     if resume is not None and dp.rank == 0:
         _keep_history(resume.parent, local)
     if config.get("meta"):
-        from .mzsr import meta_train
+        from srdistill.zeroshot.mzsr import meta_train
 
         meta_train(config["cfg"], config["images"], local, init=config["init"], progress=False, dp=dp)
     else:
@@ -608,7 +608,7 @@ def _fit(worker: Callable, config: dict, name: str, out_dir: Path, workers: int,
     ``out_dir/ray_train``; an ``s3://`` URI goes through ``storage.filesystem``, so a driver on
     another machine resumes from it), a rerun resuming from them, the group restarted up to
     ``max_failures`` times (``FailureConfig``). Returns the Ray Train result."""
-    from . import storage
+    from srdistill import storage
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -740,7 +740,7 @@ def encode_patches_ray(table: pa.Table, cfg: FinetuneConfig, out_dir: Path, *, n
     """
     import ray.data
 
-    from .diffusion import PatchEncoder
+    from srdistill.distill.diffusion import PatchEncoder
 
     _ensure_ray()
     if num_gpus is None:
@@ -781,7 +781,7 @@ def _finetune_worker(config: dict) -> None:
     import ray.train
     import ray.train.torch
 
-    from .diffusion import DiffusionParallel, build_backbone, finetune, load_encoded
+    from srdistill.distill.diffusion import DiffusionParallel, build_backbone, finetune, load_encoded
 
     cfg: FinetuneConfig = config["cfg"]
     ctx = ray.train.get_context()
@@ -851,7 +851,7 @@ def synthesize_ray(model_dir: Path, cfg: SynthConfig, out_dir: Path, *, num_gpus
     """
     import ray.data
 
-    from .synthesis import Synthesizer
+    from srdistill.distill.synthesis import Synthesizer
 
     cfg, num_gpus = _actor_cfg(cfg, num_gpus, "synthesize.device")
 

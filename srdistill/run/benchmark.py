@@ -54,14 +54,16 @@ from typing import Callable
 import numpy as np
 import pyarrow as pa
 
-from . import storage
-from .config import RunConfig, SelectConfig
-from .evaluation import evaluate, list_images, resolve_dataset
-from .mining import read_patches
-from .pipeline import run_pipeline, stage_config
-from .selection import budget_patches, export_distilled, select_patches
-from .synthesis import image_name, per_cluster_counts, synthesize
-from .training import load_checkpoint, resolve_device, train_sr
+from srdistill import storage
+from srdistill.config import RunConfig, SelectConfig
+from srdistill.distill.mining import read_patches
+from srdistill.distill.selection import budget_patches, export_distilled, select_patches
+from srdistill.distill.synthesis import image_name, per_cluster_counts, synthesize
+from srdistill.run.pipeline import run_pipeline
+from srdistill.run.rundir import stage_config
+from srdistill.sr.device import resolve_device
+from srdistill.sr.evaluation import evaluate, list_images, resolve_dataset
+from srdistill.sr.training import load_checkpoint, train_sr
 
 ARMS = ("full", "random", "random-thinned", "psnr_bic-topk", "grad-topk", "proxy-topk", "clip-kmeans",
         "kcenter", "stratified", "hard-mix", "tripled", "tripled+align", "tripled+curriculum",
@@ -200,7 +202,7 @@ class _Sets:
 
     def _with_proxy_error(self, table: pa.Table) -> pa.Table:
         """``table`` with the ``proxy_error`` column, computed once per mining and proxy setting."""
-        from .proxy_error import attach_proxy_error, proxy_error_scores
+        from srdistill.distill.proxy_error import attach_proxy_error, proxy_error_scores
 
         cfg = self.cfg
         key = hashlib.sha256(json.dumps([stage_config(cfg, "mine"), cfg.scale, cfg.select.proxy.model_dump(
@@ -219,7 +221,7 @@ class _Sets:
 
     def _clusters(self, cfg: RunConfig) -> pa.Table:
         """Cluster assignments of the kept patches with ``cfg.cluster`` (its seed per draw)."""
-        from .clustering import cluster_embeddings
+        from srdistill.distill.clustering import cluster_embeddings
 
         if self._embeddings is None:
             uri = storage.join(self.run_uri, "embed", "parts")
@@ -329,7 +331,7 @@ class TripledSets:
     draw, and aligns the selection with ``cfg.align`` on request."""
 
     def __init__(self, cfg: RunConfig, out: Path, run_uri: str, every: pa.Table, log: Callable[[str], None]):
-        from .complexity import attach_scores, feature_matrix, read_scores, resolve_vit
+        from srdistill.distill.complexity import attach_scores, feature_matrix, read_scores, resolve_vit
 
         self.cfg = cfg.model_copy(update={"select": cfg.select.model_copy(update={"method": "tripled"})})
         self.out = out
@@ -342,8 +344,8 @@ class TripledSets:
     def images(self, cfg: RunConfig, budget: str, k_used: int, corpus_pixels: int, *, align: bool) -> list[Path]:
         """The tripled set of ``budget`` with ``cfg.select.seed`` (aligned with ``cfg.align`` if
         ``align``); the curriculum arms train on the same sets."""
-        from .alignment import align_folder
-        from .clustering import sample_rows
+        from srdistill.distill.alignment import align_folder
+        from srdistill.distill.clustering import sample_rows
 
         sel_cfg = self.cfg.select.model_copy(update={"ipc": None, "pixel_fraction": None, "seed": cfg.select.seed,
                                                      **_parse_budget(budget)})  # fmt: skip
@@ -357,7 +359,7 @@ class TripledSets:
         aligned = self.out / "sets" / f"{self.tag(self.cfg)}_tripled+align_{budget}_s{sel_cfg.seed}"
         if not (aligned / "align.json").is_file():
             if self._vit is None:
-                from .complexity import load_vit
+                from srdistill.distill.complexity import load_vit
 
                 self._vit = load_vit(self.source, self.cfg.complexity).to(resolve_device(self.cfg.align.device))
             target = sample_rows([self.features], len(self.features), self.cfg.align.corpus_features,

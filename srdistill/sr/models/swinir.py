@@ -50,7 +50,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from srdistill.models.edsr import DIV2K_RGB_MEAN
+from srdistill.sr.models.edsr import DIV2K_RGB_MEAN
 _MASK_VALUE = -100.0  # added to attention logits between tokens of different shifted regions
 
 

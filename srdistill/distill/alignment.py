@@ -42,11 +42,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from srdistill import imaging
 from srdistill.config import AlignConfig
-from srdistill.metrics import feature_mmd2, median_bandwidth, psnr
-from srdistill.selection import _png_bytes, _write_atomic
-from srdistill.training import resolve_device, to_tensor
+from srdistill.distill.selection import _png_bytes, _write_atomic
+from srdistill.sr import imaging
+from srdistill.sr.device import resolve_device, to_tensor
+from srdistill.sr.metrics import feature_mmd2, median_bandwidth, psnr
 
 __all__ = ["AlignNet", "moment_loss", "align_images", "align_folder"]
 
@@ -208,7 +208,7 @@ def align_images(
             ``(N, D)`` float32 tensor, differentiable in its input, deterministic (a frozen
             network in eval mode; its parameters are not optimised). Called on training
             batches (``h = w = cfg.crop``, or the common size) and on whole images.
-        cfg: ``AlignConfig``; ``cfg.device`` is resolved by ``training.resolve_device``.
+        cfg: ``AlignConfig``; ``cfg.device`` is resolved by ``device.resolve_device``.
 
     Returns:
         ``(aligned, report)``: ``aligned[i]`` is ``images[i]`` transformed, same shape, uint8;

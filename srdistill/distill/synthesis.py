@@ -63,11 +63,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import diffusion
-from .config import SynthConfig
-from .selection import _png_bytes, _write_atomic
-from .training import resolve_device
-from .weights import snapshot_ref
+from srdistill.config import SynthConfig
+from srdistill.distill import diffusion
+from srdistill.distill.selection import _png_bytes, _write_atomic
+from srdistill.sr.device import resolve_device
+from srdistill.weights import snapshot_ref
 
 __all__ = [
     "PROVENANCE_COLUMNS",

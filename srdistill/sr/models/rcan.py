@@ -35,7 +35,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from srdistill.models.edsr import MeanShift, Upsampler
+from srdistill.sr.models.edsr import MeanShift, Upsampler
 
 
 def _conv(in_channels: int, out_channels: int, kernel_size: int = 3) -> nn.Conv2d:

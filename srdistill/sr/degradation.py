@@ -598,7 +598,7 @@ def _degrade(x: np.ndarray, kernel: np.ndarray, scale: int, subsample: str, nois
         index[ah] = index[aw] = slice(None, None, s)
         x = x[tuple(index)]
     elif s > 1:
-        from .imaging import imresize
+        from srdistill.sr.imaging import imresize
 
         x = imresize(x, 1.0 / s, spatial_axes=(ah, aw))
     if noise_sigma > 0:
