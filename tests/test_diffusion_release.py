@@ -17,6 +17,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 from conftest import encoded_set
 from srdistill.config import FinetuneConfig
 from srdistill.distill import diffusion as D
+from srdistill.distill.diffusion import finetuning
 
 LN2 = math.log(2.0)
 
@@ -298,11 +299,11 @@ def test_epochs_give_the_released_step_count():
 
 
 def test_an_epoch_visits_each_row_once_without_the_last_partial_batch():
-    rows = np.concatenate([D._epoch_batch(10, 3, 3, s, 0, 0) for s in range(3)])
+    rows = np.concatenate([finetuning._epoch_batch(10, 3, 3, s, 0, 0) for s in range(3)])
     assert len(set(rows.tolist())) == 9 and set(rows.tolist()) <= set(range(10))
-    nxt = np.concatenate([D._epoch_batch(10, 3, 3, s, 0, 0) for s in range(3, 6)])
+    nxt = np.concatenate([finetuning._epoch_batch(10, 3, 3, s, 0, 0) for s in range(3, 6)])
     assert len(set(nxt.tolist())) == 9 and not np.array_equal(rows, nxt)  # a new permutation
-    assert np.array_equal(D._epoch_batch(10, 3, 3, 4, 0, 0), nxt[3:6])  # a function of the step
+    assert np.array_equal(finetuning._epoch_batch(10, 3, 3, 4, 0, 0), nxt[3:6])  # a function of the step
 
 
 def test_finetune_in_epochs_counts_all_shards_and_records_the_length(tmp_path, tiny_dit_dir):
@@ -401,7 +402,7 @@ def test_memory_terms_use_the_cluster_or_the_conditioning_label(memory_labels, t
         seen.append(labels.clone())
         return real_loss(eps, noise, x_t, x0, a, labels, *args, **kw)
 
-    monkeypatch.setattr(D, "srdd_loss", spy)
+    monkeypatch.setattr(finetuning, "srdd_loss", spy)  # where finetune looks it up
     cfg = _dit_cfg(tiny_dit_dir, iterations=4, batch_size=4, class_dropout=0.9, memory_labels=memory_labels)
     bb = D.build_backbone(cfg, 3)
     D.finetune(cfg, bb, encoded_set(tmp_path, bb.vae, 16), tmp_path / "ft", progress=False)

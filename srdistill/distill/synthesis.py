@@ -65,6 +65,7 @@ from torch import nn
 
 from srdistill.config import SynthConfig
 from srdistill.distill import diffusion
+from srdistill.distill.diffusion.backbone import _LAYOUT_HELP, _resolve_dir
 from srdistill.distill.selection import _png_bytes, _write_atomic
 from srdistill.sr.device import resolve_device
 from srdistill.weights import snapshot_ref
@@ -410,9 +411,9 @@ def _resolve_decoder_path(vae_path: str) -> str:
     ``HF_HUB_OFFLINE=1``, the cache only; a cache snapshot missing on this node is fetched at
     its commit)."""
     try:
-        path = diffusion._resolve_dir(vae_path, "decoder VAE", ("",))
+        path = _resolve_dir(vae_path, "decoder VAE", ("",))
     except diffusion.MissingBackboneError as exc:
-        msg = str(exc).replace(diffusion._LAYOUT_HELP, _DECODER_HELP)
+        msg = str(exc).replace(_LAYOUT_HELP, _DECODER_HELP)
         raise diffusion.MissingBackboneError(f"synthesize.vae_path {vae_path!r}: {msg}") from None
     if not (Path(path).expanduser() / "config.json").is_file():
         raise diffusion.MissingBackboneError(f"synthesize.vae_path {vae_path!r}: no "
