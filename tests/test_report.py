@@ -209,9 +209,9 @@ def test_selection_without_cluster_or_geometry(tmp_path):
 
 # --------------------------------------------------------------------------- synth runs
 
-from srdistill.run.report import (  # noqa: E402
-        GRID_HEADER, GRID_LEFT, GRID_PAD, GRID_TOP, SYNTH_PER_SIDE, THUMB, _grid_size, _top_patches,
-    )
+from srdistill.run.report.figures import (GRID_HEADER, GRID_LEFT, GRID_PAD, GRID_TOP, THUMB,  # noqa: E402
+                                          _grid_size)
+from srdistill.run.report.sections import SYNTH_PER_SIDE, _top_patches  # noqa: E402
 from srdistill.sr import imaging  # noqa: E402
 
 #: Synthesized images per cluster in the fake synth run, and each cluster's solid colour.
@@ -464,7 +464,9 @@ from conftest import copy_t91, encoded_set  # noqa: E402
 from srdistill.config import FinetuneConfig, TrainConfig, load_config  # noqa: E402
 from srdistill.distill import diffusion as D  # noqa: E402
 from srdistill.run.pipeline import run_pipeline  # noqa: E402
-from srdistill.run.report import CROP_MARGIN, CROPS_PER_SET, _busiest_window, markdown_to_html  # noqa: E402
+from srdistill.run.report import markdown_to_html  # noqa: E402
+from srdistill.run.report.figures import CROP_MARGIN, _busiest_window  # noqa: E402
+from srdistill.run.report.sections import CROPS_PER_SET  # noqa: E402
 from srdistill.sr.training import train_sr  # noqa: E402
 
 TINY = ["embed.allow_random_init=true", "train.val_every=10"]

@@ -60,10 +60,10 @@ from srdistill.distill.diffusion.backbone import (DEFAULT_SCHEDULE, DIFFFIT_PLAC
                                                   save_finetuned, tie_block_embeddings)
 from srdistill.distill.diffusion.encoding import (ENCODED_SCHEMA, EncodedSet, PatchEncoder, encode_patches,
                                                   encoded_spec, load_encoded)
+from srdistill.distill.diffusion.finetuning import DiffusionParallel, ema_decay, finetune, total_iterations
 from srdistill.distill.diffusion.losses import (MemoryBank, approx_standard_normal_cdf,
                                                 discretized_gaussian_log_likelihood, normal_kl, posterior_tables,
                                                 q_posterior, srdd_loss, vb_bits)
-from srdistill.distill.diffusion.finetuning import DiffusionParallel, ema_decay, finetune, total_iterations
 
 __all__ = [
     "Backbone",

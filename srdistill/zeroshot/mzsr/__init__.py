@@ -81,11 +81,11 @@ The parts: ``inputs`` (the input convention and shared helpers), ``meta_training
 names are re-exported here.
 """
 
+from srdistill.zeroshot.mzsr.adaptation import adapt, son_pair, super_resolve, zero_shot
 from srdistill.zeroshot.mzsr.inputs import dihedral, undo_dihedral, upsample
 from srdistill.zeroshot.mzsr.meta_training import loss_weights, meta_backward, meta_step, meta_train, sample_task
-from srdistill.zeroshot.mzsr.adaptation import adapt, son_pair, super_resolve, zero_shot
-from srdistill.zeroshot.mzsr.zssr_baseline import zssr
 from srdistill.zeroshot.mzsr.released import RELEASED_TF, import_tf
+from srdistill.zeroshot.mzsr.zssr_baseline import zssr
 
 __all__ = [
     "RELEASED_TF",

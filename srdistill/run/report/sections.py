@@ -1,77 +1,37 @@
-"""The report of a run directory: markdown with PNG figures, and one self-contained HTML file.
-
-``write_report(run_dir, run_uri)`` reads what the pipeline left in ``run_dir`` (see
-``docs/ARCHITECTURE.md``: ``manifest.json``, ``config.yaml``, ``select/selected.parquet``,
-``train/log.jsonl``, ``train/model.safetensors``, ``evaluate/results.json``; for a ``distill:
-synth`` run ``finetune/model/backbone.json``, ``finetune/log.jsonl`` and ``synthesize/``) and the
-partitioned tables at ``run_uri`` (a local path or ``s3://`` URI, by default ``run_dir`` itself):
-the patch table ``mine/patches/`` with its keep rule ``mine/keep.json`` (read through
-``mining.read_patches``) and the cluster assignments ``cluster/assignments/``
-(``storage.read_dataset``), of which only the columns (and for lookups the rows) needed are
-read. It writes ``run_dir/report/report.md`` with its figures beside it, and
-``run_dir/report/report.html``: the same sections with the figures embedded as ``data:`` URIs
-(one file to send or open anywhere):
-
-* ``crops_<set>.png``, one per evaluation set: for the ``CROPS_PER_SET`` images where the model's
-  PSNR differs most from bicubic's (either way), the whole HR image with the crop marked, then
-  the HR, bicubic and model crops at the same place: the ``CROP`` x ``CROP`` HR-pixel window of
-  largest mean |model - bicubic|. The model (``train/model.safetensors``) runs on those images
-  only, under the evaluation protocol (``imaging.modcrop``, MATLAB-bicubic LR);
-* ``curves.png``: the SR training loss and, where ``train.val_every`` was set, the validation
-  PSNR against the step (``train/log.jsonl``), with the bicubic PSNR of the validation set;
-* ``scores.png``: histograms of ``psnr_bic`` and ``grad``, all patches vs kept patches, with
-  the keep threshold when the keep rule is ``threshold``;
-* ``clusters.png`` (coreset runs): one row per cluster, ``SELECTION_PER_SIDE`` random members
-  of the cluster beside its first selected patches in rank order, each captioned with its
-  selection score and source image;
-* ``synthesis.png`` (synth runs): one row per cluster, its 4 real patches closest to the
-  centroid (highest ``cos_sim``), a gap, then its first 4 synthesized images;
-* ``finetune_loss.png`` (synth runs): the diffusion fine-tuning loss against the step.
-
-Tables: the stages (state ``done``, ``skipped (up to date)``, ``disabled`` or ``not reached``,
-and a few short count columns; the full counts stay in the manifest), the mean PSNR/SSIM per
-set and the per-image PSNR/SSIM of every set (``evaluate/results.json``).
-
-Every section after the header is optional: a run stopped after mining still gets a report
-with the sections whose artifacts exist, and a line saying which stage is missing for the
-others. Nothing here imports Ray; plots use matplotlib's Agg backend (no display).
+"""The report's sections, each a markdown string (header, stages, skipped inputs, PSNR/SSIM and
+the per-set crops, training, patch scores, clusters, selection or synthesis), and
+``write_report``, which writes them with their figures as ``report.md`` and ``report.html``.
 """
 
 from __future__ import annotations
 
-import base64
-import csv
 import datetime as _dt
-import html
 import importlib.metadata
 import json
 import math
-import os
 import re
 from pathlib import Path
 from typing import Any
 
-import matplotlib
+import matplotlib.pyplot as plt
+import numpy as np
+import pyarrow as pa
+import pyarrow.dataset as pads
 
-matplotlib.use("Agg")
+from srdistill.config import LOWER_IS_HARDER, RunConfig
+from srdistill.run.report.artifacts import (_Tables, _atomic_write_text, _is_synth, _read_json, _read_log,
+                                            _read_provenance, _selected_rows)
+from srdistill.run.report.figures import (CROP, _atomic_savefig, _crops_figure, _curves_plot, _grid, _histogram,
+                                          _loss_plot, _real_thumbs, _synth_thumb)
+from srdistill.run.report.html_page import markdown_to_html
+from srdistill.run.rundir import STAGES, SYNTH_ONLY, stage_chain
+from srdistill.sr import imaging
 
-import matplotlib.pyplot as plt  # noqa: E402  (after selecting the backend)
-import numpy as np  # noqa: E402
-import pyarrow as pa  # noqa: E402
-import pyarrow.dataset as pads  # noqa: E402
-import pyarrow.parquet as pq  # noqa: E402
-from PIL import Image  # noqa: E402
+__all__ = [
+    "write_report",
+]
 
-from srdistill import storage  # noqa: E402
-from srdistill.config import LOWER_IS_HARDER, RunConfig  # noqa: E402
-from srdistill.distill.mining import PATCH_SCHEMA, read_patches  # noqa: E402
-from srdistill.run.rundir import STAGES, SYNTH_ONLY, stage_chain  # noqa: E402
-from srdistill.sr import imaging  # noqa: E402
 
-__all__ = ["write_report", "markdown_to_html"]
-
-#: Thumbnail side in pixels in ``clusters.png`` / ``synthesis.png``.
-THUMB = 96
 #: Random members, and selected patches, per cluster row of ``clusters.png``.
 SELECTION_PER_SIDE = 4
 #: Clusters shown in ``synthesis.png`` at most, and in ``clusters.png`` (taller rows, with
@@ -80,20 +40,8 @@ MONTAGE_MAX_ROWS = 64
 SELECTION_MAX_ROWS = 16
 #: Real patches, and synthesized images, per cluster row of ``synthesis.png``.
 SYNTH_PER_SIDE = 4
-#: Grid geometry in pixels: padding between thumbnails, the gap between the two halves of a
-#: grid, and the figure margins around the thumbnail canvas (left holds the row labels;
-#: ``GRID_HEADER`` is added on top when columns have headers); ``CAPTION`` is the band under
-#: each thumbnail that holds its caption (two lines), in grids with captions.
-GRID_PAD = 4
-GRID_GAP = THUMB // 2
-GRID_LEFT, GRID_RIGHT, GRID_TOP, GRID_BOTTOM, GRID_HEADER = 130, 10, 10, 10, 22
-CAPTION = 24
-#: Images per evaluation set in its crops figure, the crop side in HR pixels, and the margin
-#: the crop keeps from the image edge (where zero padding makes any network differ from bicubic
-#: most; at least the border PSNR ignores, the scale).
+#: Images per evaluation set in its crops figure (its crops: ``figures.CROP``, ``CROP_MARGIN``).
 CROPS_PER_SET = 3
-CROP = 96
-CROP_MARGIN = 16
 #: Packages whose versions the header lists (keys of ``manifest["versions"]``).
 KEY_PACKAGES = ("torch", "ray", "diffusers", "transformers", "faiss", "numpy")
 
@@ -471,78 +419,6 @@ def _load_model(run_dir: Path) -> tuple[Any, str]:
     return model, ""
 
 
-def _crops_figure(model: Any, dataset: str, scale: int, ranked: list[tuple[dict, dict]], label: str,
-                  path: Path) -> list[tuple[int, int, int]]:  # fmt: skip
-    """Write the crops figure of ``dataset`` and return each image's window ``(x, y, side)``.
-
-    For each ``(model row, bicubic row)`` of ``ranked`` (per-image rows of ``results.json``,
-    PSNR on Y in dB), the HR image is read, ``modcrop``-ed to ``scale``, downscaled by MATLAB
-    bicubic, and upscaled by bicubic and by ``model`` (whole image, float32, rounded to uint8;
-    on CUDA where available), as ``evaluation.evaluate`` does. The window is the ``CROP`` x ``CROP`` one (smaller for a
-    smaller image), ``CROP_MARGIN`` (at least ``scale``) pixels clear of the image edge, of
-    largest mean absolute difference between the model and bicubic over the three channels
-    (windows on a 4-pixel grid).
-
-    Raises:
-        FileNotFoundError: the dataset or an image of it is not found.
-        imaging.ImageReadError: an image cannot be read.
-    """
-    import torch
-
-    from srdistill.sr.device import resolve_device, to_tensor
-    from srdistill.sr.evaluation import list_images, resolve_dataset, upscale_bicubic
-
-    files = {f.stem: f for f in list_images(resolve_dataset(dataset))}
-    device = resolve_device("auto")
-    model = model.to(device)
-    fig, axes = plt.subplots(len(ranked), 4, figsize=(4 * 2.3, len(ranked) * 2.55), squeeze=False)
-    windows = []
-    for row, (r, b) in zip(axes, ranked):
-        if r["name"] not in files:
-            raise FileNotFoundError(f"image {r['name']!r} of {dataset!r} not found")
-        hr = imaging.modcrop(imaging.read_image(files[r["name"]]), scale)  # (H, W, 3) uint8
-        lr = imaging.imresize(hr, 1 / scale)
-        bic = upscale_bicubic(lr, scale)
-        with torch.no_grad():
-            sr = model(to_tensor(lr, device)).clamp(0, 1)  # (1, 3, H, W) float32 in [0, 1]
-        sr = (sr[0] * 255).round().byte().permute(1, 2, 0).cpu().numpy()
-        x, y, side = _busiest_window(np.abs(sr.astype(np.float32) - bic.astype(np.float32)).mean(axis=2),
-                                     CROP, border=max(scale, CROP_MARGIN))  # fmt: skip
-        windows.append((x, y, side))
-        gain = r["psnr_y"] - b["psnr_y"]
-        panels = [(hr, f"{r['name']} (HR)"), (hr[y : y + side, x : x + side], "HR"),
-                  (bic[y : y + side, x : x + side], f"bicubic {b['psnr_y']:.2f} dB"),
-                  (sr[y : y + side, x : x + side], f"{label}\n{r['psnr_y']:.2f} dB ({gain:+.2f})")]  # fmt: skip
-        for k, (ax, (img, title)) in enumerate(zip(row, panels)):
-            ax.imshow(img, interpolation="nearest" if k else "antialiased")
-            ax.set_title(title, fontsize=8)
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if k == 0:
-                ax.add_patch(matplotlib.patches.Rectangle((x - 0.5, y - 0.5), side, side, fill=False,
-                                                          edgecolor="red", linewidth=1.2))  # fmt: skip
-    fig.tight_layout()
-    _atomic_savefig(fig, path, dpi=100)
-    return windows
-
-
-def _busiest_window(diff: np.ndarray, size: int, *, border: int = 0, step: int = 4) -> tuple[int, int, int]:
-    """``(x, y, side)`` of the square window of side ``min(size, ...)`` inside ``border`` with the
-    largest sum of ``diff`` ``(H, W)``; windows start on a ``step``-pixel grid (ties: first in
-    row-major order)."""
-    h, w = diff.shape
-    inner = diff[border : h - border, border : w - border] if min(h, w) > 2 * border + 1 else diff
-    off = border if inner is not diff else 0
-    side = max(1, min(size, *inner.shape))
-    sat = np.pad(inner.astype(np.float64).cumsum(0).cumsum(1), ((1, 0), (1, 0)))  # summed-area table
-    ys = np.arange(0, inner.shape[0] - side + 1, step)
-    xs = np.arange(0, inner.shape[1] - side + 1, step)
-    sums = (sat[ys[:, None] + side, xs[None] + side] - sat[ys[:, None], xs[None] + side]
-            - sat[ys[:, None] + side, xs[None]] + sat[ys[:, None], xs[None]])  # fmt: skip
-    i, j = np.unravel_index(int(np.argmax(sums)), sums.shape)
-    return int(xs[j]) + off, int(ys[i]) + off, int(side)
-
-
 def _safe_name(name: str) -> str:
     """``name`` reduced to characters safe in a file name (``[A-Za-z0-9_.-]``)."""
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("._") or "set"
@@ -600,33 +476,6 @@ def _last_per_step(log: list[dict]) -> list[dict]:
     return [by_step[s] for s in sorted(by_step)]
 
 
-def _curves_plot(loss: list[tuple[int, float]], val: list[tuple[int, float]], val_set: str | None,
-                 bicubic: float | None, resumed: list[int], switch: list[int], path: Path) -> None:  # fmt: skip
-    """``curves.png``: the loss against the step and, with ``val`` rows, the validation PSNR
-    (with the ``bicubic`` PSNR of the set as a dashed line); ``resumed`` steps as dotted lines,
-    the curriculum ``switch`` as a dash-dotted one."""
-    fig, axes = plt.subplots(1, 2 if val else 1, figsize=(11 if val else 6, 3.6), squeeze=False)
-    panels = [(axes[0][0], loss, "L1 loss (on [0, 1] pixels)", "training loss")]
-    if val:
-        panels.append((axes[0][1], val, "PSNR on Y (dB)", f"validation PSNR on {val_set}"))
-    for ax, points, ylabel, title in panels:
-        steps, values = zip(*points)
-        ax.plot(steps, values, marker="." if len(points) < 50 else None, color="tab:blue", label=title)
-        for s in resumed:
-            ax.axvline(s, color="grey", linestyle=":", linewidth=1)
-        for s in switch:
-            ax.axvline(s, color="tab:green", linestyle="-.", linewidth=1, label="curriculum switch")
-        ax.set_xlabel("step")
-        ax.set_ylabel(ylabel)
-        ax.set_title(title, fontsize=10)
-        ax.grid(alpha=0.3)
-    if val and bicubic is not None:
-        axes[0][1].axhline(bicubic, color="crimson", linestyle="--", label=f"bicubic {bicubic:.2f} dB")
-        axes[0][1].legend(fontsize=8)
-    fig.tight_layout()
-    _atomic_savefig(fig, path)
-
-
 def _scores_section(tables: _Tables, manifest: dict, out_dir: Path) -> str:
     title = "## Patch scores\n\n"
     table = tables.patches(["psnr_bic", "grad", "kept"])
@@ -661,23 +510,6 @@ def _scores_section(tables: _Tables, manifest: dict, out_dir: Path) -> str:
         "Values outside the 0.5-99.5 percentile range are counted in the edge bins.\n\n"
         "![patch scores](scores.png)"
     )
-
-
-def _histogram(ax: Any, values: np.ndarray, kept: np.ndarray, xlabel: str) -> None:
-    finite = np.isfinite(values)
-    values, kept = values[finite], kept[finite]
-    if values.size == 0:
-        ax.set_xlabel(xlabel)
-        return
-    lo, hi = np.percentile(values, [0.5, 99.5])
-    if hi <= lo:
-        lo, hi = lo - 0.5, hi + 0.5
-    bins = np.linspace(lo, hi, 51)
-    clipped = np.clip(values, lo, hi)
-    ax.hist(clipped, bins=bins, histtype="step", color="grey", label=f"all ({values.size})")
-    ax.hist(clipped[kept], bins=bins, alpha=0.6, color="tab:blue", label=f"kept ({kept.sum()})")
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel("patches")
 
 
 def _clusters_section(run_dir: Path, manifest: dict, out_dir: Path, synth: bool, tables: _Tables) -> str:
@@ -793,117 +625,6 @@ def _random_pool(tables: _Tables, keys: list[int], n: int, score: str, *, kept_o
         picked[key] = list(ids[rng.choice(len(ids), min(n, len(ids)), replace=False)])
     lookup = tables.rows(sorted({i for rows in picked.values() for i in rows}), [score])
     return {k: [lookup[i] for i in rows if i in lookup] for k, rows in picked.items()}
-
-
-def _real_thumbs(shown: dict[Any, list[dict]]) -> dict[Any, list[np.ndarray]]:
-    """``THUMB`` x ``THUMB`` RGB thumbnails of patch rows (``source, x, y, size``), per key.
-
-    Each source image is read once; a patch whose source cannot be read, or which lies outside
-    it (the source changed since mining), gets a grey thumbnail.
-    """
-    out: dict[Any, list[np.ndarray]] = {key: [None] * len(rows) for key, rows in shown.items()}
-    by_source: dict[str, list[tuple[Any, int, dict]]] = {}
-    for key, rows in shown.items():
-        for i, row in enumerate(rows):
-            by_source.setdefault(str(row["source"]), []).append((key, i, row))
-    for source, items in by_source.items():
-        try:
-            img = imaging.read_image(source)
-        except imaging.ImageReadError:
-            img = None
-        for key, i, row in items:
-            thumb = _grey_thumb()
-            if img is not None:
-                try:
-                    patch = imaging.crop(img, int(row["x"]), int(row["y"]), int(row["size"]))
-                    thumb = _thumb(patch)
-                except ValueError:
-                    pass  # patch outside the image (source changed since mining)
-            out[key][i] = thumb
-    return out
-
-
-def _grey_thumb() -> np.ndarray:
-    return np.full((THUMB, THUMB, 3), 200, np.uint8)
-
-
-def _thumb(img: np.ndarray) -> np.ndarray:
-    return np.asarray(Image.fromarray(img).resize((THUMB, THUMB), Image.Resampling.BICUBIC))
-
-
-def _grid_size(n_rows: int, columns: int, *, gap_after: int | None = None, headers: bool = False,
-               captions: bool = False) -> tuple[int, int]:  # fmt: skip
-    """``(width, height)`` in pixels of the figure ``_grid`` writes for these arguments."""
-    cell = THUMB + GRID_PAD
-    w = columns * cell + GRID_PAD + (GRID_GAP if gap_after is not None else 0)
-    h = n_rows * (cell + (CAPTION if captions else 0)) + GRID_PAD
-    return (GRID_LEFT + w + GRID_RIGHT,
-            GRID_TOP + (GRID_HEADER if headers else 0) + h + GRID_BOTTOM)  # fmt: skip
-
-
-def _grid(rows: list[list[np.ndarray | None]], labels: list[str], path: Path, *, columns: int,
-          gap_after: int | None = None, headers: tuple[str, str] | None = None,
-          captions: list[list[str]] | None = None) -> None:  # fmt: skip
-    """Write a PNG grid of ``THUMB`` x ``THUMB`` thumbnails, one row per entry of ``rows``.
-
-    Args:
-        rows: per row, up to ``columns`` ``(THUMB, THUMB, 3)`` uint8 arrays, left to right;
-            ``None`` leaves its cell blank (white).
-        labels: one label per row, on the left.
-        path: the PNG (written atomically).
-        columns: thumbnail columns.
-        gap_after: insert a ``GRID_GAP`` pixel blank band, with a thin grey rule in its middle,
-            after this many columns.
-        headers: texts above the columns before / after the gap (``gap_after`` required).
-        captions: per row, a text per thumbnail (up to two short lines), written in a
-            ``CAPTION`` pixel band under it; without them rows have no band.
-
-    The figure is ``_grid_size(len(rows), columns, ...)`` pixels, one canvas pixel per figure
-    pixel.
-    """
-    cell = THUMB + GRID_PAD
-    row_h = cell + (CAPTION if captions is not None else 0)
-    gap = GRID_GAP if gap_after is not None else 0
-    canvas_w = columns * cell + GRID_PAD + gap
-    canvas_h = len(rows) * row_h + GRID_PAD
-    canvas = np.full((canvas_h, canvas_w, 3), 255, np.uint8)
-
-    def x_of(col: int) -> int:
-        return GRID_PAD + col * cell + (gap if gap_after is not None and col >= gap_after else 0)
-
-    for r, thumbs in enumerate(rows):
-        for col, thumb in enumerate(thumbs[:columns]):
-            if thumb is None:
-                continue
-            y0, x0 = GRID_PAD + r * row_h, x_of(col)
-            canvas[y0 : y0 + THUMB, x0 : x0 + THUMB] = thumb
-    if gap_after is not None:
-        mid = x_of(gap_after) - GRID_PAD // 2 - gap // 2
-        canvas[:, mid - 1 : mid + 1] = 160
-
-    dpi = 100
-    fig_w, fig_h = _grid_size(len(rows), columns, gap_after=gap_after, headers=headers is not None,
-                              captions=captions is not None)  # fmt: skip
-    fig = plt.figure(figsize=(fig_w / dpi, fig_h / dpi), dpi=dpi)
-    ax = fig.add_axes((GRID_LEFT / fig_w, GRID_BOTTOM / fig_h, canvas_w / fig_w, canvas_h / fig_h))
-    ax.imshow(canvas, interpolation="nearest")
-    ax.set_xticks([])
-    ax.set_yticks([GRID_PAD + r * row_h + THUMB / 2 for r in range(len(rows))])
-    ax.set_yticklabels(labels, fontsize=8)
-    ax.tick_params(length=0)
-    for spine in ax.spines.values():
-        spine.set_visible(False)
-    for r, texts in enumerate(captions or []):
-        for col, text in enumerate(texts[:columns]):
-            if text:
-                ax.text(x_of(col) + THUMB / 2, GRID_PAD + r * row_h + THUMB + 1, text, ha="center", va="top",
-                        fontsize=6.5, linespacing=1.1, color="#222222")  # fmt: skip
-    if headers is not None and gap_after is not None:
-        left = (x_of(0) + x_of(gap_after - 1) + THUMB) / 2
-        right = (x_of(gap_after) + x_of(columns - 1) + THUMB) / 2
-        for x, text in ((left, headers[0]), (right, headers[1])):
-            ax.text(x, -GRID_PAD, text, ha="center", va="bottom", fontsize=10, fontweight="bold")
-    _atomic_savefig(fig, path, dpi=dpi)
 
 
 def _selection_section(run_dir: Path, manifest: dict, tables: _Tables) -> str:
@@ -1082,284 +803,6 @@ def _top_patches(run_uri: str | Path, clusters: list[int], n: int) -> dict[int, 
             for c, rows in picked.items()}  # fmt: skip
 
 
-def _synth_thumb(path: Path) -> np.ndarray:
-    """Thumbnail of a synthesized PNG; grey when it cannot be read."""
-    try:
-        return _thumb(imaging.read_image(path))
-    except imaging.ImageReadError:
-        return _grey_thumb()
-
-
-def _loss_plot(log: list[dict], path: Path) -> bool:
-    """``loss`` and ``simple`` against ``step``; False (nothing written) without such rows."""
-    series = {}
-    for key in ("loss", "simple"):
-        pts = [(r["step"], r[key]) for r in log
-               if isinstance(r.get("step"), (int, float)) and isinstance(r.get(key), (int, float))]
-        if pts:
-            series[key] = pts
-    if not series:
-        return False
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    labels = {"loss": "loss (total)", "simple": "simple (noise MSE)"}
-    for key, pts in series.items():
-        steps, values = zip(*pts)
-        ax.plot(steps, values, marker="." if len(pts) < 50 else None, label=labels[key])
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    ax.set_title("diffusion fine-tuning")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    _atomic_savefig(fig, path)
-    return True
-
-
-# --------------------------------------------------------------------------- HTML
-
-_CSS = """
-body { font-family: -apple-system, "Segoe UI", Helvetica, Arial, sans-serif; max-width: 1200px;
-       margin: 2em auto; padding: 0 1em; color: #222; line-height: 1.45; }
-h1 { border-bottom: 2px solid #ddd; padding-bottom: .2em; }
-h2 { border-bottom: 1px solid #eee; padding-bottom: .15em; margin-top: 1.8em; }
-table { border-collapse: collapse; margin: .8em 0; font-size: 90%; }
-th, td { border: 1px solid #ccc; padding: .25em .6em; text-align: left; vertical-align: top; }
-th { background: #f4f4f4; }
-tr:nth-child(even) td { background: #fafafa; }
-code { background: #f2f2f2; padding: 0 .25em; border-radius: 3px; font-size: 90%; }
-blockquote { border-left: 4px solid #d33; margin: .8em 0; padding: .2em 1em; background: #fff4f4; }
-img { max-width: 100%; height: auto; display: block; margin: .6em 0; }
-"""
-_INLINE = re.compile(r"!\[([^\]]*)\]\(([^)\s]+)\)|\[([^\]]+)\]\(([^)\s]+)\)|`([^`]+)`|\*\*(.+?)\*\*")
-
-
-def markdown_to_html(text: str, base_dir: Path, *, title: str = "report") -> str:
-    """A self-contained HTML page of the markdown ``text`` that ``write_report`` writes.
-
-    Handles that subset: ``#``/``##``/``###`` headings, paragraphs, ``- `` lists, ``> ``
-    quotes, pipe tables (``\\|`` for a literal pipe in a cell), and inline ``code``,
-    ``**bold**``, links and images. An image ``![alt](file.png)`` is read from ``base_dir`` and
-    embedded as a ``data:image/png;base64,...`` URI, so the page loads nothing else; an image
-    that cannot be read becomes its alt text. All other text is HTML-escaped.
-    """
-
-    def inline(s: str) -> str:
-        out, pos = [], 0
-        for m in _INLINE.finditer(s):
-            out.append(html.escape(s[pos : m.start()]))
-            alt, src, label, href, code, bold = m.groups()
-            if src is not None:
-                out.append(_img_tag(base_dir, src, alt))
-            elif href is not None:
-                out.append(f'<a href="{html.escape(href)}">{inline(label)}</a>')
-            elif code is not None:
-                out.append(f"<code>{html.escape(code)}</code>")
-            else:
-                out.append(f"<strong>{inline(bold)}</strong>")
-            pos = m.end()
-        out.append(html.escape(s[pos:]))
-        return "".join(out)
-
-    def cells(line: str) -> list[str]:
-        parts = re.split(r"(?<!\\)\|", line.strip())[1:-1]
-        return [inline(p.strip().replace("\\|", "|")) for p in parts]
-
-    body: list[str] = []
-    for block in re.split(r"\n\s*\n", text.strip()):
-        lines = block.splitlines()
-        first = lines[0]
-        heading = re.match(r"(#{1,6})\s+(.*)", first)
-        if heading and len(lines) == 1:
-            level = len(heading.group(1))
-            body.append(f"<h{level}>{inline(heading.group(2))}</h{level}>")
-        elif all(line.lstrip().startswith("|") for line in lines):
-            rows = [cells(line) for line in lines if not re.fullmatch(r"\s*\|(\s*:?-+:?\s*\|)+\s*", line)]
-            head, rest = rows[0], rows[1:]
-            body.append("<table><thead><tr>" + "".join(f"<th>{c}</th>" for c in head) + "</tr></thead><tbody>"
-                        + "".join("<tr>" + "".join(f"<td>{c}</td>" for c in r) + "</tr>" for r in rest)
-                        + "</tbody></table>")  # fmt: skip
-        elif all(line.startswith(">") for line in lines):
-            body.append("<blockquote>" + "<br>".join(inline(line[1:].strip()) for line in lines) + "</blockquote>")
-        elif all(line.startswith("- ") for line in lines):
-            body.append("<ul>" + "".join(f"<li>{inline(line[2:])}</li>" for line in lines) + "</ul>")
-        else:  # a paragraph, or a heading / list / text run without blank lines between
-            items: list[str] = []
-            for line in lines:
-                if line.startswith("- "):
-                    items.append(f"<li>{inline(line[2:])}</li>")
-                    continue
-                if items:
-                    body.append("<ul>" + "".join(items) + "</ul>")
-                    items = []
-                h = re.match(r"(#{1,6})\s+(.*)", line)
-                if h:
-                    body.append(f"<h{len(h.group(1))}>{inline(h.group(2))}</h{len(h.group(1))}>")
-                else:
-                    body.append(f"<p>{inline(line)}</p>")
-            if items:
-                body.append("<ul>" + "".join(items) + "</ul>")
-    return ("<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
-            f"<title>{html.escape(title)}</title>\n<style>{_CSS}</style>\n</head>\n<body>\n"
-            + "\n".join(body) + "\n</body>\n</html>\n")  # fmt: skip
-
-
-def _img_tag(base_dir: Path, src: str, alt: str) -> str:
-    """``<img>`` with the PNG ``base_dir/src`` inlined as a data URI, or ``alt`` (escaped) when
-    ``src`` is not a readable file name inside ``base_dir``."""
-    path = base_dir / src
-    if "/" in src or "\\" in src or not path.is_file():
-        return f"<em>[{html.escape(alt)}: {html.escape(src)} missing]</em>"
-    data = base64.b64encode(path.read_bytes()).decode("ascii")
-    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{data}">'
-
-
-# --------------------------------------------------------------------------- helpers
-
-
-def _selected_rows(run_dir: Path, tables: _Tables) -> list[dict]:
-    """Rows of ``selected.parquet`` with ``source, x, y, size, cluster, rank``.
-
-    Patch geometry missing from the selection table is looked up in the patch table by
-    ``patch_id``; a missing ``cluster`` (baselines ``random``/``score-topk`` may not carry
-    it) in the cluster assignments, and is -1 where no assignment exists. Only the rows of the
-    selected patches are read from either table.
-
-    Raises:
-        FileNotFoundError: geometry is needed but the patch table does not exist.
-    """
-    table = pq.read_table(run_dir / "select" / "selected.parquet")
-    rows = table.to_pylist()
-    if rows and not all(k in table.column_names for k in _GEOMETRY):
-        if not tables.has_patches():
-            raise FileNotFoundError(
-                f"{storage.join(tables.uri, 'mine')}: no patch table to look up the geometry of "
-                "the selected patches"
-            )
-        lookup = tables.geometry(sorted({r["patch_id"] for r in rows}))
-        rows = [{**lookup[r["patch_id"]], **r} for r in rows]
-    if rows and "cluster" not in table.column_names:
-        assigned = {}
-        ids = pa.array(sorted({r["patch_id"] for r in rows}), pa.string())
-        t = tables.assignments(["patch_id", "cluster"], filter=pads.field("patch_id").isin(ids))
-        if t is not None:
-            assigned = dict(zip(t.column("patch_id").to_pylist(), t.column("cluster").to_pylist()))
-        rows = [{**r, "cluster": assigned.get(r["patch_id"], -1)} for r in rows]
-    return rows
-
-
-_GEOMETRY = ("source", "x", "y", "size")
-_PATCH_COLUMNS = PATCH_SCHEMA.append(pa.field("kept", pa.bool_()))
-
-
-class _Tables:
-    """The run's partitioned tables at ``uri`` (local path or ``s3://``), read on demand.
-
-    ``mine/patches/`` + ``mine/keep.json`` through ``mining.read_patches``, and
-    ``cluster/assignments/`` through ``storage.read_dataset``; whether each exists is asked
-    once, and the cluster sizes are computed once.
-    """
-
-    def __init__(self, uri: str) -> None:
-        self.uri = uri
-        self.mine_uri = storage.join(uri, "mine")
-        self.assign_uri = storage.join(uri, "cluster", "assignments")
-        self._exists: dict[str, bool] = {}
-        self._sizes: dict[int, int] | None = None
-
-    def _has(self, uri: str) -> bool:
-        if uri not in self._exists:
-            self._exists[uri] = storage.exists(uri)
-        return self._exists[uri]
-
-    def has_patches(self) -> bool:
-        """Whether the ``mine`` stage finished: its keep rule ``keep.json`` is written once
-        every part is (a corpus without a single shard has no ``patches/`` folder)."""
-        return self._has(storage.join(self.mine_uri, "keep.json"))
-
-    def patches(self, columns: list[str], filter: Any = None) -> pa.Table | None:
-        """``columns`` (``kept`` computed) of the patch rows; None without a patch table."""
-        if not self.has_patches():
-            return None
-        if not self._has(storage.join(self.mine_uri, "patches")):
-            return _PATCH_COLUMNS.empty_table().select(columns)
-        return read_patches(self.mine_uri, columns, filter=filter)
-
-    def geometry(self, ids: list[str]) -> dict[str, dict]:
-        """``patch_id`` -> ``{patch_id, source, x, y, size}`` for those of ``ids`` in the patch
-        table ({} without one)."""
-        return self.rows(ids, [])
-
-    def rows(self, ids: list[str], extra: list[str]) -> dict[str, dict]:
-        """``patch_id`` -> ``{patch_id, source, x, y, size, *extra}`` for those of ``ids`` in the
-        patch table ({} without one); ``extra`` names not in the patch table are left out."""
-        if not ids:
-            return {}
-        extra = [c for c in extra if c in _PATCH_COLUMNS.names and c not in ("patch_id", *_GEOMETRY)]
-        table = self.patches(["patch_id", *_GEOMETRY, *extra],
-                             filter=pads.field("patch_id").isin(pa.array(ids, pa.string())))  # fmt: skip
-        return {} if table is None else {r["patch_id"]: r for r in table.to_pylist()}
-
-    def assignments(self, columns: list[str] | None = None, filter: Any = None) -> pa.Table | None:
-        """The cluster assignments (``columns``, rows matching ``filter``); None if absent."""
-        if not self._has(self.assign_uri):
-            return None
-        return storage.read_dataset(self.assign_uri, columns=columns, filter=filter)
-
-    def cluster_sizes(self) -> dict[int, int]:
-        """Cluster id -> number of assigned patches ({} without assignments)."""
-        if self._sizes is None:
-            table = self.assignments(["cluster"])
-            self._sizes = {}
-            if table is not None and table.num_rows:
-                counts = table.column("cluster").drop_null().value_counts()
-                pairs = zip(counts.field("values").to_pylist(), counts.field("counts").to_pylist())
-                self._sizes = {int(c): int(n) for c, n in sorted(pairs)}
-        return self._sizes
-
-
-def _is_synth(run_dir: Path, manifest: dict) -> bool:
-    """A ``distill: synth`` run: so configured, or it has synthesized images."""
-    return (manifest.get("config", {}).get("distill") == "synth"
-            or (run_dir / "synthesize" / "provenance.csv").is_file())  # fmt: skip
-
-
-def _read_json(path: Path) -> dict:
-    """The JSON object in ``path``; {} if it is missing or unreadable."""
-    try:
-        value = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-    return value if isinstance(value, dict) else {}
-
-
-def _read_log(path: Path) -> list[dict]:
-    """Rows of a JSON-lines log (blank or malformed lines skipped); [] if missing."""
-    if not path.is_file():
-        return []
-    rows = []
-    for line in path.read_text().splitlines():
-        try:
-            row = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(row, dict):
-            rows.append(row)
-    return rows
-
-
-def _read_provenance(path: Path) -> list[dict]:
-    """Rows of ``synthesize/provenance.csv`` in file order (rows without ``file``/``cluster``
-    skipped)."""
-    with open(path, newline="") as f:
-        rows = []
-        for row in csv.DictReader(f):
-            try:
-                rows.append({**row, "cluster": int(row["cluster"])})
-            except (KeyError, TypeError, ValueError):
-                continue
-    return [r for r in rows if r.get("file")]
-
-
 def _cell(value: Any) -> str:
     """Text safe inside a markdown table cell: no pipes, no line breaks."""
     return str(value).replace("|", "\\|").replace("\r", " ").replace("\n", " ")
@@ -1377,18 +820,3 @@ def _installed_version() -> str:
         return importlib.metadata.version("srdistill")
     except importlib.metadata.PackageNotFoundError:
         return "unknown"
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def _atomic_savefig(fig: Any, path: Path, **kwargs: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        fig.savefig(tmp, format="png", **kwargs)
-    finally:
-        plt.close(fig)
-    os.replace(tmp, path)
