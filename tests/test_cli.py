@@ -28,7 +28,8 @@ from typer.testing import CliRunner
 
 from conftest import T91, copy_t91, kill_ray_processes
 from srdistill import __version__
-from srdistill.cli import MODEL_NAMES, app
+from srdistill.cli import app
+from srdistill.cli.common import MODEL_NAMES
 from srdistill.config import MZSRConfig, RunConfig, parse_override
 
 ROOT = typer.main.get_command(app)

@@ -132,7 +132,7 @@ def test_run_task_reports_the_gpu_it_was_given(ray_gpu):
 
 
 def test_cli_gpu_flags_map_to_one_config_spelling():
-    from srdistill.cli import _ray_overrides, _training_overrides
+    from srdistill.cli.common import _ray_overrides, _training_overrides
 
     assert _training_overrides("train", None, 2) == ["train.workers=2", "train.use_gpu=true"]
     assert _training_overrides("finetune", 3, 0) == ["finetune.workers=3", "finetune.use_gpu=false",
