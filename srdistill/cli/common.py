@@ -314,7 +314,8 @@ def _model_config(model, config: Optional[Path], overrides: list[str], base: Opt
     """A config ``model`` (``MZSRConfig``, ``SynthConfig``) from ``base`` (e.g. a checkpoint's),
     a YAML file of its fields, ``--set`` overrides and the CLI options given (not None), each
     over the one before; a bad value is exit 2 naming the field."""
-    from srdistill.config import _deep_merge, parse_override
+    from srdistill.config import parse_override
+    from srdistill.config.loading import _deep_merge
 
     try:
         data = dict(base or {})

@@ -52,7 +52,8 @@ def k8s_render(
     import yaml
 
     from srdistill import k8s
-    from srdistill.config import _deep_merge, parse_override
+    from srdistill.config import parse_override
+    from srdistill.config.loading import _deep_merge
 
     spec: dict = {"input": input, "output": out, "allowRandomInit": allow_random_init}
     spec.update({k: v for k, v in {"preset": preset, "distill": distill}.items() if v is not None})
