@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 from scipy.stats import spearmanr
 
-from srdistill.complexity import attach_scores, read_scores
-from srdistill.mining import read_patches
+from srdistill.distill.complexity import attach_scores, read_scores
+from srdistill.distill.mining import read_patches
 
 COLUMNS = ("vit_complexity", "entropy", "grad_energy", "grad", "psnr_bic")
 

@@ -33,8 +33,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 def batches_of(input_dir: Path, n: int, size: int, stride: int, batch: int) -> list[dict[str, np.ndarray]]:
     from srdistill import storage
-    from srdistill.imaging import image_size
-    from srdistill.mining import patch_positions
+    from srdistill.distill.mining import patch_positions
+    from srdistill.sr.imaging import image_size
 
     rows = []
     paths = storage.list_files(str(input_dir), (".png",))
@@ -61,8 +61,8 @@ def main() -> None:
     import torch
 
     from srdistill.config import EmbedConfig
-    from srdistill.embedding import ClipEmbedder, resolve_clip
-    from srdistill.mining import prefetched
+    from srdistill.distill.embedding import ClipEmbedder, resolve_clip
+    from srdistill.distill.mining import prefetched
 
     torch.set_num_threads(args.threads)
     cfg = EmbedConfig(model="not/downloaded", allow_random_init=True, device=args.device, batch_size=args.batch_size)

@@ -36,9 +36,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from srdistill import diffusion, runner, storage, synthesis
+from srdistill import storage
 from srdistill.config import FinetuneConfig, RayConfig
-from srdistill.imaging import image_size
+from srdistill.distill import diffusion, synthesis
+from srdistill.run import runner
+from srdistill.sr.imaging import image_size
 
 REPO = Path(__file__).resolve().parents[1]
 DIT = {"dit-s": dict(num_layers=12, attention_head_dim=64, num_attention_heads=6),

@@ -25,11 +25,12 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from srdistill import runner, storage
+from srdistill import storage
 from srdistill.config import MineConfig, RayConfig
-from srdistill.evaluation import resolve_dataset
-from srdistill.imaging import read_image, write_png
-from srdistill.mining import MINED_SCHEMA, mine_images
+from srdistill.distill.mining import MINED_SCHEMA, mine_images
+from srdistill.run import runner
+from srdistill.sr.evaluation import resolve_dataset
+from srdistill.sr.imaging import read_image, write_png
 
 DECODED = pa.schema([("source", pa.string()), ("pixels", pa.int64())])
 

@@ -5,7 +5,7 @@ that accepts connections but never answers; this operator side by side with an o
     python bench/bench_operator.py --repeats 5 --old 9803845
 
 Each operator runs as ``kopf run`` (in a subprocess, interval ``--interval`` s, one namespace)
-against kmock's Kubernetes API emulator, the one ``tests/test_operator.py`` uses; ``--old REV``
+against kmock's Kubernetes API emulator, the one ``tests/app/test_operator.py`` uses; ``--old REV``
 runs ``operators/srdistill_operator.py`` of that commit with ``--standalone`` (it knows no
 peering), with this checkout's ``srdistill`` package. Per repeat: create a resource, wait for
 its first ``.status.phase``, wait a random fraction of an interval (so that deletes land at

@@ -22,9 +22,9 @@ import torch
 from scipy.stats import spearmanr
 
 from srdistill.config import MineConfig, ProxyConfig
-from srdistill.kcenter import kcenter_greedy, patch_descriptors
-from srdistill.mining import mine_images, split_mined
-from srdistill.proxy_error import proxy_error_scores
+from srdistill.distill.kcenter import kcenter_greedy, patch_descriptors
+from srdistill.distill.mining import mine_images, split_mined
+from srdistill.distill.proxy_error import proxy_error_scores
 
 
 def timed(fn, *args, **kwargs):

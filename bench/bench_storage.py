@@ -53,12 +53,13 @@ import psutil
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from srdistill import runner, storage
+from srdistill import storage
 from srdistill.config import MineConfig, RayConfig, load_config
 from srdistill.corpus import plan_corpus
-from srdistill.evaluation import resolve_dataset
-from srdistill.imaging import read_image, write_png
-from srdistill.mining import summarize_parts
+from srdistill.distill.mining import summarize_parts
+from srdistill.run import runner
+from srdistill.sr.evaluation import resolve_dataset
+from srdistill.sr.imaging import read_image, write_png
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -381,7 +382,7 @@ def read_pass(uris: list[str]) -> tuple[float, list[float]]:
 
 
 def throughput_part(args, work: Path) -> dict:
-    from srdistill.embedding import resolve_clip
+    from srdistill.distill.embedding import resolve_clip
 
     bucket = "srdistill-bench"
     server, endpoint = start_s3(work, bucket)

@@ -24,10 +24,10 @@ from pathlib import Path
 
 import torch
 
-from srdistill import runner
 from srdistill.config import RayConfig, TrainConfig
-from srdistill.evaluation import list_images
-from srdistill.training import train_sr
+from srdistill.run import runner
+from srdistill.sr.evaluation import list_images
+from srdistill.sr.training import train_sr
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -63,8 +63,8 @@ from bench_mining import make_tiled  # noqa: E402
 
 from srdistill import storage  # noqa: E402
 from srdistill.config import MineConfig  # noqa: E402
-from srdistill.evaluation import resolve_dataset  # noqa: E402
-from srdistill.imaging import read_image, write_png  # noqa: E402
+from srdistill.sr.evaluation import resolve_dataset  # noqa: E402
+from srdistill.sr.imaging import read_image, write_png  # noqa: E402
 
 ENV = {**os.environ, "RAY_AUTH_MODE": "disabled", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
 CLI = [sys.executable, "-m", "srdistill.cli"]
@@ -157,7 +157,7 @@ def per_core_scoring(srdd: Path, folder: Path, size: int, stride: int, repeats: 
     against srdistill's mine_images (released criterion; and the default), no prefetch."""
     import cv2
 
-    from srdistill.mining import mine_images, one_core
+    from srdistill.distill.mining import mine_images, one_core
 
     module = load_srdd_select(srdd)
     paths = [str(p) for p in sorted(folder.glob("*.png"))]
@@ -230,7 +230,7 @@ def part_select(args, work: Path) -> None:
 
 def export_patches(run_dir: Path, dest: Path) -> int:
     """The kept patches of a mined run as PNGs, in SRDD's layout (``dest/<class>/*.png``)."""
-    from srdistill.mining import read_patches
+    from srdistill.distill.mining import read_patches
 
     table = read_patches(str(run_dir / "mine"), ["source", "x", "y", "size"], kept_only=True)
     (dest / "x2").mkdir(parents=True, exist_ok=True)
@@ -264,9 +264,9 @@ def raw_forward(run_dir: Path, repeats: int) -> float:
     import torch
 
     from srdistill.config import load_config
-    from srdistill.embedding import ClipEmbedder, resolve_clip
-    from srdistill.imaging import read_crops
-    from srdistill.mining import read_patches
+    from srdistill.distill.embedding import ClipEmbedder, resolve_clip
+    from srdistill.distill.mining import read_patches
+    from srdistill.sr.imaging import read_crops
 
     cfg = load_config("demo", overrides=["embed.allow_random_init=true"]).embed
     torch.set_num_threads(cfg.num_threads or 2)
@@ -315,9 +315,9 @@ def part_scaling(args, work: Path) -> None:
     import ray
     from ray.cluster_utils import Cluster
 
-    from srdistill import runner
     from srdistill.config import load_config
-    from srdistill.pipeline import run_pipeline
+    from srdistill.run import runner
+    from srdistill.run.pipeline import run_pipeline
 
     print(f"\n## scaling: local Ray cluster, 1 CPU per node (load {uptime()})\n")
     base = sorted(div2k_like(args, work).glob("*.png"))

@@ -18,10 +18,11 @@ import json
 import time
 from pathlib import Path
 
-from srdistill import degradation, mzsr
 from srdistill.config import MZSRConfig
-from srdistill.evaluation import evaluate
-from srdistill.training import load_checkpoint
+from srdistill.sr import degradation
+from srdistill.sr.evaluation import evaluate
+from srdistill.sr.training import load_checkpoint
+from srdistill.zeroshot import mzsr
 
 REPO = Path(__file__).resolve().parents[1]
 #: MZSR's Table 2, x2, g^d_2.0 (PSNR on Y, dB).

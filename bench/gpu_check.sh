@@ -3,7 +3,7 @@
 #
 #   PASS|FAIL|SKIP <path> <seconds> <detail>
 #
-# Paths: the device itself; `pytest -m gpu tests/test_gpu.py` (CLIP on the GPU, bf16-autocast SR
+# Paths: the device itself; `pytest -m gpu tests/run/test_gpu.py` (CLIP on the GPU, bf16-autocast SR
 # training, DeepSpeed fine-tuning of a random-init DiT-S/2 with DDIM sampling on GPU actors, Ray
 # placement of every model stage with `device: auto`, faiss k-means on the GPU when faiss-gpu is
 # installed), each test its own line with its own time; and `srdistill train --gpus 1` (Ray Train,
@@ -43,7 +43,7 @@ fi
 
 # --- pytest -m gpu: one line per test -------------------------------------------------------
 t0=$SECONDS
-timeout 420 "$PY" -m pytest -m gpu -rA -q -p no:cacheprovider --junitxml="$OUT/gpu.xml" tests/test_gpu.py \
+timeout 420 "$PY" -m pytest -m gpu -rA -q -p no:cacheprovider --junitxml="$OUT/gpu.xml" tests/run/test_gpu.py \
   >"$OUT/pytest.log" 2>&1
 rc=$?
 if [ ! -s "$OUT/gpu.xml" ]; then

@@ -6,7 +6,7 @@ SRDD's released patch selection scores a window by the PSNR of its grayscale cro
 OpenCV ``INTER_CUBIC`` x4 down-then-up (``mine.psnr_bic_resize = opencv``); srdistill's default
 is MATLAB's bicubic (``matlab``), which restores a patch better, so a fixed threshold keeps
 fewer windows. This mines every image below ``--inputs`` (benchmark names resolved like
-``srdistill.evaluation.resolve_dataset``, or folders) with ``mining.mine_images`` once per
+``srdistill.sr.evaluation.resolve_dataset``, or folders) with ``mining.mine_images`` once per
 criterion and applies the threshold keep rule (``mining.apply_keep_rule``), then prints a
 markdown table (criterion, windows, kept, fraction) and the paired score difference.
 Defaults: 192/96 windows, x4, per-window scoring (``psnr_bic_window = patch``, as SRDD), 23 dB.
@@ -24,8 +24,8 @@ import pyarrow.compute as pc
 
 from srdistill import storage
 from srdistill.config import MineConfig
-from srdistill.evaluation import resolve_dataset
-from srdistill.mining import apply_keep_rule, mine_images
+from srdistill.distill.mining import apply_keep_rule, mine_images
+from srdistill.sr.evaluation import resolve_dataset
 
 CRITERIA = ("matlab", "opencv")
 

@@ -22,9 +22,9 @@ import statistics
 import time
 from pathlib import Path
 
-from srdistill import runner
-from srdistill.benchmark import QualityBench, run_quality_bench, summarize
 from srdistill.config import load_config
+from srdistill.run import runner
+from srdistill.run.benchmark import QualityBench, run_quality_bench, summarize
 
 EDSR_SLIM = {"n_resblocks": 4, "n_feats": 32}
 #: name -> (scale, network, its constructor arguments, steps, LR crop side, learning rate)
@@ -68,7 +68,7 @@ def main() -> None:
         gap = rows["random"]["vs_full"]
         se = (gap["hi"] - gap["mean"]) / _t975(gap["n"]) if gap["lo"] is not None else float("nan")
         minutes = statistics.mean(r["train_s"] for r in results) / 60
-        from srdistill.models import build_model
+        from srdistill.sr.models import build_model
 
         params = sum(p.numel() for p in build_model(model, scale, **kwargs).parameters())
         lines.append(f"| {name} | {params:,} | {steps} | {rows['full']['mean_psnr']:.2f} | "

@@ -8,7 +8,7 @@ too: ``# -- text`` above a key documents it (the ``#`` lines after it continue t
 ``# (type)`` right after ``--`` overrides the type shown, and ``# @default -- text`` replaces the
 default shown (for defaults the templates compute). Every key whose value is not a block of
 further keys (a leaf: a scalar, a list, a flow or empty mapping) must have one; a block's own
-comment is a plain ``#`` one (a section heading, not a row). ``tests/test_chart.py`` checks
+comment is a plain ``#`` one (a section heading, not a row). ``tests/app/test_chart.py`` checks
 both and that the README holds the current table.
 """
 

@@ -5,7 +5,7 @@
 
 Takes the same options as ``srdistill run``. Under ``ray job submit`` the driver finds the
 cluster through ``$RAY_ADDRESS``; run directly, it starts a local Ray (the embedded default).
-The runtime env: README, "On a Ray cluster"; tested by ``tests/test_ray_cluster.py``.
+The runtime env: README, "On a Ray cluster"; tested by ``tests/run/test_ray_cluster.py``.
 """
 
 import sys

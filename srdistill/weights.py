@@ -66,7 +66,7 @@ _SNAPSHOT = re.compile(r"models--(?P<repo>[^/]+)/snapshots/(?P<commit>[0-9a-f]{4
 
 
 class MissingWeightsError(RuntimeError):
-    """Model weights (CLIP, the ViT of ``srdistill.complexity``, a DiT or VAE) were not found:
+    """Model weights (CLIP, the ViT of ``srdistill.distill.complexity``, a DiT or VAE) were not found:
     not a local directory, not in the Hugging Face cache (offline), or not downloadable
     (unknown repository, network error).
 

@@ -14,12 +14,12 @@ The parts: ``schema`` (the models) and ``loading`` (presets, files, overrides, e
 public names are re-exported here.
 """
 
+from srdistill.config.loading import (PRESET_DIR, describe_error, load_config, parse_override, preset_names,
+                                      read_yaml_mapping)
 from srdistill.config.schema import (LOWER_IS_HARDER, PATCH_PRESETS, RECIPES, AlignConfig, Arch, ClusterConfig,
                                      ComplexityConfig, ComplexityScore, CurriculumConfig, EmbedConfig, EvalConfig,
                                      FinetuneConfig, MZSRConfig, MineConfig, ProxyConfig, RayConfig, RunConfig, Score,
                                      SelectConfig, SelectScore, SynthConfig, TrainConfig)
-from srdistill.config.loading import (PRESET_DIR, describe_error, load_config, parse_override, preset_names,
-                                      read_yaml_mapping)
 
 __all__ = [
     "PRESET_DIR",

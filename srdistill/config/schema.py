@@ -18,10 +18,10 @@ PATCH_PRESETS: dict[str, tuple[int, int]] = {
 }
 
 Score = Literal["psnr_bic", "grad"]
-#: Scores ``select.score`` may rank by: the mined ones, and ``proxy_error`` (``srdistill.proxy_error``,
+#: Scores ``select.score`` may rank by: the mined ones, and ``proxy_error`` (``srdistill.distill.proxy_error``,
 #: a column the caller attaches).
 SelectScore = Literal["psnr_bic", "grad", "proxy_error"]
-#: Complexity scores of a patch (``srdistill.complexity``; TripleD): all higher = more complex.
+#: Complexity scores of a patch (``srdistill.distill.complexity``; TripleD): all higher = more complex.
 ComplexityScore = Literal["vit_complexity", "entropy", "grad_energy"]
 #: For each patch score, whether a lower value means a harder (more valuable) patch.
 LOWER_IS_HARDER: dict[str, bool] = {
@@ -57,7 +57,7 @@ class MineConfig(_Strict):
     downscaling, uint8 rounding after each pass) or ``opencv`` (``cv2.resize`` ``INTER_CUBIC``:
     a = -0.75, no antialiasing, float32 throughout), the resize of SRDD's released
     ``src/1_select_patches.py``. On natural images ``matlab`` reads higher, so a fixed
-    threshold keeps fewer patches under it (see ``srdistill.mining``).
+    threshold keeps fewer patches under it (see ``srdistill.distill.mining``).
     """
 
     patch_preset: Literal["srdd", "div2k"] | None = None
@@ -154,7 +154,7 @@ class EmbedConfig(_ActorStage):
 
 
 class ComplexityConfig(_ActorStage):
-    """ViT complexity scoring of every mined patch (TripleD step 1; ``srdistill.complexity``).
+    """ViT complexity scoring of every mined patch (TripleD step 1; ``srdistill.distill.complexity``).
 
     ``model`` is a transformers ViT-style checkpoint (``ViTModel``, DeiT, DINO, DINOv2: any
     ``AutoModel`` whose output has ``last_hidden_state`` with a leading CLS token) in a local
@@ -173,7 +173,7 @@ class ComplexityConfig(_ActorStage):
 
 
 class ClusterConfig(_Strict):
-    """k-means of the embeddings (trained on a sample, all assigned). See ``srdistill.clustering``.
+    """k-means of the embeddings (trained on a sample, all assigned). See ``srdistill.distill.clustering``.
 
     ``method``: ``spherical-faiss`` (default), faiss spherical k-means on L2-normalised
     embeddings. Centroids are trained on a seeded sample of at most ``max_train_points`` rows:
@@ -227,7 +227,7 @@ class ClusterConfig(_Strict):
 
 
 class ProxyConfig(_Strict):
-    """The proxy SR network of the ``proxy_error`` score (``srdistill.proxy_error``, after EL2N).
+    """The proxy SR network of the ``proxy_error`` score (``srdistill.distill.proxy_error``, after EL2N).
 
     For each of ``seeds``, an ESPCN of ``n_feats`` channels at the run's scale is trained for
     ``steps`` Adam steps (L1, learning rate ``lr``) on ``batch_size`` random ``crop`` x ``crop``
@@ -253,7 +253,7 @@ class SelectConfig(_Strict):
     HR pixels (all readable source images). ``method`` ``clip-kmeans`` ranks by ``score``
     inside each cluster; ``random`` and ``score-topk`` are the same-budget baselines;
     ``tripled``, ``kcenter``, ``stratified`` and ``hard-mix`` are described in
-    ``srdistill.selection``. Before any method, overlapping windows are thinned
+    ``srdistill.distill.selection``. Before any method, overlapping windows are thinned
     (``max_overlap``) so the budget is not spent on near-duplicate crops.
     """
 
@@ -263,7 +263,7 @@ class SelectConfig(_Strict):
     pixel_fraction: float | None = Field(None, gt=0.0, le=1.0)
     score: SelectScore = Field(
         "psnr_bic", description="hardness score: psnr_bic (lower is harder), grad or proxy_error (higher "
-        "is harder; a column the caller attaches, srdistill.proxy_error)")  # fmt: skip
+        "is harder; a column the caller attaches, srdistill.distill.proxy_error)")  # fmt: skip
     complexity_score: ComplexityScore = Field(
         "vit_complexity", description="tripled: the complexity score whose quantiles are the strata")
     strata: int = Field(
@@ -273,7 +273,7 @@ class SelectConfig(_Strict):
     )  # fmt: skip
     features: Literal["descriptor", "clip", "vit"] = Field(
         "descriptor", description="kcenter's feature space: descriptor (pixel statistics, "
-        "srdistill.kcenter.patch_descriptors), clip (the embed stage's 'embedding' column) or vit "
+        "srdistill.distill.kcenter.patch_descriptors), clip (the embed stage's 'embedding' column) or vit "
         "(the complexity stage's 'feature' column)")  # fmt: skip
     prune_hard: float = Field(
         0.0, ge=0.0, lt=1.0, description="stratified: drop this fraction of the hardest candidates first (CCS's beta)")
@@ -300,7 +300,7 @@ Arch = Literal["edsr-baseline", "espcn", "rcan", "swinir-light", "mzsr"]
 
 class AlignConfig(_Strict):
     """Feature-level distribution alignment of the selected set (TripleD step 3;
-    ``srdistill.alignment``).
+    ``srdistill.distill.alignment``).
 
     A small residual CNN (``blocks`` 3x3 convolutions of ``channels``, the last one
     zero-initialised so it starts as the identity) is trained on the selected images to
@@ -331,7 +331,7 @@ class AlignConfig(_Strict):
 
 
 class CurriculumConfig(_Strict):
-    """Two-stage training schedule (TripleD step 4; ``srdistill.curriculum``).
+    """Two-stage training schedule (TripleD step 4; ``srdistill.sr.curriculum``).
 
     Stage 1 (the first ``switch`` of the iterations) draws crops only from the ``easy_fraction``
     lowest-complexity images by ``score``. At the switch, the network's L1 loss is measured on
@@ -364,7 +364,7 @@ class TrainConfig(_Strict):
     model: Arch = "espcn"
     model_kwargs: dict[str, int | float] = Field(
         default_factory=dict, description="constructor arguments of the network beyond scale, e.g. "
-        "{n_resblocks: 4, n_feats: 32} for a slim EDSR (srdistill.models)")  # fmt: skip
+        "{n_resblocks: 4, n_feats: 32} for a slim EDSR (srdistill.sr.models)")  # fmt: skip
     iterations: int = Field(2000, ge=1)
     batch_size: int = Field(16, ge=1)
     lr_patch: int = Field(48, ge=4, description="LR crop side in pixels; HR crop = lr_patch*scale")
@@ -423,7 +423,7 @@ RECIPES: dict[str, dict] = {
 
 class MZSRConfig(_Strict):
     """MZSR's meta-transfer learning, its test-time adaptation, and the ZSSR baseline
-    (``srdistill.mzsr``).
+    (``srdistill.zeroshot.mzsr``).
 
     MZSR: Soh, Cho, Cho, "Meta-Transfer Learning for Zero-Shot Super-Resolution", CVPR 2020,
     arXiv:2002.12213, official code JWSoh/MZSR (``config.py``, ``train.py``, ``test.py``,
@@ -539,7 +539,7 @@ class MZSRConfig(_Strict):
 
 
 class FinetuneConfig(_Strict):
-    """Cluster-conditioned diffusion fine-tuning (SRDD §3.3; ``srdistill.diffusion``).
+    """Cluster-conditioned diffusion fine-tuning (SRDD §3.3; ``srdistill.distill.diffusion``).
 
     Backbones: ``dit`` is a diffusers ``DiTTransformer2DModel`` + ``AutoencoderKL`` loaded
     from ``dit_path`` (the layout of ``facebook/DiT-XL-2-512``: ``transformer/``, ``vae/``,
@@ -557,7 +557,7 @@ class FinetuneConfig(_Strict):
     ``zero_stage``); 0 runs it in-process in plain PyTorch.
 
     Choices where SRDD's released ``train_diff.py`` (on MinimaxDiffusion's DiT and improved-DDPM
-    code) is one option (see ``srdistill.diffusion``):
+    code) is one option (see ``srdistill.distill.diffusion``):
 
     * ``difffit``: ``first-half`` (released, and DiffFit's best placement): scales gamma on the
       q, k, v projections, the attention output (twice: projection and branch, as the release's
@@ -650,7 +650,7 @@ class FinetuneConfig(_Strict):
 
 
 class SynthConfig(_Strict):
-    """Sampling the synthetic distilled set (SRDD §3.4; ``srdistill.synthesis``).
+    """Sampling the synthetic distilled set (SRDD §3.4; ``srdistill.distill.synthesis``).
 
     ``ipc`` images per cluster; without it the ``select`` budget (``ipc`` or
     ``pixel_fraction``) decides. ``guidance_scale`` is classifier-free guidance (1 = none).

@@ -12,7 +12,7 @@ reading of that sentence, configured by ``config.AlignConfig``:
       L = D(phi(net(x)), Y) + fidelity_weight * mean|net(x) - x|
 
   where ``phi`` is a frozen, differentiable feature extractor (in the pipeline the ViT of
-  ``srdistill.complexity``), ``Y`` a sample of the full corpus' features, and ``D`` either
+  ``srdistill.distill.complexity``), ``Y`` a sample of the full corpus' features, and ``D`` either
   the squared MMD (``metrics.feature_mmd2``: Gretton et al., JMLR 2012, eq. 5, a sum of
   Gaussian kernels around a bandwidth fixed once by the median heuristic on ``Y``) or
   ``moment_loss`` (squared distance of the feature means plus of the feature standard

@@ -9,7 +9,7 @@ HR patch and the output the SR image, so here
 
     proxy_error(patch) = mean over seeds s of  mean_pixels,channels (f_s(LR) - HR)^2
 
-with ``f_s`` an ESPCN (``srdistill.models.ESPCN``, ``select.proxy.n_feats`` channels) at the
+with ``f_s`` an ESPCN (``srdistill.sr.models.ESPCN``, ``select.proxy.n_feats`` channels) at the
 run's scale, initialised from ``torch.manual_seed(s)`` and trained for ``select.proxy.steps``
 Adam steps (L1 loss, the training stage's loss) on random crops of the corpus' own patches,
 LR made by MATLAB bicubic (``training.sample_batch``, as training makes it). No label and no

@@ -22,18 +22,18 @@ it picks actual patches, under the same budget, with these methods:
 
 Label-free selectors from the data-pruning literature that need no pretrained model:
 
-* ``kcenter``: k-center greedy coreset (Sener and Savarese, ICLR 2018; ``srdistill.kcenter``)
+* ``kcenter``: k-center greedy coreset (Sener and Savarese, ICLR 2018; ``srdistill.distill.kcenter``)
   in the feature space ``features``: pixel descriptors (``descriptor``, default), CLIP
   embeddings (``clip``) or ViT features (``vit``).
 * ``stratified``: Coverage-centric Coreset Selection (Zheng et al., ICLR 2023;
-  ``srdistill.stratified``): optionally drop the hardest ``prune_hard``, cut ``score`` into
+  ``srdistill.distill.stratified``): optionally drop the hardest ``prune_hard``, cut ``score`` into
   ``strata`` equal-width bins, share the budget by CCS's smallest-bin-first rule, sample at
   random within each bin.
 * ``hard-mix``: ``hard_fraction`` of the budget hardest by ``score``, the rest uniform from the
-  other candidates (``srdistill.stratified``).
+  other candidates (``srdistill.distill.stratified``).
 
 Any method that ranks by ``score`` can rank by ``proxy_error``, the error of small SR networks
-trained briefly on the corpus (after EL2N, Paul et al., NeurIPS 2021; ``srdistill.proxy_error``),
+trained briefly on the corpus (after EL2N, Paul et al., NeurIPS 2021; ``srdistill.distill.proxy_error``),
 once that column is attached (``proxy_error.attach_proxy_error``).
 
 ``subset_mmd`` measures how well a subset's features represent the corpus' (squared MMD), the

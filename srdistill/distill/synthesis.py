@@ -1,6 +1,6 @@
 """SRDD's synthesis of the distilled set (Cho et al., arXiv 2509.14777, §3.4).
 
-The fine-tuned cluster-conditioned diffusion model (``srdistill.diffusion``) is sampled N times
+The fine-tuned cluster-conditioned diffusion model (``srdistill.distill.diffusion``) is sampled N times
 per cluster ("images per cluster", IPC); the synthetic images replace the real patches as the
 SR training set. Three samplers, all diffusers schedulers built from the model's DDPM
 training schedule (``SynthConfig.sampler``):
@@ -24,7 +24,7 @@ training schedule (``SynthConfig.sampler``):
   last step (t = 0); x0_hat is not clipped for latents (the release: ``clip_denoised=False``),
   clipped to [-1, 1] in pixel space as ``ddim`` does. This is diffusers' ``DDPMScheduler``
   (``variance_type="learned_range"`` / ``"fixed_small"``, custom ``timesteps``), which computes
-  exactly that posterior for t > 0 (checked by ``tests/test_synthesis.py`` against the closed
+  exactly that posterior for t > 0 (checked by ``tests/distill/test_synthesis.py`` against the closed
   forms).
 
 ``ddim`` and ``dpm-solver++`` use "trailing" timestep spacing, so the first step is at

@@ -24,14 +24,14 @@ The parts: ``spec`` (the resource and its validation), ``rayjob`` (rendering the
 ``crd`` (the CRD's config schema) and ``status``; their public names are re-exported here.
 """
 
+from srdistill.k8s.crd import CONFIG_MARKER, config_schema, crd_with_config_schema
+from srdistill.k8s.rayjob import (LIFECYCLE_FIELDS, LIVE_FIELDS, RENDER_ENV, AllowList, Install, defaults_from_status,
+                                  gpu_image, pinned_defaults, rayjob, rayjob_name, render_defaults, render_settings,
+                                  runtime_env, spec_hash, spec_identity)
 from srdistill.k8s.spec import (CPU_SUFFIX, DEFAULT_IMAGE, GPU_SUFFIX, GROUP, KIND, LABEL, PHASES, PLURAL, RAYJOB_API,
                                 RAY_VERSION, RESTRICTED_POD_SECURITY_CONTEXT, RESTRICTED_SECURITY_CONTEXT, SPEC_HASH,
                                 STOCK_IMAGE, TORCH_CPU_INDEX, TORCH_VERSION, VERSION, ClusterSpec, DistillationSpec,
                                 EnvVar, InvalidSpec, JobSpec, Quantity, Resources, WorkerGroup, parse_spec)
-from srdistill.k8s.rayjob import (LIFECYCLE_FIELDS, LIVE_FIELDS, RENDER_ENV, AllowList, Install, defaults_from_status,
-                                  gpu_image, pinned_defaults, rayjob, rayjob_name, render_defaults, render_settings,
-                                  runtime_env, spec_hash, spec_identity)
-from srdistill.k8s.crd import CONFIG_MARKER, config_schema, crd_with_config_schema
 from srdistill.k8s.status import condition, phase_of, stage_progress
 
 __all__ = [

@@ -8,11 +8,11 @@ training steps for every arm, evaluation on Set5/Set14/B100 with the standard pr
   ``random-thinned``: the same after overlap thinning (``select.max_overlap``, which ranks
   overlapping windows by ``psnr_bic`` and so is not uniform);
 * ``psnr_bic-topk`` / ``grad-topk`` / ``proxy-topk``: the globally hardest patches by one score
-  (``proxy_error``: a small SR network's error, ``srdistill.proxy_error``);
+  (``proxy_error``: a small SR network's error, ``srdistill.distill.proxy_error``);
 * ``clip-kmeans``: the pipeline's coreset (CLIP k-means groups, hardest first in each);
-* ``kcenter``: the k-center greedy coreset on pixel descriptors (``srdistill.kcenter``);
+* ``kcenter``: the k-center greedy coreset on pixel descriptors (``srdistill.distill.kcenter``);
 * ``stratified``: coverage-centric selection over ``proxy_error`` strata
-  (``srdistill.stratified``); ``hard-mix``: half the budget the highest-``grad`` patches, half
+  (``srdistill.distill.stratified``); ``hard-mix``: half the budget the highest-``grad`` patches, half
   uniform from the rest;
 * ``tripled``: TripleD's complexity-aware selection (ViT complexity strata, kernel herding on
   ViT features; ``cfg.complexity``, ``select.strata``) from every patch; ``tripled+align``: the

@@ -5,7 +5,7 @@
 
 * ``load_upscaler``: ``bicubic`` (MATLAB's, ``imaging.imresize``), ``zssr``, an srdistill
   checkpoint (a meta-trained MZSR one adapts to each image with ``adapt_steps``), or an
-  architecture of ``srdistill.models.ARCHS`` with officially released weights (EDSR, RCAN,
+  architecture of ``srdistill.sr.models.ARCHS`` with officially released weights (EDSR, RCAN,
   SwinIR). ``srdistill eval`` loads its models with it too.
 * ``upscale_image``: one ``(h, w, 3)`` uint8 image in tiles of bounded size.
 * ``list_inputs`` / ``upscale_files``: files, folders and ``s3://`` prefixes in; one PNG per
@@ -143,7 +143,7 @@ def load_upscaler(
         model: ``"bicubic"`` (MATLAB-exact); ``"zssr"`` (needs ``kernel``); an srdistill
             ``.safetensors`` checkpoint (its recorded scale must be ``scale``; a meta-trained
             MZSR one, i.e. with its ``mzsr_config``, becomes an ``MZSRAdaptation``); or, with
-            ``weights``, a key of ``srdistill.models.ARCHS``.
+            ``weights``, a key of ``srdistill.sr.models.ARCHS``.
         scale: SR factor.
         weights: officially released weights of ``model``: a file or an http(s) URL, optionally
             ``URL#sha256=HEX`` (``weights.fetch_weights``: downloaded once into the cache).

@@ -515,7 +515,7 @@ def degrade(
 
     Steps: ``blur`` in float64 (reflect padding, correlation); then ``subsample="direct"``:
     ``[::s, ::s]`` (the top-left pixel of each ``s×s`` block), or ``"bicubic"``:
-    ``srdistill.imaging.imresize(blurred, 1/s)`` on the unrounded float image (MATLAB bicubic,
+    ``srdistill.sr.imaging.imresize(blurred, 1/s)`` on the unrounded float image (MATLAB bicubic,
     antialiased); then ``+ N(0, noise_sigma²)`` per value if ``noise_sigma > 0``; then round half
     to even and clip to [0, 255]. ``degrade(modcrop(hr, 2), isotropic_gaussian(21, 2.0), 2)``
     reproduces MZSR's g20 Set5 inputs bit for bit.

@@ -5,10 +5,10 @@ or with a blur ``kernel`` ``lr = degradation.degrade(hr, kernel, s)`` (blur + di
 subsampling: MZSR's protocol, which reproduces its ``Set5/LR_g20_x2_MZSR`` inputs bit for bit);
 ``sr`` = bicubic ``imresize(lr, s)``, the network's output rounded to uint8, or any per-image
 upscaler (e.g. MZSR's test-time adaptation, ZSSR); PSNR and SSIM on Y (BT.601) with
-``border = s`` (``srdistill.metrics``). Bicubic reproduces the published figures (Set5 x2
+``border = s`` (``srdistill.sr.metrics``). Bicubic reproduces the published figures (Set5 x2
 33.67 dB on the standard Set5 HR images)::
 
-    from srdistill.evaluation import evaluate_many, format_table
+    from srdistill.sr.evaluation import evaluate_many, format_table
     rows = {"bicubic": evaluate_many("bicubic", ["Set5", "Set14"], 2)}
     print(format_table(rows))
 """

@@ -6,7 +6,7 @@ Adam, optional step decay. It is reproducible from ``cfg.seed`` and resumes exac
 stopped from ``out_dir/last.safetensors``::
 
     from srdistill.config import TrainConfig
-    from srdistill.training import train_sr, load_checkpoint
+    from srdistill.sr.training import train_sr, load_checkpoint
     path = train_sr(TrainConfig(model="espcn", iterations=2000), 2, hr_files, Path("runs/x2"))
     model, meta = load_checkpoint(path)
 
@@ -268,7 +268,7 @@ def train_sr(
     carries on from the checkpoint's, and ``model.safetensors`` records ``elapsed_s`` and
     ``resumed_from`` (the steps resumed at, ``[]`` for a run never interrupted).
 
-    Curriculum (``cfg.curriculum.enabled``, TripleD step 4; ``srdistill.curriculum``): the
+    Curriculum (``cfg.curriculum.enabled``, TripleD step 4; ``srdistill.sr.curriculum``): the
     usable images are scored (``curriculum.image_complexity``) and steps before
     ``curriculum.switch_step(cfg)`` draw only from the easy ones (``split_easy``); at the
     switch the current network's loss on each image (``per_image_loss``, centre crop of the
@@ -502,7 +502,7 @@ def save_checkpoint(
     Args:
         model: a network of ``ARCHS[arch]``.
         path: target file (``.safetensors``).
-        arch: key of ``srdistill.models.ARCHS``.
+        arch: key of ``srdistill.sr.models.ARCHS``.
         scale: SR factor.
         model_kwargs: constructor kwargs other than ``scale`` (JSON-serialisable).
         extra: more JSON-serialisable metadata (step, config, ...).

@@ -5,7 +5,7 @@ Paper: Lim, Son, Kim, Nah, Lee, CVPR Workshops (NTIRE) 2017, arXiv:1707.02921.
 What differs here from the paper / the official EDSR-PyTorch release:
 
 * Interface range. ``forward`` takes and returns ``(B, 3, H, W)`` float32 RGB in ``[0, 1]``
-  (like every network in ``srdistill.models``) and multiplies by ``rgb_range`` inside, so the
+  (like every network in ``srdistill.sr.models``) and multiplies by ``rgb_range`` inside, so the
   convolutions see the ``0..rgb_range`` values the official code trains on. With the default
   ``rgb_range=255`` official checkpoints therefore load (``strict=True``) and work unchanged.
 * Nothing else: same layer names (``sub_mean``, ``head.0``, ``body.{i}.body.{0,2}``,

@@ -7,14 +7,14 @@ The network: conv3x3 3->64 + ReLU, six conv3x3 64->64 + ReLU, conv3x3 64->3, plu
 residual: ``output = up(x) + body(up(x))`` where ``up`` is bicubic upsampling to the HR size.
 Its size does not depend on the scale (225,091 parameters with the defaults). This module is
 only the network (and the conversion of the released TensorFlow weights); MZSR's meta-transfer
-training (MAML over kernel tasks) and its test-time adaptation live in ``srdistill.mzsr``.
+training (MAML over kernel tasks) and its test-time adaptation live in ``srdistill.zeroshot.mzsr``.
 
 What differs here from the paper / the official release:
 
 * Interface. MZSR feeds the network an image already upsampled by its MATLAB-like bicubic
   ``imresize`` (``test.py`` ``forward_pass``; the large-scale pretraining does the same,
   ``Large-Scale_Training/train.py``). Here ``forward`` takes the LR image ``(B, 3, h, w)`` and
-  upsamples inside, so every network in ``srdistill.models`` has the same
+  upsamples inside, so every network in ``srdistill.sr.models`` has the same
   ``LR in -> (B, 3, s*h, s*w) out`` interface; ``forward_upsampled`` is the official network on
   an already-upsampled input. ``upsample="matlab"`` (the default) upsamples as MZSR does:
   MATLAB's bicubic (``a = -0.5``, mirrored borders; ``imaging.imresize`` as a matrix per axis,

@@ -11,7 +11,7 @@ What differs here from the paper / the official release (yulunzhang/RCAN,
 ``RCAN_TrainCode/code/model/rcan.py``):
 
 * Interface range. ``forward`` takes and returns ``(B, 3, H, W)`` float32 RGB in ``[0, 1]``
-  (like every network in ``srdistill.models``) and multiplies by ``rgb_range`` inside, so the
+  (like every network in ``srdistill.sr.models``) and multiplies by ``rgb_range`` inside, so the
   convolutions see the ``0..rgb_range`` values the official code trains on. With the default
   ``rgb_range=255`` official ``.pt`` checkpoints load with ``strict=True`` and work unchanged.
 * The DIV2K mean shift (``sub_mean`` / ``add_mean``) is EDSR's frozen 1x1 convolution. The

@@ -12,7 +12,7 @@ Papers:
 The three MZSR stages::
 
     from srdistill.config import MZSRConfig, TrainConfig, RECIPES
-    from srdistill.training import train_sr, load_checkpoint
+    from srdistill.sr.training import train_sr, load_checkpoint
     from srdistill import mzsr
     # 1. large-scale bicubic pretraining: plain SR training (not in this module)
     pre = train_sr(TrainConfig(model="mzsr", **RECIPES["mzsr"]), 2, hr_files, Path("runs/pre"))

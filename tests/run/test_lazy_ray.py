@@ -13,7 +13,7 @@ from pathlib import Path
 
 from conftest import T91
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _run(corpus: Path, out: Path, *sets: str, until: str = "plan") -> dict:

@@ -111,7 +111,7 @@ def test_zero_shot_errors_are_clear(meta_model, tmp_path):
     assert result.exit_code == 2 and "inner_stepz" in result.output
 
 
-TF_FIXTURE = Path(__file__).parent / "fixtures" / "mzsr_tf"
+TF_FIXTURE = Path(__file__).parents[1] / "fixtures" / "mzsr_tf"
 
 
 def _tf_checkpoint(folder: Path, name: str) -> Path:

@@ -1,4 +1,4 @@
-"""SRDD fine-tuning (``srdistill.diffusion``): tiny random-init diffusers DiT, VAE and UNet."""
+"""SRDD fine-tuning (``srdistill.distill.diffusion``): tiny random-init diffusers DiT, VAE and UNet."""
 
 from __future__ import annotations
 

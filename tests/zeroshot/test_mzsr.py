@@ -1,4 +1,4 @@
-"""MZSR meta-transfer learning, test-time adaptation and the ZSSR baseline (srdistill.mzsr), on
+"""MZSR meta-transfer learning, test-time adaptation and the ZSSR baseline (srdistill.zeroshot.mzsr), on
 tiny networks and patches so the whole file runs in seconds on a CPU."""
 
 from __future__ import annotations

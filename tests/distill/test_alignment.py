@@ -1,4 +1,4 @@
-"""Feature-level distribution alignment (TripleD step 3, ``srdistill.alignment``).
+"""Feature-level distribution alignment (TripleD step 3, ``srdistill.distill.alignment``).
 
 The feature extractor is a real, frozen, differentiable function built here: a fixed random
 two-layer conv net with global mean/std pooling and L2 normalisation. The target distribution

@@ -41,7 +41,7 @@ from srdistill import k8s  # noqa: E402
 from srdistill.config import load_config  # noqa: E402
 from srdistill.run.rundir import Run  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 OPERATOR = REPO / "operators" / "srdistill_operator.py"
 INTERVAL_S = 0.3
 PEERING = "srdistill"

@@ -19,7 +19,7 @@ from srdistill.cli import app
 from srdistill.config import RunConfig, load_config, preset_names
 from srdistill.run.rundir import Run
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 CRD = REPO / "charts" / "srdistill" / "crds" / "srdistill.io_srdistillations.yaml"
 
 FULL = {

@@ -29,7 +29,7 @@ from k8s_schema import (
     validate_custom,
 )
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "charts" / "srdistill"
 CI_VALUES = sorted((CHART / "ci").glob("*.yaml"))
 EXAMPLES = sorted((CHART / "examples").glob("*.yaml"))
@@ -49,7 +49,7 @@ VALUE_SETS = [None, *CI_VALUES]
 VALUE_IDS = ["defaults", *(p.stem for p in CI_VALUES)]
 
 #: The operator's permissions (its ClusterRole, or a Role per watched namespace), exactly what it
-#: requests (tests/test_operator.py checks the rendered rules against the requests it records).
+#: requests (tests/app/test_operator.py checks the rendered rules against the requests it records).
 #: Nothing on CRDs or namespaces: the operator turns kopf's cluster scanning off
 #: (settings.scanning.disabled).
 OPERATOR_RULES = {
@@ -325,7 +325,7 @@ def test_rbac_can_be_left_out():
 
 @needs_helm
 def test_several_operator_replicas_render():
-    """kopf peering makes more than one replica safe (tests/test_operator.py runs two)."""
+    """kopf peering makes more than one replica safe (tests/app/test_operator.py runs two)."""
     deployment = _one(render(None, "--set", "operator.replicas=3"), "Deployment")
     assert deployment["spec"]["replicas"] == 3
     assert any(a.startswith("--peering=") for a in deployment["spec"]["template"]["spec"]["containers"][0]["args"])
@@ -842,9 +842,9 @@ def test_dockerignore_keeps_what_the_image_copies():
         files = [p for p in (REPO / src).rglob("*") if p.is_file()] if (REPO / src).is_dir() else [REPO / src]
         kept = [f for f in files if not _ignored(f.relative_to(REPO).as_posix(), patterns)]
         assert kept, f"COPY {src}: .dockerignore leaves out all of it"
-    for path in ("pyproject.toml", "README.md", ".ci/constraints.txt", "srdistill/config.py",
+    for path in ("pyproject.toml", "README.md", ".ci/constraints.txt", "srdistill/config/schema.py",
                  "data/Set5/HR/baby.png"):  # fmt: skip
         assert not _ignored(path, patterns), path
     for path in (".venv/bin/python", "runs/x/manifest.json", ".git/HEAD", "srdistill/__pycache__/a.pyc",
-                 "data/DIV2K/x.png", "tests/test_chart.py"):  # fmt: skip
+                 "data/DIV2K/x.png", "tests/app/test_chart.py"):  # fmt: skip
         assert _ignored(path, patterns), path

@@ -73,7 +73,7 @@ def test_raw_features_are_the_projection_output_unnormalised():
     assert np.abs(norms - 1.0).max() > 1e-2  # really not normalised
     np.testing.assert_allclose(raw / norms[:, None], unit, atol=1e-5)
     embedder = ClipEmbedder(EmbedConfig(**TINY, normalize=False), source)
-    crops = [np.asarray(c) for c in __import__("srdistill.imaging", fromlist=["x"]).read_crops(
+    crops = [np.asarray(c) for c in __import__("srdistill.sr.imaging", fromlist=["x"]).read_crops(
         table.column("source").to_numpy(zero_copy_only=False)[:2], np.array([0, 40]), np.array([0, 16]),
         np.array([48, 48]))]
     with torch.inference_mode():

@@ -1,4 +1,4 @@
-"""SRDD's released fine-tuning as options of ``srdistill.diffusion`` (issue 17), each pinned from
+"""SRDD's released fine-tuning as options of ``srdistill.distill.diffusion`` (issue 17), each pinned from
 its definition: improved DDPM's L_vb (closed-form Gaussian KL, exact normal CDF), DiffFit's
 trainable set counted from the rule, tied block embeddings, ImageNet-row class init, the EMA
 without warm-up, epochs, and the per-cluster memory terms. Tiny random-init diffusers models."""

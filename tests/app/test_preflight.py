@@ -21,7 +21,7 @@ from srdistill.cli import app
 from srdistill.config import MineConfig, describe_error, load_config
 from srdistill.run import runner
 
-T91 = Path(__file__).resolve().parents[1] / "data" / "T91" / "HR"
+T91 = Path(__file__).resolve().parents[2] / "data" / "T91" / "HR"
 NO_WEIGHTS = "/nonexistent/no-such-weights"
 
 
@@ -165,7 +165,7 @@ def test_conflict_inside_one_source_is_an_error_naming_both(tmp_path):
 
 def test_srdd_with_user_patch_size_mines_it(corpus, tmp_path, monkeypatch):
     seen = []
-    monkeypatch.setattr("srdistill.pipeline.run_pipeline", lambda input_dir, run_dir, cfg, **kw: seen.append(cfg))
+    monkeypatch.setattr("srdistill.run.pipeline.run_pipeline", lambda input_dir, run_dir, cfg, **kw: seen.append(cfg))
     result, _ = _run(corpus, tmp_path / "run", "--preset", "srdd", "--until", "mine", "--set", "mine.patch_size=96")
     assert result.exit_code == 0, result.output
     assert (seen[0].mine.patch_size, seen[0].mine.stride, seen[0].mine.patch_preset) == (96, 256, None)

@@ -1,5 +1,5 @@
-"""Reading TensorFlow checkpoints without TensorFlow (srdistill.tfbundle) and converting MZSR's
-(srdistill.mzsr.import_tf), on a tiny checkpoint that TensorFlow 2.18 wrote in the layout of
+"""Reading TensorFlow checkpoints without TensorFlow (srdistill.zeroshot.tfbundle) and converting MZSR's
+(srdistill.zeroshot.mzsr.import_tf), on a tiny checkpoint that TensorFlow 2.18 wrote in the layout of
 JWSoh/MZSR's released models (tests/fixtures/mzsr_tf/README.md says how)."""
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from srdistill.sr.models.mzsr import MZSRNet, from_tf_variables, tf_variable_nam
 from srdistill.sr.training import load_checkpoint
 from srdistill.zeroshot import mzsr, tfbundle
 
-FIXTURE = Path(__file__).parent / "fixtures" / "mzsr_tf"
+FIXTURE = Path(__file__).parents[1] / "fixtures" / "mzsr_tf"
 PREFIX = FIXTURE / "Directx2"
 DATA = "Directx2.data-00000-of-00001"
 
