@@ -48,7 +48,7 @@ from typing import Callable
 import yaml
 
 from srdistill import storage
-from srdistill.config import RunConfig
+from srdistill.config import RunConfig, SelectConfig
 
 STAGES = ("plan", "mine", "embed", "cluster", "complexity", "select", "align", "encode", "finetune", "synthesize",
           "train", "evaluate", "report")  # fmt: skip
@@ -390,12 +390,12 @@ class Run:
         return counts
 
 
-def needs_clip(cfg) -> bool:
+def needs_clip(cfg: SelectConfig) -> bool:
     """Whether the selection reads the CLIP embeddings or their clusters (embed, cluster)."""
     return cfg.method == "clip-kmeans" or (cfg.method == "kcenter" and cfg.features == "clip")
 
 
-def needs_vit(cfg) -> bool:
+def needs_vit(cfg: SelectConfig) -> bool:
     """Whether the selection reads the complexity stage's ViT scores or features."""
     return cfg.method == "tripled" or (cfg.method == "kcenter" and cfg.features == "vit")
 

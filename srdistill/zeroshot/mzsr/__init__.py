@@ -13,7 +13,7 @@ The three MZSR stages::
 
     from srdistill.config import MZSRConfig, TrainConfig, RECIPES
     from srdistill.sr.training import train_sr, load_checkpoint
-    from srdistill import mzsr
+    from srdistill.zeroshot import mzsr
     # 1. large-scale bicubic pretraining: plain SR training (not in this module)
     pre = train_sr(TrainConfig(model="mzsr", **RECIPES["mzsr"]), 2, hr_files, Path("runs/pre"))
     # 2. meta-transfer learning over random-kernel tasks
