@@ -70,6 +70,22 @@ def _named_unreadable():
         raise storage.UnreadableFileError(found.group(1)) from None
 
 
+def _shards_in_driver(make: Callable, shard_fn: Callable, shards: list[int], desc: str, **kwargs) -> None:
+    """``shard_fn(make(), shard, **kwargs)`` for every shard in this process, with a progress
+    bar: an actor stage (embed, complexity) with ``num_actors`` 0. The torch thread count that
+    ``make`` may set (``num_threads``) is put back afterwards, for the stages after it."""
+    import torch
+    from tqdm import tqdm
+
+    threads = torch.get_num_threads()
+    try:
+        state = make()
+        for shard in tqdm(shards, desc=desc, unit="shard", mininterval=0.5 if sys.stderr.isatty() else 30):
+            shard_fn(state, shard, **kwargs)
+    finally:
+        torch.set_num_threads(threads)
+
+
 # --------------------------------------------------------------------------- stages
 
 
@@ -155,8 +171,16 @@ def _embed(run: Run, mine_fp: str, source) -> str:
         shards = list(range(run.manifest["stages"]["plan"]["counts"]["shards"]))
         place = run.placement["embed"]
         with _written_now(run.at("embed", "parts")) as now, _named_unreadable():  # an unreadable mine part: one line
-            runner.embed_parts_ray(run.at("mine"), run.at("embed", "parts"), shards, cfg, source,
-                                   num_gpus=place["num_gpus"], placement=place)  # fmt: skip
+            if place["on"] == "driver":
+                from srdistill.distill.embedding import ClipEmbedder, embed_shard
+
+                on = cfg.model_copy(update={"device": place["device"]})
+                _shards_in_driver(lambda: ClipEmbedder(on, source, num_threads=cfg.num_threads), embed_shard,
+                                  shards, "embed", mine_uri=run.at("mine"), out_uri=run.at("embed", "parts"),
+                                  batch_size=cfg.batch_size)  # fmt: skip
+            else:
+                runner.embed_parts_ray(run.at("mine"), run.at("embed", "parts"), shards, cfg, source,
+                                       num_gpus=place["num_gpus"], placement=place)  # fmt: skip
         ids = storage.read_dataset(run.at("embed", "parts"), columns=["patch_id"])
         first = storage.read_parquet(run.at("embed", "parts", "part-000000.parquet"), columns=["embedding"])
         counts = {"patches": ids.num_rows, "dim": first.schema.field("embedding").type.list_size,
@@ -221,8 +245,16 @@ def _complexity(run: Run, upstream_fp: str, mine_fp: str, source) -> str:
         shards = list(range(run.manifest["stages"]["plan"]["counts"]["shards"]))
         place = run.placement["complexity"]
         with _written_now(run.at("complexity", "parts")) as now, _named_unreadable():
-            runner.complexity_parts_ray(run.at("mine"), run.at("complexity", "parts"), shards, cfg, source,
-                                        num_gpus=place["num_gpus"], placement=place)  # fmt: skip
+            if place["on"] == "driver":
+                from srdistill.distill.complexity import ComplexityScorer, score_shard
+
+                on = cfg.model_copy(update={"device": place["device"]})
+                _shards_in_driver(lambda: ComplexityScorer(on, source, num_threads=cfg.num_threads), score_shard,
+                                  shards, "complexity", mine_uri=run.at("mine"),
+                                  out_uri=run.at("complexity", "parts"), batch_size=cfg.batch_size)  # fmt: skip
+            else:
+                runner.complexity_parts_ray(run.at("mine"), run.at("complexity", "parts"), shards, cfg, source,
+                                            num_gpus=place["num_gpus"], placement=place)  # fmt: skip
         ids = storage.read_dataset(run.at("complexity", "parts"), columns=["patch_id"])
         first = storage.read_parquet(run.at("complexity", "parts", "part-000000.parquet"), columns=["feature"])
         counts = {"patches": ids.num_rows, "dim": first.schema.field("feature").type.list_size,

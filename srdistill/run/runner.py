@@ -275,6 +275,21 @@ def _training_place(workers: int, use_gpu: bool, device: str, driver_cuda: bool)
             "device": ("cuda" if device == "auto" else device) if use_gpu else "cpu"}  # fmt: skip
 
 
+def _driver_device(device: str, gpus: float, driver_cuda: bool, stage: str) -> str:
+    """The device of a stage that runs in the driver: ``cuda`` when asked for or ``auto`` with a
+    GPU in the cluster and a CUDA device in the driver, else ``cpu``.
+
+    Raises:
+        ValueError: ``device`` is ``cuda`` and the cluster has no GPUs, or the driver sees no
+            CUDA device.
+    """
+    if device == "cuda" and not driver_cuda:
+        actor_gpus("cuda", 1, gpus, f"{stage}.device")  # the clearer error first
+        raise ValueError(f"{stage}.device is 'cuda' but {stage} runs in the driver, which sees no CUDA "
+                         "device; use 'auto' or 'cpu'")  # fmt: skip
+    return "cpu" if gpus <= 0 or device == "cpu" or not driver_cuda else "cuda"
+
+
 def plan_placement(cfg: RunConfig, stages: list[str] | tuple[str, ...], gpus: float, *,
                    driver_cuda: bool | None = None) -> dict[str, dict]:  # fmt: skip
     """Where each of ``stages`` runs and what it asks Ray for, decided before any work.
@@ -293,8 +308,8 @@ def plan_placement(cfg: RunConfig, stages: list[str] | tuple[str, ...], gpus: fl
 
     Raises:
         ValueError: a stage's ``device`` is ``cuda`` or its ``use_gpu`` is true and the cluster
-            has no GPUs; ``align.device`` ``cuda`` while the driver (where align runs) has no
-            CUDA device.
+            has no GPUs; the ``device`` of a stage that runs in the driver (align; embed or
+            complexity with ``num_actors`` 0) is ``cuda`` while the driver has no CUDA device.
     """
     if driver_cuda is None:
         driver_cuda = _driver_has_cuda() if gpus > 0 else False
@@ -302,6 +317,9 @@ def plan_placement(cfg: RunConfig, stages: list[str] | tuple[str, ...], gpus: fl
     for stage in stages:
         if stage == "mine":
             out[stage] = {"on": "ray-tasks", "num_gpus": 0.0, "device": "cpu"}
+        elif stage in ("embed", "complexity") and getattr(cfg, stage).num_actors == 0:
+            out[stage] = {"on": "driver", "num_gpus": 0.0,
+                          "device": _driver_device(getattr(cfg, stage).device, gpus, driver_cuda, stage)}  # fmt: skip
         elif stage in ("embed", "complexity"):
             c = getattr(cfg, stage)
             g = actor_gpus(c.device, c.actor_num_gpus, gpus, f"{stage}.device")
@@ -310,13 +328,8 @@ def plan_placement(cfg: RunConfig, stages: list[str] | tuple[str, ...], gpus: fl
         elif stage in ("cluster", "select"):
             out[stage] = {"on": "driver", "num_gpus": 0.0, "device": "cpu"}
         elif stage == "align":
-            c = cfg.align
-            if c.device == "cuda" and not driver_cuda:
-                actor_gpus("cuda", 1, gpus, "align.device")  # the clearer error first
-                raise ValueError("align.device is 'cuda' but align runs in the driver, which sees no CUDA "
-                                 "device; use 'auto' or 'cpu'")  # fmt: skip
-            dev = "cpu" if gpus <= 0 or c.device == "cpu" or not driver_cuda else "cuda"
-            out[stage] = {"on": "driver", "num_gpus": 0.0, "device": dev}
+            out[stage] = {"on": "driver", "num_gpus": 0.0,
+                          "device": _driver_device(cfg.align.device, gpus, driver_cuda, stage)}  # fmt: skip
         elif stage == "encode":  # an actor stage: finetune.device decides, use_gpu is Ray Train's
             c = cfg.finetune
             g = actor_gpus(c.device, 1, gpus, "finetune.device")
@@ -517,7 +530,7 @@ def _patch_parts_ray(make: Callable, shard_fn: Callable, cfg: "EmbedConfig | Com
     ``cfg.num_actors`` Ray Data actors (``cfg.actor_num_cpus`` CPUs each, fractional so a small
     machine cannot deadlock; ``num_gpus`` GPUs each). A ``batch_size`` of None is the actor's to
     choose (by its device)."""
-    return map_shards(shards, _write_part, desc=desc, make_state=make, num_actors=cfg.num_actors,
+    return map_shards(shards, _write_part, desc=desc, make_state=make, num_actors=max(cfg.num_actors, 1),
                       num_cpus=cfg.actor_num_cpus, num_gpus=num_gpus, placement=placement,
                       shard_fn=shard_fn, batch_size=cfg.batch_size, **kwargs)  # fmt: skip
 

@@ -144,3 +144,14 @@ def test_cli_gpu_flags_map_to_one_config_spelling():
     assert load_config("tiny").train.use_gpu is None  # auto by default
     with pytest.raises(ValueError, match="contradicts"):
         load_config("tiny", overrides=["train.use_gpu=true", "train.device=cpu"])
+
+
+def test_actor_stages_with_no_actors_run_in_the_driver_on_its_device():
+    cfg = _tiny("embed.num_actors=0", "complexity.num_actors=0")
+    plan = runner.plan_placement(cfg, ["embed", "complexity"], 1.0, driver_cuda=True)
+    assert plan["embed"] == plan["complexity"] == {"on": "driver", "num_gpus": 0.0, "device": "cuda"}
+    assert runner.plan_placement(cfg, ["embed"], 0.0)["embed"]["device"] == "cpu"
+    cpu = runner.plan_placement(_tiny("embed.num_actors=0", "embed.device=cpu"), ["embed"], 1.0, driver_cuda=True)
+    assert cpu["embed"]["device"] == "cpu"
+    with pytest.raises(ValueError, match=r"embed\.device is 'cuda' but embed runs in the driver"):
+        runner.plan_placement(_tiny("embed.num_actors=0", "embed.device=cuda"), ["embed"], 1.0, driver_cuda=False)
