@@ -11,7 +11,6 @@ instead, so none of them runs a stage.
 from __future__ import annotations
 
 import shutil
-import time
 from pathlib import Path
 
 import pytest
@@ -51,12 +50,10 @@ def ray_sentinel(monkeypatch):
 
 
 def _run(corpus: Path, out: Path, *args: str, global_args: tuple[str, ...] = ()):
-    t0 = time.perf_counter()
-    result = CliRunner().invoke(app, [*global_args, "run", "--input", str(corpus), "--out", str(out), *args])
-    return result, time.perf_counter() - t0
+    return CliRunner().invoke(app, [*global_args, "run", "--input", str(corpus), "--out", str(out), *args])
 
 
-def _assert_user_error(result, seconds: float, out: Path, *needles: str, max_lines: int = 2) -> None:
+def _assert_user_error(result, out: Path, *needles: str, max_lines: int = 2) -> None:
     assert result.exit_code == 2, (result.exit_code, result.output, result.exception)
     for needle in needles:
         assert needle in result.output, (needle, result.output)
@@ -65,7 +62,6 @@ def _assert_user_error(result, seconds: float, out: Path, *needles: str, max_lin
     lines = [line for line in result.output.splitlines() if line.strip()]
     assert 1 <= len(lines) <= max_lines, result.output
     assert not (out / "manifest.json").exists()  # no stage ran
-    assert seconds < 30
 
 
 # --------------------------------------------------------------------------- 1. preflight
@@ -73,14 +69,14 @@ def _assert_user_error(result, seconds: float, out: Path, *needles: str, max_lin
 
 def test_unknown_evaluation_dataset_fails_before_any_stage(corpus, tmp_path, ray_sentinel):
     out = tmp_path / "run"
-    result, s = _run(corpus, out, "--preset", "tiny", "--allow-random-init", "--set", "evaluate.datasets=[Set55]")
-    _assert_user_error(result, s, out, "Set55", "not found")
+    result = _run(corpus, out, "--preset", "tiny", "--allow-random-init", "--set", "evaluate.datasets=[Set55]")
+    _assert_user_error(result, out, "Set55", "not found")
     assert not ray_sentinel
 
 
 def test_evaluation_datasets_are_only_checked_when_evaluate_runs(corpus, tmp_path, ray_sentinel):
     out = tmp_path / "run"
-    result, _ = _run(corpus, out, "--preset", "tiny", "--allow-random-init", "--until", "train",
+    result = _run(corpus, out, "--preset", "tiny", "--allow-random-init", "--until", "train",
                      "--set", "evaluate.datasets=[Set55]")  # fmt: skip
     assert isinstance(result.exception, ReachedRay), result.output
 
@@ -88,20 +84,20 @@ def test_evaluation_datasets_are_only_checked_when_evaluate_runs(corpus, tmp_pat
 def test_until_mine_needs_no_clip_weights(corpus, tmp_path, ray_sentinel):
     out = tmp_path / "run"
     args = ("--preset", "tiny", "--set", f"embed.model={NO_WEIGHTS}")
-    result, s = _run(corpus, out, *args)  # the whole run: CLIP is needed, and missing
+    result = _run(corpus, out, *args)  # the whole run: CLIP is needed, and missing
     assert result.exit_code == 2 and "Traceback" not in result.output and not ray_sentinel
-    assert not (out / "manifest.json").exists() and s < 30
-    result, _ = _run(corpus, out, *args, "--until", "mine")
+    assert not (out / "manifest.json").exists()
+    result = _run(corpus, out, *args, "--until", "mine")
     assert isinstance(result.exception, ReachedRay), result.output
 
 
 def test_srdd_until_mine_needs_no_dit_and_no_clip(corpus, tmp_path, ray_sentinel, monkeypatch):
     monkeypatch.chdir(tmp_path)  # srdd's finetune.dit_path models/DiT-XL-2-512 is not here
     out = tmp_path / "run"
-    result, s = _run(corpus, out, "--preset", "srdd", "--set", f"embed.model={NO_WEIGHTS}",
+    result = _run(corpus, out, "--preset", "srdd", "--set", f"embed.model={NO_WEIGHTS}",
                      "--set", "evaluate.datasets=[Set5]")  # fmt: skip
     assert result.exit_code == 2 and "Traceback" not in result.output and not ray_sentinel
-    result, _ = _run(corpus, out, "--preset", "srdd", "--until", "mine", "--set", f"embed.model={NO_WEIGHTS}")
+    result = _run(corpus, out, "--preset", "srdd", "--until", "mine", "--set", f"embed.model={NO_WEIGHTS}")
     assert isinstance(result.exception, ReachedRay), result.output
     assert not (out / "manifest.json").exists()
 
@@ -109,17 +105,17 @@ def test_srdd_until_mine_needs_no_dit_and_no_clip(corpus, tmp_path, ray_sentinel
 def test_out_naming_an_existing_file_is_one_clear_line(corpus, tmp_path, ray_sentinel):
     out = tmp_path / "a-file"
     out.write_text("not a run directory")
-    result, s = _run(corpus, out, "--preset", "tiny", "--allow-random-init")
-    _assert_user_error(result, s, tmp_path / "nothing", str(out), "existing file", max_lines=1)
+    result = _run(corpus, out, "--preset", "tiny", "--allow-random-init")
+    _assert_user_error(result, tmp_path / "nothing", str(out), "existing file", max_lines=1)
     assert out.read_text() == "not a run directory" and not ray_sentinel
-    result, s = _run(corpus, out / "sub", "--preset", "tiny", "--allow-random-init")
-    _assert_user_error(result, s, tmp_path / "nothing", "under the file", max_lines=1)
+    result = _run(corpus, out / "sub", "--preset", "tiny", "--allow-random-init")
+    _assert_user_error(result, tmp_path / "nothing", "under the file", max_lines=1)
 
 
 def test_unknown_until_gets_a_close_match(corpus, tmp_path, ray_sentinel):
     out = tmp_path / "run"
-    result, s = _run(corpus, out, "--preset", "tiny", "--allow-random-init", "--until", "mien")
-    _assert_user_error(result, s, out, "'mien'", "did you mean 'mine'?")
+    result = _run(corpus, out, "--preset", "tiny", "--allow-random-init", "--until", "mien")
+    _assert_user_error(result, out, "'mien'", "did you mean 'mine'?")
 
 
 @pytest.mark.parametrize("args, needle", [
@@ -166,7 +162,7 @@ def test_conflict_inside_one_source_is_an_error_naming_both(tmp_path):
 def test_srdd_with_user_patch_size_mines_it(corpus, tmp_path, monkeypatch):
     seen = []
     monkeypatch.setattr("srdistill.run.pipeline.run_pipeline", lambda input_dir, run_dir, cfg, **kw: seen.append(cfg))
-    result, _ = _run(corpus, tmp_path / "run", "--preset", "srdd", "--until", "mine", "--set", "mine.patch_size=96")
+    result = _run(corpus, tmp_path / "run", "--preset", "srdd", "--until", "mine", "--set", "mine.patch_size=96")
     assert result.exit_code == 0, result.output
     assert (seen[0].mine.patch_size, seen[0].mine.stride, seen[0].mine.patch_preset) == (96, 256, None)
 
@@ -178,30 +174,30 @@ def test_malformed_yaml_config_names_the_file_and_line(corpus, tmp_path, ray_sen
     f = tmp_path / "broken.yaml"
     f.write_text("train:\n  iterations: 5\n  lr: [1,\n")
     out = tmp_path / "run"
-    result, s = _run(corpus, out, "--preset", "tiny", "--config", str(f))
-    _assert_user_error(result, s, out, "broken.yaml", "invalid YAML", "line 4", max_lines=1)
+    result = _run(corpus, out, "--preset", "tiny", "--config", str(f))
+    _assert_user_error(result, out, "broken.yaml", "invalid YAML", "line 4", max_lines=1)
 
 
 def test_malformed_yaml_set_names_the_item(corpus, tmp_path, ray_sentinel):
     out = tmp_path / "run"
-    result, s = _run(corpus, out, "--preset", "tiny", "--set", "train.iterations=[1,")
-    _assert_user_error(result, s, out, "--set 'train.iterations=[1,'", "not valid YAML", "column", max_lines=2)
+    result = _run(corpus, out, "--preset", "tiny", "--set", "train.iterations=[1,")
+    _assert_user_error(result, out, "--set 'train.iterations=[1,'", "not valid YAML", "column", max_lines=2)
 
 
 def test_misspelt_key_is_condensed_with_a_suggestion(corpus, tmp_path, ray_sentinel):
     out = tmp_path / "run"
-    result, s = _run(corpus, out, "--preset", "tiny", "--set", "train.iteratons=5")
-    _assert_user_error(result, s, out, "train.iteratons: unknown key; did you mean 'iterations'?", max_lines=1)
-    result, s = _run(corpus, out, "--preset", "tiny", "--set", "distill=sinth")
-    _assert_user_error(result, s, out, "distill: Input should be 'coreset' or 'synth' (got 'sinth')", max_lines=1)
+    result = _run(corpus, out, "--preset", "tiny", "--set", "train.iteratons=5")
+    _assert_user_error(result, out, "train.iteratons: unknown key; did you mean 'iterations'?", max_lines=1)
+    result = _run(corpus, out, "--preset", "tiny", "--set", "distill=sinth")
+    _assert_user_error(result, out, "distill: Input should be 'coreset' or 'synth' (got 'sinth')", max_lines=1)
 
 
 def test_debug_prints_the_traceback(corpus, tmp_path, ray_sentinel):
     out = tmp_path / "run"
-    result, _ = _run(corpus, out, "--preset", "tiny", "--set", "evaluate.datasets=[Set55]", "--allow-random-init",
+    result = _run(corpus, out, "--preset", "tiny", "--set", "evaluate.datasets=[Set55]", "--allow-random-init",
                      global_args=("--debug",))  # fmt: skip
     assert result.exit_code == 2 and "Traceback" in result.output and "Set55" in result.output
-    result, _ = _run(corpus, out, "--preset", "tiny", "--set", "evaluate.datasets=[Set55]", "--allow-random-init")
+    result = _run(corpus, out, "--preset", "tiny", "--set", "evaluate.datasets=[Set55]", "--allow-random-init")
     assert result.exit_code == 2 and "Traceback" not in result.output  # the flag does not stick
 
 

@@ -230,12 +230,10 @@ def test_manifest_of_1e5_uris_is_planned_without_listing(s3_server, tmp_path, mo
     pq.write_table(pa.table({"uri": uris}), manifest)
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # discard port: nothing answers
     monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
-    t0 = time.perf_counter()
     plan = plan_corpus(str(manifest), str(tmp_path / "plan.parquet"), extensions=(".png",), images_per_shard=1000)
-    seconds = time.perf_counter() - t0
     assert (plan.images, plan.shards, plan.source) == (100_000, 100, "manifest")
     assert read_shard(str(tmp_path / "plan.parquet"), 99).column("uri")[-1].as_py() == uris[-1]
-    assert seconds < 60  # a listing or a stat per object would not even start: S3 is unreachable
+    # S3 is unreachable (one attempt): a listing or a stat per object would have raised
     monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server.endpoint)
     monkeypatch.delenv("AWS_MAX_ATTEMPTS")
     cfg = MineConfig(patch_size=64, stride=64)
