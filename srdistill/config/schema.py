@@ -255,13 +255,13 @@ class SelectConfig(_Strict):
     Exactly one budget: ``ipc`` patches per cluster, or ``pixel_fraction`` of the corpus'
     HR pixels (all readable source images). ``method`` ``clip-kmeans`` ranks by ``score``
     inside each cluster; ``random`` and ``score-topk`` are the same-budget baselines;
-    ``tripled``, ``kcenter``, ``stratified`` and ``hard-mix`` are described in
+    ``tripled``, ``kcenter``, ``typiclust``, ``stratified`` and ``hard-mix`` are described in
     ``srdistill.distill.selection``. Before any method, overlapping windows are thinned
     (``max_overlap``) so the budget is not spent on near-duplicate crops.
     """
 
-    method: Literal["clip-kmeans", "random", "score-topk", "tripled", "kcenter", "stratified", "hard-mix"] = (
-        "clip-kmeans")  # fmt: skip
+    method: Literal["clip-kmeans", "random", "score-topk", "tripled", "kcenter", "typiclust", "stratified",
+                    "hard-mix"] = "clip-kmeans"  # fmt: skip
     ipc: int | None = Field(None, ge=1)
     pixel_fraction: float | None = Field(None, gt=0.0, le=1.0)
     score: SelectScore = Field(
@@ -275,7 +275,7 @@ class SelectConfig(_Strict):
         "equal-width bins of score (the budget shared by CCS's rule)",
     )  # fmt: skip
     features: Literal["descriptor", "clip", "vit"] = Field(
-        "descriptor", description="kcenter's feature space: descriptor (pixel statistics, "
+        "descriptor", description="kcenter's and typiclust's feature space: descriptor (pixel statistics, "
         "srdistill.distill.kcenter.patch_descriptors), clip (the embed stage's 'embedding' column) or vit "
         "(the complexity stage's 'feature' column)")  # fmt: skip
     prune_hard: float = Field(

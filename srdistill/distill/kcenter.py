@@ -24,7 +24,8 @@ import pyarrow as pa
 
 from srdistill.sr import imaging
 
-__all__ = ["DESCRIPTOR_COLUMN", "attach_descriptors", "covering_radius", "kcenter_greedy", "patch_descriptors"]
+__all__ = ["DESCRIPTOR_COLUMN", "attach_descriptors", "covering_radius", "feature_matrix", "kcenter_greedy",
+           "patch_descriptors"]
 
 #: Column ``select_patches`` reads descriptors from when present (``attach_descriptors``).
 DESCRIPTOR_COLUMN = "descriptor"
@@ -38,6 +39,23 @@ _LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
 _CHUNK_PIXELS = 1 << 21
 #: Distance-update rows per matrix product in ``kcenter_greedy`` (bounds the temporaries).
 _ROWS = 1 << 16
+
+
+def feature_matrix(features: np.ndarray, m: int, caller: str) -> np.ndarray:
+    """``features`` as a C-contiguous ``(N, D)`` float32 array, checked for a selector ``caller``
+    that picks ``m`` of its rows.
+
+    Raises:
+        ValueError: ``features`` not 2-D or not finite, or ``m < 0`` (the message names ``caller``).
+    """
+    x = np.ascontiguousarray(features, dtype=np.float32)
+    if x.ndim != 2:
+        raise ValueError(f"{caller}: features must be (N, D), got shape {x.shape}")
+    if m < 0:
+        raise ValueError(f"{caller}: m must be >= 0, got {m}")
+    if not np.isfinite(x).all():
+        raise ValueError(f"{caller}: {int((~np.isfinite(x)).any(axis=1).sum())} feature row(s) are not finite")
+    return x
 
 
 def kcenter_greedy(features: np.ndarray, m: int, *, seed: int) -> np.ndarray:
@@ -61,13 +79,7 @@ def kcenter_greedy(features: np.ndarray, m: int, *, seed: int) -> np.ndarray:
     Raises:
         ValueError: ``features`` not 2-D or not finite, or ``m < 0``.
     """
-    x = np.asarray(features, dtype=np.float32)
-    if x.ndim != 2:
-        raise ValueError(f"kcenter_greedy: features must be (N, D), got shape {x.shape}")
-    if m < 0:
-        raise ValueError(f"kcenter_greedy: m must be >= 0, got {m}")
-    if not np.isfinite(x).all():
-        raise ValueError(f"kcenter_greedy: {int((~np.isfinite(x)).any(axis=1).sum())} feature row(s) are not finite")
+    x = feature_matrix(features, m, "kcenter_greedy")
     n = len(x)
     m = min(m, n)
     picks = np.empty(m, dtype=np.int64)

@@ -25,6 +25,9 @@ Label-free selectors from the data-pruning literature that need no pretrained mo
 * ``kcenter``: k-center greedy coreset (Sener and Savarese, ICLR 2018; ``srdistill.distill.kcenter``)
   in the feature space ``features``: pixel descriptors (``descriptor``, default), CLIP
   embeddings (``clip``) or ViT features (``vit``).
+* ``typiclust``: the most typical point of each of ``m`` k-means clusters, the low-budget
+  selector of Hacohen et al. (ICML 2022; ``srdistill.distill.typiclust``), in the same
+  feature spaces as ``kcenter``.
 * ``stratified``: Coverage-centric Coreset Selection (Zheng et al., ICLR 2023;
   ``srdistill.distill.stratified``): optionally drop the hardest ``prune_hard``, cut ``score`` into
   ``strata`` equal-width bins, share the budget by CCS's smallest-bin-first rule, sample at
@@ -58,6 +61,7 @@ from PIL import Image
 
 from srdistill.config import LOWER_IS_HARDER, SelectConfig
 from srdistill.distill.kcenter import DESCRIPTOR_COLUMN, kcenter_greedy, patch_descriptors
+from srdistill.distill.typiclust import typiclust_select
 from srdistill.distill.stratified import ccs_select, hard_mix_select
 from srdistill.sr import imaging
 
@@ -65,8 +69,10 @@ __all__ = [
     "budget_patches", "non_overlapping", "select_patches", "subset_mmd", "export_distilled",
 ]
 
-METHODS = ("clip-kmeans", "random", "score-topk", "tripled", "kcenter", "stratified", "hard-mix")
-#: ``select.features`` -> the column ``kcenter`` reads (``descriptor``: computed when absent).
+METHODS = ("clip-kmeans", "random", "score-topk", "tripled", "kcenter", "typiclust", "stratified", "hard-mix")
+#: Methods that run on a feature space (``select.features``).
+FEATURE_METHODS = ("kcenter", "typiclust")
+#: ``select.features`` -> the column ``kcenter`` and ``typiclust`` read (``descriptor``: computed when absent).
 FEATURE_COLUMNS = {"descriptor": DESCRIPTOR_COLUMN, "clip": "embedding", "vit": "feature"}
 #: Complexity columns copied into ``provenance.csv`` when the selection has them.
 COMPLEXITY_COLUMNS = ("vit_complexity", "entropy", "grad_energy")
@@ -158,8 +164,8 @@ def _feature_matrix(table: pa.Table, column: str = "feature") -> np.ndarray:
     return flat.reshape(n, -1)
 
 
-def _kcenter_features(table: pa.Table, cfg: SelectConfig) -> np.ndarray:
-    """The ``(N, D)`` float32 features ``kcenter`` runs on (``cfg.features``)."""
+def _feature_space(table: pa.Table, cfg: SelectConfig) -> np.ndarray:
+    """The ``(N, D)`` float32 features ``kcenter`` and ``typiclust`` run on (``cfg.features``)."""
     column = FEATURE_COLUMNS[cfg.features]
     if column not in table.column_names:  # descriptor only: the others are required columns
         return patch_descriptors(table)
@@ -264,7 +270,7 @@ def select_patches(table: pa.Table, cfg: SelectConfig, *, n_total: int) -> pa.Ta
             plus ``cluster`` (int32; required by ``clip-kmeans``). ``tripled`` needs
             ``cfg.complexity_score`` (float, higher = more complex) and ``feature``
             (``fixed_size_list<float32>[D]``, the ViT features; unit L2 norm expected) instead
-            of ``cfg.score``. ``kcenter`` needs the column of ``cfg.features``
+            of ``cfg.score``. ``kcenter`` and ``typiclust`` need the column of ``cfg.features``
             (``FEATURE_COLUMNS``: ``embedding`` for ``clip``, ``feature`` for ``vit``; for
             ``descriptor`` the ``descriptor`` column if present (``kcenter.attach_descriptors``),
             else ``source``, ``x``, ``y``, ``size`` to compute ``kcenter.patch_descriptors`` of
@@ -272,7 +278,7 @@ def select_patches(table: pa.Table, cfg: SelectConfig, *, n_total: int) -> pa.Ta
             (``proxy_error.attach_proxy_error``).
         cfg: ``method``, ``score`` (``psnr_bic``: lower is harder; ``grad``, ``proxy_error``:
             higher is harder), ``seed`` (all but ``clip-kmeans`` and ``score-topk``),
-            ``complexity_score`` and ``strata`` (``tripled``), ``features`` (``kcenter``),
+            ``complexity_score`` and ``strata`` (``tripled``), ``features`` (``kcenter``, ``typiclust``),
             ``strata`` and ``prune_hard`` (``stratified``), ``hard_fraction`` (``hard-mix``).
         n_total: budget in patches (``budget_patches``), >= 0. If it exceeds the rows
             available, all rows are returned (``stratified``: all that remain after
@@ -318,7 +324,9 @@ def select_patches(table: pa.Table, cfg: SelectConfig, *, n_total: int) -> pa.Ta
        ``patch_id``. O(m N R) time, ``(N, R)`` float32 memory, numpy.
 
     ``kcenter``: ``kcenter.kcenter_greedy`` on the candidates' features, first centre drawn
-    with ``cfg.seed``; ``rank`` is the pick order. ``stratified``: ``stratified.ccs_select``
+    with ``cfg.seed``; ``rank`` is the pick order. ``typiclust``: ``typiclust.typiclust_select``
+    on the same features, k-means seeded by ``cfg.seed``; ``rank`` is the pick order
+    (largest cluster first). ``stratified``: ``stratified.ccs_select``
     (CCS) on the candidates' hardness by ``cfg.score`` with ``cfg.strata`` equal-width bins.
     ``hard-mix``: ``stratified.hard_mix_select``. All three draw from the candidates in
     ``patch_id`` order with ``np.random.default_rng(cfg.seed)``: deterministic given the seed.
@@ -326,8 +334,8 @@ def select_patches(table: pa.Table, cfg: SelectConfig, *, n_total: int) -> pa.Ta
     Raises:
         ValueError: a required column is missing (the message names it, and the
             ``select.features`` that needs it), ``n_total < 0`` or an unknown method,
-            (``tripled``, ``kcenter``) a null feature or features that do not form an (N, D)
-            matrix, (``kcenter``) non-finite features, or (``stratified``) a non-finite score.
+            (``tripled``, ``kcenter``, ``typiclust``) a null feature or features that do not form
+            an (N, D) matrix, (``kcenter``, ``typiclust``) non-finite features, or (``stratified``) a non-finite score.
     """
     if cfg.method not in METHODS:
         raise ValueError(f"select.method {cfg.method!r} is not one of {list(METHODS)}")
@@ -337,7 +345,7 @@ def select_patches(table: pa.Table, cfg: SelectConfig, *, n_total: int) -> pa.Ta
     required |= {"feature"} if tripled else set()
     required |= {"source", "x", "y", "size"} if cfg.max_overlap < 1.0 else set()
     why = ""
-    if cfg.method == "kcenter":
+    if cfg.method in FEATURE_METHODS:
         column = FEATURE_COLUMNS[cfg.features]
         pixels = cfg.features == "descriptor" and column not in table.column_names
         required |= {"source", "x", "y", "size"} if pixels else {column}
@@ -381,7 +389,10 @@ def select_patches(table: pa.Table, cfg: SelectConfig, *, n_total: int) -> pa.Ta
         chosen = chosen[np.lexsort((within[chosen], cluster[chosen]))]
         rank = within[chosen]
     elif cfg.method == "kcenter":
-        chosen = kcenter_greedy(_kcenter_features(table, cfg), m, seed=cfg.seed) if m else tie[:0]
+        chosen = kcenter_greedy(_feature_space(table, cfg), m, seed=cfg.seed) if m else tie[:0]
+        rank = np.arange(m)
+    elif cfg.method == "typiclust":
+        chosen = typiclust_select(_feature_space(table, cfg), m, seed=cfg.seed) if m else tie[:0]
         rank = np.arange(m)
     elif cfg.method == "stratified":
         chosen, rank, stratum = ccs_select(key, m, strata=cfg.strata, prune_hard=cfg.prune_hard, seed=cfg.seed)

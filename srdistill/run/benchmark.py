@@ -11,6 +11,8 @@ training steps for every arm, evaluation on Set5/Set14/B100 with the standard pr
   (``proxy_error``: a small SR network's error, ``srdistill.distill.proxy_error``);
 * ``clip-kmeans``: the pipeline's coreset (CLIP k-means groups, hardest first in each);
 * ``kcenter``: the k-center greedy coreset on pixel descriptors (``srdistill.distill.kcenter``);
+  ``typiclust``: the most typical patch of each of the budget's k-means clusters of those
+  descriptors, drawn from every mined patch as ``random`` (``srdistill.distill.typiclust``);
 * ``stratified``: coverage-centric selection over ``proxy_error`` strata
   (``srdistill.distill.stratified``); ``hard-mix``: half the budget the highest-``grad`` patches, half
   uniform from the rest;
@@ -66,7 +68,7 @@ from srdistill.sr.evaluation import evaluate, list_images, resolve_dataset
 from srdistill.sr.training import load_checkpoint, train_sr
 
 ARMS = ("full", "random", "random-thinned", "psnr_bic-topk", "grad-topk", "proxy-topk", "clip-kmeans",
-        "kcenter", "stratified", "hard-mix", "tripled", "tripled+align", "tripled+curriculum",
+        "kcenter", "typiclust", "stratified", "hard-mix", "tripled", "tripled+align", "tripled+curriculum",
         "tripled+align+curriculum", "synth")  # fmt: skip
 TRIPLED_ARMS = tuple(a for a in ARMS if a.startswith("tripled"))
 #: Selection arms: the ``SelectConfig`` fields each sets (the budget and seed are added per draw).
@@ -78,6 +80,7 @@ _SELECT: dict[str, dict] = {
     "proxy-topk": dict(method="score-topk", score="proxy_error"),
     "clip-kmeans": dict(method="clip-kmeans", score="psnr_bic"),
     "kcenter": dict(method="kcenter", features="descriptor"),
+    "typiclust": dict(method="typiclust", features="descriptor", max_overlap=1.0),  # from all patches, as random
     "stratified": dict(method="stratified", score="proxy_error"),
     "hard-mix": dict(method="hard-mix", score="grad", hard_fraction=0.5),
 }

@@ -337,7 +337,7 @@ def _align(run: Run, select_fp: str, source) -> str:
 
 
 def _select(run: Run, upstream_fp: str, *, scored: bool = False) -> str:
-    from srdistill.distill.selection import budget_patches, export_distilled, select_patches
+    from srdistill.distill.selection import FEATURE_METHODS, budget_patches, export_distilled, select_patches
 
     cfg = run.cfg.select
     fp = run.fingerprint("select", upstream_fp)
@@ -359,11 +359,11 @@ def _select(run: Run, upstream_fp: str, *, scored: bool = False) -> str:
             kept = _kept(run)
             kept = kept.append_column("cluster", pa.array(np.full(kept.num_rows, -1, np.int32)))
             n_clusters = run.cfg.cluster.k  # IPC baselines take the same budget as clip-kmeans
-            if cfg.method == "kcenter" and cfg.features == "clip":
+            if cfg.method in FEATURE_METHODS and cfg.features == "clip":
                 emb = storage.read_dataset(run.at("embed", "parts"), columns=["patch_id", "embedding"])
                 rows = pc.index_in(kept.column("patch_id"), value_set=emb.column("patch_id"))
                 kept = kept.append_column("embedding", emb.column("embedding").take(rows))  # a list column: no join
-            elif cfg.method == "kcenter" and cfg.features == "vit":
+            elif cfg.method in FEATURE_METHODS and cfg.features == "vit":
                 from srdistill.distill.complexity import attach_scores, read_scores
 
                 kept = attach_scores(kept, read_scores(run.at("complexity", "parts")))

@@ -390,14 +390,18 @@ class Run:
         return counts
 
 
+#: ``selection.FEATURE_METHODS`` (not imported: this module stays light for the CLI).
+_FEATURE_METHODS = ("kcenter", "typiclust")
+
+
 def needs_clip(cfg: SelectConfig) -> bool:
     """Whether the selection reads the CLIP embeddings or their clusters (embed, cluster)."""
-    return cfg.method == "clip-kmeans" or (cfg.method == "kcenter" and cfg.features == "clip")
+    return cfg.method == "clip-kmeans" or (cfg.method in _FEATURE_METHODS and cfg.features == "clip")
 
 
 def needs_vit(cfg: SelectConfig) -> bool:
     """Whether the selection reads the complexity stage's ViT scores or features."""
-    return cfg.method == "tripled" or (cfg.method == "kcenter" and cfg.features == "vit")
+    return cfg.method == "tripled" or (cfg.method in _FEATURE_METHODS and cfg.features == "vit")
 
 
 def _short(counts: dict) -> str:
