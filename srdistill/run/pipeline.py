@@ -70,18 +70,20 @@ def _named_unreadable():
         raise storage.UnreadableFileError(found.group(1)) from None
 
 
-def _shards_in_driver(make: Callable, shard_fn: Callable, shards: list[int], desc: str, **kwargs) -> None:
-    """``shard_fn(make(), shard, **kwargs)`` for every shard in this process, with a progress
-    bar: an actor stage (embed, complexity) with ``num_actors`` 0. The torch thread count that
-    ``make`` may set (``num_threads``) is put back afterwards, for the stages after it."""
+def _shards_in_driver(model_cls: type, shard_fn: Callable, cfg, source, device: str, shards: list[int], desc: str,
+                      **kwargs) -> None:  # fmt: skip
+    """An actor stage (embed, complexity) with ``num_actors`` 0, in this process: one
+    ``model_cls(cfg on device, source)``, then ``shard_fn(model, shard, batch_size=cfg.batch_size,
+    **kwargs)`` for every shard, with a progress bar. The torch thread count that the model may
+    set (``cfg.num_threads``) is put back afterwards, for the stages after it."""
     import torch
     from tqdm import tqdm
 
     threads = torch.get_num_threads()
     try:
-        state = make()
+        model = model_cls(cfg.model_copy(update={"device": device}), source, num_threads=cfg.num_threads)
         for shard in tqdm(shards, desc=desc, unit="shard", mininterval=0.5 if sys.stderr.isatty() else 30):
-            shard_fn(state, shard, **kwargs)
+            shard_fn(model, shard, batch_size=cfg.batch_size, **kwargs)
     finally:
         torch.set_num_threads(threads)
 
@@ -174,10 +176,8 @@ def _embed(run: Run, mine_fp: str, source) -> str:
             if place["on"] == "driver":
                 from srdistill.distill.embedding import ClipEmbedder, embed_shard
 
-                on = cfg.model_copy(update={"device": place["device"]})
-                _shards_in_driver(lambda: ClipEmbedder(on, source, num_threads=cfg.num_threads), embed_shard,
-                                  shards, "embed", mine_uri=run.at("mine"), out_uri=run.at("embed", "parts"),
-                                  batch_size=cfg.batch_size)  # fmt: skip
+                _shards_in_driver(ClipEmbedder, embed_shard, cfg, source, place["device"], shards, "embed",
+                                  mine_uri=run.at("mine"), out_uri=run.at("embed", "parts"))  # fmt: skip
             else:
                 runner.embed_parts_ray(run.at("mine"), run.at("embed", "parts"), shards, cfg, source,
                                        num_gpus=place["num_gpus"], placement=place)  # fmt: skip
@@ -248,10 +248,8 @@ def _complexity(run: Run, upstream_fp: str, mine_fp: str, source) -> str:
             if place["on"] == "driver":
                 from srdistill.distill.complexity import ComplexityScorer, score_shard
 
-                on = cfg.model_copy(update={"device": place["device"]})
-                _shards_in_driver(lambda: ComplexityScorer(on, source, num_threads=cfg.num_threads), score_shard,
-                                  shards, "complexity", mine_uri=run.at("mine"),
-                                  out_uri=run.at("complexity", "parts"), batch_size=cfg.batch_size)  # fmt: skip
+                _shards_in_driver(ComplexityScorer, score_shard, cfg, source, place["device"], shards, "complexity",
+                                  mine_uri=run.at("mine"), out_uri=run.at("complexity", "parts"))  # fmt: skip
             else:
                 runner.complexity_parts_ray(run.at("mine"), run.at("complexity", "parts"), shards, cfg, source,
                                             num_gpus=place["num_gpus"], placement=place)  # fmt: skip
