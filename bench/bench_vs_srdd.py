@@ -22,7 +22,8 @@ Parts (each prints a markdown table; ratios > 1: srdistill faster):
   the same mined run with SRDD's clustering (raw features, sklearn k-means k=7, n_init 10,
   seed 42); both with a random-init CLIP ViT-B/32 (no weights offline; same architecture).
   srdistill's embed stage twice: in the driver (``embed.num_actors=0``) and in one Ray Data
-  actor (``embed.num_actors=1``). Plus the floor: a raw batched forward (batch 32) of srdistill's embedder model on the same,
+  actor (``embed.num_actors=1``), its weights loaded from a directory (``save_random_clip``: the
+  same random-init model, saved once) as a user's would be. Plus the floor: a raw batched forward (batch 32) of srdistill's embedder model on the same,
   already preprocessed patches, against the embed stage's own seconds.
 * ``scaling``: ``srdistill run --until mine`` (default criterion) on a local Ray cluster
   (``ray.cluster_utils.Cluster``) of one node and of two nodes of one CPU each, every node's
@@ -259,6 +260,19 @@ def srdd_cluster(srdd: Path, patches: Path, out: Path, work: Path) -> float:
     return time.perf_counter() - t0
 
 
+def save_random_clip(out: Path) -> Path:
+    """The demo's random-init CLIP vision tower saved as a transformers checkpoint in ``out``:
+    srdistill's arms load it from there (``embed.model``), as a user's downloaded weights, so
+    the stage's seconds include a weights load (~0.1 s) and not a random initialisation
+    (~3 s for ViT-B/32 here, a cost only an offline test pays)."""
+    from srdistill.config import load_config
+    from srdistill.distill.embedding import ClipEmbedder, resolve_clip
+
+    cfg = load_config("demo", overrides=["embed.allow_random_init=true"]).embed
+    ClipEmbedder(cfg, resolve_clip(cfg)).model.save_pretrained(out)
+    return out
+
+
 def raw_forward(run_dir: Path, repeats: int) -> float:
     """Seconds of a raw batched forward (batch 32, 2 torch threads as the demo's actor) of the
     demo's embedder model over the run's kept patches, preprocessed beforehand: the median."""
@@ -292,6 +306,7 @@ def part_embed(args, work: Path) -> None:
              "--allow-random-init", "--until", "mine"])  # fmt: skip
     patches = work / "demo_patches"
     n = export_patches(mined, patches)
+    weights = save_random_clip(work / "clip_vit_b32_random")  # loaded from a path, as a user's weights are
     rows = []
     arms = {"driver": ["--set", "embed.num_actors=0"], "actor": ["--set", "embed.num_actors=1"]}
     for r in range(args.repeats):
@@ -302,7 +317,7 @@ def part_embed(args, work: Path) -> None:
             shutil.copytree(mined, ours_dir)
             wall, manifest = run_cli(["run", "--input", str(REPO / "data" / "T91"), "--out", str(ours_dir),
                                       "--preset", "demo", "--allow-random-init", "--until", "cluster",
-                                      *SRDD_CLUSTER, *extra])  # fmt: skip
+                                      *SRDD_CLUSTER, *extra, "--set", f"embed.model={weights}"])  # fmt: skip
             row += [wall, stage_seconds(manifest, "embed"), stage_seconds(manifest, "cluster")]
         row.append(raw_forward(mined, 1))
         rows.append(row)

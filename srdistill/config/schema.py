@@ -120,13 +120,15 @@ class _ActorStage(_Strict):
     ``device``: ``auto`` places the actors on GPUs (``actor_num_gpus`` each) when the Ray
     cluster has GPUs, else on CPUs; ``cpu`` never asks for a GPU; ``cuda`` needs GPUs in the
     cluster (an error before any work otherwise). ``num_actors: 0`` runs the stage in the driver
-    process instead, on its CUDA device under ``auto``/``cuda`` (an error for ``cuda`` when the
-    driver sees none). See ``runner.plan_placement``.
+    process instead (on its CUDA device when the stage gets a GPU), or, where the driver has no
+    CUDA device but the stage should get a GPU, in one actor with a GPU (as training with
+    ``workers: 0``). See ``runner.plan_placement``.
     """
 
     batch_size: int = Field(32, ge=1)
-    num_actors: int = Field(1, ge=0, description="Ray Data actors; 0: in the driver process (one machine: "
-                            "no actor to start, the driver's device)")  # fmt: skip
+    num_actors: int = Field(1, ge=0, description="Ray Data actors; 0: in the driver process, no actor to "
+                            "start (one GPU actor instead where the driver has no CUDA device and the "
+                            "cluster has GPUs)")  # fmt: skip
     actor_num_cpus: float = Field(0.5, gt=0.0, description="fractional CPUs per actor")
     actor_num_gpus: float = Field(1.0, gt=0.0, description="GPUs per actor when the stage runs on GPUs "
                                   "(a fraction lets actors share one)")  # fmt: skip

@@ -275,21 +275,6 @@ def _training_place(workers: int, use_gpu: bool, device: str, driver_cuda: bool)
             "device": ("cuda" if device == "auto" else device) if use_gpu else "cpu"}  # fmt: skip
 
 
-def _driver_device(device: str, gpus: float, driver_cuda: bool, stage: str) -> str:
-    """The device of a stage that runs in the driver: ``cuda`` when asked for or ``auto`` with a
-    GPU in the cluster and a CUDA device in the driver, else ``cpu``.
-
-    Raises:
-        ValueError: ``device`` is ``cuda`` and the cluster has no GPUs, or the driver sees no
-            CUDA device.
-    """
-    if device == "cuda" and not driver_cuda:
-        actor_gpus("cuda", 1, gpus, f"{stage}.device")  # the clearer error first
-        raise ValueError(f"{stage}.device is 'cuda' but {stage} runs in the driver, which sees no CUDA "
-                         "device; use 'auto' or 'cpu'")  # fmt: skip
-    return "cpu" if gpus <= 0 or device == "cpu" or not driver_cuda else "cuda"
-
-
 def plan_placement(cfg: RunConfig, stages: list[str] | tuple[str, ...], gpus: float, *,
                    driver_cuda: bool | None = None) -> dict[str, dict]:  # fmt: skip
     """Where each of ``stages`` runs and what it asks Ray for, decided before any work.
@@ -308,8 +293,10 @@ def plan_placement(cfg: RunConfig, stages: list[str] | tuple[str, ...], gpus: fl
 
     Raises:
         ValueError: a stage's ``device`` is ``cuda`` or its ``use_gpu`` is true and the cluster
-            has no GPUs; the ``device`` of a stage that runs in the driver (align; embed or
-            complexity with ``num_actors`` 0) is ``cuda`` while the driver has no CUDA device.
+            has no GPUs; ``align.device`` ``cuda`` while the driver (where align runs) has no
+            CUDA device. (Embed and complexity with ``num_actors`` 0 run in the driver, on its
+            GPU when they get one, or, like training with ``workers`` 0, in one actor with a
+            GPU when the driver has none.)
     """
     if driver_cuda is None:
         driver_cuda = _driver_has_cuda() if gpus > 0 else False
@@ -317,19 +304,26 @@ def plan_placement(cfg: RunConfig, stages: list[str] | tuple[str, ...], gpus: fl
     for stage in stages:
         if stage == "mine":
             out[stage] = {"on": "ray-tasks", "num_gpus": 0.0, "device": "cpu"}
-        elif stage in ("embed", "complexity") and getattr(cfg, stage).num_actors == 0:
-            out[stage] = {"on": "driver", "num_gpus": 0.0,
-                          "device": _driver_device(getattr(cfg, stage).device, gpus, driver_cuda, stage)}  # fmt: skip
         elif stage in ("embed", "complexity"):
             c = getattr(cfg, stage)
             g = actor_gpus(c.device, c.actor_num_gpus, gpus, f"{stage}.device")
-            out[stage] = {"on": "ray-data-actors", "actors": c.num_actors, "num_gpus": g,
-                          "device": c.device if g else "cpu"}  # fmt: skip
+            if c.num_actors == 0 and (driver_cuda or not g):  # in the driver, on its GPU if the stage gets one
+                out[stage] = {"on": "driver", "num_gpus": 0.0, "device": "cuda" if g else "cpu"}
+            else:
+                out[stage] = {"on": "ray-data-actors", "actors": max(c.num_actors, 1), "num_gpus": g,
+                              "device": c.device if g else "cpu"}  # fmt: skip
+                if c.num_actors == 0:
+                    out[stage]["note"] = "the driver sees no CUDA device: one actor with a GPU"
         elif stage in ("cluster", "select"):
             out[stage] = {"on": "driver", "num_gpus": 0.0, "device": "cpu"}
         elif stage == "align":
-            out[stage] = {"on": "driver", "num_gpus": 0.0,
-                          "device": _driver_device(cfg.align.device, gpus, driver_cuda, stage)}  # fmt: skip
+            c = cfg.align
+            if c.device == "cuda" and not driver_cuda:
+                actor_gpus("cuda", 1, gpus, "align.device")  # the clearer error first
+                raise ValueError("align.device is 'cuda' but align runs in the driver, which sees no CUDA "
+                                 "device; use 'auto' or 'cpu'")  # fmt: skip
+            dev = "cpu" if gpus <= 0 or c.device == "cpu" or not driver_cuda else "cuda"
+            out[stage] = {"on": "driver", "num_gpus": 0.0, "device": dev}
         elif stage == "encode":  # an actor stage: finetune.device decides, use_gpu is Ray Train's
             c = cfg.finetune
             g = actor_gpus(c.device, 1, gpus, "finetune.device")

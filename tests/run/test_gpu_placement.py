@@ -150,8 +150,11 @@ def test_actor_stages_with_no_actors_run_in_the_driver_on_its_device():
     cfg = _tiny("embed.num_actors=0", "complexity.num_actors=0")
     plan = runner.plan_placement(cfg, ["embed", "complexity"], 1.0, driver_cuda=True)
     assert plan["embed"] == plan["complexity"] == {"on": "driver", "num_gpus": 0.0, "device": "cuda"}
-    assert runner.plan_placement(cfg, ["embed"], 0.0)["embed"]["device"] == "cpu"
+    assert runner.plan_placement(cfg, ["embed"], 0.0)["embed"] == {"on": "driver", "num_gpus": 0.0, "device": "cpu"}
     cpu = runner.plan_placement(_tiny("embed.num_actors=0", "embed.device=cpu"), ["embed"], 1.0, driver_cuda=True)
     assert cpu["embed"]["device"] == "cpu"
-    with pytest.raises(ValueError, match=r"embed\.device is 'cuda' but embed runs in the driver"):
-        runner.plan_placement(_tiny("embed.num_actors=0", "embed.device=cuda"), ["embed"], 1.0, driver_cuda=False)
+    # a GPU-less driver (a KubeRay head) on a cluster with GPUs: one actor with a GPU, as training does
+    head = runner.plan_placement(cfg, ["embed"], 2.0, driver_cuda=False)["embed"]
+    assert head["on"] == "ray-data-actors" and head["actors"] == 1 and head["num_gpus"] == 1.0 and "note" in head
+    with pytest.raises(ValueError, match=r"embed\.device.*has no GPUs"):
+        runner.plan_placement(_tiny("embed.num_actors=0", "embed.device=cuda"), ["embed"], 0.0, driver_cuda=False)
