@@ -105,9 +105,10 @@ def typiclust_select(features: np.ndarray, m: int, *, seed: int, knn: int = 20,
         labels = km.fit_predict(x)
     sizes = np.bincount(labels, minlength=m)
     order = np.lexsort((np.arange(m), -sizes, sizes < min_cluster_size))  # big enough, largest first
+    members = np.split(np.argsort(labels, kind="stable"), np.cumsum(sizes)[:-1])  # rows of each cluster, ascending
     ranked = {}  # cluster -> its rows, most typical first
     for c in order[sizes[order] > 0]:
-        rows = np.flatnonzero(labels == c)
+        rows = members[c]
         ranked[c] = rows[np.lexsort((rows, -typicality(x[rows], knn)))]
     picks: list[int] = []
     depth = 0
