@@ -70,22 +70,41 @@ def _named_unreadable():
         raise storage.UnreadableFileError(found.group(1)) from None
 
 
-def _shards_in_driver(model_cls: type, shard_fn: Callable, cfg, source, device: str, shards: list[int], desc: str,
-                      **kwargs) -> None:  # fmt: skip
-    """An actor stage (embed, complexity) with ``num_actors`` 0, in this process: one
-    ``model_cls(cfg on device, source)``, then ``shard_fn(model, shard, batch_size=cfg.batch_size,
-    **kwargs)`` for every shard, with a progress bar. The torch thread count that the model may
-    set (``cfg.num_threads``) is put back afterwards, for the stages after it."""
+def _model_parts(run: Run, stage: str, cfg, source, shards: list[int], load: Callable, on_ray: Callable) -> None:
+    """One part per shard of an actor stage (embed, complexity) where ``run.placement[stage]``
+    puts it: ``on_ray(mine_uri, parts_uri, shards, cfg, source, num_gpus=, placement=)`` on Ray
+    Data actors, or, with ``num_actors`` 0, in this process: ``model_cls, shard_fn = load()``
+    (imported only here), one ``model_cls(cfg on the placed device, source)`` and
+    ``shard_fn(model, shard, batch_size=cfg.batch_size, mine_uri=, out_uri=)`` per shard, with a
+    progress bar. The torch thread count the model may set (``cfg.num_threads``) is put back
+    afterwards, for the stages after it."""
+    place, mine_uri, parts_uri = run.placement[stage], run.at("mine"), run.at(stage, "parts")
+    if place["on"] != "driver":
+        on_ray(mine_uri, parts_uri, shards, cfg, source, num_gpus=place["num_gpus"], placement=place)
+        return
     import torch
     from tqdm import tqdm
 
+    model_cls, shard_fn = load()
     threads = torch.get_num_threads()
     try:
-        model = model_cls(cfg.model_copy(update={"device": device}), source, num_threads=cfg.num_threads)
-        for shard in tqdm(shards, desc=desc, unit="shard", mininterval=0.5 if sys.stderr.isatty() else 30):
-            shard_fn(model, shard, batch_size=cfg.batch_size, **kwargs)
+        model = model_cls(cfg.model_copy(update={"device": place["device"]}), source, num_threads=cfg.num_threads)
+        for shard in tqdm(shards, desc=stage, unit="shard", mininterval=0.5 if sys.stderr.isatty() else 30):
+            shard_fn(model, shard, batch_size=cfg.batch_size, mine_uri=mine_uri, out_uri=parts_uri)
     finally:
         torch.set_num_threads(threads)
+
+
+def _clip_embedder() -> tuple[type, Callable]:
+    from srdistill.distill.embedding import ClipEmbedder, embed_shard
+
+    return ClipEmbedder, embed_shard
+
+
+def _vit_scorer() -> tuple[type, Callable]:
+    from srdistill.distill.complexity import ComplexityScorer, score_shard
+
+    return ComplexityScorer, score_shard
 
 
 # --------------------------------------------------------------------------- stages
@@ -171,16 +190,8 @@ def _embed(run: Run, mine_fp: str, source) -> str:
             raise RuntimeError("no patch passed the keep rule: loosen mine.threshold or use "
                                "mine.keep_rule=top_fraction")  # fmt: skip
         shards = list(range(run.manifest["stages"]["plan"]["counts"]["shards"]))
-        place = run.placement["embed"]
         with _written_now(run.at("embed", "parts")) as now, _named_unreadable():  # an unreadable mine part: one line
-            if place["on"] == "driver":
-                from srdistill.distill.embedding import ClipEmbedder, embed_shard
-
-                _shards_in_driver(ClipEmbedder, embed_shard, cfg, source, place["device"], shards, "embed",
-                                  mine_uri=run.at("mine"), out_uri=run.at("embed", "parts"))  # fmt: skip
-            else:
-                runner.embed_parts_ray(run.at("mine"), run.at("embed", "parts"), shards, cfg, source,
-                                       num_gpus=place["num_gpus"], placement=place)  # fmt: skip
+            _model_parts(run, "embed", cfg, source, shards, _clip_embedder, runner.embed_parts_ray)
         ids = storage.read_dataset(run.at("embed", "parts"), columns=["patch_id"])
         first = storage.read_parquet(run.at("embed", "parts", "part-000000.parquet"), columns=["embedding"])
         counts = {"patches": ids.num_rows, "dim": first.schema.field("embedding").type.list_size,
@@ -243,16 +254,8 @@ def _complexity(run: Run, upstream_fp: str, mine_fp: str, source) -> str:
 
     def stage(sdir: Path) -> dict:
         shards = list(range(run.manifest["stages"]["plan"]["counts"]["shards"]))
-        place = run.placement["complexity"]
         with _written_now(run.at("complexity", "parts")) as now, _named_unreadable():
-            if place["on"] == "driver":
-                from srdistill.distill.complexity import ComplexityScorer, score_shard
-
-                _shards_in_driver(ComplexityScorer, score_shard, cfg, source, place["device"], shards, "complexity",
-                                  mine_uri=run.at("mine"), out_uri=run.at("complexity", "parts"))  # fmt: skip
-            else:
-                runner.complexity_parts_ray(run.at("mine"), run.at("complexity", "parts"), shards, cfg, source,
-                                            num_gpus=place["num_gpus"], placement=place)  # fmt: skip
+            _model_parts(run, "complexity", cfg, source, shards, _vit_scorer, runner.complexity_parts_ray)
         ids = storage.read_dataset(run.at("complexity", "parts"), columns=["patch_id"])
         first = storage.read_parquet(run.at("complexity", "parts", "part-000000.parquet"), columns=["feature"])
         counts = {"patches": ids.num_rows, "dim": first.schema.field("feature").type.list_size,
