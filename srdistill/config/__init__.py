@@ -16,10 +16,10 @@ public names are re-exported here.
 
 from srdistill.config.loading import (PRESET_DIR, describe_error, load_config, parse_override, preset_names,
                                       read_yaml_mapping)
-from srdistill.config.schema import (LOWER_IS_HARDER, PATCH_PRESETS, RECIPES, AlignConfig, Arch, ClusterConfig,
-                                     ComplexityConfig, ComplexityScore, CurriculumConfig, EmbedConfig, EvalConfig,
-                                     FinetuneConfig, MZSRConfig, MineConfig, ProxyConfig, RayConfig, RunConfig, Score,
-                                     SelectConfig, SelectScore, SynthConfig, TrainConfig)
+from srdistill.config.schema import (FEATURE_METHODS, LOWER_IS_HARDER, PATCH_PRESETS, RECIPES, AlignConfig, Arch,
+                                     ClusterConfig, ComplexityConfig, ComplexityScore, CurriculumConfig, EmbedConfig,
+                                     EvalConfig, FinetuneConfig, MZSRConfig, MineConfig, ProxyConfig, RayConfig,
+                                     RunConfig, Score, SelectConfig, SelectScore, SynthConfig, TrainConfig)
 
 __all__ = [
     "PRESET_DIR",
@@ -28,6 +28,7 @@ __all__ = [
     "SelectScore",
     "ComplexityScore",
     "LOWER_IS_HARDER",
+    "FEATURE_METHODS",
     "MineConfig",
     "EmbedConfig",
     "ComplexityConfig",

@@ -23,6 +23,8 @@ Score = Literal["psnr_bic", "grad"]
 SelectScore = Literal["psnr_bic", "grad", "proxy_error"]
 #: Complexity scores of a patch (``srdistill.distill.complexity``; TripleD): all higher = more complex.
 ComplexityScore = Literal["vit_complexity", "entropy", "grad_energy"]
+#: ``select.method``s that run on a feature space (``select.features``).
+FEATURE_METHODS = ("kcenter", "typiclust")
 #: For each patch score, whether a lower value means a harder (more valuable) patch.
 LOWER_IS_HARDER: dict[str, bool] = {
     "psnr_bic": True, "grad": False, "vit_complexity": False, "entropy": False, "grad_energy": False,

@@ -59,7 +59,7 @@ import numpy as np
 import pyarrow as pa
 from PIL import Image
 
-from srdistill.config import LOWER_IS_HARDER, SelectConfig
+from srdistill.config import FEATURE_METHODS, LOWER_IS_HARDER, SelectConfig
 from srdistill.distill.kcenter import DESCRIPTOR_COLUMN, kcenter_greedy, patch_descriptors
 from srdistill.distill.typiclust import typiclust_select
 from srdistill.distill.stratified import ccs_select, hard_mix_select
@@ -70,8 +70,6 @@ __all__ = [
 ]
 
 METHODS = ("clip-kmeans", "random", "score-topk", "tripled", "kcenter", "typiclust", "stratified", "hard-mix")
-#: Methods that run on a feature space (``select.features``).
-FEATURE_METHODS = ("kcenter", "typiclust")
 #: ``select.features`` -> the column ``kcenter`` and ``typiclust`` read (``descriptor``: computed when absent).
 FEATURE_COLUMNS = {"descriptor": DESCRIPTOR_COLUMN, "clip": "embedding", "vit": "feature"}
 #: Complexity columns copied into ``provenance.csv`` when the selection has them.

@@ -33,7 +33,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from srdistill import storage
-from srdistill.config import RunConfig
+from srdistill.config import FEATURE_METHODS, RunConfig
 from srdistill.run.rundir import STAGES, SYNTH_ONLY, Run, needs_clip, needs_vit, short_sha, stage_chain, utc_now
 
 #: Skipped inputs listed in the manifest (all of them are in ``mine/skipped.parquet``).
@@ -338,7 +338,7 @@ def _align(run: Run, select_fp: str, source) -> str:
 
 
 def _select(run: Run, upstream_fp: str, *, scored: bool = False) -> str:
-    from srdistill.distill.selection import FEATURE_METHODS, budget_patches, export_distilled, select_patches
+    from srdistill.distill.selection import budget_patches, export_distilled, select_patches
 
     cfg = run.cfg.select
     fp = run.fingerprint("select", upstream_fp)

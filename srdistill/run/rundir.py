@@ -48,7 +48,7 @@ from typing import Callable
 import yaml
 
 from srdistill import storage
-from srdistill.config import RunConfig, SelectConfig
+from srdistill.config import FEATURE_METHODS, RunConfig, SelectConfig
 
 STAGES = ("plan", "mine", "embed", "cluster", "complexity", "select", "align", "encode", "finetune", "synthesize",
           "train", "evaluate", "report")  # fmt: skip
@@ -390,18 +390,14 @@ class Run:
         return counts
 
 
-#: ``selection.FEATURE_METHODS`` (not imported: this module stays light for the CLI).
-_FEATURE_METHODS = ("kcenter", "typiclust")
-
-
 def needs_clip(cfg: SelectConfig) -> bool:
     """Whether the selection reads the CLIP embeddings or their clusters (embed, cluster)."""
-    return cfg.method == "clip-kmeans" or (cfg.method in _FEATURE_METHODS and cfg.features == "clip")
+    return cfg.method == "clip-kmeans" or (cfg.method in FEATURE_METHODS and cfg.features == "clip")
 
 
 def needs_vit(cfg: SelectConfig) -> bool:
     """Whether the selection reads the complexity stage's ViT scores or features."""
-    return cfg.method == "tripled" or (cfg.method in _FEATURE_METHODS and cfg.features == "vit")
+    return cfg.method == "tripled" or (cfg.method in FEATURE_METHODS and cfg.features == "vit")
 
 
 def _short(counts: dict) -> str:
