@@ -38,14 +38,15 @@ def main() -> None:
                       zip(table.column("psnr_bic").to_pylist(), table.column("grad").to_pylist())))  # fmt: skip
     corpus = np.array(list(scores.values()))
     mean, std = corpus.mean(axis=0), corpus.std(axis=0)
-    per_arm: dict[str, list[tuple[float, float, float]]] = collections.defaultdict(list)
+    corpus_z = (corpus - mean) / std  # the standardised plane of the MMD
+    per_arm: dict[str, list[tuple[float, float, float, float]]] = collections.defaultdict(list)
     for prov in sorted(args.out.glob(f"sets/*_{args.budget}_d*/provenance.csv")):
         arm = prov.parent.name.rsplit(f"_{args.budget}_d", 1)[0]
         if args.arms and arm not in args.arms.split(","):
             continue
         ids = pacsv.read_csv(prov).column("patch_id").to_pylist()
         values = np.array([scores[i] for i in ids])
-        mmd = subset_mmd((values - mean) / std, (corpus - mean) / std)
+        mmd = subset_mmd((values - mean) / std, corpus_z)
         per_arm[arm].append((*_stats(values), mmd))
     print("| set | sets | median psnr_bic (dB) | its interquartile range (dB) | median grad | MMD² to the corpus |")
     print("|---|---|---|---|---|---|")
